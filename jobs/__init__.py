@@ -1,0 +1,1 @@
+"""Ray entry points (`python -m jobs.<name>`), meant for `ray job submit`."""
