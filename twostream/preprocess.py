@@ -1,0 +1,93 @@
+"""Safe decoding of uploaded image bytes to RGB pixels.
+
+Accepts JPEG, PNG, WebP, GIF (first frame), BMP and TIFF. Grayscale, palette, CMYK, alpha
+(composited on white) and 16-bit images become 8-bit RGB; EXIF orientation is applied. The
+file size and pixel count are checked before any pixel is decoded, so a decompression bomb is
+refused cheaply. Every failure is an :class:`ImageDecodeError` whose message says why.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from twostream.config import LimitsConfig
+
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+_HIGH_BIT_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an acceptable image; the message is the reason."""
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in _HIGH_BIT_MODES or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = _HIGH_BIT_MODES.get(mode) or max(float(values.max()), 1.0)
+        if mode == "F" and values.max() <= 1.0:
+            full_scale = 1.0
+        gray = np.clip(np.rint(values / full_scale * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array, or raise :class:`ImageDecodeError`."""
+    limits = limits or LimitsConfig()
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageDecodeError(f"file too large: {len(data)} bytes > limit {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ALLOWED_FORMATS:
+                raise ImageDecodeError(f"unsupported image format {image.format}")
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageDecodeError(f"invalid image size {width}x{height}")
+            if width * height > limits.max_pixels:
+                raise ImageDecodeError(
+                    f"too many pixels: {width}x{height} = {width * height} > limit "
+                    f"{limits.max_pixels} (decompression bomb?)"
+                )
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return np.ascontiguousarray(_to_rgb(image))
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb refused: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def to_tensor01(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H, W) float32 tensor in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+def from_tensor01(x: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) or (3, H, W) tensor in [0, 1] -> (H, W, 3) uint8 RGB (rounded)."""
+    x = x.detach()
+    if x.dim() == 4:
+        x = x[0]
+    return x.clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -1,0 +1,103 @@
+"""Object storage by URI: local paths and ``s3://bucket/key``, through pyarrow filesystems.
+
+S3 uses pyarrow's S3FileSystem with the standard AWS credential chain and region lookup; an
+S3-compatible endpoint (MinIO, moto, ...) comes from ``AWS_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL_S3``). Transient S3 errors are retried by the AWS SDK's standard retry
+strategy (``TWOSTREAM_S3_RETRIES`` attempts, default 8).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(S3_PREFIX)
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override from the environment, if any."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, retries: int) -> pafs.S3FileSystem:
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=retries)}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        kwargs["allow_bucket_creation"] = True
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    uri = str(uri)
+    if is_s3(uri):
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        retries = int(os.environ.get("TWOSTREAM_S3_RETRIES", "8"))
+        return _s3_filesystem(s3_endpoint(), region, retries), uri[len(S3_PREFIX) :].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r} (use a local path or s3://)")
+    return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI."""
+    if is_s3(uri):
+        return S3_PREFIX + posixpath.join(str(uri)[len(S3_PREFIX) :].rstrip("/"), *parts)
+    return str(Path(uri, *parts))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object; local writes go through a temporary file and a rename."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """All files under ``uri`` (recursive), as URIs of the same kind, sorted.
+
+    ``uri`` may also name a single file. ``suffixes`` filters by lower-cased extension.
+    """
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or prefix: {uri}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.is_file]
+    base = S3_PREFIX if is_s3(uri) else ""
+    found = [base + i.path for i in infos]
+    if suffixes:
+        found = [f for f in found if f.lower().endswith(tuple(s.lower() for s in suffixes))]
+    return sorted(found)
