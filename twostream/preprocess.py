@@ -75,7 +75,7 @@ def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression bomb refused: {exc}") from None
+        raise ImageDecodeError(f"too many pixels (decompression bomb refused): {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
 
