@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 from timm.data import ImageNetInfo
 
@@ -104,3 +105,35 @@ def _table(rows):
 def test_malformed_tables_are_refused(text, message):
     with pytest.raises(ValueError, match=message):
         parse_mapping(text)
+
+
+def _build_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "build_mapping.py"
+    if not path.exists():
+        pytest.skip("tools/build_mapping.py is not in this checkout")
+    spec = importlib.util.spec_from_file_location("build_mapping", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_agrees_with_every_written_decision():
+    """Each override and each confirmed borderline class in the build script is in the table."""
+    script = _build_script()
+    mapping = load_mapping()
+    row = {wnid: k for k, wnid in enumerate(mapping.wnids)}
+    decisions = {**script.CONFIRMED, **script.OVERRIDES}
+    assert len(decisions) == len(script.CONFIRMED) + len(script.OVERRIDES)  # no class in both
+    for wnid, (label, reason) in decisions.items():
+        assert mapping.label_of(row[wnid]) == label, (wnid, reason)
+
+
+def test_array_shape_dtype_and_cache():
+    mapping = load_mapping()
+    assert mapping.array.shape == (1000,) and mapping.array.dtype == np.int8
+    assert set(np.unique(mapping.array)) <= set(range(-1, 10))
+    assert load_mapping() is mapping
+    assert mapping.version == "1"
