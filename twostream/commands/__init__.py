@@ -1,0 +1,1 @@
+"""One module per ``twostream`` subcommand (see :mod:`twostream.cli`)."""
