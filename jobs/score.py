@@ -140,7 +140,7 @@ def _images(table: pa.Table) -> tuple[list[int], list[np.ndarray]]:
     for k, (h, w) in enumerate(zip(heights, widths)):
         if h is not None:
             good.append(k)
-            images.append(np.frombuffer(pixels[k].as_buffer(), np.uint8).reshape(h, w, 3))
+            images.append(np.frombuffer(pixels[k].as_buffer(), np.uint8).reshape(h, w, 3).copy())
     return good, images
 
 
@@ -423,6 +423,8 @@ def run_job(cfg: JobConfig, input_uri: str, output: str, manifest_uri: str | Non
     scored_now = 0
     phase1 = time.perf_counter()
     fault_after = int(os.environ.get(FAULT_STOP_AFTER, "0") or 0)
+    faults = {k: v for k, v in os.environ.items() if k.startswith("TWOSTREAM_FAULT_")}
+    fault_env = {"runtime_env": {"env_vars": faults}} if faults else {}
     if todo:
         ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(
@@ -435,7 +437,7 @@ def run_job(cfg: JobConfig, input_uri: str, output: str, manifest_uri: str | Non
                 stage, batch_size=scfg.batch_size, batch_format="pyarrow",
                 fn_constructor_kwargs={"cfg_json": cfg_json},
                 compute=ray.data.ActorPoolStrategy(size=scfg.pool_size),
-                num_cpus=res[kind], num_gpus=scfg.num_gpus or None,
+                num_cpus=res[kind], num_gpus=scfg.num_gpus or None, **fault_env,
             )
         ds = ds.map_batches(compare_batch, batch_size=None, batch_format="pyarrow",
                             num_cpus=res["compare"], fn_kwargs={"cfg_json": cfg_json})

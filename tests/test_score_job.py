@@ -1,0 +1,262 @@
+"""The Ray batch job end to end: `ray job submit` against a local head, input from the local S3
+server, and every row and per-source state compared with an independent in-process computation
+(``Scorer.score_batch`` + ``reputation.replay``). Also: order independence (pool sizes, shard
+order, reputation sharding, streams returning rows in a different order), a crashed model actor,
+resume after a job killed half way, and the error rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "high.model=mobilenetv3_small_050", "high.weights=random", "high.batch_size=8",
+    "low.model=cifar_resnet20", "low.weights=random", "low.batch_size=16",
+    "thresholds.p1=0.0", "thresholds.p2=0.0", "job.files_per_shard=6", "job.reputation_shards=2",
+]
+
+
+def _jpeg(seed: int, size=(36, 44)) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)  # smooth-ish colour fields
+    img = Image.fromarray(base).resize(size[::-1], Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_dataset(root: Path) -> tuple[list[dict], Path]:
+    """Loose files (good and broken) + two tar shards + a CSV manifest; returns the truth."""
+    truth = []
+    (root / "in" / "loose").mkdir(parents=True)
+    manifest = ["key,image_id,source,timestamp"]
+    for i in range(14):
+        key = f"loose/img{i:03d}"
+        data = _jpeg(i)
+        (root / "in" / f"{key}.jpg").write_bytes(data)
+        src, ts = f"src-{i % 3}", float((i * 7) % 5)  # ties in timestamp: image id breaks them
+        manifest.append(f"{key},L{i:03d},{src},{ts}")
+        truth.append(dict(key=key, image_id=f"L{i:03d}", source=src, timestamp=ts, data=data))
+    broken = {
+        "loose/zero.jpg": b"",
+        "loose/notes.txt": b"not an image at all",
+        "loose/trunc.jpg": _jpeg(99)[:150],
+        "loose/huge.png": b"\x89PNG" + b"\0" * 5000,  # over the max_bytes limit set below
+    }
+    for name, data in broken.items():
+        (root / "in" / name).write_bytes(data)
+        truth.append(dict(key=name.rsplit(".", 1)[0], image_id=name.rsplit(".", 1)[0],
+                          source="unknown", timestamp=0.0, data=data))
+    for t in range(2):
+        with tarfile.open(root / "in" / f"shard-{t:03d}.tar", "w") as tar:
+            for i in range(5):
+                key = f"t{t}-{i:02d}"
+                data = _jpeg(100 + 10 * t + i)
+                meta = json.dumps({"source": f"src-{i % 2 + 3}", "timestamp": 10 + i}).encode()
+                for name, blob in ((f"{key}.jpg", data), (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+                truth.append(dict(key=key, image_id=key, source=f"src-{i % 2 + 3}",
+                                  timestamp=float(10 + i), data=data))
+    (root / "manifest.csv").write_text("\n".join(manifest) + "\n")
+    return truth, root / "manifest.csv"
+
+
+def expected(truth: list[dict], overrides: list[str]):
+    """Independent in-process computation: Scorer.score_batch + replay."""
+    from jobs.score import load_job_config
+    from twostream.reputation import Upload, replay
+    from twostream.scoring import Scorer
+
+    cfg = load_job_config(None, overrides)
+    results = Scorer(cfg).score_batch([t["data"] for t in truth], [t["image_id"] for t in truth])
+    uploads, index = [], []
+    for k, (t, r) in enumerate(zip(truth, results)):
+        if r.verdict != "error":
+            uploads.append(Upload(t["source"], t["timestamp"], t["image_id"], r.rejected,
+                                  "adversarial" if r.rejected else r.label))
+            index.append(k)
+    responses, ledger = replay(uploads, cfg.reputation)
+    by_id = {t["image_id"]: (t, r, None) for t, r in zip(truth, results)}
+    for k, resp in zip(index, responses):
+        t, r, _ = by_id[truth[k]["image_id"]]
+        by_id[t["image_id"]] = (t, r, resp)
+    return by_id, ledger
+
+
+def check_output(out: Path, by_id: dict, ledger) -> None:
+    images = pq.read_table(out / "images").to_pylist()
+    assert len(images) == len(by_id), "one row per input, none lost, none duplicated"
+    assert len({r["image_id"] for r in images}) == len(images)
+    for row in images:
+        truth, result, resp = by_id[row["image_id"]]
+        assert row["source"] == truth["source"] and row["timestamp"] == truth["timestamp"]
+        assert row["verdict"] == result.verdict, row["image_id"]
+        if result.verdict == "error":
+            assert row["error"] and row["response"] == "error"
+            continue
+        assert row["error"] is None
+        assert row["label"] == result.label
+        assert row["high_idx"] == result.high_idx and row["low_idx"] == result.low_idx
+        np.testing.assert_allclose(row["high_prob"], result.high_prob, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(row["low_prob"], result.low_prob, rtol=1e-4, atol=1e-6)
+        assert row["high_labels"] == result.high_labels and row["low_labels"] == result.low_labels
+        assert (row["response"], row["cc"], row["blacklisted"]) == (resp.response, resp.cc, resp.blacklisted)
+    sources = {r["source"]: r for r in pq.read_table(out / "sources").to_pylist()}
+    for name, state in ledger.items():
+        row = sources[name]
+        assert (row["images"], row["rejected"], row["blocked"], row["cc"], row["blacklisted"]) == (
+            state.images, state.rejected, state.blocked, state.cc, state.blacklisted)
+        assert [[i["joined"], i["left"]] for i in row["blacklist_intervals"]] == state.intervals
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == len(by_id) == sum(summary["verdicts"].values())
+    assert sum(summary["responses"].values()) == len(by_id) and summary["counts_add_up"]
+    errors = [r for r in images if r["verdict"] == "error"]
+    assert {r["key"] for r in errors} >= {"loose/zero", "loose/notes", "loose/trunc", "loose/huge"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from twostream.localstore import LocalStore, create_bucket
+
+    with LocalStore() as store:
+        old = {k: os.environ.get(k) for k in store.env}
+        os.environ.update(store.env)
+        create_bucket("twostream-test", store.endpoint)
+        yield store
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _free_port() -> int:
+    from twostream.localstore import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, s3):
+    """A local Ray head (2 CPUs) with a dashboard for `ray job submit`; stopped afterwards."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp = tmp_path_factory.mktemp("ray")
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "disabled"}
+    subprocess.run(
+        [str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+         "--temp-dir", str(temp), "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    try:
+        yield info
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, s3):
+    from twostream.localstore import upload_tree
+
+    root = tmp_path_factory.mktemp("data")
+    truth, manifest = make_dataset(root)
+    upload_tree(root / "in", "s3://twostream-test/in")
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3.endpoint).upload_file(str(manifest), "twostream-test", "manifest.csv")
+    overrides = SMALL + ["limits.max_bytes=4000"]
+    by_id, ledger = expected(truth, overrides)
+    return {"root": root, "truth": truth, "overrides": overrides, "by_id": by_id, "ledger": ledger}
+
+
+def _run_in_cluster(ray_head, output: Path, overrides: list[str], env: dict | None = None):
+    """run_job in this process as a Ray client of the test head (same code as the job)."""
+    import ray
+
+    from jobs.score import load_job_config, run_job
+
+    for k, v in (env or {}).items():
+        os.environ[k] = v
+    try:
+        if not ray.is_initialized():
+            ray.init(address=ray_head["address"], runtime_env={"env_vars": _aws_env()})
+        return run_job(load_job_config(None, overrides), "s3://twostream-test/in", str(output),
+                       "s3://twostream-test/manifest.csv", progress=False)
+    finally:
+        for k in env or {}:
+            os.environ.pop(k, None)
+
+
+def _aws_env() -> dict:
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+            "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "PYTHONPATH")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def test_ray_job_submit_matches_in_process(ray_head, data, tmp_path):
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head["dashboard"],
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": _aws_env()}),
+           "--", "python", "-m", "jobs.score", "--input", "s3://twostream-test/in",
+           "--manifest", "s3://twostream-test/manifest.csv", "--output", str(out), "--no-progress"]
+    for o in data["overrides"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "counts add up: True" in proc.stdout
+    check_output(out, data["by_id"], data["ledger"])
+
+
+def test_order_independent_and_actor_crash(ray_head, data, tmp_path):
+    """Other pool sizes, shard order, reputation sharding, rows permuted by every stream actor,
+    and the first high-stream batch crashes its actor: the same rows and source states."""
+    overrides = data["overrides"] + [
+        "high.pool_size=2", "low.pool_size=2", "job.reputation_shards=3", "job.shard_order_seed=7",
+        "job.shuffle_stream_output=true", "high.batch_size=4", "job.files_per_shard=4",
+    ]
+    marker = tmp_path / "crash"
+    summary = _run_in_cluster(ray_head, tmp_path / "out", overrides,
+                              {"TWOSTREAM_FAULT_CRASH_ACTOR_ONCE": str(marker)})
+    assert (marker / "crashed").exists(), "the injected actor crash happened"
+    assert summary["counts_add_up"]
+    check_output(tmp_path / "out", data["by_id"], data["ledger"])
+
+
+def test_resume_after_kill(ray_head, data, tmp_path):
+    from jobs.score import FAULT_STOP_AFTER
+
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="injected fault"):
+        _run_in_cluster(ray_head, out, data["overrides"], {FAULT_STOP_AFTER: "2"})
+    done = sorted(p.name for p in (out / "_progress").glob("*.done"))
+    assert 2 <= len(done) < 5 and not (out / "summary.json").exists()
+    summary = _run_in_cluster(ray_head, out, data["overrides"])
+    assert summary["shards"]["resumed_done"] == len(done)
+    assert summary["shards"]["scored_now"] == summary["shards"]["total"] - len(done)
+    check_output(out, data["by_id"], data["ledger"])
