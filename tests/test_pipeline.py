@@ -1,0 +1,136 @@
+"""Ray-free stage helpers of the batch job: input planning, tar/loose reading, manifests,
+identity, reputation sharding, and the pinned output schemas (SPEC 6, docs/batch.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pytest
+
+from twostream import pipeline
+from twostream.config import ReputationConfig
+from twostream.manifest import ManifestError, ManifestIndex, normalise, read_manifest
+from twostream.reputation import Upload, replay
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_plan_and_read(tmp_path):
+    (tmp_path / "a").mkdir()
+    for i in range(5):
+        (tmp_path / "a" / f"x{i}.jpg").write_bytes(b"img%d" % i)
+    (tmp_path / "a" / "x1.json").write_text(json.dumps({"source": "s9", "timestamp": 4}))
+    (tmp_path / "a" / "readme.txt").write_bytes(b"hello")
+    (tmp_path / "_hidden").write_bytes(b"x")
+    _tar(tmp_path / "s.tar", [("k1.jpg", b"one"), ("k1.json", b'{"source": "t"}'), ("k2.png", b"two"),
+                              ("k3.json", b"{}")])
+    shards = pipeline.plan_shards(str(tmp_path), files_per_shard=4)
+    assert [s.kind for s in shards] == ["tar", "files", "files"]
+    assert pipeline.plan_digest(shards) == pipeline.plan_digest(pipeline.plan_shards(str(tmp_path), 4))
+    rows = [r for s in shards for r in pipeline.read_shard(s, str(tmp_path))]
+    keys = {r["key"]: r for r in rows}
+    assert set(keys) == {"k1", "k2", "k3", "a/readme", *(f"a/x{i}" for i in range(5))}
+    assert keys["k3"]["read_error"] == "sidecar without an image file"
+    assert keys["k1"]["data"] == b"one" and keys["k1"]["uri"].endswith("s.tar#k1.jpg")
+    assert keys["a/readme"]["data"] == b"hello"  # a non-image is an input (an error row later)
+    pipeline.attach_identity(rows, ManifestIndex(None))
+    assert (keys["a/x1"]["source"], keys["a/x1"]["timestamp"]) == ("s9", 4.0)
+    assert (keys["k1"]["source"], keys["k2"]["source"]) == ("t", "unknown")
+    assert keys["a/x2"]["image_id"] == "a/x2"
+
+
+def test_truncated_tar_and_oversize(tmp_path):
+    _tar(tmp_path / "s.tar", [("k1.jpg", b"1" * 3000), ("k2.jpg", b"2" * 3000)])
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "s.tar").write_bytes(data[:2000])
+    rows = pipeline.read_shard(pipeline.plan_shards(str(tmp_path))[0], str(tmp_path))
+    assert len(rows) == 1 and "truncated" in rows[0]["read_error"] or "tar" in rows[0]["read_error"]
+    (tmp_path / "s.tar").unlink()
+    (tmp_path / "big.jpg").write_bytes(b"x" * 100)
+    rows = pipeline.read_shard(pipeline.plan_shards(str(tmp_path))[0], str(tmp_path), max_bytes=10)
+    assert "too large" in rows[0]["read_error"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_manifest_formats(tmp_path, fmt):
+    rows = [{"image_id": "i1", "key": "a/x1", "source": "s1", "timestamp": "2024-01-01T00:00:00Z"},
+            {"image_id": "i2", "key": "a/x2", "source": "s2", "timestamp": "12.5"}]
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "csv":
+        path.write_text("image_id,key,source,timestamp\n" + "".join(
+            f"{r['image_id']},{r['key']},{r['source']},{r['timestamp']}\n" for r in rows))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    index = ManifestIndex(read_manifest(str(path)))
+    ids, sources, stamps, hit = index.lookup(["a/x2", "a/x1", "zz"], ["", "", ""])
+    assert ids == ["i2", "i1", "zz"] and sources == ["s2", "s1", "unknown"]
+    assert stamps == [12.5, 1704067200.0, 0.0] and hit == [True, True, False]
+
+
+def test_manifest_by_uri_and_errors():
+    table = normalise(pa.table({"id": ["a"], "uri": ["s3://b/in/x.jpg"], "ip": ["1.2.3.4"]}))
+    ids, sources, _, _ = ManifestIndex(table).lookup(["x"], ["s3://b/in/x.jpg"])
+    assert (ids, sources) == (["a"], ["1.2.3.4"])
+    with pytest.raises(ManifestError):
+        normalise(pa.table({"source": ["s"]}))
+
+
+def test_reputation_shard_is_stable_and_spread():
+    assert pipeline.reputation_shard("10.0.0.1", 8) == pipeline.reputation_shard("10.0.0.1", 8)
+    counts = [0] * 8
+    for i in range(4000):
+        counts[pipeline.reputation_shard(f"10.0.{i // 256}.{i % 256}", 8)] += 1
+    assert min(counts) > 350  # no shard is a hot spot
+
+
+def test_sharded_replay_equals_global_replay():
+    import random
+
+    rnd = random.Random(0)
+    uploads = [Upload(f"s{rnd.randrange(20)}", float(rnd.randrange(50)), f"i{k}", rnd.random() < 0.4,
+                      "cat") for k in range(600)]
+    want, ledger = replay(uploads, ReputationConfig())
+    by_id = {u.image_id: r for u, r in zip(uploads, want)}
+    for parts in (1, 3, 7):
+        for p in range(parts):
+            mine = [u for u in uploads if pipeline.reputation_shard(u.source, parts) == p]
+            rnd.shuffle(mine)
+            got, table = pipeline.replay_source_rows(mine, {}, ReputationConfig())
+            assert all(by_id[u.image_id] == r for u, r in zip(mine, got))
+            for row in table.to_pylist():
+                st = ledger.get(row["source"])
+                assert (row["cc"], row["blacklisted"], row["images"]) == (st.cc, st.blacklisted, st.images)
+
+
+def test_output_schemas_are_pinned():
+    """The documented schema (docs/batch.md): change both together."""
+    assert [(f.name, str(f.type)) for f in pipeline.IMAGES_SCHEMA] == [
+        ("image_id", "string"), ("key", "string"), ("uri", "string"), ("shard", "string"),
+        ("source", "string"), ("timestamp", "double"), ("width", "int32"), ("height", "int32"),
+        ("verdict", "string"), ("label", "string"), ("imagenet_index", "int32"),
+        ("agreement", "double"), ("high_idx", "list<item: int32>"),
+        ("high_prob", "list<item: float>"), ("high_labels", "list<item: string>"),
+        ("low_idx", "list<item: int32>"), ("low_prob", "list<item: float>"),
+        ("low_labels", "list<item: string>"), ("error", "string"), ("response", "string"),
+        ("cc", "int32"), ("blacklisted", "bool"),
+    ]
+    assert [(f.name, str(f.type)) for f in pipeline.SOURCES_SCHEMA] == [
+        ("source", "string"), ("images", "int64"), ("rejected", "int64"), ("blocked", "int64"),
+        ("errors", "int64"), ("cc", "int32"), ("blacklisted", "bool"), ("first_seen", "double"),
+        ("last_seen", "double"),
+        ("blacklist_intervals", "list<item: struct<joined: double, left: double>>"),
+        ("times_blacklisted", "int32"),
+    ]

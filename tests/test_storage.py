@@ -1,0 +1,68 @@
+"""twostream.storage against a real S3-speaking server on 127.0.0.1 (moto_server)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from twostream import storage
+from twostream.localstore import LocalStore, create_bucket
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with LocalStore() as store:
+        old = {k: os.environ.get(k) for k in store.env}
+        os.environ.update(store.env)
+        storage._s3_filesystem.cache_clear()
+        create_bucket("storage-test", store.endpoint)
+        yield store
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage._s3_filesystem.cache_clear()
+
+
+def test_read_list_exists(s3):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    for key in ("p/a.jpg", "p/sub/b.png", "p/c.txt", "q/d.jpg"):
+        client.put_object(Bucket="storage-test", Key=key, Body=key.encode())
+    assert storage.list_files("s3://storage-test/p") == [
+        "s3://storage-test/p/a.jpg", "s3://storage-test/p/c.txt", "s3://storage-test/p/sub/b.png"]
+    assert storage.list_files("s3://storage-test/p", (".jpg", ".PNG")) == [
+        "s3://storage-test/p/a.jpg", "s3://storage-test/p/sub/b.png"]
+    assert storage.read_bytes("s3://storage-test/p/sub/b.png") == b"p/sub/b.png"
+    assert storage.exists("s3://storage-test/q/d.jpg") and not storage.exists("s3://storage-test/q/zz")
+    assert storage.join("s3://storage-test/p/", "x", "y.json") == "s3://storage-test/p/x/y.json"
+    with pytest.raises(FileNotFoundError):
+        storage.list_files("s3://storage-test/none")
+
+
+def test_write_roundtrip(s3):
+    """pyarrow's output stream completes a multipart upload. moto 5.2.x answers
+    CompleteMultipartUpload with a wrong root element (getmoto/moto#10055), which the AWS C++ SDK
+    rejects; storage must then write small objects with a single PUT (allow_delayed_open)."""
+    os.environ["TWOSTREAM_S3_RETRIES"] = "2"  # fail fast if the server mis-answers
+    try:
+        storage.write_bytes("s3://storage-test/w/out.bin", b"x" * 1000)
+    except OSError as exc:
+        if "CompleteMultipartUpload" in str(exc):
+            pytest.xfail("moto 5.2.x CompleteMultipartUpload bug; see docs/batch.md (S3 server)")
+        raise
+    finally:
+        os.environ.pop("TWOSTREAM_S3_RETRIES", None)
+    assert storage.read_bytes("s3://storage-test/w/out.bin") == b"x" * 1000
+
+
+def test_many_keys_paged_listing(s3):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint)
+    for i in range(1100):  # more than one ListObjectsV2 page (1000)
+        client.put_object(Bucket="storage-test", Key=f"many/{i:05d}.jpg", Body=b"")
+    assert len(storage.list_files("s3://storage-test/many")) == 1100
