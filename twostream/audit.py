@@ -732,11 +732,17 @@ def rejected_for(cat: Catalogue, thresholds: ThresholdsConfig | None) -> tuple[n
             )
         rows = np.flatnonzero(need)
         if len(rows):
-            from twostream.scoring import verdict_columns
+            args = (cat.high_idx[rows], cat.high_prob[rows], cat.low_idx[rows], cat.low_prob[rows])
+            try:
+                from twostream.scoring import verdict_columns
+            except ImportError:  # scoring needs the model registry (torch, timm); Algorithm 1 does not
+                from twostream.comparator import compare
+                from twostream.mapping import load_mapping
 
-            cols = verdict_columns(cat.high_idx[rows], cat.high_prob[rows], cat.low_idx[rows],
-                                   cat.low_prob[rows], thresholds)
-            verdict[rows] = cols["verdict"]
+                accepted = compare(*args, load_mapping().array, thresholds.p1, thresholds.p2).accepted
+                verdict[rows] = np.where(accepted, ACCEPTED, ADVERSARIAL)
+            else:
+                verdict[rows] = verdict_columns(*args, thresholds)["verdict"]
     rejected = verdict == ADVERSARIAL
     return rejected, verdict
 
@@ -998,10 +1004,10 @@ def run_audit(
         tmin, tmax = math.inf, -math.inf
         fmt = detect_format(log_uri) if log_format == "auto" else log_format
         for chunk in read_log(log_uri, fmt, mapping, block_bytes):
-            add_bad(sorted(chunk.bad, key=lambda b: b.line))
             n = len(chunk.line)
             lines_total += n + len(chunk.bad)
             if n == 0:
+                add_bad(sorted(chunk.bad, key=lambda b: b.line))
                 continue
             ts = parse_timestamps(chunk.timestamp, mapping.timestamp_unit)
             src = pc.utf8_trim_whitespace(chunk.source)
@@ -1033,8 +1039,8 @@ def run_audit(
                     if detail is not None:
                         details[sel] = [str(v)[:200] for v in detail[sel]]
             bad_idx = np.flatnonzero(reasons != None)  # noqa: E711
-            if len(bad_idx):
-                add_bad([BadLine(int(chunk.line[k]), reasons[k], details[k], chunk.raw(int(k))) for k in bad_idx])
+            add_bad(sorted(chunk.bad + [BadLine(int(chunk.line[k]), reasons[k], details[k], chunk.raw(int(k)))
+                                        for k in bad_idx], key=lambda b: b.line))
             ok = reasons == None  # noqa: E711
             good = np.flatnonzero(ok)
             if not len(good):
