@@ -54,6 +54,14 @@ def _dates(ts: np.ndarray):
     return np.asarray(ts, dtype="float64").astype("datetime64[ms]") if len(ts) else ts
 
 
+def _date_axis(ax) -> None:
+    import matplotlib.dates as mdates
+
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
 def cc_plot(series: "SourceSeries", cap: int) -> str:
     """CC over time for one source, blacklist intervals shaded, threshold dashed."""
     import matplotlib
@@ -77,7 +85,7 @@ def cc_plot(series: "SourceSeries", cap: int) -> str:
     ax.set_ylabel("CC")
     ax.set_title(series.source, fontsize=10)
     ax.legend(loc="upper left", fontsize=7, frameon=False)
-    fig.autofmt_xdate()
+    _date_axis(ax)
     return _png(fig)
 
 
@@ -107,7 +115,7 @@ def rate_plot(edges: np.ndarray, scored: np.ndarray, rejected: np.ndarray, block
     bars = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + bars[0], lines[1] + bars[1], loc="upper left", fontsize=8, frameon=False)
     ax.set_title("Overall rejection rate over time (UTC)", fontsize=10)
-    fig.autofmt_xdate()
+    _date_axis(ax)
     return _png(fig)
 
 
