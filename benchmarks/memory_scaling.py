@@ -1,0 +1,97 @@
+"""Peak RSS of the driver and of the Ray workers while the input grows (e.g. 10k vs 100k small
+images, tiny models): memory should stay flat because the pipeline streams.
+
+    python benchmarks/memory_scaling.py --sizes 2000 10000 [--small]
+
+Each size runs the job on a fresh local Ray; a sampler thread records the summed RSS of the Ray
+worker processes (/proc) and the driver's peak RSS every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+SMALL = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=cifar_resnet20",
+         "low.weights=random", "job.files_per_shard=500"]
+
+
+def write_images(root: Path, n: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tile = Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((48, 48))
+    buf = io.BytesIO()
+    tile.save(buf, "JPEG")
+    blob = buf.getvalue()
+    for k in range(n):  # same bytes, different keys: measures the pipeline, not the JPEG codec
+        (root / f"{k:07d}.jpg").write_bytes(blob)
+
+
+def worker_rss() -> int:
+    """Summed RSS of the Ray processes on this machine (from /proc; no psutil needed)."""
+    import os
+
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+            if b"ray::" in cmd or b"default_worker.py" in cmd or b"raylet" in cmd:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def run(n: int, overrides: list[str]) -> dict:
+    import ray
+
+    from jobs.score import load_job_config, run_job
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_images(Path(tmp) / "in", n)
+        peak = {"workers": 0}
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak["workers"] = max(peak["workers"], worker_rss())
+                time.sleep(0.5)
+
+        ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            summary = run_job(load_job_config(None, overrides), str(Path(tmp) / "in"), str(Path(tmp) / "out"),
+                              None, progress=False)
+        finally:
+            stop.set()
+            thread.join()
+            ray.shutdown()
+    return {"images": n, "scoring_images_per_s": round(summary["throughput"]["scoring_images_per_s"], 1),
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "workers_peak_rss_mb": round(peak["workers"] / 2**20)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    args = parser.parse_args()
+    for n in args.sizes:
+        print(json.dumps(run(n, SMALL)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
