@@ -1140,21 +1140,22 @@ def run_audit(
             err_row = is_error[img]
             rej_row = rejected[img]
             label_row = cat.label[img]
-            for k in range(m):
-                if err_row[k]:
+            src_names = [source_names[c] for c in src.tolist()]
+            img_ids = ids_str[img].tolist()
+            observe = ledger.observe
+            for k, (name, t, image_id, er, r, lab) in enumerate(zip(
+                    src_names, ts.tolist(), img_ids, err_row.tolist(), rej_row.tolist(), label_row.tolist())):
+                if er:
                     resp_out[k] = ERROR
                     continue
-                name = source_names[src[k]]
-                r = rej_row[k]
-                resp = ledger.observe(Upload(name, float(ts[k]), ids_str[img[k]], bool(r),
-                                             ADVERSARIAL if r else (label_row[k] or ACCEPTED)))
+                resp = observe(Upload(name, t, image_id, r, ADVERSARIAL if r else (lab or ACCEPTED)))
                 resp_out[k] = resp.response
                 cc_out[k] = resp.cc
                 bl_out[k] = resp.blacklisted
             ok = ~err_row
             timeline.write({
-                "line": rec["line"], "source": [source_names[s] for s in src], "timestamp": ts,
-                "image_id": ids_str[img].tolist(),
+                "line": rec["line"], "source": src_names, "timestamp": ts,
+                "image_id": img_ids,
                 "verdict": verdicts[img].tolist(),
                 "label": [lab if not rj and not er else None for lab, rj, er in zip(label_row, rej_row, err_row)],
                 "cc": pa.array(cc_out, pa.int32(), mask=err_row),
@@ -1293,12 +1294,12 @@ def _what_if(spill: _Spill, cat: Catalogue, base: TwoStreamConfig, settings: Seq
             ledger = ReputationLedger(rep)
             src, img, ts = rec["src"], rec["img"], rec["ts"]
             err_row, rej_row = is_error[img], rejected[img]
-            for k in range(len(rec)):
-                if err_row[k]:
+            observe = ledger.observe
+            for name, t, image_id, er, r in zip([source_names[c] for c in src.tolist()], ts.tolist(),
+                                                 cat.ids[img].tolist(), err_row.tolist(), rej_row.tolist()):
+                if er:
                     continue
-                r = bool(rej_row[k])
-                resp = ledger.observe(Upload(source_names[src[k]], float(ts[k]), cat.ids[img[k]], r,
-                                             ADVERSARIAL if r else ACCEPTED))
+                resp = observe(Upload(name, t, image_id, r, ADVERSARIAL if r else ACCEPTED))
                 n_rej += r
                 n_blocked += resp.response == BLOCKED
             for name, st in ledger.items():
