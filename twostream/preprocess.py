@@ -82,7 +82,10 @@ def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
 
 def to_tensor01(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (1, 3, H, W) float32 tensor in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # torch wants writable memory; float() copies anyway
+        image = image.copy()
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
 
 
 def from_tensor01(x: torch.Tensor) -> np.ndarray:
