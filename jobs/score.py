@@ -161,6 +161,7 @@ class _StreamStage:
         if self.stream_cfg.threads:
             torch.set_num_threads(self.stream_cfg.threads)
         self.device = resolve_device(self.stream_cfg.device)
+        torch.manual_seed(0)  # `random` weights (tests, benchmarks): the same in every actor
         self.stream = build_stream(self.stream_cfg, self.kind).to(self.device).eval()
         self.calls = 0
 

@@ -84,8 +84,16 @@ def expected(truth: list[dict], overrides: list[str]):
     from twostream.reputation import Upload, replay
     from twostream.scoring import Scorer
 
+    import torch
+
+    from twostream.models import build_stream
+
     cfg = load_job_config(None, overrides)
-    results = Scorer(cfg).score_batch([t["data"] for t in truth], [t["image_id"] for t in truth])
+    torch.manual_seed(0)  # random weights built exactly as each job actor builds them
+    high = build_stream(cfg.high, "high")
+    torch.manual_seed(0)
+    low = build_stream(cfg.low, "low")
+    results = Scorer(cfg, high=high, low=low).score_batch([t["data"] for t in truth], [t["image_id"] for t in truth])
     uploads, index = [], []
     for k, (t, r) in enumerate(zip(truth, results)):
         if r.verdict != "error":
