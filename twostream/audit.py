@@ -609,112 +609,110 @@ def _strip_ext(path: str) -> str:
 
 
 def build_catalogue(scores_uri: str | None, images_uri: str | None) -> Catalogue:
-    """The images a log may name: score rows first, then unscored files under ``images_uri``."""
-    ids: list[str] = []
-    uris: list[str | None] = []
-    alias_names: list[str] = []
-    alias_rows: list[int] = []
-    n_scores = 0
+    """The images a log may name: score rows (deduplicated by image id, the last row winning),
+    then the files under ``images_uri`` that no score row names (id = path without extension,
+    relative to the prefix, as the batch job keys loose files). Vectorised with pyarrow."""
     scores = None
     if scores_uri:
         scores = read_scores(scores_uri)
-        # one row per image id (a re-run may repeat one; the last row wins)
         scores = scores.filter(pc.is_valid(scores.column("image_id")))
-        n_scores = scores.num_rows
-    known: set[str] = set()
+        scores = scores.append_column("__row", pa.array(np.arange(scores.num_rows, dtype=np.int64)))
+        last = scores.group_by("image_id", use_threads=False).aggregate([("__row", "max")])
+        scores = scores.take(last.column("__row_max")).drop_columns(["__row"])
+    score_names: pa.Array = pa.array([], pa.string())
     if scores is not None:
-        id_list = scores.column("image_id").to_pylist()
-        key_list = scores.column("key").to_pylist() if "key" in scores.column_names else [None] * n_scores
-        uri_list = scores.column("uri").to_pylist() if "uri" in scores.column_names else [None] * n_scores
-        known = set(id_list) | {k for k in key_list if k} | {u for u in uri_list if u}
-    files: list[tuple[str, str, str]] = []  # (key, relative path, uri)
+        named = [pc.cast(scores.column(c), pa.string()).combine_chunks()
+                 for c in ("image_id", "key", "uri") if c in scores.column_names]
+        score_names = pa.concat_arrays([a.filter(pc.is_valid(a)) for a in named])
+    files: list[tuple[str, str, str]] = []  # (key, relative path, uri) of files no score row names
+    covered: list[tuple[str, str, str]] = []  # files a score row names (they resolve to that row)
     if images_uri:
         try:
             listed = storage.list_files(images_uri)
         except FileNotFoundError as exc:
             raise AuditError(f"--images not found: {images_uri}") from exc
         _, base = storage.filesystem(images_uri)
+        entries = []
         for u in listed:
             name = u.rsplit("/", 1)[-1]
             if name.startswith((".", "_")) or not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
             _, p = storage.filesystem(u)
             rel = p[len(base):].lstrip("/") if p != base else name
-            files.append((_strip_ext(rel), rel, u))
-    # Unique ids, sorted: scores rows (dedup, last wins), then files no score names.
-    row_of: dict[str, int] = {}
-    if scores is not None:
-        for r, i in enumerate(id_list):
-            row_of[str(i)] = r
-    file_of: dict[str, tuple[str, str]] = {}
-    for key, rel, u in files:
-        if key in known or rel in known or u in known or key in row_of:
-            continue
-        file_of.setdefault(key, (rel, u))
-    all_ids = sorted(set(row_of) | set(file_of))
-    n = len(all_ids)
-    index = {i: k for k, i in enumerate(all_ids)}
+            entries.append((_strip_ext(rel), rel, u))
+        if entries:
+            keys = pa.array([e[0] for e in entries], pa.string())
+            hit = pc.is_in(keys, value_set=score_names)
+            for alt in (pa.array([e[1] for e in entries], pa.string()), pa.array([e[2] for e in entries], pa.string())):
+                hit = pc.or_(hit, pc.is_in(alt, value_set=score_names))
+            seen: set[str] = set()
+            for e, h in zip(entries, hit.to_pylist()):
+                if h:
+                    covered.append(e)
+                elif e[0] not in seen:
+                    seen.add(e[0])
+                    files.append(e)
+    n_s = scores.num_rows if scores is not None else 0
+    ids_all = pa.concat_arrays([
+        pc.cast(scores.column("image_id"), pa.string()).combine_chunks() if scores is not None else pa.array([], pa.string()),
+        pa.array([e[0] for e in files], pa.string()),
+    ])
+    order = pc.sort_indices(ids_all).to_numpy()  # catalogue row r holds input row order[r]
+    n = len(ids_all)
+    ids = np.asarray(pc.take(ids_all, pa.array(order)).to_numpy(zero_copy_only=False), dtype=object)
+    pos = np.empty(n, dtype=np.int64)  # input row -> catalogue row
+    pos[order] = np.arange(n)
     cat = Catalogue(
-        ids=np.array(all_ids, dtype=object),
-        uri=[None] * n,
-        scored=np.zeros(n, bool),
-        from_scores=np.zeros(n, bool),
-        verdict=np.full(n, None, dtype=object),
-        label=np.full(n, None, dtype=object),
-        high_idx=np.full((n, 5), -1, np.int32),
-        high_prob=np.full((n, 5), np.nan, np.float32),
-        low_idx=np.full((n, 2), -1, np.int32),
-        low_prob=np.full((n, 2), np.nan, np.float32),
+        ids=ids, uri=[None] * n, scored=np.zeros(n, bool), from_scores=np.zeros(n, bool),
+        verdict=np.full(n, None, dtype=object), label=np.full(n, None, dtype=object),
+        high_idx=np.full((n, 5), -1, np.int32), high_prob=np.full((n, 5), np.nan, np.float32),
+        low_idx=np.full((n, 2), -1, np.int32), low_prob=np.full((n, 2), np.nan, np.float32),
         has_topk=np.zeros(n, bool),
     )
-    if scores is not None and row_of:
-        rows = np.array([row_of[i] for i in all_ids if i in row_of], dtype=np.int64)
-        targets = np.array([index[i] for i in all_ids if i in row_of], dtype=np.int64)
-        sub = scores.take(pa.array(rows))
-        cat.scored[targets] = True
-        cat.from_scores[targets] = True
-        cat.verdict[targets] = np.array(sub.column("verdict").to_pylist(), dtype=object)
-        if "label" in sub.column_names:
-            cat.label[targets] = np.array(sub.column("label").to_pylist(), dtype=object)
-        if "uri" in sub.column_names:
-            for t, u in zip(targets, sub.column("uri").to_pylist()):
-                cat.uri[t] = u
-        hi, ok1 = _topk_matrix(sub.column("high_idx") if "high_idx" in sub.column_names else None,
-                               len(rows), 5, np.int32, -1)
-        hp, ok2 = _topk_matrix(sub.column("high_prob") if "high_prob" in sub.column_names else None,
-                               len(rows), 5, np.float32, np.nan)
-        li, ok3 = _topk_matrix(sub.column("low_idx") if "low_idx" in sub.column_names else None,
-                               len(rows), 2, np.int32, -1)
-        lp, ok4 = _topk_matrix(sub.column("low_prob") if "low_prob" in sub.column_names else None,
-                               len(rows), 2, np.float32, np.nan)
-        cat.high_idx[targets], cat.high_prob[targets] = hi, hp
-        cat.low_idx[targets], cat.low_prob[targets] = li, lp
-        cat.has_topk[targets] = ok1 & ok2 & ok3 & ok4
-        # aliases: image ids first (they win), then keys, then URIs
-        alias_names.extend(all_ids[t] for t in targets)
-        alias_rows.extend(int(t) for t in targets)
-        for col in ("key", "uri"):
-            if col in sub.column_names:
-                for t, v in zip(targets, sub.column(col).to_pylist()):
-                    if v:
-                        alias_names.append(v)
-                        alias_rows.append(int(t))
-    for key, (rel, u) in file_of.items():
-        t = index[key]
-        cat.uri[t] = u
-        alias_names += [key, rel, u]
-        alias_rows += [t, t, t]
-    # files that a score row already describes still resolve to that row by path
-    for key, rel, u in files:
-        if key not in file_of:
-            target = next((index[c] for c in (key,) if c in index), None)
-            if target is not None:
-                alias_names += [rel, u]
-                alias_rows += [target, target]
-                if cat.uri[target] is None:
-                    cat.uri[target] = u
-    cat.aliases = pa.array(alias_names, pa.string())
-    cat.alias_index = np.array(alias_rows, dtype=np.int64)
+    alias_parts: list[pa.Array] = []
+    alias_rows: list[np.ndarray] = []
+    if scores is not None and n_s:
+        t = pos[:n_s]  # catalogue rows of the score rows
+        cols = scores.column_names
+        cat.scored[t] = True
+        cat.from_scores[t] = True
+        cat.verdict[t] = scores.column("verdict").to_numpy(zero_copy_only=False)
+        if "label" in cols:
+            cat.label[t] = scores.column("label").to_numpy(zero_copy_only=False)
+        uri_col = scores.column("uri").to_pylist() if "uri" in cols else None
+        if uri_col is not None:
+            for r, u in zip(t.tolist(), uri_col):
+                cat.uri[r] = u
+        mats = [_topk_matrix(scores.column(c) if c in cols else None, n_s, k, dt, fill)
+                for c, k, dt, fill in (("high_idx", 5, np.int32, -1), ("high_prob", 5, np.float32, np.nan),
+                                       ("low_idx", 2, np.int32, -1), ("low_prob", 2, np.float32, np.nan))]
+        cat.high_idx[t], cat.high_prob[t], cat.low_idx[t], cat.low_prob[t] = (m[0] for m in mats)
+        cat.has_topk[t] = mats[0][1] & mats[1][1] & mats[2][1] & mats[3][1]
+        # aliases: image ids first (they win over a key or URI that happens to equal another id)
+        for c in ("image_id", "key", "uri"):
+            if c in cols:
+                a = pc.cast(scores.column(c), pa.string()).combine_chunks()
+                valid = np.asarray(pc.is_valid(a))
+                alias_parts.append(a.filter(pa.array(valid)))
+                alias_rows.append(t[valid])
+    if files:
+        t = pos[n_s:]
+        for r, (key, rel, u) in zip(t.tolist(), files):
+            cat.uri[r] = u
+        for k in range(3):
+            alias_parts.append(pa.array([e[k] for e in files], pa.string()))
+            alias_rows.append(t)
+    if covered:  # a file a score row describes: its path names that row too
+        index = pc.index_in(pa.array([e[0] for e in covered], pa.string()), value_set=pa.array(ids, pa.string()))
+        for (key, rel, u), r in zip(covered, index.to_pylist()):
+            if r is None:
+                continue
+            alias_parts.append(pa.array([rel, u], pa.string()))
+            alias_rows.append(np.array([r, r], np.int64))
+            if cat.uri[r] is None:
+                cat.uri[r] = u
+    cat.aliases = pa.concat_arrays(alias_parts) if alias_parts else pa.array([], pa.string())
+    cat.alias_index = np.concatenate(alias_rows).astype(np.int64) if alias_rows else np.zeros(0, np.int64)
     return cat
 
 
