@@ -46,24 +46,29 @@ def compare(
     ``mapping``: (1000,) CIFAR-10 index per ImageNet class, ``OTHER`` (-1) outside the ten.
     """
     high_idx = np.asarray(high_idx)
-    high_prob = np.asarray(high_prob, dtype=np.float64)
     low_idx = np.asarray(low_idx)
+    # float64 throughout, like the reference: thresholds and products compare exactly.
+    high_prob = np.asarray(high_prob, dtype=np.float64)
     low_prob = np.asarray(low_prob, dtype=np.float64)
     n, k_high = high_idx.shape
     k_low = low_idx.shape[1]
 
-    mapped = np.asarray(mapping)[high_idx]  # (N, 5)
-    high_ok = (mapped != OTHER) & (high_prob >= p1)  # (N, 5)
-    low_ok = low_prob >= p2  # (N, 2)
-    match = (mapped[:, :, None] == low_idx[:, None, :]) & high_ok[:, :, None] & low_ok[:, None, :]
-    product = high_prob[:, :, None] * low_prob[:, None, :]
-    # -1 is below every product of probabilities, so a non-candidate never wins; argmax
-    # returns the first maximum in row-major order: smallest i, then smallest j.
-    flat = np.where(match, product, -1.0).reshape(n, k_high * k_low)
+    mapping = np.asarray(mapping)
+    mapped = mapping[high_idx]  # (N, 5) CIFAR-10 index of each H-Net class
+    high_ok = (mapped != OTHER) & (high_prob >= np.float64(p1))
+    # Non-candidates score -1, below every product of probabilities; argmax returns the first
+    # maximum in row-major (i, j) order: smallest i, then smallest j.
+    scores = np.empty((n, k_high, k_low))
+    for j in range(k_low):
+        low_label = low_idx[:, j : j + 1].astype(mapped.dtype)
+        candidate = high_ok & (mapped == low_label) & (low_prob[:, j : j + 1] >= np.float64(p2))
+        scores[:, :, j] = np.where(candidate, high_prob * low_prob[:, j : j + 1], -1.0)
+    flat = scores.reshape(n, k_high * k_low)
     best = flat.argmax(axis=1)
-    accepted = match.reshape(n, -1).any(axis=1)
-
     rows = np.arange(n)
+    best_score = flat[rows, best]
+    accepted = best_score >= 0.0
+
     i = (best // k_low).astype(np.int8)
     j = (best % k_low).astype(np.int8)
     return Comparison(
@@ -72,7 +77,7 @@ def compare(
         high_rank=np.where(accepted, i, -1).astype(np.int8),
         low_rank=np.where(accepted, j, -1).astype(np.int8),
         imagenet_index=np.where(accepted, high_idx[rows, i], -1).astype(np.int32),
-        score=np.where(accepted, flat[rows, best], 0.0).astype(np.float32),
+        score=np.where(accepted, best_score, 0.0).astype(np.float32),
     )
 
 
