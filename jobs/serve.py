@@ -1,0 +1,464 @@
+"""The online endpoint on Ray Serve: ``build_app(config) -> Application``.
+
+Deployments (docs/serve.md):
+
+* ``HighStream`` / ``LowStream`` - one per stream, ``high|low.pool_size`` replicas with
+  ``num_cpus``/``num_gpus`` of their own; ``topk`` is a ``@serve.batch`` method (dynamic
+  batching up to ``serve.max_batch_size`` images or ``serve.batch_wait_timeout_s``) that runs
+  :func:`twostream.scoring.prepare` + :func:`twostream.scoring.stream_topk`.
+* ``Reputation`` - exactly one replica owning the per-source state
+  (:class:`twostream.service.ReputationStore` around ``ReputationLedger.observe``), with
+  periodic snapshots and a final one on shutdown, restored at start.
+* ``Ingress`` - FastAPI: checks the request, decodes with :func:`twostream.scoring.decode_many`,
+  calls both streams concurrently, applies :func:`twostream.scoring.verdict_columns`
+  (Algorithm 1), then the reputation deployment (Algorithm 2), and answers.
+
+``serve run cluster/serve.yaml`` uses :func:`app_builder`; ``twostream serve`` uses
+:func:`build_app`.
+"""
+
+
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from twostream import __version__
+from twostream.config import CIFAR10_LABELS, build_config, read_config_file
+from twostream.reputation import ADVERSARIAL as REJECTED_VERDICT
+from twostream.service import (
+    METRICS_CONTENT_TYPE,
+    ApiError,
+    BlockedResponse,
+    ClassifyResponse,
+    ErrorResponse,
+    Health,
+    ReputationStore,
+    ResetResponse,
+    ServeConfig,
+    ServiceMetrics,
+    SourceInfo,
+    SourceList,
+    build_classify_response,
+    check_bearer,
+    check_content_length,
+    decode_error_status,
+    media_kind,
+    new_image_id,
+    parse_multipart,
+    read_limited,
+    resolve_source,
+)
+
+log = logging.getLogger("twostream.serve")
+
+# --------------------------------------------------------------------------------------------
+# Stream deployments
+
+
+@serve.deployment(name="Stream")
+class StreamModel:
+    """One classifier stream with dynamic batching; answers (top-k indices, probs, batch info)."""
+
+    def __init__(self, config: dict[str, Any], kind: str) -> None:
+        import torch
+
+        from twostream.models import build_stream
+        from twostream.scoring import resolve_device
+
+        cfg = ServeConfig.model_validate(config)
+        self.kind = kind
+        stream_cfg = cfg.high if kind == "high" else cfg.low
+        if stream_cfg.threads:
+            torch.set_num_threads(stream_cfg.threads)
+        self.device = resolve_device(stream_cfg.device)
+        self.stream = build_stream(stream_cfg, kind).to(self.device).eval()
+        self.k = stream_cfg.top_k
+        self.batch_size = stream_cfg.batch_size
+        self.topk.set_max_batch_size(cfg.serve.max_batch_size)
+        self.topk.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        self._run([np.zeros((32, 32, 3), np.uint8)])  # warm-up (allocations, lazy init)
+
+    def _run(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float, int]]:
+        from twostream.scoring import prepare, stream_topk
+
+        started = time.perf_counter()
+        batch = prepare(self.stream, images)
+        idx, prob = stream_topk(self.stream, batch, self.k, self.batch_size, self.device)
+        ms = (time.perf_counter() - started) * 1e3
+        return [(idx[i], prob[i], ms, len(images)) for i in range(len(images))]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def topk(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float, int]]:
+        # The forward pass runs in a thread so the replica keeps accepting (and batching) requests.
+        return await asyncio.to_thread(self._run, images)
+
+
+# --------------------------------------------------------------------------------------------
+# Reputation deployment (exactly one replica: per-source order is the order it sees)
+
+
+@serve.deployment(name="Reputation", num_replicas=1, max_ongoing_requests=100_000)
+class Reputation:
+    async def __init__(self, config: dict[str, Any]) -> None:
+        cfg = ServeConfig.model_validate(config)
+        self.store = ReputationStore(
+            cfg.reputation,
+            snapshot_uri=cfg.serve.snapshot_uri,
+            period_s=cfg.serve.snapshot_period_s,
+            order_timeout_s=cfg.serve.order_timeout_s,
+        )
+        if self.store.restored_from:
+            log.info("reputation restored from %s (%d sources)", self.store.restored_from, len(self.store.ledger))
+        self.store.start()
+
+    async def reserve(self, source: str):
+        return self.store.reserve(source)
+
+    async def commit(self, ticket, image_id: str, rejected: bool, verdict: str):
+        return await self.store.commit(ticket, image_id, rejected, verdict)
+
+    async def cancel(self, ticket) -> None:
+        await self.store.cancel(ticket)
+
+    async def get(self, source: str):
+        state = self.store.get(source)
+        return None if state is None else SourceInfo.of(source, state).model_dump()
+
+    async def list(self, blacklisted: bool | None, limit: int) -> dict[str, Any]:
+        total, rows = self.store.list(blacklisted, limit)
+        return {
+            "count": total,
+            "blacklist_size": self.store.counts()[1],
+            "sources": [SourceInfo.of(s, st).model_dump() for s, st in rows],
+        }
+
+    async def reset(self, source: str):
+        previous = self.store.reset(source)
+        return None if previous is None else SourceInfo.of(source, previous).model_dump()
+
+    async def health(self) -> dict[str, Any]:
+        sources, blacklist = self.store.counts()
+        return {
+            "sources": sources,
+            "blacklist_size": blacklist,
+            "snapshot_uri": self.store.snapshot_uri,
+            "last_snapshot_at": self.store.last_snapshot_at,
+        }
+
+    async def snapshot(self) -> bool:
+        return await self.store.snapshot_now()
+
+    async def check_health(self) -> None:
+        self.store.start()  # restarts the periodic snapshot task if it ever died
+
+    async def __del__(self) -> None:
+        await self.store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Ingress
+
+api = FastAPI(
+    title="twostream online endpoint",
+    version=__version__,
+    description=(
+        "Two-stream adversarial image detection (Algorithm 1) with per-source reputation "
+        "(Algorithm 2). See docs/serve.md."
+    ),
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+_ERRORS = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "bad request: malformed multipart, bad source id"),
+        (413, "body over serve.max_body_bytes"),
+        (415, "unsupported media type or image format"),
+        (422, "undecodable image or decompression bomb (detail says why)"),
+        (503, "a scoring or reputation deployment is unavailable"),
+    )
+}
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The image as the raw body, or as field 'image' (optional field 'source') of a form.",
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "source": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        high: DeploymentHandle,
+        low: DeploymentHandle,
+        reputation: DeploymentHandle,
+    ) -> None:
+        from twostream.mapping import load_mapping
+
+        self.config = ServeConfig.model_validate(config)
+        self.high = high
+        self.low = low
+        self.reputation = reputation
+        self.metrics = ServiceMetrics()
+        self.imagenet_names = list(load_mapping().names)
+        self.cifar_names = list(CIFAR10_LABELS)
+        self.admin_token = self.config.resolved_admin_token()
+
+    def _done(self, route: str, status: int, started: float) -> None:
+        self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+    @api.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses={403: {"model": BlockedResponse, "description": "the source is blacklisted"}, **_ERRORS},
+        openapi_extra=_CLASSIFY_BODY,
+        summary="Score one image and apply the source's reputation",
+    )
+    async def classify(self, request: Request):
+        """Score one upload. The source id comes from the ``X-Source-Id`` header (name:
+        ``serve.source_header``), else the form field ``source``, else the client address.
+        A blacklisted source gets 403; its image is still scored and counted (SPEC 3)."""
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await self._classify(request, started)
+            status = response.status_code
+            return response
+        except ApiError as exc:
+            status = exc.status
+            if exc.status in (413, 415, 422):
+                self.metrics.verdicts.labels(verdict="error").inc()
+            raise
+        except Exception:
+            log.exception("classify failed")
+            raise
+        finally:
+            self._done("classify", status, started)
+
+    async def _classify(self, request: Request, started: float) -> JSONResponse:
+        settings = self.config.serve
+        content_type = request.headers.get("content-type", "")
+        kind = media_kind(content_type)
+        check_content_length(request.headers.get("content-length"), settings.max_body_bytes)
+        body = await read_limited(request.stream(), settings.max_body_bytes)
+        fields: dict[str, str] = {}
+        data = body
+        if kind == "multipart":
+            data, fields = parse_multipart(body, content_type)
+        source = resolve_source(
+            request.headers.get(settings.source_header),
+            fields.get("source"),
+            request.client.host if request.client else None,
+            settings.trust_source_header,
+        )
+
+        from twostream.scoring import decode_many, verdict_columns
+
+        t0 = time.perf_counter()
+        decoded, errors = await asyncio.to_thread(decode_many, [data], self.config.limits)
+        t1 = time.perf_counter()
+        if errors[0] is not None:
+            raise decode_error_status(errors[0])  # not an Algorithm-2 event
+        image = decoded[0]
+
+        # Arrival at the ledger (its place in the source's order) and both streams, concurrently.
+        reserve_ref = self.reputation.reserve.remote(source)
+        high_ref = self.high.topk.remote(image)
+        low_ref = self.low.topk.remote(image)
+        try:
+            ticket = await reserve_ref
+        except Exception as exc:
+            high_ref.cancel()
+            low_ref.cancel()
+            raise ApiError(503, "reputation_unavailable", f"reputation deployment: {exc}") from None
+        try:
+            (high_idx, high_prob, _, _), (low_idx, low_prob, _, _) = await asyncio.gather(high_ref, low_ref)
+        except Exception as exc:
+            self.reputation.cancel.remote(ticket)
+            raise ApiError(503, "scoring_unavailable", f"stream deployment: {exc}") from None
+        t2 = time.perf_counter()
+        columns = verdict_columns(
+            high_idx[None], high_prob[None], low_idx[None], low_prob[None], self.config.thresholds
+        )
+        verdict = str(columns["verdict"][0])
+        rejected = verdict == REJECTED_VERDICT
+        shown = REJECTED_VERDICT if rejected else str(columns["label"][0])
+        t3 = time.perf_counter()
+        image_id = new_image_id()
+        try:
+            outcome, ticket = await self.reputation.commit.remote(ticket, image_id, rejected, shown)
+        except Exception as exc:
+            raise ApiError(503, "reputation_unavailable", f"reputation deployment: {exc}") from None
+        t4 = time.perf_counter()
+
+        self.metrics.verdicts.labels(verdict=verdict).inc()
+        self.metrics.responses.labels(
+            response="blocked" if outcome.response == "blocked" else ("adversarial" if rejected else "label")
+        ).inc()
+        for stage, seconds in (("decode", t1 - t0), ("streams", t2 - t1), ("compare", t3 - t2), ("reputation", t4 - t3)):
+            self.metrics.stage.labels(stage=stage).observe(seconds)
+        height, width = image.shape[:2]
+        body = build_classify_response(
+            image_id=image_id,
+            source=source,
+            timestamp=ticket.timestamp,
+            response=outcome.response,
+            cc=outcome.cc,
+            blacklisted=outcome.blacklisted,
+            columns=columns,
+            row=0,
+            high_idx=high_idx,
+            high_prob=high_prob,
+            low_idx=low_idx,
+            low_prob=low_prob,
+            imagenet_names=self.imagenet_names,
+            cifar_names=self.cifar_names,
+            width=int(width),
+            height=int(height),
+            timings_ms={
+                "decode": (t1 - t0) * 1e3,
+                "streams": (t2 - t1) * 1e3,
+                "compare": (t3 - t2) * 1e3,
+                "reputation": (t4 - t3) * 1e3,
+                "total": (time.perf_counter() - started) * 1e3,
+            },
+        )
+        status = 403 if isinstance(body, BlockedResponse) else 200
+        return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+    @api.get(
+        "/v1/sources/{source}",
+        response_model=SourceInfo,
+        responses={404: {"model": ErrorResponse, "description": "never seen (or reset)"}},
+        summary="Standing and history counts of one source",
+    )
+    async def get_source(self, source: str):
+        started = time.perf_counter()
+        info = await self.reputation.get.remote(source)
+        if info is None:
+            self._done("source", 404, started)
+            raise ApiError(404, "unknown_source", f"source {source!r} has no scored images")
+        self._done("source", 200, started)
+        return info
+
+    @api.get("/v1/sources", response_model=SourceList, summary="Sources, optionally only (non-)blacklisted ones")
+    async def list_sources(
+        self,
+        blacklisted: bool | None = Query(None, description="true: only blacklisted; false: only not"),
+        limit: int = Query(100, gt=0, description="at most this many rows (sorted by source id)"),
+    ):
+        started = time.perf_counter()
+        limit = min(limit, self.config.serve.max_sources_listed)
+        result = await self.reputation.list.remote(blacklisted, limit)
+        self._done("sources", 200, started)
+        return result
+
+    @api.post(
+        "/v1/sources/{source}/reset",
+        response_model=ResetResponse,
+        responses={
+            401: {"model": ErrorResponse, "description": "no bearer token"},
+            403: {"model": ErrorResponse, "description": "wrong token, or admin routes disabled"},
+        },
+        summary="Admin: forget a source (CC 0, off the blacklist)",
+    )
+    async def reset_source(self, source: str, request: Request):
+        started = time.perf_counter()
+        try:
+            check_bearer(request.headers.get("authorization"), self.admin_token)
+        except ApiError as exc:
+            self._done("reset", exc.status, started)
+            raise
+        previous = await self.reputation.reset.remote(source)
+        self._done("reset", 200, started)
+        return {"source": source, "existed": previous is not None, "previous": previous}
+
+    @api.get("/healthz", response_model=Health, summary="Liveness of the ingress and the reputation store")
+    async def healthz(self):
+        try:
+            info = await self.reputation.health.remote()
+        except Exception as exc:
+            raise ApiError(503, "reputation_unavailable", str(exc)) from None
+        return {"status": "ok", **info}
+
+    @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
+    async def metrics(self):
+        try:
+            info = await self.reputation.health.remote()
+            blacklist, sources = info["blacklist_size"], info["sources"]
+        except Exception:
+            blacklist = sources = None
+        return Response(self.metrics.render(blacklist, sources), media_type=METRICS_CONTENT_TYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# Application
+
+
+def build_app(config: ServeConfig) -> Application:
+    """The bound application for ``serve.run``."""
+    data = config.model_dump(mode="json")
+    settings = config.serve
+
+    def stream(kind: str):
+        cfg = config.high if kind == "high" else config.low
+        return StreamModel.options(
+            name="HighStream" if kind == "high" else "LowStream",
+            num_replicas=cfg.pool_size,
+            max_ongoing_requests=settings.max_ongoing_requests,
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ).bind(data, kind)
+
+    reputation = Reputation.options(
+        num_replicas=1, ray_actor_options={"num_cpus": settings.reputation_num_cpus}
+    ).bind(data)
+    return Ingress.options(
+        num_replicas=settings.ingress_replicas,
+        max_ongoing_requests=max(settings.max_ongoing_requests, 100),
+        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
+    ).bind(data, stream("high"), stream("low"), reputation)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Builder for ``serve run``/``serve deploy``: args ``config_file``, ``config``, ``overrides``."""
+    data = read_config_file(args["config_file"]) if args.get("config_file") else {}
+    data = _merge(data, args.get("config") or {})
+    return build_app(build_config(ServeConfig, data, list(args.get("overrides") or [])))
