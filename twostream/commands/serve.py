@@ -1,0 +1,84 @@
+"""``twostream serve``: run the online endpoint (Ray Serve) until interrupted. See docs/serve.md."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from twostream.cli import add_config_args
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the online endpoint (Ray Serve, HTTP)",
+        description=(
+            "Start Ray Serve with the twostream application: POST /v1/classify, "
+            "GET /v1/sources[/{id}], POST /v1/sources/{id}/reset (admin), /healthz, /metrics. "
+            "Settings are the config's serve: section (e.g. --set serve.port=8000). Ctrl-C or "
+            "SIGTERM shuts it down and writes a last reputation snapshot."
+        ),
+    )
+    parser.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)",
+    )
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a locally started Ray")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
+    )
+    add_config_args(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from twostream.cli import config_from_args
+    from twostream.service import ServeConfig
+
+    config: ServeConfig = config_from_args(args, ServeConfig)
+    if args.host:
+        config.serve.host = args.host
+    if args.port is not None:
+        config.serve.port = args.port
+    if args.print_config:
+        shown = config.model_dump(mode="json")
+        if shown["serve"]["admin_token"]:
+            shown["serve"]["admin_token"] = "***"
+        print(json.dumps(shown, indent=2))
+        return 0
+
+    import ray
+    from ray import serve
+
+    from jobs.serve import build_app
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    settings = config.serve
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
+    url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+    token = "configured" if config.resolved_admin_token() else "disabled (no token)"
+    print(f"twostream serving at {url}  (POST {url}/v1/classify; docs {url}/docs; admin {token})", flush=True)
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("shutting down (writing the last reputation snapshot)", file=sys.stderr, flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
