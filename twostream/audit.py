@@ -514,7 +514,7 @@ def _read_clf(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[Lo
 class Catalogue:
     """Every image the log may name, sorted by id; score columns filled where known."""
 
-    ids: np.ndarray  # object (str), sorted
+    ids: pa.Array  # string, sorted
     uri: list[str | None]
     scored: np.ndarray  # bool: has a verdict (from --scores or scored by this audit)
     from_scores: np.ndarray  # bool: the verdict came from --scores
@@ -534,32 +534,25 @@ class Catalogue:
     def lookup(self, values: pa.Array) -> np.ndarray:
         """Catalogue row of each value (-1 when unknown); tries the value as given, then
         without scheme/host/query/leading slash, then without extension, then its basename."""
-        out = np.full(len(values), -1, dtype=np.int64)
-        if len(self.aliases) == 0 or len(values) == 0:
+        n = len(values)
+        out = np.full(n, -1, dtype=np.int64)
+        if len(self.aliases) == 0 or n == 0:
             return out
         current = pc.cast(values, pa.string())
-        pending = np.arange(len(values))
-        steps = [
-            None,
-            (r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*", ""),
-            (r"[?#].*$", ""),
-            (r"^/+", ""),
-            (r"\.[A-Za-z0-9]{1,5}$", ""),
-            (r"^.*/", ""),
-        ]
-        for step in steps:
-            if step is not None:
-                current = pc.replace_substring_regex(current, step[0], step[1])
-            pos = pc.index_in(current, value_set=self.aliases)
-            valid = np.asarray(pc.is_valid(pos))
-            if valid.any():
-                posv = pc.fill_null(pos, 0).to_numpy()
-                out[pending[valid]] = self.alias_index[posv[valid]]
-            keep = ~valid
-            if not keep.any():
-                break
-            pending = pending[keep]
-            current = pc.take(current, pa.array(np.flatnonzero(keep)))
+        if isinstance(current, pa.ChunkedArray):
+            current = current.combine_chunks()
+        forms = [current]
+        for pattern in (r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*", r"[?#].*$", r"^/+", r"\.[A-Za-z0-9]{1,5}$", r"^.*/"):
+            current = pc.replace_substring_regex(current, pattern, "")
+            forms.append(current)
+        # one hash-set build per block: all candidate forms probed at once, the first match wins
+        pos = pc.index_in(pa.concat_arrays(forms), value_set=self.aliases)
+        valid = np.asarray(pc.is_valid(pos)).reshape(len(forms), n)
+        posv = pc.fill_null(pos, 0).to_numpy().reshape(len(forms), n)
+        hit = valid.any(axis=0)
+        first = valid.argmax(axis=0)
+        rows = np.flatnonzero(hit)
+        out[rows] = self.alias_index[posv[first[rows], rows]]
         return out
 
 
@@ -602,6 +595,13 @@ def _topk_matrix(column: pa.ChunkedArray | None, n: int, k: int, dtype, fill) ->
     return out, ok
 
 
+def _objects(column: pa.ChunkedArray) -> np.ndarray:
+    """A low-cardinality string column as an object array sharing one str per distinct value."""
+    encoded = pc.dictionary_encode(pc.cast(column, pa.string()).combine_chunks())
+    values = np.array(encoded.dictionary.to_pylist() + [None], dtype=object)
+    return values[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy()]
+
+
 def _strip_ext(path: str) -> str:
     head, _, tail = path.rpartition("/")
     stem = tail.split(".", 1)[0] if not tail.startswith(".") else tail
@@ -616,9 +616,15 @@ def build_catalogue(scores_uri: str | None, images_uri: str | None) -> Catalogue
     if scores_uri:
         scores = read_scores(scores_uri)
         scores = scores.filter(pc.is_valid(scores.column("image_id")))
-        scores = scores.append_column("__row", pa.array(np.arange(scores.num_rows, dtype=np.int64)))
-        last = scores.group_by("image_id", use_threads=False).aggregate([("__row", "max")])
-        scores = scores.take(last.column("__row_max")).drop_columns(["__row"])
+        # one row per image id, the last one winning (found by a stable sort, no hash table)
+        sid = pc.cast(scores.column("image_id"), pa.string()).combine_chunks()
+        if len(sid) > 1:
+            order_s = pc.sort_indices(sid).to_numpy()
+            sorted_ids = pc.take(sid, pa.array(order_s))
+            last = np.append(np.asarray(pc.not_equal(sorted_ids[1:], sorted_ids[:-1])), True)
+            if not last.all():
+                scores = scores.take(pa.array(np.sort(order_s[last])))
+            del sorted_ids, order_s
     score_names: pa.Array = pa.array([], pa.string())
     if scores is not None:
         named = [pc.cast(scores.column(c), pa.string()).combine_chunks()
@@ -659,7 +665,7 @@ def build_catalogue(scores_uri: str | None, images_uri: str | None) -> Catalogue
     ])
     order = pc.sort_indices(ids_all).to_numpy()  # catalogue row r holds input row order[r]
     n = len(ids_all)
-    ids = np.asarray(pc.take(ids_all, pa.array(order)).to_numpy(zero_copy_only=False), dtype=object)
+    ids = pc.take(ids_all, pa.array(order))
     pos = np.empty(n, dtype=np.int64)  # input row -> catalogue row
     pos[order] = np.arange(n)
     cat = Catalogue(
@@ -676,9 +682,9 @@ def build_catalogue(scores_uri: str | None, images_uri: str | None) -> Catalogue
         cols = scores.column_names
         cat.scored[t] = True
         cat.from_scores[t] = True
-        cat.verdict[t] = scores.column("verdict").to_numpy(zero_copy_only=False)
+        cat.verdict[t] = _objects(scores.column("verdict"))
         if "label" in cols:
-            cat.label[t] = scores.column("label").to_numpy(zero_copy_only=False)
+            cat.label[t] = _objects(scores.column("label"))
         uri_col = scores.column("uri").to_pylist() if "uri" in cols else None
         if uri_col is not None:
             for r, u in zip(t.tolist(), uri_col):
@@ -703,7 +709,7 @@ def build_catalogue(scores_uri: str | None, images_uri: str | None) -> Catalogue
             alias_parts.append(pa.array([e[k] for e in files], pa.string()))
             alias_rows.append(t)
     if covered:  # a file a score row describes: its path names that row too
-        index = pc.index_in(pa.array([e[0] for e in covered], pa.string()), value_set=pa.array(ids, pa.string()))
+        index = pc.index_in(pa.array([e[0] for e in covered], pa.string()), value_set=ids)
         for (key, rel, u), r in zip(covered, index.to_pylist()):
             if r is None:
                 continue
@@ -1021,8 +1027,8 @@ def run_audit(
             unknown = found < 0
             reasons = np.full(n, None, dtype=object)
             details = np.full(n, "", dtype=object)
-            ts_text = pc.cast(chunk.timestamp, pa.string()).to_numpy(zero_copy_only=False)
-            img_text = img.to_numpy(zero_copy_only=False)
+            ts_text = pc.cast(chunk.timestamp, pa.string())
+            img_text = img
             # first failing check names the reason
             for mask, reason, detail in (
                 (empty_img, "missing image key", None),
@@ -1035,7 +1041,8 @@ def run_audit(
                 if sel.any():
                     reasons[sel] = reason
                     if detail is not None:
-                        details[sel] = [str(v)[:200] for v in detail[sel]]
+                        details[sel] = [str(v)[:200] for v in pc.take(detail, pa.array(np.flatnonzero(sel)))
+                                        .to_pylist()]
             bad_idx = np.flatnonzero(reasons != None)  # noqa: E711
             add_bad(sorted(chunk.bad + [BadLine(int(chunk.line[k]), reasons[k], details[k], chunk.raw(int(k)))
                                         for k in bad_idx], key=lambda b: b.line))
@@ -1083,7 +1090,7 @@ def run_audit(
 
                 score_fn = scorer_score_fn(Scorer(config))
             uris = [cat.uri[k] for k in need]
-            ids = [str(cat.ids[k]) for k in need]
+            ids = pc.take(cat.ids, pa.array(need)).to_pylist()
             results = score_fn(uris, ids)
             if len(results) != len(need):
                 raise AuditError(f"scoring returned {len(results)} results for {len(need)} images")
@@ -1097,7 +1104,7 @@ def run_audit(
                     cat.high_idx[k], cat.high_prob[k] = r["high_idx"], r["high_prob"]
                     cat.low_idx[k], cat.low_prob[k] = r["low_idx"], r["low_prob"]
                     cat.has_topk[k] = True
-                rows["image_id"].append(str(cat.ids[k]))
+                rows["image_id"].append(ids[len(rows["image_id"])])
                 rows["uri"].append(u)
                 for c in ("verdict", "label", "high_idx", "high_prob", "low_idx", "low_prob", "error"):
                     rows[c].append(r.get(c))
@@ -1139,7 +1146,7 @@ def run_audit(
             rej_row = rejected[img]
             label_row = cat.label[img]
             src_names = [source_names[c] for c in src.tolist()]
-            img_ids = ids_str[img].tolist()
+            img_ids = pc.take(ids_str, pa.array(img)).to_pylist()
             observe = ledger.observe
             for k, (name, t, image_id, er, r, lab) in enumerate(zip(
                     src_names, ts.tolist(), img_ids, err_row.tolist(), rej_row.tolist(), label_row.tolist())):
@@ -1294,7 +1301,8 @@ def _what_if(spill: _Spill, cat: Catalogue, base: TwoStreamConfig, settings: Seq
             err_row, rej_row = is_error[img], rejected[img]
             observe = ledger.observe
             for name, t, image_id, er, r in zip([source_names[c] for c in src.tolist()], ts.tolist(),
-                                                 cat.ids[img].tolist(), err_row.tolist(), rej_row.tolist()):
+                                                 pc.take(cat.ids, pa.array(img)).to_pylist(), err_row.tolist(),
+                                                 rej_row.tolist()):
                 if er:
                     continue
                 resp = observe(Upload(name, t, image_id, r, ADVERSARIAL if r else ACCEPTED))
