@@ -483,3 +483,63 @@ def test_report_escapes_log_strings(tmp_path: Path) -> None:
     assert "onerror=alert(2)>" not in html and "<b>not json</b>" not in html
     assert html.count('src="data:image/png;base64,') >= 2  # one CC plot + the rate plot
     assert res.summary["sources_ever_blacklisted"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A log from `twostream sample` (known attacker)
+# ---------------------------------------------------------------------------------------------
+def test_sample_log_known_attacker(tmp_path: Path) -> None:
+    """8 sample images over 4 sources: src-00 sends the 4 FGSM copies plus 1 clean photo; the
+    other three send one clean photo each. Verdicts = the sample's ground truth.
+
+    With 4 rejected (R) and 1 accepted (A) upload, only the position p of the A in src-00's
+    time order matters; worked out by hand (CC after each upload, blacklisted at CC 3):
+      p=1: A R R R R -> 0 1 2 3 4  joins at upload 4, final CC 4
+      p=2: R A R R R -> 1 0 1 2 3  joins at upload 5, final CC 3
+      p=3: R R A R R -> 1 2 1 2 3  joins at upload 5, final CC 3
+      p=4: R R R A R -> 1 2 3 2 3  joins at upload 3, final CC 3
+      p=5: R R R R A -> 1 2 3 4 3  joins at upload 3, final CC 3
+    and it is never released (CC never returns to 0 once listed).
+    """
+    samples = pytest.importorskip("twostream.samples")
+    pytest.importorskip("skimage")
+    pytest.importorskip("twostream.models")
+    import csv
+
+    from twostream.config import load_config
+
+    config = load_config(None, ["high.model=resnet10t", "high.weights=random"])
+    try:
+        info = samples.generate(tmp_path / "sample", n=8, adversarial_fraction=0.5, sources=4, attackers=1,
+                                shards=0, config=config)
+    except Exception as exc:  # pragma: no cover - depends on the sample generator's assets
+        pytest.skip(f"cannot generate a sample: {exc}")
+    with open(info.manifest) as handle:
+        manifest = list(csv.DictReader(handle))
+    assert len(manifest) == 8
+    pq.write_table(pa.table({
+        "image_id": [r["image_id"] for r in manifest],
+        "verdict": [R if r["adversarial"] == "1" else A for r in manifest],
+    }), tmp_path / "scores.parquet")
+    with open(tmp_path / "uploads.csv", "w") as handle:
+        handle.write("timestamp,ip,key\n")
+        for r in reversed(manifest):  # the log need not be in time order
+            handle.write(f"{r['timestamp']},{r['source']},{r['key']}.jpg\n")
+    res = run_audit(str(tmp_path / "uploads.csv"), str(tmp_path / "out"), scores_uri=str(tmp_path / "scores.parquet"),
+                    images_uri=str(info.input_dir), report=False, config=config,
+                    score_fn=lambda uris, ids: pytest.fail(f"scored {ids}"))
+    got = _sources(res)
+    assert set(got) == {"src-00", "src-01", "src-02", "src-03"}
+    for clean in ("src-01", "src-02", "src-03"):
+        assert got[clean]["rejected"] == 0 and got[clean]["blacklist_intervals"] == []
+        assert got[clean]["final_standing"] == "clean"
+    attacker = sorted(((float(r["timestamp"]), r["image_id"], r["adversarial"]) for r in manifest
+                       if r["source"] == "src-00"))
+    assert [a for _, _, a in attacker].count("1") == 4 and len(attacker) == 5
+    p = [a for _, _, a in attacker].index("0") + 1
+    join, final_cc = {1: (4, 4), 2: (5, 3), 3: (5, 3), 4: (3, 3), 5: (3, 3)}[p]
+    row = got["src-00"]
+    assert [(iv["start"], iv["end"]) for iv in row["blacklist_intervals"]] == [(attacker[join - 1][0], None)]
+    assert row["cc"] == final_cc and row["final_standing"] == "blacklisted" and row["rejected"] == 4
+    assert res.summary["images_scored_now"] == 0  # all came from the scores
+    assert res.sources.column("source").to_pylist()[0] == "src-00"

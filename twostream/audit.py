@@ -649,7 +649,8 @@ def build_catalogue(scores_uri: str | None, images_uri: str | None) -> Catalogue
         if entries:
             keys = pa.array([e[0] for e in entries], pa.string())
             hit = pc.is_in(keys, value_set=score_names)
-            for alt in (pa.array([e[1] for e in entries], pa.string()), pa.array([e[2] for e in entries], pa.string())):
+            for alt in (pa.array([e[1] for e in entries], pa.string()), pa.array([e[2] for e in entries], pa.string()),
+                        pa.array([e[0].rsplit("/", 1)[-1] for e in entries], pa.string())):
                 hit = pc.or_(hit, pc.is_in(alt, value_set=score_names))
             seen: set[str] = set()
             for e, h in zip(entries, hit.to_pylist()):
@@ -709,12 +710,20 @@ def build_catalogue(scores_uri: str | None, images_uri: str | None) -> Catalogue
             alias_parts.append(pa.array([e[k] for e in files], pa.string()))
             alias_rows.append(t)
     if covered:  # a file a score row describes: its path names that row too
-        index = pc.index_in(pa.array([e[0] for e in covered], pa.string()), value_set=ids)
-        for (key, rel, u), r in zip(covered, index.to_pylist()):
+        # the row the file's key, path, URI or bare name names (score aliases first)
+        names = pa.concat_arrays(alias_parts) if alias_parts else pa.array([], pa.string())
+        rows_of = np.concatenate(alias_rows) if alias_rows else np.zeros(0, np.int64)
+        index = [None] * len(covered)
+        for form in (0, 1, 2, 3):
+            probe = pa.array([e[0].rsplit("/", 1)[-1] if form == 3 else e[form] for e in covered], pa.string())
+            for k, hit in enumerate(pc.index_in(probe, value_set=names).to_pylist()):
+                if index[k] is None and hit is not None:
+                    index[k] = int(rows_of[hit])
+        for (key, rel, u), r in zip(covered, index):
             if r is None:
                 continue
-            alias_parts.append(pa.array([rel, u], pa.string()))
-            alias_rows.append(np.array([r, r], np.int64))
+            alias_parts.append(pa.array([key, rel, u], pa.string()))
+            alias_rows.append(np.array([r, r, r], np.int64))
             if cat.uri[r] is None:
                 cat.uri[r] = u
     cat.aliases = pa.concat_arrays(alias_parts) if alias_parts else pa.array([], pa.string())
