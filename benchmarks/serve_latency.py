@@ -1,0 +1,207 @@
+"""Latency and throughput of the Serve endpoint over loopback HTTP, batched vs unbatched.
+
+    python benchmarks/serve_latency.py                 # default models (CPU: slow-ish)
+    python benchmarks/serve_latency.py --small         # tiny random-init models, quick
+    python benchmarks/serve_latency.py --requests 40 --clients 1 8 --set serve.max_batch_size=8
+
+Prints, for 1 and 8 concurrent clients, p50/p95/p99 latency and requests/s with
+``serve.max_batch_size`` as configured (batched) and with ``max_batch_size=1``; and the
+model-only forward time of both streams in-process (high + low, batch of 1, resized input,
+the same torch thread count as each stream replica) for comparison. Bounded: ``--requests``
+per scenario and ``--max-seconds`` per scenario; loopback (127.0.0.1) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def sample_jpeg() -> bytes:
+    from PIL import Image
+
+    try:
+        from skimage import data as skdata
+
+        pixels = skdata.chelsea()  # 451x300 photograph of a cat
+    except Exception:
+        rng = np.random.default_rng(0)
+        pixels = np.clip(rng.normal(128, 40, (300, 451, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    arr = np.asarray(latencies) * 1e3
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 95, 99)}
+
+
+def forward_time(config, image: bytes, reps: int) -> dict[str, float]:
+    """Median model-only forward (high + low, batch 1) and in-process prepare+top-k, in ms."""
+    import torch
+
+    from twostream.models import build_stream
+    from twostream.preprocess import decode_image
+    from twostream.scoring import prepare, stream_topk
+
+    threads = config.high.threads or 1
+    torch.set_num_threads(threads)
+    high = build_stream(config.high, "high").eval()
+    low = build_stream(config.low, "low").eval()
+    pixels = decode_image(image, config.limits)
+    xh, xl = prepare(high, [pixels]), prepare(low, [pixels])
+    cpu = torch.device("cpu")
+    fwd, path = [], []
+    with torch.inference_mode():
+        for _ in range(3):
+            high(xh), low(xl)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            high(xh)
+            low(xl)
+            t1 = time.perf_counter()
+            stream_topk(high, prepare(high, [pixels]), 5, 1, cpu)
+            stream_topk(low, prepare(low, [pixels]), 2, 1, cpu)
+            t2 = time.perf_counter()
+            fwd.append(t1 - t0)
+            path.append(t2 - t1)
+    return {
+        "forward_ms": float(np.median(fwd) * 1e3),
+        "prepare_topk_ms": float(np.median(path) * 1e3),
+        "torch_threads": threads,
+    }
+
+
+def drive(url: str, image: bytes, clients: int, requests_total: int, max_seconds: float) -> dict:
+    """``clients`` threads with keep-alive sessions send ``requests_total`` requests in all."""
+    import requests
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    remaining = [requests_total]
+    deadline = time.monotonic() + max_seconds
+    start = threading.Barrier(clients + 1)
+
+    def worker(k: int) -> None:
+        session = requests.Session()
+        headers = {"Content-Type": "image/jpeg", "X-Source-Id": f"bench-{k}"}
+        start.wait()
+        while time.monotonic() < deadline:
+            with lock:
+                if remaining[0] <= 0:
+                    break
+                remaining[0] -= 1
+            t0 = time.perf_counter()
+            answer = session.post(url, data=image, headers=headers, timeout=120)
+            elapsed = time.perf_counter() - t0
+            with lock:
+                latencies.append(elapsed)
+                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "statuses": statuses,
+        "rps": len(latencies) / wall if wall > 0 else 0.0,
+        **percentiles(latencies),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=48, help="requests per scenario (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=6, help="warm-up requests per deployment")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="cap per scenario")
+    parser.add_argument("--forward-reps", type=int, default=20, help="repetitions of the bare forward")
+    parser.add_argument("--small", action="store_true", help="tiny random-init models (resnet10t, cifar_resnet20)")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from jobs.serve import build_app
+    from twostream.service import load_serve_config
+
+    base = ["high.threads=1", "low.threads=1", "high.num_cpus=1", "low.num_cpus=1", "high.device=cpu", "low.device=cpu"]
+    if args.small:
+        base += ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
+    port = free_port()
+    config = load_serve_config(None, base + [f"serve.port={port}"] + args.overrides)
+    batch = config.serve.max_batch_size
+    image = sample_jpeg()
+    print(f"models: high={config.high.model} ({config.high.weights}), low={config.low.model} ({config.low.weights}); "
+          f"image {len(image)} bytes JPEG; torch threads per stream {config.high.threads}", flush=True)
+
+    bare = forward_time(config, image, args.forward_reps)
+    print(f"bare forward (high+low, batch 1, in-process): {bare['forward_ms']:.1f} ms model-only; "
+          f"{bare['prepare_topk_ms']:.1f} ms with resize+softmax/top-k", flush=True)
+
+    results: dict = {"bare": bare, "config": {"max_batch_size": batch,
+                                             "batch_wait_timeout_s": config.serve.batch_wait_timeout_s}}
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        for label, size in ((f"batched (max_batch_size={batch})", batch), ("unbatched (max_batch_size=1)", 1)):
+            cfg = config.model_copy(deep=True)
+            cfg.serve.max_batch_size = size
+            serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+            warm = drive(url, image, 1, args.warmup, args.max_seconds)
+            assert warm["statuses"].keys() <= {200, 403}, warm
+            for clients in args.clients:
+                row = drive(url, image, clients, args.requests, args.max_seconds)
+                results.setdefault(label, []).append(row)
+                print(f"{label:32s} clients={clients}  n={row['requests']:3d}  p50={row['p50']:7.1f} ms  "
+                      f"p95={row['p95']:7.1f} ms  p99={row['p99']:7.1f} ms  {row['rps']:6.2f} req/s", flush=True)
+            serve.delete(cfg.serve.app_name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    batched = results[f"batched (max_batch_size={batch})"]
+    unbatched = results["unbatched (max_batch_size=1)"]
+    one = next((r for r in batched if r["clients"] == 1), None)
+    if one:
+        print(f"p50 at 1 client / bare model-only forward = {one['p50'] / bare['forward_ms']:.2f}x "
+              f"(target <= 1.3x); / in-process prepare+top-k = {one['p50'] / bare['prepare_topk_ms']:.2f}x")
+    many = max(args.clients)
+    b = next(r for r in batched if r["clients"] == many)
+    u = next(r for r in unbatched if r["clients"] == many)
+    print(f"throughput at {many} clients, batched / unbatched = {b['rps'] / u['rps']:.2f}x (target >= 1.5x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
