@@ -22,7 +22,6 @@ Phase 3, final: each shard's staging rows get their Algorithm-2 response by (sha
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -35,7 +34,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from twostream import pipeline, storage
@@ -292,7 +290,7 @@ class ReputationShard:
         responses, table = pipeline.replay_source_rows(self.uploads, dict(self.errors), self.config)
         for (shard, row), resp in zip(self.refs, responses):
             self.responses.setdefault(shard, {})[row] = (resp.response, resp.cc, resp.blacklisted)
-        _write_parquet(table, pipeline.sources_uri(output, self.part))
+        storage.write_parquet(table, pipeline.sources_uri(output, self.part))
         return {
             "sources": table.num_rows,
             "blacklisted": int(sum(table.column("blacklisted").to_pylist())),
@@ -306,7 +304,7 @@ class ReputationShard:
 def _feed(staging: str, shard: str, actors: list, parts: int) -> int:
     import ray
 
-    table = pq.read_table(io.BytesIO(storage.read_bytes(staging)))
+    table = storage.read_parquet(staging)
     rows, uploads = pipeline.uploads_from_staging(table)
     by_part: dict[int, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
     for row, upload in zip(rows, uploads):
@@ -324,7 +322,7 @@ def _feed(staging: str, shard: str, actors: list, parts: int) -> int:
 def _finalize(staging: str, output: str, shard: str, actors: list) -> dict:
     import ray
 
-    table = pq.read_table(io.BytesIO(storage.read_bytes(staging)))
+    table = storage.read_parquet(staging)
     merged: dict[int, tuple] = {}
     for part in ray.get([a.responses_for.remote(shard) for a in actors]):
         merged.update(part)
@@ -342,14 +340,8 @@ def _finalize(staging: str, output: str, shard: str, actors: list) -> dict:
             cc.append(r[1])
             blacklisted.append(r[2])
     images = pipeline.images_table(table, response, cc, blacklisted)
-    _write_parquet(images, pipeline.images_uri(output, shard))
+    storage.write_parquet(images, pipeline.images_uri(output, shard))
     return {"rows": images.num_rows, "verdict": Counter(verdicts), "response": Counter(response)}
-
-
-def _write_parquet(table: pa.Table, uri: str) -> None:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes(uri, sink.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +533,7 @@ def _commit(output: str, shard_id: str, parts: list[pa.Table]) -> None:
         table = table.sort_by("row")
     else:
         table = pipeline.STAGING_SCHEMA.empty_table()
-    _write_parquet(table.cast(pipeline.STAGING_SCHEMA), pipeline.staging_uri(output, shard_id))
+    storage.write_parquet(table.cast(pipeline.STAGING_SCHEMA), pipeline.staging_uri(output, shard_id))
     storage.write_bytes(pipeline.progress_uri(output, shard_id),
                         json.dumps({"rows": table.num_rows, "at": time.time()}).encode())
 

@@ -48,7 +48,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from twostream import storage
 from twostream.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
@@ -1226,7 +1226,7 @@ def run_audit(
         sorted_cols = {k: [v[i] for i in order] for k, v in srows.items() if k != "rank"}
         sorted_cols["rank"] = list(range(1, n_src + 1))
         sources = pa.Table.from_pydict(sorted_cols, schema=SOURCES_SCHEMA)
-        _write_table(sources, files["sources.parquet"])
+        storage.write_parquet(sources, files["sources.parquet"], compression="zstd")
         top_names = sources.column("source").to_pylist()[:top]
         by_name = {s.source: s for s in candidates}
         top_series = [by_name[n] for n in top_names if n in by_name]
@@ -1238,7 +1238,7 @@ def run_audit(
             what_if_table = _what_if(spill, cat, config, [WhatIf(), *what_if], sources, clean_rate,
                                      source_names)
             files["what_if.parquet"] = storage.join(output_uri, "what_if.parquet")
-            _write_table(what_if_table, files["what_if.parquet"])
+            storage.write_parquet(what_if_table, files["what_if.parquet"], compression="zstd")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1272,12 +1272,6 @@ def run_audit(
     summary["files"] = dict(files)
     storage.write_bytes(files["summary.json"], json.dumps(summary, indent=2).encode())
     return result
-
-
-def _write_table(table: pa.Table, uri: str) -> None:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue())
 
 
 def _what_if(spill: _Spill, cat: Catalogue, base: TwoStreamConfig, settings: Sequence[WhatIf],

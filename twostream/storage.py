@@ -8,12 +8,15 @@ strategy (``TWOSTREAM_S3_RETRIES`` attempts, default 8).
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 from functools import lru_cache
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 S3_PREFIX = "s3://"
 
@@ -101,3 +104,15 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     if suffixes:
         found = [f for f in found if f.lower().endswith(tuple(s.lower() for s in suffixes))]
     return sorted(found)
+
+
+def write_parquet(table: pa.Table, uri: str, compression: str = "snappy") -> None:
+    """Write ``table`` as one Parquet object at ``uri`` (whole-object write, see :func:`write_bytes`)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=compression)
+    write_bytes(uri, sink.getvalue())
+
+
+def read_parquet(uri: str) -> pa.Table:
+    """Read one Parquet object (schema metadata kept)."""
+    return pq.read_table(io.BytesIO(read_bytes(uri)))
