@@ -19,7 +19,7 @@ from twostream import __version__
 from twostream.config import ConfigError, TwoStreamConfig, build_config, read_config_file
 
 # Module names under twostream.commands, in the order shown by --help.
-COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve"]
+COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "eval", "simulate"]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ the source, in ``(timestamp, image_id)`` order:
 Images that could not be decoded are not Algorithm-2 events: they leave the state unchanged.
 :meth:`ReputationLedger.observe` applies one image in arrival order (the online path);
 :func:`replay` sorts a finite set of events first, so its result is independent of the order
-they arrived in (the batch path).
+they arrived in (the batch path). :func:`advance` applies one image to each of many
+independent sources at once (NumPy arrays, for simulations).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from twostream.config import ReputationConfig
 
@@ -145,6 +148,21 @@ class ReputationLedger:
         ledger = cls(ReputationConfig.model_validate(payload["config"]))
         ledger._states = {s: SourceState(**st) for s, st in payload["sources"].items()}
         return ledger
+
+
+def advance(
+    cc: np.ndarray, blacklisted: np.ndarray, rejected: np.ndarray, config: ReputationConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image for each entry (an independent source): the rules of :meth:`ReputationLedger.observe`.
+
+    Returns new ``(cc, blacklisted, blocked)`` arrays; the inputs are not modified. A response is
+    blocked exactly when the source is on the list after the image: it stayed on, or just joined.
+    """
+    cc = np.asarray(cc)
+    rejected = np.asarray(rejected, dtype=bool)
+    new_cc = np.where(rejected, np.minimum(cc + config.step_up, config.cap), np.maximum(cc - config.step_down, 0))
+    listed = np.where(blacklisted, new_cc > 0, new_cc >= config.threshold)
+    return new_cc, listed, listed.copy()
 
 
 def replay(

@@ -1,0 +1,223 @@
+"""The evaluation grid: one (dataset, attack) cell at a time, Ray-free.
+
+A cell selects the dataset's images, attacks them (or reuses the cached adversarial images),
+scores the 8-bit result through :meth:`twostream.scoring.Scorer.score_batch` (the serving path)
+and returns one row per image. ``jobs/evaluate.py`` runs cells as parallel Ray tasks; tables
+come from the rows (:mod:`twostream.evaluation.metrics`).
+
+Storage under the output URI:
+
+* ``adv/<dataset>/<attack>.npz`` + ``.json``: the adversarial images (uint8, ``(N, S, S, 3)``)
+  and what made them (ids, attack parameters, seed, models, working size). A cell whose cache
+  metadata matches reuses the images, so tables can be recomputed without attacking again.
+* ``rows/<dataset>__<attack>.parquet``: the per-image rows (:data:`ROW_SCHEMA`); a cell whose
+  rows exist with the same cache key is skipped (cells are the unit of resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from twostream import storage
+from twostream.attacks import ATTACKS, attack_params, run_attack
+from twostream.config import TwoStreamConfig
+from twostream.evaluation.datasets import Dataset, from_batch, load_images, open_dataset, to_batch
+
+log = logging.getLogger(__name__)
+
+# Attacks too slow on a CPU for every image by default (a seeded subset of this many images).
+SLOW_ATTACK_SUBSET = {"t1-deepfool": 64, "t2-cw": 64, "t2-pixel1": 64, "t2-pixel3": 64}
+
+
+class EvalSettings(BaseModel):
+    """The ``eval:`` section: which cells, on how many images, with which attack parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[str] = Field(default_factory=list, description="[name=]kind:location specs")
+    attacks: list[str] = Field(default_factory=lambda: list(ATTACKS))
+    subset: int | None = Field(None, gt=0, description="in-scope images per dataset (seeded); None = all")
+    attack_subset: dict[str, int] = Field(
+        default_factory=lambda: dict(SLOW_ATTACK_SUBSET),
+        description="smaller seeded subsets for slow attacks (nested in `subset`)")
+    out_of_scope: int = Field(200, ge=0, description="out-of-scope images added to the clean cell")
+    size: int = Field(256, ge=32, description="working resolution (square) of the full-size image")
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="attack batch size")
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="attack overrides")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per cell task")
+    num_gpus: float = Field(0.0, ge=0, description="GPU fraction per cell task")
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, value: list[str]) -> list[str]:
+        unknown = [a for a in value if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+        return value
+
+
+class EvalConfig(TwoStreamConfig):
+    """The scoring config plus the ``eval:`` section."""
+
+    eval: EvalSettings = EvalSettings()
+
+
+ROW_SCHEMA = pa.schema([
+    ("dataset", pa.string()),
+    ("attack", pa.string()),
+    ("image_id", pa.string()),
+    ("truth", pa.int8()),  # CIFAR-10 index, -1 = out of scope
+    ("high_idx", pa.list_(pa.int32())),
+    ("high_prob", pa.list_(pa.float32())),
+    ("low_idx", pa.list_(pa.int8())),
+    ("low_prob", pa.list_(pa.float32())),
+    ("verdict", pa.string()),  # accepted | adversarial | error
+    ("label", pa.string()),
+    ("agreement", pa.float32()),
+    ("linf", pa.float32()),  # max |x_adv - x| on [0, 1] pixels (8-bit images)
+    ("l2", pa.float32()),  # ||x_adv - x||_2 per image on [0, 1] pixels
+    ("attack_success", pa.bool_()),  # adaptive: accepted with a wrong label (its own check)
+    ("seed", pa.int64()),
+    ("params", pa.string()),  # JSON of the attack's parameters
+])
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str  # spec, ``[name=]kind:location``
+    attack: str
+
+
+def cells(settings: EvalSettings) -> list[Cell]:
+    """The grid, dataset-major."""
+    if not settings.datasets:
+        raise ValueError("eval.datasets: name at least one dataset (e.g. imagenet-sample:PATH)")
+    return [Cell(d, a) for d in settings.datasets for a in settings.attacks]
+
+
+def select_images(dataset: Dataset, attack: str, settings: EvalSettings) -> Dataset:
+    """The images a cell runs on: a seeded in-scope subset (smaller for slow attacks, nested in
+    the main subset), plus out-of-scope images for ``clean``."""
+    chosen = dataset.in_scope().subset(settings.subset, settings.seed)
+    if attack in settings.attack_subset:
+        chosen = chosen.subset(settings.attack_subset[attack], settings.seed)
+    if attack == "clean" and settings.out_of_scope:
+        extra = dataset.out_of_scope().subset(settings.out_of_scope, settings.seed)
+        chosen = Dataset(chosen.name, chosen.ids + extra.ids, chosen.uris + extra.uris,
+                         np.concatenate([chosen.labels, extra.labels]), chosen.meta)
+    return chosen
+
+
+def cache_key(dataset: Dataset, attack: str, config: EvalConfig) -> dict[str, Any]:
+    """Everything the adversarial images depend on."""
+    s = config.eval
+    return {
+        "dataset": dataset.name, "attack": attack, "ids": list(dataset.ids), "seed": s.seed,
+        "size": s.size, "params": attack_params(attack, s.params.get(attack)),
+        "high": [config.high.model, config.high.weights], "low": [config.low.model, config.low.weights],
+        "thresholds": [config.thresholds.p1, config.thresholds.p2] if attack.startswith("adaptive") else None,
+    }
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cell_uris(output: str, dataset: str, attack: str) -> tuple[str, str, str]:
+    adv = storage.join(output, "adv", dataset, f"{attack}.npz")
+    return adv, adv[: -len(".npz")] + ".json", storage.join(output, "rows", f"{dataset}__{attack}.parquet")
+
+
+def _load_cached(npz_uri: str, meta_uri: str, digest: str) -> tuple[np.ndarray, dict] | None:
+    if not (storage.exists(npz_uri) and storage.exists(meta_uri)):
+        return None
+    meta = json.loads(storage.read_bytes(meta_uri))
+    if meta.get("digest") != digest:
+        log.info("cache %s is for other settings; attacking again", npz_uri)
+        return None
+    with np.load(io.BytesIO(storage.read_bytes(npz_uri))) as data:
+        return data["images"], meta
+
+
+def _save_cached(npz_uri: str, meta_uri: str, images: np.ndarray, meta: dict) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images)
+    storage.write_bytes(npz_uri, buf.getvalue())
+    storage.write_bytes(meta_uri, json.dumps(meta, indent=1, default=str).encode())
+
+
+def run_cell(cell: Cell, config: EvalConfig, output: str, scorer=None) -> pa.Table:
+    """Attack (or reuse), score and write one cell; returns its rows."""
+    from twostream.scoring import Scorer
+
+    s = config.eval
+    dataset = select_images(open_dataset(cell.dataset), cell.attack, s)
+    key = cache_key(dataset, cell.attack, config)
+    digest = _digest(key)
+    npz_uri, meta_uri, rows_uri = _cell_uris(output, dataset.name, cell.attack)
+    if storage.exists(rows_uri):
+        done = storage.read_parquet(rows_uri)
+        if (done.schema.metadata or {}).get(b"digest") == digest.encode():
+            log.info("%s/%s: rows exist, skipped", dataset.name, cell.attack)
+            return done
+    scorer = scorer or Scorer(config)
+    started = time.perf_counter()
+    clean = load_images(dataset, s.size)
+    cached = _load_cached(npz_uri, meta_uri, digest)
+    if cached is not None:
+        adv, meta = cached
+        log.info("%s/%s: %d adversarial images from the cache", dataset.name, cell.attack, len(adv))
+    else:
+        result = run_attack(cell.attack, to_batch(clean), dataset.labels, scorer.high, scorer.low,
+                            params=s.params.get(cell.attack), seed=s.seed, batch_size=s.batch_size,
+                            thresholds=(config.thresholds.p1, config.thresholds.p2))
+        adv = from_batch(result.x_adv)
+        success = result.info.get("success")
+        meta = {**key, "digest": digest, "params": result.params, "wall_s": result.wall_s,
+                "info": {k: v for k, v in result.info.items() if np.isscalar(v)},
+                "success": None if success is None else np.asarray(success).tolist()}
+        _save_cached(npz_uri, meta_uri, adv, meta)
+        log.info("%s/%s: attacked %d images in %.1f s", dataset.name, cell.attack, len(adv), result.wall_s)
+    results = scorer.score_batch(list(adv), dataset.ids)
+    diff = adv.astype(np.float32) / 255.0 - clean.astype(np.float32) / 255.0
+    n = len(dataset)
+    success = meta.get("success")
+    rows = pa.table({
+        "dataset": [dataset.name] * n,
+        "attack": [cell.attack] * n,
+        "image_id": list(dataset.ids),
+        "truth": dataset.labels.astype(np.int8),
+        "high_idx": [r.high_idx for r in results],
+        "high_prob": [r.high_prob for r in results],
+        "low_idx": [r.low_idx for r in results],
+        "low_prob": [r.low_prob for r in results],
+        "verdict": [r.verdict for r in results],
+        "label": [r.label for r in results],
+        "agreement": [r.agreement for r in results],
+        "linf": np.abs(diff).reshape(n, -1).max(axis=1) if n else np.zeros(0, np.float32),
+        "l2": np.sqrt((diff.reshape(n, -1) ** 2).sum(axis=1)) if n else np.zeros(0, np.float32),
+        "attack_success": [bool(v) for v in success] if success is not None else [None] * n,
+        "seed": [s.seed] * n,
+        "params": [json.dumps(meta["params"], sort_keys=True, default=str)] * n,
+    }, schema=ROW_SCHEMA).replace_schema_metadata({"digest": digest})
+    storage.write_parquet(rows, rows_uri)
+    log.info("%s/%s: %d rows in %.1f s", dataset.name, cell.attack, n, time.perf_counter() - started)
+    return rows
+
+
+def read_rows(output: str) -> pa.Table:
+    """All per-image rows written under ``output/rows``."""
+    uris = storage.list_files(storage.join(output, "rows"), (".parquet",))
+    tables = [storage.read_parquet(u) for u in uris]
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables else ROW_SCHEMA.empty_table()
