@@ -228,7 +228,9 @@ def summary_markdown(summary: pa.Table, config: SimulationConfig) -> str:
 def plot_fig5(curves: pa.Table, path: str) -> None:
     """Fig. 5 as PNG at ``path`` (local or s3://): share blacklisted against images sent.
 
-    One line per (group, attack): the mean over runs, with the min-max band over runs.
+    Left, as in the paper: one line per attack for its adversarial users, and the normal users
+    (every attack's normal users pooled: they all send clean images). Right: the strategic
+    adversary per attack. Lines are means over runs, bands the min-max over runs.
     """
     import io
 
@@ -238,23 +240,32 @@ def plot_fig5(curves: pa.Table, path: str) -> None:
 
     data = {name: curves[name].to_numpy(zero_copy_only=False) for name in curves.column_names}
     attacks = list(dict.fromkeys(data["attack"]))
-    styles = {"normal": ":", "adversarial": "-", "strategic": "--"}
-    figure = Figure(figsize=(10, 6), layout="constrained")
-    axes = figure.add_subplot()
+    figure = Figure(figsize=(14, 6), layout="constrained")
+    left, right = figure.subplots(1, 2, sharey=True)
+
+    def draw(axes, keep: np.ndarray, label: str, colour: str, style: str = "-") -> None:
+        keep = keep[np.lexsort((data["images_sent"][keep], data["run"][keep], data["attack"][keep]))]
+        x = np.unique(data["images_sent"][keep])
+        share = data["blacklisted_share"][keep].reshape(-1, len(x))  # (attacks x runs, rounds)
+        axes.plot(x, share.mean(axis=0), style, color=colour, label=label)
+        axes.fill_between(x, share.min(axis=0), share.max(axis=0), color=colour, alpha=0.15, linewidth=0)
+
     for a, attack in enumerate(attacks):
         colour = f"C{a % 10}"
-        for group in GROUPS:
+        style = "-" if a < 10 else "-."
+        for axes, group in ((left, "adversarial"), (right, "strategic")):
             keep = np.flatnonzero((data["attack"] == attack) & (data["group"] == group))
-            if not len(keep):
-                continue
-            keep = keep[np.lexsort((data["images_sent"][keep], data["run"][keep]))]
-            x = np.unique(data["images_sent"][keep])
-            share = data["blacklisted_share"][keep].reshape(-1, len(x))  # (runs, rounds)
-            axes.plot(x, share.mean(axis=0), styles[group], color=colour, label=f"{group}: {attack}")
-            axes.fill_between(x, share.min(axis=0), share.max(axis=0), color=colour, alpha=0.15, linewidth=0)
-    axes.set(xlabel="images sent per user", ylabel="share of users blacklisted", ylim=(-0.02, 1.02),
-             title="Fig. 5: users blacklisted by Algorithm 2 (mean over runs, min-max band)")
-    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+            if len(keep):
+                draw(axes, keep, attack, colour, style)
+    normal = np.flatnonzero(data["group"] == "normal")
+    if len(normal):
+        draw(left, normal, "normal users (clean images)", "black", ":")
+    left.set(xlabel="images sent per user", ylabel="share of users blacklisted", ylim=(-0.02, 1.02),
+             title="adversarial users per attack, and normal users")
+    right.set(xlabel="images sent per user", title="strategic adversary (interleaves clean images)")
+    left.legend(loc="upper left", fontsize="small")
+    right.legend(loc="upper left", fontsize="small")
+    figure.suptitle("Fig. 5: users blacklisted by Algorithm 2 (mean over runs, min-max band)")
     sink = io.BytesIO()
-    figure.savefig(sink, format="png", dpi=120)
+    figure.savefig(sink, format="png", dpi=110)
     storage.write_bytes(path, sink.getvalue())
