@@ -169,7 +169,7 @@ def test_write_tables(tmp_path):
     ])
     uris = write_tables(rows, str(tmp_path / "out"), {"models": "test"})
     assert sorted(uris) == sorted(["table1.parquet", "table2.parquet", "out_of_scope.parquet",
-                                   "tables.md", "tables.html"])
+                                   "changes.parquet", "tables.md", "tables.html"])
     t1 = pq.read_table(uris["table1.parquet"]).to_pylist()
     # H: rows 1 and 3 hit (2 of 3); L: rows 1 and 3 (2 of 3).
     assert t1 == [{"dataset": "imagenet-val", "attack": "clean", "n": 3,
@@ -177,3 +177,31 @@ def test_write_tables(tmp_path):
     assert pq.read_table(uris["out_of_scope.parquet"]).num_rows == 0
     assert "66.7%" in (tmp_path / "out" / "tables.md").read_text()
     assert "<dd>test</dd>" in (tmp_path / "out" / "tables.html").read_text()
+
+
+def test_changes_against_the_clean_row_of_the_same_image():
+    """Image a: clean H top-1 10 (cat), L 3; attacked -> H 11 (also mapped cat here), L 3: class
+    changed, label not, L not. Image b: clean H 20 (dog), L 5; attacked -> H 1 (other), L 3: all
+    three changed. Image c has no clean row: left out. Image d is out of scope: left out."""
+    mapping = MAPPING.copy()
+    mapping[11] = 3
+    pad = OTHERS
+    table = pa.table({
+        "dataset": ["ds"] * 7,
+        "attack": ["clean", "clean", "clean", "t1-x", "t1-x", "t1-x", "t1-x"],
+        "image_id": ["a", "b", "d", "a", "b", "c", "d"],
+        "truth": pa.array([3, 5, -1, 3, 5, 3, -1], pa.int8()),
+        "high_idx": pa.array([[10] + pad, [20] + pad, [1] + pad, [11] + pad, [1] + pad, [10] + pad, [2] + pad],
+                             pa.list_(pa.int32())),
+        "low_idx": pa.array([[3, 0], [5, 0], [0, 1], [3, 0], [3, 5], [3, 0], [1, 0]], pa.list_(pa.int8())),
+        "verdict": ["accepted", "accepted", "adversarial", "accepted", "adversarial", "accepted", "adversarial"],
+        "label": ["cat", "dog", None, "cat", None, "cat", None],
+    })
+    from twostream.evaluation.metrics import changes
+
+    got = {r["attack"]: r for r in changes(table, mapping).to_pylist()}
+    assert got["clean"]["n"] == 2 and got["clean"]["h_top1_changed"] == 0.0
+    assert got["t1-x"]["n"] == 2
+    assert got["t1-x"]["h_top1_changed"] == pytest.approx(1.0)
+    assert got["t1-x"]["h_top1_label_changed"] == pytest.approx(0.5)
+    assert got["t1-x"]["l_top1_changed"] == pytest.approx(0.5)

@@ -63,6 +63,9 @@ _T2 = {
 T1_MEASURES = (("h_net_top5", "H-Net top-5"), ("l_net_top1", "L-Net top-1"))
 T2_MEASURES = (("reject", "Reject"), ("right", "Right"), ("wrong", "Wrong"))
 OOS_MEASURES = (("reject", "Reject"),)
+CHANGE_MEASURES = (("h_top1_changed", "H-Net top-1 class changed"),
+                   ("h_top1_label_changed", "H-Net top-1 CIFAR-10 label changed"),
+                   ("l_top1_changed", "L-Net top-1 changed"))
 
 PaperTable = dict[str, dict[str, dict[str, float | None]]]
 
@@ -156,6 +159,29 @@ def out_of_scope(rows: pa.Table) -> pa.Table:
     return _grouped(rows, scored_mask(rows, False), {"reject": rejected})
 
 
+def changes(rows: pa.Table, mapping: np.ndarray) -> pa.Table:
+    """What each attack changed, over in-scope rows with a clean row for the same image:
+    ``h_top1_changed`` (H-Net's top-1 ImageNet class differs from its clean one),
+    ``h_top1_label_changed`` (that class's mapped CIFAR-10 label, ``other`` included, differs)
+    and ``l_top1_changed``. An untargeted Type I attack can change the ImageNet class without
+    leaving the CIFAR-10 category (one dog breed for another); Table 1 cannot show that.
+    """
+    pairs = pc.binary_join_element_wise(rows["dataset"].cast(pa.string()), rows["image_id"].cast(pa.string()), "\x00")
+    clean = pc.equal(rows["attack"], "clean").to_numpy(zero_copy_only=False)
+    mask = scored_mask(rows, True)
+    position = pc.index_in(pairs, value_set=pairs.filter(pa.array(clean & mask)))
+    has_clean = position.is_valid().to_numpy(zero_copy_only=False)
+    index = position.fill_null(0).to_numpy(zero_copy_only=False)
+    high = pc.list_element(rows["high_idx"], 0).fill_null(0).to_numpy(zero_copy_only=False)
+    low = pc.list_element(rows["low_idx"], 0).fill_null(0).to_numpy(zero_copy_only=False)
+    clean_high, clean_low = high[clean & mask][index], low[clean & mask][index]
+    mapped = np.asarray(mapping)
+    measures = {"h_top1_changed": high != clean_high,
+                "h_top1_label_changed": mapped[high] != mapped[clean_high],
+                "l_top1_changed": low != clean_low}
+    return _grouped(rows, mask & has_clean, measures)
+
+
 def _percent(value: float | None) -> str:
     return MISSING if value is None else f"{value:.1f}%"
 
@@ -184,9 +210,10 @@ def _section(
     return header, body
 
 
-def _sections(t1: pa.Table, t2: pa.Table, oos: pa.Table) -> list[tuple[str, list[str], list[list[str]]]]:
+def _sections(t1: pa.Table, t2: pa.Table, oos: pa.Table,
+              changed: pa.Table | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, body) of each table, in page order."""
-    return [
+    sections = [
         ("Table 1: H-Net top-5 and L-Net top-1 accuracy (in-scope images)",
          *_section(t1, T1_MEASURES, PAPER_TABLE1)),
         ("Table 2: reaction of the two-stream defence (in-scope images)",
@@ -194,23 +221,28 @@ def _sections(t1: pa.Table, t2: pa.Table, oos: pa.Table) -> list[tuple[str, list
         ("Out of scope: images of other categories (should be rejected)",
          *_section(oos, OOS_MEASURES, None)),
     ]
+    if changed is not None:
+        sections.append(("What the attacks changed (in-scope images, against the same image's clean scores)",
+                         *_section(changed, CHANGE_MEASURES, None)))
+    return sections
 
 
 def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(t1: pa.Table, t2: pa.Table, oos: pa.Table) -> str:
-    """The three tables as Markdown, ours beside the paper's (``—`` where the paper has no number)."""
+def render_markdown(t1: pa.Table, t2: pa.Table, oos: pa.Table, changed: pa.Table | None = None) -> str:
+    """The tables as Markdown, ours beside the paper's (``—`` where the paper has no number)."""
     parts = []
-    for title, header, body in _sections(t1, t2, oos):
+    for title, header, body in _sections(t1, t2, oos, changed):
         lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in body]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
-def render_html(t1: pa.Table, t2: pa.Table, oos: pa.Table, meta: Mapping[str, Any]) -> str:
+def render_html(t1: pa.Table, t2: pa.Table, oos: pa.Table, meta: Mapping[str, Any],
+                changed: pa.Table | None = None) -> str:
     """A self-contained HTML page: ``meta`` (models, command, hardware, wall time) then the three tables."""
     esc = html.escape
     parts = [
@@ -222,7 +254,7 @@ def render_html(t1: pa.Table, t2: pa.Table, oos: pa.Table, meta: Mapping[str, An
         "<h1>Tables 1 and 2: ours beside the paper's</h1>",
         "<dl>" + "".join(f"<dt>{esc(str(k))}</dt><dd>{esc(str(v))}</dd>" for k, v in meta.items()) + "</dl>",
     ]
-    for title, header, body in _sections(t1, t2, oos):
+    for title, header, body in _sections(t1, t2, oos, changed):
         parts.append(f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body]
         parts.append("</table>")
@@ -233,7 +265,7 @@ def render_html(t1: pa.Table, t2: pa.Table, oos: pa.Table, meta: Mapping[str, An
 def write_tables(
     rows: pa.Table, output_uri: str, meta: Mapping[str, Any], mapping: np.ndarray | None = None
 ) -> dict[str, str]:
-    """Write Tables 1-2, the out-of-scope table (Parquet), ``tables.md`` and ``tables.html``.
+    """Write Tables 1-2, the out-of-scope and changes tables (Parquet), ``tables.md`` and ``tables.html``.
 
     ``mapping`` defaults to the shipped ImageNet -> CIFAR-10 table. Returns file name -> URI.
     """
@@ -241,11 +273,13 @@ def write_tables(
         from twostream.mapping import load_mapping
 
         mapping = load_mapping().array
-    t1, t2, oos = table1(rows, mapping), table2(rows), out_of_scope(rows)
+    t1, t2, oos, changed = table1(rows, mapping), table2(rows), out_of_scope(rows), changes(rows, mapping)
     uris = {name: storage.join(output_uri, name) for name in
-            ("table1.parquet", "table2.parquet", "out_of_scope.parquet", "tables.md", "tables.html")}
-    for name, table in (("table1.parquet", t1), ("table2.parquet", t2), ("out_of_scope.parquet", oos)):
+            ("table1.parquet", "table2.parquet", "out_of_scope.parquet", "changes.parquet", "tables.md",
+             "tables.html")}
+    for name, table in (("table1.parquet", t1), ("table2.parquet", t2), ("out_of_scope.parquet", oos),
+                        ("changes.parquet", changed)):
         storage.write_parquet(table, uris[name])
-    storage.write_bytes(uris["tables.md"], render_markdown(t1, t2, oos).encode())
-    storage.write_bytes(uris["tables.html"], render_html(t1, t2, oos, meta).encode())
+    storage.write_bytes(uris["tables.md"], render_markdown(t1, t2, oos, changed).encode())
+    storage.write_bytes(uris["tables.html"], render_html(t1, t2, oos, meta, changed).encode())
     return uris
