@@ -91,18 +91,14 @@ def variant(image: np.ndarray, k: int, max_side: int = 320) -> np.ndarray:
 
 
 def fgsm(stream, image: np.ndarray, eps: float) -> np.ndarray:
-    """One FGSM step on the full-resolution pixels, away from the stream's own top-1 class."""
-    import torch
-    import torch.nn.functional as F
-
+    """The evaluation's Type I FGSM (``t1-fgsm``, ART) on the full-resolution pixels, away from
+    the stream's own top-1 class; 8-bit result."""
+    from twostream.attacks import run_attack
     from twostream.preprocess import from_tensor01, to_tensor01
 
-    x = to_tensor01(image).requires_grad_(True)
-    logits = stream.classify(x)
-    target = logits.argmax(dim=1).detach()
-    loss = F.cross_entropy(logits, target)
-    (grad,) = torch.autograd.grad(loss, x)
-    return from_tensor01((x + eps * grad.sign()).clamp(0, 1))
+    result = run_attack("t1-fgsm", to_tensor01(image), np.zeros(1, np.int64), stream, None,
+                        params={"eps": eps}, batch_size=1)
+    return from_tensor01(result.x_adv)
 
 
 def _encode(image: np.ndarray, fmt: str) -> bytes:
@@ -115,8 +111,6 @@ def generate(out: Path, n: int = 64, adversarial_fraction: float = 0.25, sources
              attackers: int = 2, shards: int = 2, eps: float = 8 / 255, config=None,
              seed: int = 0) -> SampleInfo:
     """Write a sample of ``n`` images (a fraction of them perturbed) under ``out``."""
-    import torch
-
     from twostream.config import TwoStreamConfig
     from twostream.models import build_stream
 
@@ -141,8 +135,7 @@ def generate(out: Path, n: int = 64, adversarial_fraction: float = 0.25, sources
     for k in range(n_adv):
         name = names[k % len(names)]
         base = variant(photos[name], 1000 + k // len(names))
-        with torch.enable_grad():
-            adv = fgsm(stream, base, eps)
+        adv = fgsm(stream, base, eps)
         items.append((f"{name}-adv-{k:05d}", adv, True, f"src-{k % attackers:02d}"))
     order = rng.permutation(len(items))  # interleave arrivals
     rows = []

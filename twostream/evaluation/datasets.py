@@ -27,6 +27,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -34,6 +35,9 @@ from PIL import Image
 from twostream import storage
 from twostream.config import CIFAR10_LABELS
 from twostream.preprocess import decode_image
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -181,13 +185,15 @@ def load_images(dataset: Dataset, size: int = 256) -> np.ndarray:
     return out
 
 
-def to_batch(images: np.ndarray):
+def to_batch(images: np.ndarray) -> "torch.Tensor":
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 torch tensor in [0, 1]."""
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def from_batch(x) -> np.ndarray:
+def from_batch(x: "torch.Tensor") -> np.ndarray:
     """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8, rounded (what an upload would carry)."""
-    return x.detach().clamp(0, 1).mul(255.0).round().to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).cpu().numpy()
+    import torch
+
+    return x.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
