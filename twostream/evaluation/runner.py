@@ -217,7 +217,11 @@ def run_cell(cell: Cell, config: EvalConfig, output: str, scorer=None) -> pa.Tab
 
 
 def read_rows(output: str) -> pa.Table:
-    """All per-image rows written under ``output/rows``."""
+    """All per-image rows written under ``output/rows``, datasets by name, attacks in :data:`ATTACKS` order."""
     uris = storage.list_files(storage.join(output, "rows"), (".parquet",))
-    tables = [storage.read_parquet(u) for u in uris]
-    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables]) if tables else ROW_SCHEMA.empty_table()
+    tables = [storage.read_parquet(u).replace_schema_metadata(None) for u in uris]
+    if not tables:
+        return ROW_SCHEMA.empty_table()
+    rank = {attack: k for k, attack in enumerate(ATTACKS)}
+    tables.sort(key=lambda t: (t["dataset"][0].as_py(), rank[t["attack"][0].as_py()]) if t.num_rows else ("", 0))
+    return pa.concat_tables(tables)
