@@ -152,12 +152,11 @@ class _StreamStage:
         import torch
 
         from twostream.models import build_stream
-        from twostream.scoring import resolve_device
+        from twostream.scoring import resolve_device, use_threads
 
         self.cfg = JobConfig.model_validate_json(cfg_json)
         self.stream_cfg = getattr(self.cfg, self.kind)
-        if self.stream_cfg.threads:
-            torch.set_num_threads(self.stream_cfg.threads)
+        use_threads(self.stream_cfg)
         self.device = resolve_device(self.stream_cfg.device)
         torch.manual_seed(0)  # `random` weights (tests, benchmarks): the same in every actor
         self.stream = build_stream(self.stream_cfg, self.kind).to(self.device).eval()

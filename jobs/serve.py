@@ -69,16 +69,13 @@ class StreamModel:
     """One classifier stream with dynamic batching; answers (top-k indices, probs, batch info)."""
 
     def __init__(self, config: dict[str, Any], kind: str) -> None:
-        import torch
-
         from twostream.models import build_stream
-        from twostream.scoring import resolve_device
+        from twostream.scoring import resolve_device, use_threads
 
         cfg = ServeConfig.model_validate(config)
         self.kind = kind
         stream_cfg = cfg.high if kind == "high" else cfg.low
-        if stream_cfg.threads:
-            torch.set_num_threads(stream_cfg.threads)
+        use_threads(stream_cfg)
         self.device = resolve_device(stream_cfg.device)
         self.stream = build_stream(stream_cfg, kind).to(self.device).eval()
         self.k = stream_cfg.top_k

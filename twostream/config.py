@@ -51,7 +51,7 @@ class StreamConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="GPU fraction per actor (0 = CPU)")
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per actor")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="torch intra-op threads per actor (0 = torch default)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads per actor (0 = the node's cores / pool_size)")
 
 
 class HighStreamConfig(StreamConfig):
@@ -69,6 +69,8 @@ class LowStreamConfig(StreamConfig):
     model: str = "cifar_resnet32"
     weights: str = "bundled:cifar10_resnet32"
     batch_size: int = Field(256, gt=0, le=4096)
+    threads: int = Field(1, ge=0, description="torch intra-op threads per actor: a 32x32 ResNet needs one "
+                                              "core, so the H-Net keeps the others (0 = cores / pool_size)")
     top_k: Literal[2] = 2
 
 

@@ -12,6 +12,7 @@ Stages, each a plain function so that the Ray job can place them in separate poo
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from twostream.comparator import compare
-from twostream.config import CIFAR10_LABELS, LimitsConfig, ThresholdsConfig, TwoStreamConfig
+from twostream.config import CIFAR10_LABELS, LimitsConfig, StreamConfig, ThresholdsConfig, TwoStreamConfig
 from twostream.mapping import load_mapping
 from twostream.models import Stream, build_stream
 from twostream.preprocess import ImageDecodeError, decode_image, to_tensor01
@@ -66,6 +67,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def use_threads(cfg: StreamConfig) -> int:
+    """Set torch's intra-op threads for a stream's worker and return the count.
+
+    ``cfg.threads``, or with 0 the node's cores shared among the stream's pool: Ray starts
+    workers with ``OMP_NUM_THREADS=1``, which would leave the other cores of a CPU node idle.
+    """
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.pool_size)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def decode_many(
