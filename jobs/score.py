@@ -59,6 +59,8 @@ class JobSettings(BaseModel):
     shuffle_stream_output: bool = Field(False, description="testing: pools permute their output rows")
     shard_order_seed: int | None = Field(None, description="testing: shuffle shard order with this seed")
     resume: bool = Field(True, description="skip shards recorded as done in the output")
+    actor_init_deaths: int = Field(
+        3, ge=-1, description="stream actors that may die while starting before the job fails (-1: no limit)")
 
 
 class JobConfig(TwoStreamConfig):
@@ -385,6 +387,9 @@ def run_job(cfg: JobConfig, input_uri: str, output: str, manifest_uri: str | Non
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
+    # Ray Data's default (0) fails the job on the first actor that dies before its constructor
+    # ran, which a crash elsewhere in the pool can cause; a replacement is started instead.
+    ctx.max_consecutive_actor_init_deaths = cfg.job.actor_init_deaths
     cfg_json = cfg.model_dump_json()
 
     shards = pipeline.plan_shards(input_uri, cfg.job.files_per_shard)
