@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,19 +104,18 @@ def test_settings_are_checked() -> None:
 
 @pytest.mark.ray
 def test_eval_command_runs_the_grid_on_ray(folder, tmp_path) -> None:
-    """`twostream eval` on a local Ray: rows for every cell, tables consistent with the rows."""
-    import ray
+    """`twostream eval` on a local Ray: rows for every cell, tables consistent with the rows.
 
-    from twostream.cli import main
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        code = main(["eval", "--dataset", f"toy=folder:{folder}", "--attack", "clean", "--attack", "t2-fgsm",
-                     "--output", str(tmp_path), "--set", f"eval.size={SIZE}", "--set", "eval.out_of_scope=2",
-                     "--no-progress"])
-    finally:
-        ray.shutdown()
-    assert code == 0
+    Run as its own process, as a user runs it: a Ray started and shut down inside the pytest
+    process breaks later Ray Data jobs that connect this process to another cluster."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "twostream.cli", "eval", "--dataset", f"toy=folder:{folder}", "--attack", "clean",
+         "--attack", "t2-fgsm", "--output", str(tmp_path), "--set", f"eval.size={SIZE}",
+         "--set", "eval.out_of_scope=2", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 cells" in proc.stdout and "0 failed" in proc.stdout
     rows = runner.read_rows(str(tmp_path))
     assert sorted(set(rows.column("attack").to_pylist())) == ["clean", "t2-fgsm"]
     table2 = storage.read_parquet(str(tmp_path / "table2.parquet")).to_pylist()
