@@ -126,27 +126,36 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_from_args(args: argparse.Namespace, prog: str) -> int:
+    """Load the config from the shared options, run the grid on Ray (a local one when none is
+    running or named), print the summary; the exit code of ``jobs.evaluate`` and ``twostream eval``."""
     import ray
 
     from twostream.evaluation.runner import cells
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_eval_config(args.config, args.overrides, datasets=args.dataset,
                                   attacks=args.attack, subset=args.subset)
         cells(config.eval)
     except (ConfigError, ValueError) as exc:
-        print(f"jobs.evaluate: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or None)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or None)
     try:
         summary = run_grid(config, args.output, progress=not args.no_progress)
     finally:
-        ray.shutdown()
+        if started_here:
+            ray.shutdown()
     sys.stdout.write(format_summary(summary) + "\n")
     return 1 if summary["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_from_args(args, "jobs.evaluate")
 
 
 if __name__ == "__main__":
