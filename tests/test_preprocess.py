@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from twostream.config import LimitsConfig
-from twostream.preprocess import ImageDecodeError, decode_image, from_tensor01, to_tensor01
+from twostream.preprocess import ImageDecodeError, check_image_header, decode_image, from_tensor01, to_tensor01
 
 RNG = np.random.default_rng(0)
 PIXELS = RNG.integers(0, 256, size=(12, 17, 3), dtype=np.uint8)
@@ -109,6 +109,21 @@ def forged_png(width: int, height: int) -> bytes:
 def test_bad_input_is_a_clear_error(data, limits, reason):
     with pytest.raises(ImageDecodeError, match=reason):
         decode_image(data, limits)
+    if reason == "corrupt or truncated":  # found by the header check if the cut is in the header
+        try:
+            check_image_header(data, limits)
+        except ImageDecodeError as exc:
+            assert reason in str(exc)
+    else:  # refused before any pixel is decoded, with the same reason
+        with pytest.raises(ImageDecodeError, match=reason):
+            check_image_header(data, limits)
+
+
+def test_header_check_accepts_what_decodes():
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        data = encode(Image.fromarray(PIXELS), fmt)
+        check_image_header(data)
+        assert decode_image(data).shape == PIXELS.shape
 
 
 def test_tensor_conversion_round_trips():

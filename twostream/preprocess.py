@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -45,31 +47,33 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
-    """Decode image bytes to an (H, W, 3) uint8 RGB array, or raise :class:`ImageDecodeError`."""
-    limits = limits or LimitsConfig()
+def _open_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
+    """Open lazily and check size, format and pixel count; no pixel is decoded yet."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(f"file too large: {len(data)} bytes > limit {limits.max_bytes}")
+    image = Image.open(io.BytesIO(data))
+    if image.format not in ALLOWED_FORMATS:
+        raise ImageDecodeError(f"unsupported image format {image.format}")
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"invalid image size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise ImageDecodeError(
+            f"too many pixels: {width}x{height} = {width * height} > limit "
+            f"{limits.max_pixels} (decompression bomb?)"
+        )
+    return image
+
+
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Every failure while opening or decoding becomes an :class:`ImageDecodeError`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in ALLOWED_FORMATS:
-                raise ImageDecodeError(f"unsupported image format {image.format}")
-            width, height = image.size
-            if width <= 0 or height <= 0:
-                raise ImageDecodeError(f"invalid image size {width}x{height}")
-            if width * height > limits.max_pixels:
-                raise ImageDecodeError(
-                    f"too many pixels: {width}x{height} = {width * height} > limit "
-                    f"{limits.max_pixels} (decompression bomb?)"
-                )
-            image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return np.ascontiguousarray(_to_rgb(image))
+            yield
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -78,6 +82,24 @@ def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
         raise ImageDecodeError(f"too many pixels (decompression bomb refused): {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array, or raise :class:`ImageDecodeError`."""
+    with _decode_errors():
+        image = _open_checked(data, limits or LimitsConfig())
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return np.ascontiguousarray(_to_rgb(image))
+
+
+def check_image_header(data: bytes, limits: LimitsConfig | None = None) -> None:
+    """The checks :func:`decode_image` makes before decoding any pixel (size, format, pixel
+    count), cheaply; raises :class:`ImageDecodeError`. A file that passes can still turn out
+    truncated or corrupt when decoded."""
+    with _decode_errors():
+        _open_checked(data, limits or LimitsConfig())
 
 
 def to_tensor01(image: np.ndarray) -> torch.Tensor:
