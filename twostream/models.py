@@ -692,7 +692,11 @@ def _build_low(name: str) -> tuple[nn.Module, InputSpec]:
 
 
 def build_stream(cfg: StreamConfig, kind: Literal["high", "low"]) -> Stream:
-    """Build the stream ``cfg`` describes, with its weights loaded, in eval mode, on CPU."""
+    """Build the stream ``cfg`` describes, with its weights loaded, in eval mode, on CPU.
+
+    Weights are channels-last: the same outputs to float rounding (logits within 2e-5), and on
+    CPU oneDNN runs both default streams 1.1x faster at batch 1 and 1.2-1.45x faster at batch
+    8-32 (``python benchmarks/channels_last.py``)."""
     if kind not in ("high", "low"):
         raise ValueError(f"kind must be 'high' or 'low', got {kind!r}")
     name, weights = cfg.model.strip(), cfg.weights.strip()
@@ -713,4 +717,4 @@ def build_stream(cfg: StreamConfig, kind: Literal["high", "low"]) -> Stream:
         state = _adapt_state_dict(load_state_dict_file(path), net, name)
         load_into(net, state, f"weights file {path}")
     stream = Stream(net, kind=kind, name=name, num_classes=num_classes, spec=spec, weights=weights)
-    return stream.to("cpu").eval()
+    return stream.to("cpu", memory_format=torch.channels_last).eval()
