@@ -4,13 +4,15 @@ Deployments (docs/serve.md):
 
 * ``HighStream`` / ``LowStream`` - one per stream, ``high|low.pool_size`` replicas with
   ``num_cpus``/``num_gpus`` of their own; ``topk`` is a ``@serve.batch`` method (dynamic
-  batching up to ``serve.max_batch_size`` images or ``serve.batch_wait_timeout_s``) that runs
-  :func:`twostream.scoring.prepare` + :func:`twostream.scoring.stream_topk`.
+  batching up to ``serve.max_batch_size`` images or ``serve.batch_wait_timeout_s``) that takes
+  the encoded images and runs :func:`twostream.scoring.decode_many`,
+  :func:`twostream.scoring.prepare` and :func:`twostream.scoring.stream_topk`.
 * ``Reputation`` - exactly one replica owning the per-source state
   (:class:`twostream.service.ReputationStore` around ``ReputationLedger.observe``), with
   periodic snapshots and a final one on shutdown, restored at start.
-* ``Ingress`` - FastAPI: checks the request, decodes with :func:`twostream.scoring.decode_many`,
-  calls both streams concurrently, applies :func:`twostream.scoring.verdict_columns`
+* ``Ingress`` - FastAPI: checks the request and the image header
+  (:func:`twostream.preprocess.check_image_header`), sends the encoded image to both streams
+  concurrently, applies :func:`twostream.scoring.verdict_columns`
   (Algorithm 1), then the reputation deployment (Algorithm 2), and answers.
 
 ``serve run cluster/serve.yaml`` uses :func:`app_builder`; ``twostream serve`` uses
@@ -22,7 +24,7 @@ Deployments (docs/serve.md):
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -64,9 +66,21 @@ log = logging.getLogger("twostream.serve")
 # Stream deployments
 
 
+class StreamAnswer(NamedTuple):
+    """A stream replica's answer for one image: its top-k, or why it could not be decoded."""
+
+    indices: np.ndarray | None
+    probs: np.ndarray | None
+    shape: tuple[int, int] | None  # decoded (height, width)
+    error: str | None
+    model_ms: float  # decode + resize + forward of the batch the image ran in
+    batch_size: int
+
+
 @serve.deployment(name="Stream")
 class StreamModel:
-    """One classifier stream with dynamic batching; answers (top-k indices, probs, batch info)."""
+    """One classifier stream with dynamic batching. It receives the encoded image (a few
+    dozen kB, where the pixels would be megabytes) and decodes it itself."""
 
     def __init__(self, config: dict[str, Any], kind: str) -> None:
         from twostream.models import build_stream
@@ -80,23 +94,33 @@ class StreamModel:
         self.stream = build_stream(stream_cfg, kind).to(self.device).eval()
         self.k = stream_cfg.top_k
         self.batch_size = stream_cfg.batch_size
+        self.limits = cfg.limits
         self.topk.set_max_batch_size(cfg.serve.max_batch_size)
         self.topk.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         self._run([np.zeros((32, 32, 3), np.uint8)])  # warm-up (allocations, lazy init)
 
-    def _run(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float, int]]:
-        from twostream.scoring import prepare, stream_topk
+    def _run(self, items: list[bytes | np.ndarray]) -> list[StreamAnswer]:
+        from twostream.scoring import decode_many, prepare, stream_topk
 
         started = time.perf_counter()
-        batch = prepare(self.stream, images)
-        idx, prob = stream_topk(self.stream, batch, self.k, self.batch_size, self.device)
+        images, errors = decode_many(items, self.limits)
+        decoded = [image for image in images if image is not None]
+        if decoded:
+            idx, prob = stream_topk(self.stream, prepare(self.stream, decoded), self.k, self.batch_size, self.device)
         ms = (time.perf_counter() - started) * 1e3
-        return [(idx[i], prob[i], ms, len(images)) for i in range(len(images))]
+        answers, row = [], 0
+        for image, error in zip(images, errors):
+            if image is None:
+                answers.append(StreamAnswer(None, None, None, error, ms, len(items)))
+            else:
+                answers.append(StreamAnswer(idx[row], prob[row], image.shape[:2], None, ms, len(items)))
+                row += 1
+        return answers
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def topk(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float, int]]:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def topk(self, items: list[bytes]) -> list[StreamAnswer]:
         # The forward pass runs in a thread so the replica keeps accepting (and batching) requests.
-        return await asyncio.to_thread(self._run, images)
+        return await asyncio.to_thread(self._run, items)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,19 +304,20 @@ class Ingress:
             settings.trust_source_header,
         )
 
-        from twostream.scoring import decode_many, verdict_columns
+        from twostream.preprocess import ImageDecodeError, check_image_header
+        from twostream.scoring import verdict_columns
 
         t0 = time.perf_counter()
-        decoded, errors = await asyncio.to_thread(decode_many, [data], self.config.limits)
+        try:  # format and size before anything else; each stream replica decodes the pixels
+            check_image_header(data, self.config.limits)
+        except ImageDecodeError as exc:
+            raise decode_error_status(str(exc)) from None  # not an Algorithm-2 event
         t1 = time.perf_counter()
-        if errors[0] is not None:
-            raise decode_error_status(errors[0])  # not an Algorithm-2 event
-        image = decoded[0]
 
         # Arrival at the ledger (its place in the source's order) and both streams, concurrently.
         reserve_ref = self.reputation.reserve.remote(source)
-        high_ref = self.high.topk.remote(image)
-        low_ref = self.low.topk.remote(image)
+        high_ref = self.high.topk.remote(data)
+        low_ref = self.low.topk.remote(data)
         try:
             ticket = await reserve_ref
         except Exception as exc:
@@ -300,13 +325,16 @@ class Ingress:
             low_ref.cancel()
             raise ApiError(503, "reputation_unavailable", f"reputation deployment: {exc}") from None
         try:
-            (high_idx, high_prob, _, _), (low_idx, low_prob, _, _) = await asyncio.gather(high_ref, low_ref)
+            high, low = await asyncio.gather(high_ref, low_ref)
         except Exception as exc:
             self.reputation.cancel.remote(ticket)
             raise ApiError(503, "scoring_unavailable", f"stream deployment: {exc}") from None
+        if high.error is not None or low.error is not None:  # corrupt past its header
+            self.reputation.cancel.remote(ticket)
+            raise decode_error_status(high.error or low.error)
         t2 = time.perf_counter()
         columns = verdict_columns(
-            high_idx[None], high_prob[None], low_idx[None], low_prob[None], self.config.thresholds
+            high.indices[None], high.probs[None], low.indices[None], low.probs[None], self.config.thresholds
         )
         verdict = str(columns["verdict"][0])
         rejected = verdict == REJECTED_VERDICT
@@ -323,9 +351,9 @@ class Ingress:
         self.metrics.responses.labels(
             response="blocked" if outcome.response == "blocked" else ("adversarial" if rejected else "label")
         ).inc()
-        for stage, seconds in (("decode", t1 - t0), ("streams", t2 - t1), ("compare", t3 - t2), ("reputation", t4 - t3)):
+        for stage, seconds in (("check", t1 - t0), ("streams", t2 - t1), ("compare", t3 - t2), ("reputation", t4 - t3)):
             self.metrics.stage.labels(stage=stage).observe(seconds)
-        height, width = image.shape[:2]
+        height, width = high.shape
         body = build_classify_response(
             image_id=image_id,
             source=source,
@@ -335,17 +363,19 @@ class Ingress:
             blacklisted=outcome.blacklisted,
             columns=columns,
             row=0,
-            high_idx=high_idx,
-            high_prob=high_prob,
-            low_idx=low_idx,
-            low_prob=low_prob,
+            high_idx=high.indices,
+            high_prob=high.probs,
+            low_idx=low.indices,
+            low_prob=low.probs,
             imagenet_names=self.imagenet_names,
             cifar_names=self.cifar_names,
             width=int(width),
             height=int(height),
             timings_ms={
-                "decode": (t1 - t0) * 1e3,
+                "check": (t1 - t0) * 1e3,
                 "streams": (t2 - t1) * 1e3,
+                "high_model": high.model_ms,
+                "low_model": low.model_ms,
                 "compare": (t3 - t2) * 1e3,
                 "reputation": (t4 - t3) * 1e3,
                 "total": (time.perf_counter() - started) * 1e3,

@@ -54,7 +54,13 @@ class ServeSettings(BaseModel):
     reputation_num_cpus: float = Field(0.0, ge=0.0, description="CPUs reserved by the reputation replica")
     max_batch_size: int = Field(8, gt=0, le=1024, description="@serve.batch size per stream replica")
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0.0, le=10.0, description="longest wait for a batch to fill after its first image"
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "longest wait for a batch to fill after its first image; 0: a batch is whatever "
+            "queued while the previous one ran (no wait at low load)"
+        ),
     )
     max_ongoing_requests: int = Field(64, gt=0, description="in-flight requests per stream replica")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body (else 413)")
@@ -120,7 +126,10 @@ class ClassifyResponse(BaseModel):
     standing: Standing
     width: int
     height: int
-    timings_ms: dict[str, float] = Field(description="decode, high, low, compare, reputation, total")
+    timings_ms: dict[str, float] = Field(description=(
+        "ms: decode; streams (both stream calls, concurrent); high_model/low_model (resize + "
+        "forward of the batch this image ran in, inside each stream replica); compare; reputation; total"
+    ))
 
 
 class BlockedResponse(BaseModel):
