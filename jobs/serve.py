@@ -74,7 +74,6 @@ class StreamAnswer(NamedTuple):
     shape: tuple[int, int] | None  # decoded (height, width)
     error: str | None
     model_ms: float  # decode + resize + forward of the batch the image ran in
-    batch_size: int
 
 
 @serve.deployment(name="Stream")
@@ -111,9 +110,9 @@ class StreamModel:
         answers, row = [], 0
         for image, error in zip(images, errors):
             if image is None:
-                answers.append(StreamAnswer(None, None, None, error, ms, len(items)))
+                answers.append(StreamAnswer(None, None, None, error, ms))
             else:
-                answers.append(StreamAnswer(idx[row], prob[row], image.shape[:2], None, ms, len(items)))
+                answers.append(StreamAnswer(idx[row], prob[row], image.shape[:2], None, ms))
                 row += 1
         return answers
 
