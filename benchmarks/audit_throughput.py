@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twostream.audit import WhatIf, run_audit  # noqa: E402
+from twostream.audit.audit import WhatIf, run_audit  # noqa: E402
 
 
 def generate(workdir: Path, lines: int, sources: int, attackers: int, fmt: str, seed: int = 0) -> tuple[Path, Path]:

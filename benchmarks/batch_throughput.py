@@ -41,8 +41,8 @@ def make_images(root: Path, n: int) -> list[Path]:
 def plain_loop(cfg, paths: list[Path]) -> float:
     import torch
 
-    from twostream.models import build_stream
-    from twostream.scoring import decode_many, prepare, resolve_device, stream_topk, verdict_columns
+    from twostream.core.models import build_stream
+    from twostream.core.scoring import decode_many, prepare, resolve_device, stream_topk, verdict_columns
 
     dev = resolve_device("cpu")
     high = build_stream(cfg.high, "high").eval()

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from twostream.config import TwoStreamConfig
-    from twostream.models import build_stream
+    from twostream.core.config import TwoStreamConfig
+    from twostream.core.models import build_stream
 
     torch.set_num_threads(args.threads)
     cfg = TwoStreamConfig()

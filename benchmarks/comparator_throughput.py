@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from twostream.comparator import compare, compare_one
-from twostream.mapping import load_mapping
+from twostream.core.comparator import compare, compare_one
+from twostream.core.mapping import load_mapping
 
 log = logging.getLogger("benchmark.comparator")
 

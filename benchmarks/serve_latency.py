@@ -61,9 +61,9 @@ class BareForward:
     def __init__(self, config, image: bytes) -> None:
         import torch
 
-        from twostream.models import build_stream
-        from twostream.preprocess import decode_image
-        from twostream.scoring import prepare
+        from twostream.core.models import build_stream
+        from twostream.core.preprocess import decode_image
+        from twostream.core.scoring import prepare
 
         self.threads = config.high.threads or 1
         torch.set_num_threads(self.threads)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from jobs.serve import build_app
-    from twostream.service import load_serve_config
+    from twostream.online.service import load_serve_config
 
     base = ["high.threads=1", "low.threads=1", "high.num_cpus=1", "low.num_cpus=1", "high.device=cpu", "low.device=cpu"]
     if args.small:

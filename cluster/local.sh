@@ -10,6 +10,6 @@ case "${1:-}" in
   up)     exec "$PY" -m twostream.cli cluster up ;;
   down)   exec "$PY" -m twostream.cli cluster down ;;
   status) exec "$PY" -m twostream.cli cluster status ;;
-  env)    "$PY" -c 'from twostream.localstore import env_for, DEFAULT_PORT; [print(f"export {k}={v}") for k, v in env_for(f"http://127.0.0.1:{DEFAULT_PORT}").items()]' ;;
+  env)    "$PY" -c 'from twostream.storage.local_s3 import env_for, DEFAULT_PORT; [print(f"export {k}={v}") for k, v in env_for(f"http://127.0.0.1:{DEFAULT_PORT}").items()]' ;;
   *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
 esac

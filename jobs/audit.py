@@ -4,7 +4,7 @@ Submit with ``ray job submit --working-dir . -- python -m jobs.audit ...``. Same
 outputs as ``twostream audit`` (docs/audit.md). The log pass and the Algorithm-2 replay are
 streaming and run in the driver (the replay is sequential per source by definition, SPEC 3);
 what Ray adds is the scoring of images the log names that no ``--scores`` row covers: they are
-split into chunks, each scored by a Ray task with its own :class:`twostream.scoring.Scorer`.
+split into chunks, each scored by a Ray task with its own :class:`twostream.core.scoring.Scorer`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ log = logging.getLogger("twostream.jobs.audit")
 
 
 def _score_chunk(cfg_json: str, uris: list[str], ids: list[str]) -> list[dict[str, Any]]:
-    from twostream.audit import scorer_score_fn
-    from twostream.config import TwoStreamConfig
-    from twostream.scoring import Scorer
+    from twostream.audit.audit import scorer_score_fn
+    from twostream.core.config import TwoStreamConfig
+    from twostream.core.scoring import Scorer
 
     config = TwoStreamConfig.model_validate_json(cfg_json)
     return scorer_score_fn(Scorer(config), chunk=config.high.batch_size)(uris, ids)
@@ -47,10 +47,10 @@ def ray_score_fn(config, chunk: int = 256, num_cpus: float = 1.0):
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from twostream.audit import AuditError
+    from twostream.audit.audit import AuditError
     from twostream.cli import config_from_args
     from twostream.commands.audit import add_audit_args, audit_from_args, print_summary
-    from twostream.config import ConfigError
+    from twostream.core.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m jobs.audit", description=__doc__.splitlines()[0])
     add_audit_args(parser)

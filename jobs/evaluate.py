@@ -20,7 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from twostream.config import ConfigError, build_config, read_config_file
+from twostream.core.config import ConfigError, build_config, read_config_file
 
 if TYPE_CHECKING:  # the runner imports torch; keep `twostream --help` light
     from twostream.evaluation.runner import Cell, EvalConfig

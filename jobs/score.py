@@ -13,7 +13,7 @@ Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure
   makes them do so on purpose in the tests).
 Phase 2, reputation: small (source, timestamp, image_id, verdict) tuples are sent to
   ``job.reputation_shards`` stateful actors, sharded by crc32(source); each replays its
-  sources in (timestamp, image_id) order (``twostream.reputation.replay``) and writes
+  sources in (timestamp, image_id) order (``twostream.core.reputation.replay``) and writes
   ``sources/part-*.parquet``.
 Phase 3, final: each shard's staging rows get their Algorithm-2 response by (shard, row)
   and are written to ``images/<shard>.parquet``; then ``summary.json``.
@@ -36,8 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from twostream import pipeline, storage
-from twostream.config import TwoStreamConfig, build_config, read_config_file
+from twostream import storage
+from twostream.batch import pipeline
+from twostream.core.config import TwoStreamConfig, build_config, read_config_file
 
 log = logging.getLogger("twostream.jobs.score")
 
@@ -70,7 +71,7 @@ class JobConfig(TwoStreamConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage functions (run in Ray workers; each is a thin wrapper over twostream.pipeline/scoring)
+# Stage functions (run in Ray workers; each is a thin wrapper over twostream.batch.pipeline/scoring)
 # ---------------------------------------------------------------------------------------------
 _MANIFEST_CACHE: dict[str, Any] = {}
 
@@ -78,7 +79,7 @@ _MANIFEST_CACHE: dict[str, Any] = {}
 def _manifest_index(holder: list) -> Any:
     import ray
 
-    from twostream.manifest import ManifestIndex
+    from twostream.batch.manifest import ManifestIndex
 
     ref = holder[0]
     if ref is None:
@@ -92,7 +93,7 @@ def _manifest_index(holder: list) -> Any:
 
 def read_decode_batch(batch: dict, *, input_uri: str, manifest: list, cfg_json: str) -> pa.Table:
     """Shards -> one row per input with the decoded RGB pixels (or the error)."""
-    from twostream.scoring import decode_many
+    from twostream.core.scoring import decode_many
 
     cfg = JobConfig.model_validate_json(cfg_json)
     index = _manifest_index(manifest)
@@ -145,7 +146,7 @@ def _images(table: pa.Table) -> tuple[list[int], list[np.ndarray]]:
 
 
 class _StreamStage:
-    """One stream's actor: prepare (its own resize) + forward + top-k, via twostream.scoring."""
+    """One stream's actor: prepare (its own resize) + forward + top-k, via twostream.core.scoring."""
 
     kind = "high"
     top_k = 5
@@ -153,8 +154,8 @@ class _StreamStage:
     def __init__(self, cfg_json: str) -> None:
         import torch
 
-        from twostream.models import build_stream
-        from twostream.scoring import resolve_device, use_threads
+        from twostream.core.models import build_stream
+        from twostream.core.scoring import resolve_device, use_threads
 
         self.cfg = JobConfig.model_validate_json(cfg_json)
         self.stream_cfg = getattr(self.cfg, self.kind)
@@ -174,7 +175,7 @@ class _StreamStage:
                 os._exit(1)  # a hard crash: Ray restarts the actor and retries this batch
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from twostream.scoring import prepare, stream_topk
+        from twostream.core.scoring import prepare, stream_topk
 
         self.calls += 1
         self._maybe_crash()
@@ -211,8 +212,8 @@ class LowStage(_StreamStage):
 
 
 def compare_batch(table: pa.Table, *, cfg_json: str) -> pa.Table:
-    """Algorithm 1 (twostream.scoring.verdict_columns) over the rows both streams scored."""
-    from twostream.scoring import ACCEPTED, ADVERSARIAL, ERROR, verdict_columns
+    """Algorithm 1 (twostream.core.scoring.verdict_columns) over the rows both streams scored."""
+    from twostream.core.scoring import ACCEPTED, ADVERSARIAL, ERROR, verdict_columns
 
     cfg = JobConfig.model_validate_json(cfg_json)
     t0 = time.perf_counter()
@@ -272,7 +273,7 @@ class ReputationShard:
     """Holds the Algorithm-2 events of the sources that hash to it; replays them at the end."""
 
     def __init__(self, part: int, rep_json: str) -> None:
-        from twostream.config import ReputationConfig
+        from twostream.core.config import ReputationConfig
 
         self.part = part
         self.config = ReputationConfig.model_validate_json(rep_json)
@@ -380,7 +381,7 @@ def run_job(cfg: JobConfig, input_uri: str, output: str, manifest_uri: str | Non
     """Run the three phases against the current Ray cluster; returns the summary dict."""
     import ray
 
-    from twostream.manifest import read_manifest
+    from twostream.batch.manifest import read_manifest
 
     started = time.perf_counter()
     if not ray.is_initialized():

@@ -5,14 +5,14 @@ Deployments (docs/serve.md):
 * ``HighStream`` / ``LowStream`` - one per stream, ``high|low.pool_size`` replicas with
   ``num_cpus``/``num_gpus`` of their own; ``topk`` is a ``@serve.batch`` method (dynamic
   batching up to ``serve.max_batch_size`` images or ``serve.batch_wait_timeout_s``) that takes
-  the encoded images and runs :func:`twostream.scoring.decode_many`,
-  :func:`twostream.scoring.prepare` and :func:`twostream.scoring.stream_topk`.
+  the encoded images and runs :func:`twostream.core.scoring.decode_many`,
+  :func:`twostream.core.scoring.prepare` and :func:`twostream.core.scoring.stream_topk`.
 * ``Reputation`` - exactly one replica owning the per-source state
-  (:class:`twostream.service.ReputationStore` around ``ReputationLedger.observe``), with
+  (:class:`twostream.online.service.ReputationStore` around ``ReputationLedger.observe``), with
   periodic snapshots and a final one on shutdown, restored at start.
 * ``Ingress`` - FastAPI: checks the request and the image header
-  (:func:`twostream.preprocess.check_image_header`), sends the encoded image to both streams
-  concurrently, applies :func:`twostream.scoring.verdict_columns`
+  (:func:`twostream.core.preprocess.check_image_header`), sends the encoded image to both streams
+  concurrently, applies :func:`twostream.core.scoring.verdict_columns`
   (Algorithm 1), then the reputation deployment (Algorithm 2), and answers.
 
 ``serve run cluster/serve.yaml`` uses :func:`app_builder`; ``twostream serve`` uses
@@ -34,9 +34,9 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from twostream import __version__
-from twostream.config import CIFAR10_LABELS, build_config, read_config_file
-from twostream.reputation import ADVERSARIAL as REJECTED_VERDICT
-from twostream.service import (
+from twostream.core.config import CIFAR10_LABELS, build_config, read_config_file
+from twostream.core.reputation import ADVERSARIAL as REJECTED_VERDICT
+from twostream.online.service import (
     METRICS_CONTENT_TYPE,
     ApiError,
     BlockedResponse,
@@ -82,8 +82,8 @@ class StreamModel:
     dozen kB, where the pixels would be megabytes) and decodes it itself."""
 
     def __init__(self, config: dict[str, Any], kind: str) -> None:
-        from twostream.models import build_stream
-        from twostream.scoring import resolve_device, use_threads
+        from twostream.core.models import build_stream
+        from twostream.core.scoring import resolve_device, use_threads
 
         cfg = ServeConfig.model_validate(config)
         self.kind = kind
@@ -99,7 +99,7 @@ class StreamModel:
         self._run([np.zeros((32, 32, 3), np.uint8)])  # warm-up (allocations, lazy init)
 
     def _run(self, items: list[bytes | np.ndarray]) -> list[StreamAnswer]:
-        from twostream.scoring import decode_many, prepare, stream_topk
+        from twostream.core.scoring import decode_many, prepare, stream_topk
 
         started = time.perf_counter()
         images, errors = decode_many(items, self.limits)
@@ -244,7 +244,7 @@ class Ingress:
         low: DeploymentHandle,
         reputation: DeploymentHandle,
     ) -> None:
-        from twostream.mapping import load_mapping
+        from twostream.core.mapping import load_mapping
 
         self.config = ServeConfig.model_validate(config)
         self.high = high
@@ -303,8 +303,8 @@ class Ingress:
             settings.trust_source_header,
         )
 
-        from twostream.preprocess import ImageDecodeError, check_image_header
-        from twostream.scoring import verdict_columns
+        from twostream.core.preprocess import ImageDecodeError, check_image_header
+        from twostream.core.scoring import verdict_columns
 
         t0 = time.perf_counter()
         try:  # format and size before anything else; each stream replica decodes the pixels

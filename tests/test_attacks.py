@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from twostream.attacks import ATTACKS, attack_params, run_attack
 from twostream.attacks.fig4 import fig4_attack
-from twostream.comparator import compare
-from twostream.config import HighStreamConfig, LowStreamConfig
+from twostream.core.comparator import compare
+from twostream.core.config import HighStreamConfig, LowStreamConfig
 from twostream.evaluation.datasets import from_batch, to_batch, to_working_size
-from twostream.mapping import load_mapping
-from twostream.models import build_stream
+from twostream.core.mapping import load_mapping
+from twostream.core.models import build_stream
 
 SIZE = 96  # working resolution of the "full-size" test images
 

@@ -2,7 +2,7 @@
 
 The expected blacklist intervals below are worked out by hand from SPEC 3 (CC +1 on a
 rejected image, -1 otherwise, capped at 15, blacklisted at CC >= 3, released at CC == 0);
-nothing here calls ``twostream.reputation.replay`` to compute an expectation.
+nothing here calls ``twostream.core.reputation.replay`` to compute an expectation.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from twostream.audit import (
+from twostream.audit.audit import (
     AuditError,
     ColumnMapping,
     WhatIf,
@@ -27,7 +27,7 @@ from twostream.audit import (
     run_audit,
     scorer_score_fn,
 )
-from twostream.config import ConfigError
+from twostream.core.config import ConfigError
 
 T = 1_700_000_000  # 2023-11-14T22:13:20Z
 R, A, E = "adversarial", "accepted", "error"
@@ -364,8 +364,8 @@ def test_scores_reuse_skips_scoring(fixture_dir: Path) -> None:
 
 def test_scores_reuse_with_real_scorer_counts_forward_calls(fixture_dir: Path) -> None:
     """The real Scorer (tiny random models): forward passes happen only without --scores."""
-    from twostream.config import load_config
-    from twostream.scoring import Scorer
+    from twostream.core.config import load_config
+    from twostream.core.scoring import Scorer
 
     config = load_config(None, ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20",
                                 "low.weights=random", "high.device=cpu", "low.device=cpu"])
@@ -503,7 +503,7 @@ def test_sample_log_known_attacker(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
     import csv
 
-    from twostream.config import load_config
+    from twostream.core.config import load_config
 
     config = load_config(None, ["high.model=resnet10t", "high.weights=random"])
     info = samples.generate(tmp_path / "sample", n=8, adversarial_fraction=0.5, sources=4, attackers=1,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_audit import EXPECTED, _write_csv_log, _write_scores
-from twostream.audit import WhatIf, run_audit
+from twostream.audit.audit import WhatIf, run_audit
 
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
                              shutil.which("chromium-browser")) if p and Path(p).is_file()), None)

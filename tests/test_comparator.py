@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twostream.comparator import OTHER, compare, compare_one
+from twostream.core.comparator import OTHER, compare, compare_one
 
 CAT, DOG, AIRPLANE = 3, 5, 0
 # A small hand-made table: three ImageNet classes are cats, two dogs, one airplane.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from twostream.config import ConfigError, load_config
+from twostream.core.config import ConfigError, load_config
 
 
 def test_defaults_match_the_paper():

@@ -20,7 +20,7 @@ from PIL import Image
 from twostream import storage
 from twostream.evaluation import runner
 from twostream.evaluation.runner import Cell, EvalConfig, EvalSettings, run_cell
-from twostream.scoring import Scorer
+from twostream.core.scoring import Scorer
 
 SIZE = 64
 
@@ -92,7 +92,7 @@ def test_cells_resume_and_reuse_the_attack_cache(folder, scorer, tmp_path, monke
 
 
 def test_settings_are_checked() -> None:
-    from twostream.config import ConfigError, build_config
+    from twostream.core.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="eval.attacks"):
         build_config(EvalConfig, {"eval": {"attacks": ["t9-nope"]}})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from timm.data import ImageNetInfo
 
-from twostream.mapping import load_mapping, parse_mapping
+from twostream.core.mapping import load_mapping, parse_mapping
 
 # Decided and documented in docs/mapping.md; a change to the table must change this on purpose.
 EXPECTED_COUNTS = {
@@ -82,7 +82,7 @@ def test_rows_follow_the_sample_labels(assets_dir):
 
 def test_array_matches_labels():
     mapping = load_mapping()
-    from twostream.config import CIFAR10_LABELS
+    from twostream.core.config import CIFAR10_LABELS
 
     for index in (7, 281, 404, 510, 726):
         value = int(mapping.array[index])

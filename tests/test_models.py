@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from twostream.config import CIFAR10_LABELS, HighStreamConfig, LowStreamConfig
-from twostream.models import (
+from twostream.core.config import CIFAR10_LABELS, HighStreamConfig, LowStreamConfig
+from twostream.core.models import (
     WEIGHTS_DIR,
     CifarResNet,
     InputSpec,
@@ -207,7 +207,7 @@ def test_low_stream_top2_on_in_scope_imagenet_photographs(low: Stream, assets_di
     """Beyond chelsea (scikit-image ships no other photograph of the ten classes): every
     imagenet-sample photograph the project's table maps into CIFAR-10 (217 classes), whole image
     squashed to 32x32. Measured: true class in the top-2 for 81.1% (176/217), top-1 66.4%."""
-    from twostream.mapping import load_mapping
+    from twostream.core.mapping import load_mapping
 
     root = assets_dir / "imagenet-sample"
     if not (root / "labels.csv").is_file():
@@ -340,7 +340,7 @@ def test_unknown_model_names_list_the_available_ones() -> None:
 
 
 def test_random_touches_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    import twostream.models as models
+    import twostream.core.models as models
 
     def boom(*args, **kwargs):
         raise AssertionError("weights were read")

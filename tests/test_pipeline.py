@@ -10,10 +10,10 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from twostream import pipeline
-from twostream.config import ReputationConfig
-from twostream.manifest import ManifestError, ManifestIndex, normalise, read_manifest
-from twostream.reputation import Upload, replay
+from twostream.batch import pipeline
+from twostream.core.config import ReputationConfig
+from twostream.batch.manifest import ManifestError, ManifestIndex, normalise, read_manifest
+from twostream.core.reputation import Upload, replay
 
 
 def _tar(path, members):

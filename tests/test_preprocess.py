@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twostream.config import LimitsConfig
-from twostream.preprocess import ImageDecodeError, check_image_header, decode_image, from_tensor01, to_tensor01
+from twostream.core.config import LimitsConfig
+from twostream.core.preprocess import ImageDecodeError, check_image_header, decode_image, from_tensor01, to_tensor01
 
 RNG = np.random.default_rng(0)
 PIXELS = RNG.integers(0, 256, size=(12, 17, 3), dtype=np.uint8)

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from twostream.config import ReputationConfig
-from twostream.reputation import BLOCKED, ReputationLedger, Upload, replay
+from twostream.core.config import ReputationConfig
+from twostream.core.reputation import BLOCKED, ReputationLedger, Upload, replay
 
 
 def uploads(pattern: str, source: str = "10.0.0.1") -> list[Upload]:

@@ -14,9 +14,10 @@ SMALL = ["high.model=mobilenetv3_small_050", "high.weights=random",
 
 def test_generate_sample(tmp_path):
     from jobs.score import load_job_config
-    from twostream import pipeline, samples
-    from twostream.models import build_stream
-    from twostream.preprocess import decode_image
+    from twostream import samples
+    from twostream.batch import pipeline
+    from twostream.core.models import build_stream
+    from twostream.core.preprocess import decode_image
 
     cfg = load_job_config(None, SMALL)
     info = samples.generate(tmp_path / "s", n=10, adversarial_fraction=0.3, sources=4, attackers=1,

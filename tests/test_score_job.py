@@ -79,12 +79,12 @@ def make_dataset(root: Path) -> tuple[list[dict], Path]:
 def expected(truth: list[dict], overrides: list[str]):
     """Independent in-process computation: Scorer.score_batch + replay."""
     from jobs.score import load_job_config
-    from twostream.reputation import Upload, replay
-    from twostream.scoring import Scorer
+    from twostream.core.reputation import Upload, replay
+    from twostream.core.scoring import Scorer
 
     import torch
 
-    from twostream.models import build_stream
+    from twostream.core.models import build_stream
 
     cfg = load_job_config(None, overrides)
     torch.manual_seed(0)  # random weights built exactly as each job actor builds them
@@ -139,7 +139,7 @@ def check_output(out: Path, by_id: dict, ledger) -> None:
 
 @pytest.fixture(scope="module")
 def s3():
-    from twostream.localstore import LocalStore, create_bucket
+    from twostream.storage.local_s3 import LocalStore, create_bucket
 
     with LocalStore() as store:
         old = {k: os.environ.get(k) for k in store.env}
@@ -154,7 +154,7 @@ def s3():
 
 
 def _free_port() -> int:
-    from twostream.localstore import free_port
+    from twostream.storage.local_s3 import free_port
 
     return free_port()
 
@@ -186,7 +186,7 @@ def ray_head(tmp_path_factory, s3):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, s3):
-    from twostream.localstore import upload_tree
+    from twostream.storage.local_s3 import upload_tree
 
     root = tmp_path_factory.mktemp("data")
     truth, manifest = make_dataset(root)

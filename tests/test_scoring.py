@@ -12,10 +12,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from twostream.cli import main as cli_main
-from twostream.comparator import compare_one
-from twostream.config import CIFAR10_LABELS, TwoStreamConfig
-from twostream.mapping import load_mapping
-from twostream.scoring import ACCEPTED, ADVERSARIAL, ERROR, Scorer
+from twostream.core.comparator import compare_one
+from twostream.core.config import CIFAR10_LABELS, TwoStreamConfig
+from twostream.core.mapping import load_mapping
+from twostream.core.scoring import ACCEPTED, ADVERSARIAL, ERROR, Scorer
 
 
 def png(pixels: np.ndarray) -> bytes:

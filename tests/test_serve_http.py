@@ -1,7 +1,7 @@
 """The Serve application in-process on a loopback port, driven over real HTTP.
 
 Small random-init models whose weights are saved to files first, so the application and the
-library :class:`~twostream.scoring.Scorer` load the very same parameters.
+library :class:`~twostream.core.scoring.Scorer` load the very same parameters.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def free_port() -> int:
 
 
 def save_random_weights(model: str, kind: str, path, seed: int) -> str:
-    from twostream.config import HighStreamConfig, LowStreamConfig
-    from twostream.models import build_stream
+    from twostream.core.config import HighStreamConfig, LowStreamConfig
+    from twostream.core.models import build_stream
 
     torch.manual_seed(seed)
     cfg = (HighStreamConfig if kind == "high" else LowStreamConfig)(model=model, weights="random")
@@ -66,8 +66,8 @@ def setup(tmp_path_factory):
     from ray import serve
 
     from jobs.serve import build_app
-    from twostream.scoring import Scorer
-    from twostream.service import load_serve_config
+    from twostream.core.scoring import Scorer
+    from twostream.online.service import load_serve_config
 
     tmp = tmp_path_factory.mktemp("serve")
     high_w = save_random_weights(HIGH_MODEL, "high", tmp / "high.pt", 0)
@@ -151,7 +151,7 @@ def test_verdicts_equal_the_library(setup, verdict_pool):
 
 def _sequence(setup, verdict_pool, source: str, plan: str, workers: int):
     """Send images ('r' rejected / 'a' accepted) from one source; return (uploads, answers)."""
-    from twostream.reputation import Upload
+    from twostream.core.reputation import Upload
 
     accepted, rejected = verdict_pool["accepted"], verdict_pool["rejected"]
     items = [
@@ -170,7 +170,7 @@ def _sequence(setup, verdict_pool, source: str, plan: str, workers: int):
 
 
 def test_reputation_sequence_equals_replay_and_403_when_blacklisted(setup, verdict_pool):
-    from twostream.reputation import replay
+    from twostream.core.reputation import replay
 
     # Sequential: blacklisted after 3 rejections, then earns its way back with accepted images.
     plan = "rrarrrraaaaaaaar"
@@ -197,7 +197,7 @@ def test_reputation_sequence_equals_replay_and_403_when_blacklisted(setup, verdi
 
 
 def test_concurrent_requests_from_one_source_lose_no_increment(setup, verdict_pool):
-    from twostream.reputation import replay
+    from twostream.core.reputation import replay
 
     rng = np.random.default_rng(5)
     plan = "".join(rng.choice(["r", "a"], size=24, p=[0.6, 0.4]))

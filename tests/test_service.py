@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from twostream.config import ConfigError, ReputationConfig
-from twostream.reputation import ReputationLedger, Upload, replay
-from twostream.service import (
+from twostream.core.config import ConfigError, ReputationConfig
+from twostream.core.reputation import ReputationLedger, Upload, replay
+from twostream.online.service import (
     ApiError,
     ReputationStore,
     ServeConfig,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twostream.cli import main
-from twostream.config import ReputationConfig
+from twostream.core.config import ReputationConfig
 from twostream.evaluation.simulation import (
     SimulationConfig,
     bernoulli_pool,
@@ -18,7 +18,7 @@ from twostream.evaluation.simulation import (
     pools_from_rows,
     simulate,
 )
-from twostream.reputation import BLOCKED, ReputationLedger, Upload, advance
+from twostream.core.reputation import BLOCKED, ReputationLedger, Upload, advance
 
 
 def observe(ledger: ReputationLedger, source: int, step: int, rejected: bool):

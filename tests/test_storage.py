@@ -7,7 +7,7 @@ import os
 import pytest
 
 from twostream import storage
-from twostream.localstore import LocalStore, create_bucket
+from twostream.storage.local_s3 import LocalStore, create_bucket
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Build twostream/data/imagenet_to_cifar10.csv from WordNet 3.0 hypernyms (a developer tool).
+"""Build twostream/core/data/imagenet_to_cifar10.csv from WordNet 3.0 hypernyms (a developer tool).
 
 ImageNet-1k classes are WordNet 3.0 noun synsets (wnid ``n02123045`` = noun offset 02123045).
 A class maps to a CIFAR-10 label when the label's root synset is among its hypernyms (the
@@ -180,7 +180,7 @@ def build(wordnet_dir: Path) -> list[dict[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"))
-    parser.add_argument("--output", type=Path, default=Path("twostream/data/imagenet_to_cifar10.csv"))
+    parser.add_argument("--output", type=Path, default=Path("twostream/core/data/imagenet_to_cifar10.csv"))
     args = parser.parse_args()
     rows = build(args.wordnet)
     args.output.parent.mkdir(parents=True, exist_ok=True)

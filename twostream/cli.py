@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from twostream import __version__
-from twostream.config import ConfigError, TwoStreamConfig, build_config, read_config_file
+from twostream.core.config import ConfigError, TwoStreamConfig, build_config, read_config_file
 
 # Module names under twostream.commands, in the order shown by --help.
 COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "eval", "simulate"]

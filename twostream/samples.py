@@ -94,7 +94,7 @@ def fgsm(stream, image: np.ndarray, eps: float) -> np.ndarray:
     """The evaluation's Type I FGSM (``t1-fgsm``, ART) on the full-resolution pixels, away from
     the stream's own top-1 class; 8-bit result."""
     from twostream.attacks import run_attack
-    from twostream.preprocess import from_tensor01, to_tensor01
+    from twostream.core.preprocess import from_tensor01, to_tensor01
 
     result = run_attack("t1-fgsm", to_tensor01(image), np.zeros(1, np.int64), stream, None,
                         params={"eps": eps}, batch_size=1)
@@ -111,8 +111,8 @@ def generate(out: Path, n: int = 64, adversarial_fraction: float = 0.25, sources
              attackers: int = 2, shards: int = 2, eps: float = 8 / 255, config=None,
              seed: int = 0) -> SampleInfo:
     """Write a sample of ``n`` images (a fraction of them perturbed) under ``out``."""
-    from twostream.config import TwoStreamConfig
-    from twostream.models import build_stream
+    from twostream.core.config import TwoStreamConfig
+    from twostream.core.models import build_stream
 
     config = config or TwoStreamConfig()
     out = Path(out)
@@ -178,7 +178,7 @@ def generate(out: Path, n: int = 64, adversarial_fraction: float = 0.25, sources
 
 def cached(n: int = 64, adversarial_fraction: float = 0.25, config=None, **kwargs) -> SampleInfo:
     """:func:`generate` into ``~/.cache/twostream/samples/<digest>`` unless already there."""
-    from twostream.config import TwoStreamConfig
+    from twostream.core.config import TwoStreamConfig
 
     config = config or TwoStreamConfig()
     key = json.dumps({"n": n, "f": adversarial_fraction, "high": config.high.model_dump(),

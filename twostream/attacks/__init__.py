@@ -108,7 +108,7 @@ def run_attack(
         kind, adv = "clean", x.clone()
     elif name in ADAPTIVE:
         from twostream.attacks.adaptive import adaptive_attack
-        from twostream.mapping import load_mapping
+        from twostream.core.mapping import load_mapping
 
         kind = "adaptive"
         mapping = load_mapping().array if mapping is None else mapping

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twostream.comparator import compare
+from twostream.core.comparator import compare
 
 
 def _quantise(x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def audit_from_args(args: argparse.Namespace, score_fn=None):
-    from twostream.audit import WhatIf, parse_mapping, run_audit
+    from twostream.audit.audit import WhatIf, parse_mapping, run_audit
     from twostream.cli import config_from_args
 
     config = config_from_args(args)
@@ -72,7 +72,7 @@ def print_summary(result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twostream.audit import AuditError
+    from twostream.audit.audit import AuditError
 
     try:
         result = audit_from_args(args)

@@ -22,8 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _format(result, path: Path) -> str:
-    from twostream.config import CIFAR10_LABELS
-    from twostream.mapping import load_mapping
+    from twostream.core.config import CIFAR10_LABELS
+    from twostream.core.mapping import load_mapping
 
     if result.error:
         return f"{path}: error: {result.error}"
@@ -42,7 +42,7 @@ def _format(result, path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from twostream.cli import config_from_args
-    from twostream.scoring import ERROR, Scorer
+    from twostream.core.scoring import ERROR, Scorer
 
     config = config_from_args(args)
     scorer = Scorer(config)

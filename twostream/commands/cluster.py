@@ -30,7 +30,7 @@ def _ray() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twostream import localstore
+    from twostream.storage import local_s3 as localstore
 
     if args.action == "up":
         info = localstore.daemon_start(args.s3_port)

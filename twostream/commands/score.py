@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                 return 2
         else:
             from twostream import samples
-            from twostream.localstore import LocalStore, create_bucket, upload_tree
+            from twostream.storage.local_s3 import LocalStore, create_bucket, upload_tree
 
             print("embedded demo: local S3 server (moto) + local Ray + the cached sample", file=sys.stderr)
             info = samples.cached(args.n, args.adversarial_fraction, config=cfg)

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from twostream.cli import config_from_args
-    from twostream.service import ServeConfig
+    from twostream.online.service import ServeConfig
 
     config: ServeConfig = config_from_args(args, ServeConfig)
     if args.host:

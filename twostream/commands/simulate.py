@@ -88,7 +88,7 @@ def read_rows(uri: str) -> "pa.Table":
 def run(args: argparse.Namespace) -> int:
     from twostream import storage
     from twostream.cli import config_from_args
-    from twostream.config import build_config
+    from twostream.core.config import build_config
     from twostream.evaluation import simulation
 
     sizes = {"normal_users": args.normal_users, "adversarial_users": args.adversarial_users,

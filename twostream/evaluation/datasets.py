@@ -11,7 +11,7 @@ the defence is expected to reject it). Three layouts:
   paths are relative to the manifest) and ``label`` (a CIFAR-10 name, ``other``, or 0..9/-1).
 * ``imagenet-sample:<root>`` - ``labels.csv`` (``file, wnid, imagenet_index, ...``) plus the
   photographs; the truth is the project's own ImageNet -> CIFAR-10 table
-  (:func:`twostream.mapping.load_mapping`), so the classes it maps to ``other`` are out of scope.
+  (:func:`twostream.core.mapping.load_mapping`), so the classes it maps to ``other`` are out of scope.
 
 Images are decoded with the serving path's decoder and brought to one working resolution:
 shorter side resized to ``size`` (PIL bicubic, antialiased), centre crop ``size x size``, 8-bit
@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from twostream import storage
-from twostream.config import CIFAR10_LABELS
-from twostream.preprocess import decode_image
+from twostream.core.config import CIFAR10_LABELS
+from twostream.core.preprocess import decode_image
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +136,7 @@ def manifest(path: str, name: str | None = None) -> Dataset:
 
 
 def imagenet_sample(root: str, name: str = "imagenet-sample") -> Dataset:
-    from twostream.mapping import load_mapping
+    from twostream.core.mapping import load_mapping
 
     mapping = load_mapping().array
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.join(root, "labels.csv")).decode())))

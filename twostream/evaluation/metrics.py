@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream import storage
-from twostream.config import CIFAR10_LABELS
-from twostream.reputation import ADVERSARIAL
+from twostream.core.config import CIFAR10_LABELS
+from twostream.core.reputation import ADVERSARIAL
 
-ACCEPTED = "accepted"  # twostream.scoring.ACCEPTED (not imported from there: it pulls in torch)
+ACCEPTED = "accepted"  # twostream.core.scoring.ACCEPTED (not imported from there: it pulls in torch)
 KEYS = ("dataset", "attack")
 MISSING = "—"
 
@@ -132,7 +132,7 @@ def table1(rows: pa.Table, mapping: np.ndarray) -> pa.Table:
     """Table 1 over in-scope rows: ``n``, ``h_net_top5`` (any top-5 class maps to the truth), ``l_net_top1``.
 
     ``mapping``: ImageNet index -> CIFAR-10 index, (1000,) with -1 for other
-    (``twostream.mapping.load_mapping().array``).
+    (``twostream.core.mapping.load_mapping().array``).
     """
     truth = rows["truth"].to_numpy(zero_copy_only=False)
     high = rows["high_idx"].combine_chunks()
@@ -270,7 +270,7 @@ def write_tables(
     ``mapping`` defaults to the shipped ImageNet -> CIFAR-10 table. Returns file name -> URI.
     """
     if mapping is None:
-        from twostream.mapping import load_mapping
+        from twostream.core.mapping import load_mapping
 
         mapping = load_mapping().array
     t1, t2, oos, changed = table1(rows, mapping), table2(rows), out_of_scope(rows), changes(rows, mapping)

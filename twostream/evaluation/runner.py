@@ -1,7 +1,7 @@
 """The evaluation grid: one (dataset, attack) cell at a time, Ray-free.
 
 A cell selects the dataset's images, attacks them (or reuses the cached adversarial images),
-scores the 8-bit result through :meth:`twostream.scoring.Scorer.score_batch` (the serving path)
+scores the 8-bit result through :meth:`twostream.core.scoring.Scorer.score_batch` (the serving path)
 and returns one row per image. ``jobs/evaluate.py`` runs cells as parallel Ray tasks; tables
 come from the rows (:mod:`twostream.evaluation.metrics`).
 
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from twostream import storage
 from twostream.attacks import ATTACKS, attack_params, run_attack
-from twostream.config import TwoStreamConfig
+from twostream.core.config import TwoStreamConfig
 from twostream.evaluation.datasets import Dataset, from_batch, load_images, open_dataset, to_batch
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _save_cached(npz_uri: str, meta_uri: str, images: np.ndarray, meta: dict) ->
 
 def run_cell(cell: Cell, config: EvalConfig, output: str, scorer=None) -> pa.Table:
     """Attack (or reuse), score and write one cell; returns its rows."""
-    from twostream.scoring import Scorer
+    from twostream.core.scoring import Scorer
 
     s = config.eval
     dataset = select_images(open_dataset(cell.dataset), cell.attack, s)

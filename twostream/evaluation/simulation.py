@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from twostream.config import ReputationConfig
-from twostream.reputation import ADVERSARIAL, advance
+from twostream.core.config import ReputationConfig
+from twostream.core.reputation import ADVERSARIAL, advance
 
 GROUPS = ("normal", "adversarial", "strategic")
 

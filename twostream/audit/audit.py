@@ -16,11 +16,11 @@ Pipeline (plain Python + pyarrow; no Ray needed, ``jobs/audit.py`` only adds Ray
 3. **Scoring** of the referenced images that no ``--scores`` row covers (through a
    ``score_fn``; nothing that has a score is scored again).
 4. **Replay**: each partition is sorted by ``(source, timestamp, image_id, line)`` and fed to
-   :class:`twostream.reputation.ReputationLedger` (Algorithm 2, SPEC 3); the per-upload
+   :class:`twostream.core.reputation.ReputationLedger` (Algorithm 2, SPEC 3); the per-upload
    timeline is streamed to Parquet, per-source rows collected.
 5. **What-if**: the same partitions replayed under other (p1, p2, threshold, cap); verdicts
    for other p1/p2 are recomputed from the stored top-k columns with
-   :func:`twostream.scoring.verdict_columns` (no rescoring).
+   :func:`twostream.core.scoring.verdict_columns` (no rescoring).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from twostream import storage
-from twostream.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
-from twostream.reputation import ReputationLedger, Upload
+from twostream.core.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
+from twostream.core.reputation import ReputationLedger, Upload
 
 log = logging.getLogger("twostream.audit")
 
@@ -747,10 +747,10 @@ def rejected_for(cat: Catalogue, thresholds: ThresholdsConfig | None) -> tuple[n
         if len(rows):
             args = (cat.high_idx[rows], cat.high_prob[rows], cat.low_idx[rows], cat.low_prob[rows])
             try:
-                from twostream.scoring import verdict_columns
+                from twostream.core.scoring import verdict_columns
             except ImportError:  # scoring needs the model registry (torch, timm); Algorithm 1 does not
-                from twostream.comparator import compare
-                from twostream.mapping import load_mapping
+                from twostream.core.comparator import compare
+                from twostream.core.mapping import load_mapping
 
                 accepted = compare(*args, load_mapping().array, thresholds.p1, thresholds.p2).accepted
                 verdict[rows] = np.where(accepted, ACCEPTED, ADVERSARIAL)
@@ -939,7 +939,7 @@ ScoreFn = Callable[[list[str], list[str]], list[dict[str, Any]]]
 
 
 def scorer_score_fn(scorer: Any, chunk: int = 32) -> ScoreFn:
-    """A score function over a :class:`twostream.scoring.Scorer` (in-process)."""
+    """A score function over a :class:`twostream.core.scoring.Scorer` (in-process)."""
 
     def score(uris: list[str], ids: list[str]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -980,7 +980,7 @@ def run_audit(
 
     ``score_fn(uris, ids) -> [dict(verdict, label, high_idx, ...)]`` scores the referenced
     images that no ``--scores`` row covers; when None, an in-process
-    :class:`twostream.scoring.Scorer` is built from ``config`` (only if something needs it).
+    :class:`twostream.core.scoring.Scorer` is built from ``config`` (only if something needs it).
     """
     started = time.perf_counter()
     config = config or TwoStreamConfig()
@@ -1095,7 +1095,7 @@ def run_audit(
         newly_scored = 0
         if len(need):
             if score_fn is None:
-                from twostream.scoring import Scorer
+                from twostream.core.scoring import Scorer
 
                 score_fn = scorer_score_fn(Scorer(config))
             uris = [cat.uri[k] for k in need]
@@ -1264,7 +1264,7 @@ def run_audit(
     result = AuditResult(output_uri, summary, sources, top_series, edges, rate_scored, rate_rejected,
                          rate_blocked, dict(bad_counts), bad_sample, what_if_table, files)
     if report:
-        from twostream.report import render_report
+        from twostream.audit.report import render_report
 
         storage.write_bytes(files["report.html"], render_report(result).encode())
     else:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from twostream.config import ReputationConfig
+from twostream.core.config import ReputationConfig
 
 BLOCKED = "blocked"
 ADVERSARIAL = "adversarial"

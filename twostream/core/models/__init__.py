@@ -1,6 +1,6 @@
 """The stream model registry: the H-Net (any timm ImageNet model) and the L-Net (CIFAR ResNets).
 
-:func:`build_stream` turns a :class:`~twostream.config.StreamConfig` into a :class:`Stream`, an
+:func:`build_stream` turns a :class:`~twostream.core.config.StreamConfig` into a :class:`Stream`, an
 ``nn.Module`` that owns its input geometry (:class:`InputSpec`) and normalisation:
 
 * ``stream.resize(x01)``: ``(B, 3, H, W)`` float in [0, 1] -> ``(B, 3, h, w)`` in [0, 1], made of
@@ -28,10 +28,10 @@ Weight sources (``cfg.weights``)
 --------------------------------
 ``pretrained`` timm's hub weights (high) or akamaster's GitHub release (low), needs internet;
 ``random`` explicit random init (never a silent fallback); ``package:<module>`` a weights file
-shipped inside an installed Python package; ``bundled:<name>`` a file in ``twostream/weights/``;
+shipped inside an installed Python package; ``bundled:<name>`` a file in ``twostream/core/weights/``;
 a local path (or ``file://``); ``s3://bucket/key`` (downloaded once into the cache through
 :mod:`twostream.storage`, honouring ``AWS_ENDPOINT_URL``); ``https://`` / ``http://`` (downloaded
-once into the cache). The cache is ``$TWOSTREAM_CACHE_DIR`` or ``~/.cache/twostream/weights``.
+once into the cache). The cache is ``$TWOSTREAM_CACHE_DIR`` or ``~/.cache/twostream/core/weights``.
 A file name with a torch-hub style hash (``name-<8+ hex>.ext``) is checked against the file's
 SHA-256. Files are read with ``torch.load(weights_only=True)`` only; a ``{'state_dict': ...}``
 wrapper and ``module.`` / ``_orig_mod.`` prefixes are unwrapped; loading is strict (the only
@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from twostream.config import StreamConfig
+    from twostream.core.config import StreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ __all__ = [
 CIFAR10_MEAN = (0.485, 0.456, 0.406)
 CIFAR10_STD = (0.229, 0.224, 0.225)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".th", ".bin", ".ckpt")
 HASH_RE = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 
@@ -421,7 +421,7 @@ def verify_hash_prefix(path: str | Path) -> str | None:
 
 
 def cache_dir() -> Path:
-    """Where downloaded weights are kept: ``$TWOSTREAM_CACHE_DIR`` or ~/.cache/twostream/weights."""
+    """Where downloaded weights are kept: ``$TWOSTREAM_CACHE_DIR`` or ~/.cache/twostream/core/weights."""
     env = os.environ.get("TWOSTREAM_CACHE_DIR")
     if env:
         return Path(env).expanduser()
@@ -635,7 +635,7 @@ def _unknown(name: str, kind: str) -> UnknownModelError:
     return UnknownModelError(
         f"unknown high-resolution model {name!r}: not a timm architecture"
         + (f"; did you mean {', '.join(close)}?" if close else "")
-        + f" ({len(names)} available: twostream.models.available_models('high') or "
+        + f" ({len(names)} available: twostream.core.models.available_models('high') or "
         "timm.list_models(); default tf_efficientnet_lite0)"
     )
 

@@ -1,6 +1,6 @@
 """The ImageNet-1k -> CIFAR-10 mapping table M (SPEC 1).
 
-Shipped as ``twostream/data/imagenet_to_cifar10.csv`` (index, wnid, name, cifar10_label) with
+Shipped as ``twostream/core/data/imagenet_to_cifar10.csv`` (index, wnid, name, cifar10_label) with
 a version in ``imagenet_to_cifar10.VERSION``; built by ``tools/build_mapping.py`` from WordNet
 3.0 hypernyms plus CIFAR-10's class definitions (rules and counts: docs/mapping.md).
 """
@@ -16,8 +16,8 @@ from importlib import resources
 
 import numpy as np
 
-from twostream.comparator import OTHER
-from twostream.config import CIFAR10_LABELS
+from twostream.core.comparator import OTHER
+from twostream.core.config import CIFAR10_LABELS
 
 TABLE = "imagenet_to_cifar10.csv"
 NUM_CLASSES = 1000
@@ -69,6 +69,6 @@ def parse_mapping(text: str, version: str = "unversioned") -> ImageNetMapping:
 @lru_cache(maxsize=1)
 def load_mapping() -> ImageNetMapping:
     """The table shipped with the package (cached)."""
-    data = resources.files("twostream") / "data"
+    data = resources.files("twostream.core") / "data"
     version = (data / "imagenet_to_cifar10.VERSION").read_text().strip()
     return parse_mapping((data / TABLE).read_text(encoding="utf-8"), version)

@@ -7,7 +7,7 @@
 - Reading: :func:`read_shard` yields one raw row per input (bytes, key, uri, sidecar metadata);
   a file that cannot be read is still a row, with ``read_error`` set.
 - Identity: :func:`attach_identity` gives each row its image id, source and timestamp from the
-  manifest (:mod:`twostream.manifest`), else from the sidecar JSON, else ``key``/``unknown``/0.
+  manifest (:mod:`twostream.batch.manifest`), else from the sidecar JSON, else ``key``/``unknown``/0.
 - Output: the pinned Arrow schemas :data:`IMAGES_SCHEMA`, :data:`SOURCES_SCHEMA` and the
   staging schema, and the reputation reduce :func:`replay_source_rows`.
 - Resume: :func:`plan_digest` and the ``_progress/`` layout.
@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from twostream import storage
-from twostream.config import ReputationConfig
-from twostream.manifest import UNKNOWN_SOURCE, ManifestIndex
-from twostream.reputation import Upload, replay
+from twostream.core.config import ReputationConfig
+from twostream.batch.manifest import UNKNOWN_SOURCE, ManifestIndex
+from twostream.core.reputation import Upload, replay
 
 TAR_SUFFIXES = (".tar",)
 SIDECAR_SUFFIX = ".json"

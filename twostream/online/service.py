@@ -4,10 +4,10 @@
 deployment per stream, one reputation deployment); everything here is plain Python so that it
 is unit-tested without a cluster (``tests/test_service.py``). API and persistence: docs/serve.md.
 
-Scoring is not here: the ingress calls :func:`twostream.scoring.decode_many` and
-:func:`twostream.scoring.verdict_columns`, the stream deployments call
-:func:`twostream.scoring.prepare` and :func:`twostream.scoring.stream_topk`, the reputation
-deployment calls :meth:`twostream.reputation.ReputationLedger.observe` through
+Scoring is not here: the ingress calls :func:`twostream.core.scoring.decode_many` and
+:func:`twostream.core.scoring.verdict_columns`, the stream deployments call
+:func:`twostream.core.scoring.prepare` and :func:`twostream.core.scoring.stream_topk`, the reputation
+deployment calls :meth:`twostream.core.reputation.ReputationLedger.observe` through
 :class:`ReputationStore`.
 """
 
@@ -28,10 +28,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from twostream import storage
-from twostream.config import ReputationConfig, TwoStreamConfig, build_config, read_config_file
-from twostream.reputation import BLOCKED, ReputationLedger, SourceState, Upload
+from twostream.core.config import ReputationConfig, TwoStreamConfig, build_config, read_config_file
+from twostream.core.reputation import BLOCKED, ReputationLedger, SourceState, Upload
 
-log = logging.getLogger("twostream.service")
+log = logging.getLogger("twostream.online")
 
 ADMIN_TOKEN_ENV = "TWOSTREAM_ADMIN_TOKEN"
 
@@ -501,7 +501,7 @@ class ReputationStore:
     request its place (and its timestamp, the arrival time, strictly increasing) when it
     arrives; ``commit`` applies its verdict with :meth:`ReputationLedger.observe` only when
     every earlier ticket of the same source was applied or cancelled, so the state and each
-    response equal :func:`twostream.reputation.replay` over ``(timestamp, image_id)`` whatever
+    response equal :func:`twostream.core.reputation.replay` over ``(timestamp, image_id)`` whatever
     order the scoring finishes in. Mutations happen between awaits of one loop, so there are no
     lost increments. ``cancel`` gives a place back (a decode error is not an Algorithm-2 event);
     a ticket not committed within ``order_timeout_s`` is skipped so a lost request cannot stall

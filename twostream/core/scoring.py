@@ -5,7 +5,7 @@ Stages, each a plain function so that the Ray job can place them in separate poo
 1. :func:`decode_many` - bytes -> RGB arrays (errors kept per image).
 2. :func:`prepare` - each stream's own differentiable resize, stacked into a batch.
 3. :func:`stream_topk` - forward pass, softmax, top-k.
-4. :func:`verdict_columns` - Algorithm 1 over the batch (:mod:`twostream.comparator`).
+4. :func:`verdict_columns` - Algorithm 1 over the batch (:mod:`twostream.core.comparator`).
 
 :class:`Scorer` chains them: ``Scorer(config).score_batch(images) -> list[ScoreResult]``.
 """
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from twostream.comparator import compare
-from twostream.config import CIFAR10_LABELS, LimitsConfig, StreamConfig, ThresholdsConfig, TwoStreamConfig
-from twostream.mapping import load_mapping
-from twostream.models import Stream, build_stream
-from twostream.preprocess import ImageDecodeError, decode_image, to_tensor01
+from twostream.core.comparator import compare
+from twostream.core.config import CIFAR10_LABELS, LimitsConfig, StreamConfig, ThresholdsConfig, TwoStreamConfig
+from twostream.core.mapping import load_mapping
+from twostream.core.models import Stream, build_stream
+from twostream.core.preprocess import ImageDecodeError, decode_image, to_tensor01
 
 ACCEPTED = "accepted"
 ADVERSARIAL = "adversarial"

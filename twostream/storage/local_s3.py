@@ -13,7 +13,7 @@ The code talking to it is exactly the AWS path: ``AWS_ENDPOINT_URL`` plus the st
 credential chain (here dummy ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``).
 
 Usage: ``with LocalStore() as store: store.env`` (a dict to export), or
-``python -m twostream.localstore start|stop|status [--port P] [--state DIR]`` (a daemon with a
+``python -m twostream.storage.local_s3 start|stop|status [--port P] [--state DIR]`` (a daemon with a
 pid file, used by ``cluster/local.sh``).
 """
 
@@ -187,7 +187,7 @@ def daemon_stop(state: Path = STATE_DIR) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twostream.localstore")
+    parser = argparse.ArgumentParser(prog="python -m twostream.storage.local_s3")
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--state", type=Path, default=STATE_DIR)
