@@ -31,7 +31,7 @@ Weight sources (``cfg.weights``)
 shipped inside an installed Python package; ``bundled:<name>`` a file in ``twostream/core/weights/``;
 a local path (or ``file://``); ``s3://bucket/key`` (downloaded once into the cache through
 :mod:`twostream.storage`, honouring ``AWS_ENDPOINT_URL``); ``https://`` / ``http://`` (downloaded
-once into the cache). The cache is ``$TWOSTREAM_CACHE_DIR`` or ``~/.cache/twostream/core/weights``.
+once into the cache). The cache is ``$TWOSTREAM_CACHE_DIR`` or ``~/.cache/twostream/weights``.
 A file name with a torch-hub style hash (``name-<8+ hex>.ext``) is checked against the file's
 SHA-256. Files are read with ``torch.load(weights_only=True)`` only; a ``{'state_dict': ...}``
 wrapper and ``module.`` / ``_orig_mod.`` prefixes are unwrapped; loading is strict (the only
@@ -421,7 +421,7 @@ def verify_hash_prefix(path: str | Path) -> str | None:
 
 
 def cache_dir() -> Path:
-    """Where downloaded weights are kept: ``$TWOSTREAM_CACHE_DIR`` or ~/.cache/twostream/core/weights."""
+    """Where downloaded weights are kept: ``$TWOSTREAM_CACHE_DIR`` or ~/.cache/twostream/weights."""
     env = os.environ.get("TWOSTREAM_CACHE_DIR")
     if env:
         return Path(env).expanduser()
