@@ -340,13 +340,13 @@ def test_unknown_model_names_list_the_available_ones() -> None:
 
 
 def test_random_touches_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    import twostream.core.models as models
+    import twostream.core.models.registry as registry  # build_stream looks the loaders up there
 
     def boom(*args, **kwargs):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(models, "resolve_weights_file", boom)
-    monkeypatch.setattr(models, "load_state_dict_file", boom)
+    monkeypatch.setattr(registry, "resolve_weights_file", boom)
+    monkeypatch.setattr(registry, "load_state_dict_file", boom)
     monkeypatch.setattr(torch, "load", boom)
     for cfg, kind, n in ((_low_cfg("random"), "low", 10), (HighStreamConfig(weights="random"), "high", 1000)):
         stream = build_stream(cfg, kind)

@@ -1,0 +1,123 @@
+"""A stream: the ``nn.Module`` that owns its network's input geometry and normalisation.
+
+A :class:`Stream` wraps a network and its :class:`InputSpec`:
+
+* ``stream.resize(x01)``: ``(B, 3, H, W)`` float in [0, 1] -> ``(B, 3, h, w)`` in [0, 1], made of
+  differentiable torch ops (``F.interpolate(..., antialias=True)`` and slicing), so attacks and
+  the serving path see the same pixels;
+* ``stream.forward(x)``: ``x`` already at ``spec.size`` in [0, 1]; normalises with the spec's
+  mean/std inside and returns logits;
+* ``stream.classify(x01) == stream.forward(stream.resize(x01))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["InputSpec", "Stream", "resize_image"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a stream's network takes.
+
+    ``size`` is ``(h, w)``. High-resolution streams follow timm's eval transform: resize the
+    shorter side to ``floor(size / crop_pct)`` and centre-crop ``size``. Low-resolution streams
+    use ``squash=True``, ``crop_pct=1.0``: the whole image resized to ``size`` ignoring aspect.
+    ``interpolation`` is ``bilinear`` / ``bicubic`` (antialiased) or ``nearest``.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    squash: bool = False
+
+
+def _interpolate(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    if mode == "area":
+        return F.interpolate(x, size=size, mode="area")
+    raise ValueError(f"unsupported interpolation {mode!r}")
+
+
+def resize_image(x01: Tensor, spec: InputSpec) -> Tensor:
+    """Resize a ``(B, 3, H, W)`` batch in [0, 1] to ``spec.size`` (differentiable)."""
+    if x01.dim() != 4 or x01.shape[1] != 3:
+        raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x01.shape)}")
+    if not x01.is_floating_point():
+        raise ValueError(f"expected a float tensor in [0, 1], got {x01.dtype}")
+    h, w = spec.size
+    H, W = int(x01.shape[-2]), int(x01.shape[-1])
+    sh, sw = math.floor(h / spec.crop_pct), math.floor(w / spec.crop_pct)
+    if spec.squash:
+        new = (sh, sw)
+    elif sh == sw:
+        # torchvision Resize(int): shorter side to sh, longer side truncated proportionally
+        if H <= W:
+            new = (sh, int(sh * W / H))
+        else:
+            new = (int(sh * H / W), sh)
+    else:
+        # timm ResizeKeepRatio: the shorter side (relative to the target) matches
+        scale = max(sh / H, sw / W)
+        new = (round(H * scale), round(W * scale))
+    y = _interpolate(x01, new, spec.interpolation)
+    Y, X = int(y.shape[-2]), int(y.shape[-1])
+    if Y < h or X < w:  # torchvision CenterCrop pads with zeros when the image is smaller
+        pad_h, pad_w = max(h - Y, 0), max(w - X, 0)
+        y = F.pad(y, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        Y, X = int(y.shape[-2]), int(y.shape[-1])
+    top, left = int(round((Y - h) / 2.0)), int(round((X - w) / 2.0))
+    y = y[..., top : top + h, left : left + w]
+    return y.clamp(0.0, 1.0)
+
+
+class Stream(nn.Module):
+    """One classifier stream: resize, normalise, network; on whatever device it is moved to."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        kind: str,
+        name: str,
+        num_classes: int,
+        spec: InputSpec,
+        weights: str = "",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.kind = kind
+        self.name = name
+        self.num_classes = num_classes
+        self.spec = spec
+        self.weights = weights
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def resize(self, x01: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, h, w)`` in [0, 1] at ``spec.size``."""
+        return resize_image(x01, self.spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for ``x`` already at ``spec.size``, in [0, 1]."""
+        return self.net((x - self.mean) / self.std)
+
+    def classify(self, x01: Tensor) -> Tensor:
+        """Logits for images of any size in [0, 1]: ``forward(resize(x01))``."""
+        return self.forward(self.resize(x01))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, name={self.name!r}, weights={self.weights!r}, spec={self.spec}"
