@@ -20,39 +20,33 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from twostream.core.config import ConfigError, build_config, read_config_file
+from twostream.core.config import ConfigError, TwoStreamConfig, load_config
 
 if TYPE_CHECKING:  # the runner imports torch; keep `twostream --help` light
-    from twostream.evaluation.runner import Cell, EvalConfig
+    from twostream.evaluation.runner import Cell
 
 log = logging.getLogger("twostream.jobs.evaluate")
 
 
-def load_eval_config(path: str | None, overrides: list[str], **settings: Any) -> EvalConfig:
-    """The config file plus ``--set`` overrides plus the command line's ``eval.*`` settings."""
-    from twostream.evaluation.runner import EvalConfig
-
-    data = read_config_file(path) if path else {}
-    section = dict(data.get("eval") or {})
-    section.update({k: v for k, v in settings.items() if v not in (None, [])})
-    data["eval"] = section
-    return build_config(EvalConfig, data, overrides)
+def load_eval_config(path: str | None, overrides: list[str], **settings: Any) -> TwoStreamConfig:
+    """The config file, then the command line's ``eval.*`` settings, then ``--set`` overrides."""
+    return load_config(path, overrides, {"eval": {k: v for k, v in settings.items() if v != []}})
 
 
 def _cell_task(cell: Cell, config_json: str, output: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from twostream.evaluation.runner import EvalConfig, run_cell
+    from twostream.evaluation.runner import run_cell
 
     torch.set_num_threads(max(1, threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    rows = run_cell(cell, EvalConfig.model_validate_json(config_json), output)
+    rows = run_cell(cell, TwoStreamConfig.model_validate_json(config_json), output)
     return {"dataset": rows.column("dataset")[0].as_py() if rows.num_rows else cell.dataset,
             "attack": cell.attack, "rows": rows.num_rows, "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def run_grid(config: EvalConfig, output: str, progress: bool = True) -> dict[str, Any]:
+def run_grid(config: TwoStreamConfig, output: str, progress: bool = True) -> dict[str, Any]:
     """Run every cell as a Ray task, then write the tables; returns the summary."""
     import ray
     from tqdm import tqdm

@@ -34,7 +34,8 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from twostream import __version__
-from twostream.core.config import CIFAR10_LABELS, build_config, read_config_file
+from twostream.core.labels import CIFAR10_LABELS
+from twostream.core.config import build_config, read_config_file
 from twostream.core.reputation import ADVERSARIAL as REJECTED_VERDICT
 from twostream.online.service import (
     METRICS_CONTENT_TYPE,

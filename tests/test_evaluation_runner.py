@@ -19,7 +19,8 @@ from PIL import Image
 
 from twostream import storage
 from twostream.evaluation import runner
-from twostream.evaluation.runner import Cell, EvalConfig, EvalSettings, run_cell
+from twostream.core.config import EvalSettings, TwoStreamConfig
+from twostream.evaluation.runner import Cell, run_cell
 from twostream.core.scoring import Scorer
 
 SIZE = 64
@@ -38,11 +39,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def scorer() -> Scorer:
-    return Scorer(EvalConfig())
+    return Scorer(TwoStreamConfig())
 
 
-def _config(folder: Path, **settings) -> EvalConfig:
-    return EvalConfig(eval=EvalSettings(datasets=[f"toy=folder:{folder}"], size=SIZE, **settings))
+def _config(folder: Path, **settings) -> TwoStreamConfig:
+    return TwoStreamConfig(eval=EvalSettings(datasets=[f"toy=folder:{folder}"], size=SIZE, **settings))
 
 
 def test_clean_cell_rows_equal_the_scorer_on_the_cached_images(folder, scorer, tmp_path) -> None:
@@ -95,9 +96,9 @@ def test_settings_are_checked() -> None:
     from twostream.core.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="eval.attacks"):
-        build_config(EvalConfig, {"eval": {"attacks": ["t9-nope"]}})
+        build_config(TwoStreamConfig, {"eval": {"attacks": ["t9-nope"]}})
     with pytest.raises(ConfigError, match="eval.subset"):
-        build_config(EvalConfig, {"eval": {"subset": 0}})
+        build_config(TwoStreamConfig, {"eval": {"subset": 0}})
     with pytest.raises(ValueError, match="at least one dataset"):
         runner.cells(EvalSettings())
 

@@ -82,7 +82,7 @@ def test_rows_follow_the_sample_labels(assets_dir):
 
 def test_array_matches_labels():
     mapping = load_mapping()
-    from twostream.core.config import CIFAR10_LABELS
+    from twostream.core.labels import CIFAR10_LABELS
 
     for index in (7, 281, 404, 510, 726):
         value = int(mapping.array[index])

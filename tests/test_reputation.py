@@ -7,7 +7,9 @@ import random
 import pytest
 
 from twostream.core.config import ReputationConfig
-from twostream.core.reputation import BLOCKED, ReputationLedger, Upload, replay
+from twostream.core.reputation import ReputationLedger, Upload, replay
+
+BLOCKED = "blocked"  # Algorithm 2's response to a blacklisted source (SPEC 3)
 
 
 def uploads(pattern: str, source: str = "10.0.0.1") -> list[Upload]:

@@ -13,9 +13,12 @@ from skimage import data as skdata
 
 from twostream.cli import main as cli_main
 from twostream.core.comparator import compare_one
-from twostream.core.config import CIFAR10_LABELS, TwoStreamConfig
+from twostream.core.labels import CIFAR10_LABELS
+from twostream.core.config import TwoStreamConfig
 from twostream.core.mapping import load_mapping
-from twostream.core.scoring import ACCEPTED, ADVERSARIAL, ERROR, Scorer
+from twostream.core.scoring import Scorer
+
+ACCEPTED, ADVERSARIAL, ERROR = "accepted", "adversarial", "error"
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -11,14 +11,16 @@ from hypothesis import strategies as st
 
 from twostream.cli import main
 from twostream.core.config import ReputationConfig
+from twostream.core.config import SimulationSettings
 from twostream.evaluation.simulation import (
-    SimulationConfig,
     bernoulli_pool,
     plot_fig5,
     pools_from_rows,
     simulate,
 )
-from twostream.core.reputation import BLOCKED, ReputationLedger, Upload, advance
+from twostream.core.reputation import ReputationLedger, Upload, advance
+
+BLOCKED = "blocked"  # Algorithm 2's response to a blacklisted source (SPEC 3)
 
 
 def observe(ledger: ReputationLedger, source: int, step: int, rejected: bool):
@@ -73,7 +75,7 @@ def curve(curves: pa.Table, attack: str, run: int, group: str, column: str = "bl
 
 
 def test_degenerate_pools_hand_worked():
-    config = SimulationConfig(normal_users=2, adversarial_users=1, images_per_user=5, runs=1)
+    config = SimulationSettings(normal_users=2, adversarial_users=1, images_per_user=5, runs=1)
     curves, summary = simulate(np.array([False]), {"x": np.array([True])}, config)
     assert curve(curves, "x", 0, "normal") == [0, 0, 0, 0, 0]
     # Adversary: CC 1, 2, 3 -> listed from the third image on.
@@ -122,10 +124,10 @@ def reference_group(flags, fallback, config):
 def test_mixed_pools_match_a_replay_with_the_ledger():
     clean = np.array([False, False, False, True])  # 1 in 4 clean images rejected
     pools = {"weak": np.array([True, False, False]), "strong": np.array([True, True, True, False])}
-    config = SimulationConfig(normal_users=6, adversarial_users=5, images_per_user=20, runs=2, seed=7,
-                              reputation=ReputationConfig(threshold=3, cap=5))
-    curves, summary = simulate(clean, pools, config)
-    rounds, rep = config.images_per_user, config.reputation
+    config = SimulationSettings(normal_users=6, adversarial_users=5, images_per_user=20, runs=2, seed=7)
+    rep = ReputationConfig(threshold=3, cap=5)
+    curves, summary = simulate(clean, pools, config, rep)
+    rounds = config.images_per_user
     for k, (attack, pool) in enumerate(pools.items()):
         expected = {"normal_ever_blacklisted": 0, "adv_final": [], "strat_final": [], "counts": np.zeros(3)}
         for run in range(config.runs):
@@ -160,12 +162,12 @@ def test_mixed_pools_match_a_replay_with_the_ledger():
 
 def test_empty_pool_is_an_error():
     with pytest.raises(ValueError, match="'x' is empty"):
-        simulate(np.array([False]), {"x": np.array([], bool)}, SimulationConfig(runs=1))
+        simulate(np.array([False]), {"x": np.array([], bool)}, SimulationSettings(runs=1))
 
 
 def test_config_forbids_unknown_fields():
     with pytest.raises(ValueError, match="users"):
-        SimulationConfig(users=10)
+        SimulationSettings(users=10)
 
 
 def test_bernoulli_pool():
@@ -198,7 +200,7 @@ def test_pools_from_rows():
 
 
 def test_plot_fig5_writes_a_png(tmp_path):
-    config = SimulationConfig(normal_users=3, adversarial_users=2, images_per_user=4, runs=2)
+    config = SimulationSettings(normal_users=3, adversarial_users=2, images_per_user=4, runs=2)
     curves, _ = simulate(bernoulli_pool(0.25), {"x": bernoulli_pool(0.75)}, config)
     plot_fig5(curves, str(tmp_path / "fig5.png"))
     assert (tmp_path / "fig5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

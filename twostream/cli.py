@@ -13,10 +13,8 @@ import logging
 import sys
 from typing import Any
 
-from pydantic import BaseModel
-
 from twostream import __version__
-from twostream.core.config import ConfigError, TwoStreamConfig, build_config, read_config_file
+from twostream.core.config import ConfigError, TwoStreamConfig, load_config
 
 # Module names under twostream.commands, in the order shown by --help.
 COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "eval", "simulate"]
@@ -35,10 +33,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, model: type[BaseModel] = TwoStreamConfig) -> Any:
-    """Build the config named by ``--config``/``--set``; raises ConfigError naming the field."""
-    data = read_config_file(args.config) if args.config else {}
-    return build_config(model, data, args.overrides)
+def config_from_args(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> TwoStreamConfig:
+    """The config of ``--config FILE``, then the subcommand's own ``flags`` (sections), then
+    ``--set`` overrides; raises ConfigError naming the field."""
+    return load_config(args.config, args.overrides, flags)
 
 
 def build_parser() -> argparse.ArgumentParser:

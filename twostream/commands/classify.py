@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _format(result, path: Path) -> str:
-    from twostream.core.config import CIFAR10_LABELS
+    from twostream.core.labels import CIFAR10_LABELS
     from twostream.core.mapping import load_mapping
 
     if result.error:
@@ -42,7 +42,8 @@ def _format(result, path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from twostream.cli import config_from_args
-    from twostream.core.scoring import ERROR, Scorer
+    from twostream.core.labels import Verdict
+    from twostream.core.scoring import Scorer
 
     config = config_from_args(args)
     scorer = Scorer(config)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                     failures += 1
                     tqdm.write(f"{path}: error: cannot read: {exc}", file=sys.stdout)
             for path, result in zip(chunk, scorer.score_batch(blobs, ids=[str(p) for p in chunk])):
-                failures += result.verdict == ERROR
+                failures += result.verdict == Verdict.ERROR
                 text = json.dumps(result.to_dict()) if args.json else _format(result, path)
                 tqdm.write(text, file=sys.stdout)
             bar.update(min(args.chunk, len(paths) - start))

@@ -88,26 +88,24 @@ def read_rows(uri: str) -> "pa.Table":
 def run(args: argparse.Namespace) -> int:
     from twostream import storage
     from twostream.cli import config_from_args
-    from twostream.core.config import build_config
     from twostream.evaluation import simulation
 
     sizes = {"normal_users": args.normal_users, "adversarial_users": args.adversarial_users,
              "images_per_user": args.images, "runs": args.runs, "seed": args.seed}
     try:
-        data = {k: v for k, v in sizes.items() if v is not None}
-        data["reputation"] = config_from_args(args).reputation.model_dump()
-        config = build_config(simulation.SimulationConfig, data)
+        root = config_from_args(args, {"simulation": {k: v for k, v in sizes.items() if v is not None}})
+        config, reputation = root.simulation, root.reputation
         if args.rows:
             clean, pools = simulation.pools_from_rows(read_rows(args.rows), args.dataset)
         elif args.dataset:
             raise ValueError("--dataset applies to --rows only")
         else:
             clean, pools = parse_rates(args.rate)
-        curves, summary = simulation.simulate(clean, pools, config)
+        curves, summary = simulation.simulate(clean, pools, config, reputation)
     except (ValueError, OSError) as exc:
         sys.stderr.write(f"twostream simulate: {exc}\n")
         return 2
-    text = simulation.summary_markdown(summary, config)
+    text = simulation.summary_markdown(summary, config, reputation)
     log.info("pools: clean %d images, %s", len(clean), ", ".join(f"{k} {len(v)}" for k, v in pools.items()))
     if args.output:
         files = {name: storage.join(args.output, name) for name in

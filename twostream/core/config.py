@@ -1,30 +1,27 @@
-"""Typed configuration for every part of twostream (pydantic).
+"""The one configuration of every part of twostream (pydantic), and its one loader.
 
-A config is loaded from YAML or JSON and overridden with dotted ``key=value`` pairs, e.g.
-``high.batch_size=8``. Any bad value raises :class:`ConfigError` naming the field.
+:class:`TwoStreamConfig` holds every section: the scoring path (``high``, ``low``,
+``thresholds``, ``reputation``, ``limits``) and each part's own (``job`` for the batch job,
+``serve`` for the endpoint, ``eval`` for the evaluation, ``audit`` for the log audit,
+``simulation`` for the Fig. 5 simulation). :func:`load_config` reads YAML or JSON and applies
+dotted ``key=value`` overrides, e.g. ``high.batch_size=8``. Types are strict: a string or a
+bool where a number is due (``high.batch_size=true``) is an error, and every error names its
+field (:class:`ConfigError`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CIFAR10_LABELS: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+ADMIN_TOKEN_ENV = "TWOSTREAM_ADMIN_TOKEN"
+# Attacks too slow on a CPU for every image by default (a seeded subset of this many images).
+SLOW_ATTACK_SUBSET = {"t1-deepfool": 64, "t2-cw": 64, "t2-pixel1": 64, "t2-pixel3": 64}
 
 
 class ConfigError(ValueError):
@@ -32,7 +29,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class StreamConfig(_Strict):
@@ -103,15 +100,137 @@ class LimitsConfig(_Strict):
     max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height")
 
 
+class ServeSettings(_Strict):
+    """The ``serve:`` section. Stream replicas and their CPU/GPU shares come from
+    ``high.pool_size``/``high.num_gpus``/``high.num_cpus`` (and ``low.*``), as in the batch job."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy")
+    app_name: str = Field("twostream", description="Serve application name")
+    route_prefix: str = Field("/", description="route prefix of the application")
+    ingress_replicas: int = Field(1, gt=0, description="replicas of the FastAPI ingress")
+    ingress_num_cpus: float = Field(0.0, ge=0.0, description="CPUs reserved per ingress replica")
+    reputation_num_cpus: float = Field(0.0, ge=0.0, description="CPUs reserved by the reputation replica")
+    max_batch_size: int = Field(8, gt=0, le=1024, description="@serve.batch size per stream replica")
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "longest wait for a batch to fill after its first image; 0: a batch is whatever "
+            "queued while the previous one ran (no wait at low load)"
+        ),
+    )
+    max_ongoing_requests: int = Field(64, gt=0, description="in-flight requests per stream replica")
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body (else 413)")
+    source_header: str = Field("X-Source-Id", min_length=1, description="header carrying the source id")
+    trust_source_header: bool = Field(
+        True, description="honour the source header/field; false: always the client address"
+    )
+    admin_token: str | None = Field(
+        None, description=f"bearer token of the admin routes (else ${ADMIN_TOKEN_ENV}; none: disabled)"
+    )
+    snapshot_uri: str | None = Field(None, description="reputation snapshot: local path or s3:// URI")
+    snapshot_period_s: float = Field(30.0, gt=0.0, description="seconds between snapshots (when changed)")
+    order_timeout_s: float = Field(
+        30.0, gt=0.0, description="longest wait for an earlier request of the same source"
+    )
+    max_sources_listed: int = Field(1000, gt=0, description="cap of GET /v1/sources")
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin bearer token: this section's, else ``$TWOSTREAM_ADMIN_TOKEN``, else None (disabled)."""
+        return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+
+
+class JobSettings(_Strict):
+    """Settings of the batch job itself (the ``job:`` section of the config)."""
+
+    files_per_shard: int = Field(256, gt=0, description="loose files per input shard (unit of resume)")
+    decode_batch_size: int = Field(32, gt=0, description="rows per read/decode task batch")
+    decode_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/decode task")
+    compare_num_cpus: float = Field(0.25, gt=0, description="CPUs per comparator task")
+    reputation_shards: int = Field(4, gt=0, description="stateful reputation actors (by crc32(source))")
+    fit_cpus: bool = Field(True, description="scale actor CPU requests down to fit a small cluster")
+    shuffle_stream_output: bool = Field(False, description="testing: pools permute their output rows")
+    shard_order_seed: int | None = Field(None, description="testing: shuffle shard order with this seed")
+    resume: bool = Field(True, description="skip shards recorded as done in the output")
+    actor_init_deaths: int = Field(
+        3, ge=-1, description="stream actors that may die while starting before the job fails (-1: no limit)")
+
+
+class EvalSettings(_Strict):
+    """The ``eval:`` section: which cells, on how many images, with which attack parameters."""
+
+    datasets: list[str] = Field(default_factory=list, description="[name=]kind:location specs")
+    attacks: list[str] = Field(default_factory=lambda: list(_attack_names()))
+    subset: int | None = Field(None, gt=0, description="in-scope images per dataset (seeded); None = all")
+    attack_subset: dict[str, int] = Field(
+        default_factory=lambda: dict(SLOW_ATTACK_SUBSET),
+        description="smaller seeded subsets for slow attacks (nested in `subset`)")
+    out_of_scope: int = Field(200, ge=0, description="out-of-scope images added to the clean cell")
+    size: int = Field(256, ge=32, description="working resolution (square) of the full-size image")
+    seed: int = 0
+    batch_size: int = Field(8, gt=0, description="attack batch size")
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="attack overrides")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per cell task")
+    num_gpus: float = Field(0.0, ge=0, description="GPU fraction per cell task")
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, value: list[str]) -> list[str]:
+        known = _attack_names()
+        unknown = [a for a in value if a not in known]
+        if unknown:
+            raise ValueError(f"unknown attacks {unknown}; known: {', '.join(known)}")
+        return value
+
+
+class SimulationSettings(_Strict):
+    """The ``simulation:`` section: sizes and seeds of the Fig. 5 simulation (paper: 9,000 normal and
+    1,000 adversarial users). The counter rules are the ``reputation:`` section."""
+
+    normal_users: int = Field(9000, gt=0)
+    adversarial_users: int = Field(1000, gt=0, description="also the number of strategic users")
+    images_per_user: int = Field(30, gt=0, description="rounds; every user sends one image per round")
+    runs: int = Field(5, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+class AuditSettings(_Strict):
+    """The ``audit:`` section (``twostream audit`` flags override it)."""
+
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "clf"] = Field(
+        "auto", description="log format (auto: from the file extension)")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="log column mapping, e.g. {source: remote_user, timestamp_unit: ms}")
+    what_if: list[str] = Field(default_factory=list, description="replays with other settings, e.g. 'p1=0.05'")
+    clean_rate: float = Field(0.1, ge=0.0, le=1.0, description="what-if: a source at most this rejected looks clean")
+    top: int = Field(10, gt=0, description="suspicious sources plotted in the report")
+    partitions: int = Field(16, gt=0, description="spill partitions (memory ~ log / partitions)")
+    block_bytes: int = Field(8 << 20, gt=0, description="log bytes read per block")
+    spill_dir: str | None = Field(None, description="local folder for spill files (default: temp)")
+    report: bool = Field(True, description="write report.html")
+
+
+def _attack_names() -> tuple[str, ...]:
+    from twostream.attacks import ATTACKS  # the attacks declare themselves; imported when validated
+
+    return tuple(ATTACKS)
+
+
 class TwoStreamConfig(_Strict):
-    """Everything the scoring path needs."""
+    """Every section: the scoring path and each part's own settings."""
 
     high: HighStreamConfig = HighStreamConfig()
     low: LowStreamConfig = LowStreamConfig()
     thresholds: ThresholdsConfig = ThresholdsConfig()
     reputation: ReputationConfig = ReputationConfig()
     limits: LimitsConfig = LimitsConfig()
-
+    job: JobSettings = JobSettings()
+    serve: ServeSettings = ServeSettings()
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    audit: AuditSettings = AuditSettings()
+    simulation: SimulationSettings = SimulationSettings()
 
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
@@ -160,6 +279,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, section by section."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def build_config(model: type[BaseModel], data: dict[str, Any], overrides: list[str] = ()) -> Any:
     """Validate ``data`` plus overrides into ``model``; errors name the offending field."""
     try:
@@ -168,7 +295,15 @@ def build_config(model: type[BaseModel], data: dict[str, Any], overrides: list[s
         raise ConfigError(_format_validation_error(exc)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TwoStreamConfig:
-    """Load a :class:`TwoStreamConfig` from an optional YAML/JSON file plus dotted overrides."""
-    data = read_config_file(path) if path else {}
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), flags: dict[str, Any] | None = None
+) -> TwoStreamConfig:
+    """The one loader: an optional YAML/JSON file, then ``flags`` (sections a command line gave,
+    e.g. ``{"eval": {"subset": 50}}``; None values are skipped), then dotted ``key=value``
+    overrides. Raises :class:`ConfigError` naming the field."""
+    data = _merge(read_config_file(path) if path else {}, _given(flags or {}))
     return build_config(TwoStreamConfig, data, overrides)
+
+
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    return {k: _given(v) if isinstance(v, dict) else v for k, v in flags.items() if v is not None}

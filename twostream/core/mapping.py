@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 
 from twostream.core.comparator import OTHER
-from twostream.core.config import CIFAR10_LABELS
+from twostream.core.labels import CIFAR10_LABELS
 
 TABLE = "imagenet_to_cifar10.csv"
 NUM_CLASSES = 1000

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from twostream.core.config import ReputationConfig
+from twostream.core.labels import Response
 
-BLOCKED = "blocked"
-ADVERSARIAL = "adversarial"
+BLOCKED = Response.BLOCKED
 
 
 @dataclass

@@ -1,13 +1,14 @@
-"""The one scoring path shared by the CLI, the Ray batch job, the Serve app and the evaluation.
+"""The scoring path shared by the CLI, the Ray batch job, the Serve app, the audit and the evaluation.
 
-Stages, each a plain function so that the Ray job can place them in separate pools:
+Stages, each a plain function so that the Ray job and the Serve app can place them apart:
 
 1. :func:`decode_many` - bytes -> RGB arrays (errors kept per image).
-2. :func:`prepare` - each stream's own differentiable resize, stacked into a batch.
+2. :func:`prepare` - a stream's own differentiable resize, stacked into a batch.
 3. :func:`stream_topk` - forward pass, softmax, top-k.
-4. :func:`verdict_columns` - Algorithm 1 over the batch (:mod:`twostream.core.comparator`).
+4. :func:`twostream.core.results.score_rows` - Algorithm 1 into a :class:`ScoredBatch`.
 
-:class:`Scorer` chains them: ``Scorer(config).score_batch(images) -> list[ScoreResult]``.
+:class:`StreamScorer` is one stream ready to run stages 2-3 (built, placed, k and batch size
+from the config); :class:`Scorer` chains all four: ``Scorer(config).score(images, ids)``.
 """
 
 from __future__ import annotations
@@ -15,51 +16,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
 
-from twostream.core.comparator import compare
-from twostream.core.config import CIFAR10_LABELS, LimitsConfig, StreamConfig, ThresholdsConfig, TwoStreamConfig
-from twostream.core.mapping import load_mapping
+from twostream.core.config import LimitsConfig, StreamConfig, TwoStreamConfig
 from twostream.core.models import Stream, build_stream
 from twostream.core.preprocess import ImageDecodeError, decode_image, to_tensor01
-
-ACCEPTED = "accepted"
-ADVERSARIAL = "adversarial"
-ERROR = "error"
-
-_LABELS = np.array(CIFAR10_LABELS + ("other",), dtype=object)  # index -1 -> "other"
-
-
-@dataclass
-class ScoreResult:
-    """The verdict on one image, with both streams' evidence."""
-
-    image_id: str
-    verdict: str  # accepted | adversarial | error
-    label: str | None  # CIFAR-10 label when accepted
-    imagenet_index: int | None  # the winning ImageNet class when accepted
-    agreement: float  # P_high[i] * P_low[j] of the winning pair, 0 when rejected
-    high_idx: list[int] = field(default_factory=list)  # H-Net top-5 ImageNet indices
-    high_prob: list[float] = field(default_factory=list)
-    high_labels: list[str] = field(default_factory=list)  # top-5 mapped through the table
-    low_idx: list[int] = field(default_factory=list)  # L-Net top-2 CIFAR-10 indices
-    low_prob: list[float] = field(default_factory=list)
-    low_labels: list[str] = field(default_factory=list)
-    width: int | None = None
-    height: int | None = None
-    error: str | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rejected(self) -> bool:
-        return self.verdict == ADVERSARIAL
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from twostream.core.results import ScoredBatch, ScoreResult, score_rows
 
 
 def resolve_device(device: str) -> torch.device:
@@ -126,33 +91,37 @@ def stream_topk(
     return torch.cat(indices).numpy(), torch.cat(probs).numpy()
 
 
-def verdict_columns(
-    high_idx: np.ndarray,
-    high_prob: np.ndarray,
-    low_idx: np.ndarray,
-    low_prob: np.ndarray,
-    thresholds: ThresholdsConfig,
-) -> dict[str, np.ndarray]:
-    """Algorithm 1 over a batch, as columns ready for a table.
+class StreamScorer:
+    """One stream ready to score decoded images: built from its config section, on its device,
+    with its threads; ``topk`` returns the config's ``top_k`` for a list of RGB arrays."""
 
-    Columns: ``verdict``, ``label`` (None when rejected), ``imagenet_index`` (-1 when
-    rejected), ``agreement``, ``high_labels`` (top-5 mapped labels), ``low_labels``.
-    """
-    mapping = load_mapping().array
-    result = compare(high_idx, high_prob, low_idx, low_prob, mapping, thresholds.p1, thresholds.p2)
-    label = _LABELS[result.label.astype(np.int64)]
-    return {
-        "verdict": np.where(result.accepted, ACCEPTED, ADVERSARIAL).astype(object),
-        "label": np.where(result.accepted, label, None),
-        "imagenet_index": result.imagenet_index,
-        "agreement": result.score,
-        "high_labels": _LABELS[mapping[np.asarray(high_idx)].astype(np.int64)],
-        "low_labels": _LABELS[np.asarray(low_idx).astype(np.int64)],
-    }
+    def __init__(self, config: TwoStreamConfig, kind: Literal["high", "low"], stream: Stream | None = None) -> None:
+        self.kind = kind
+        self.config: StreamConfig = getattr(config, kind)
+        self.k = self.config.top_k
+        self.device = resolve_device(self.config.device)
+        self.stream = (stream or build_stream(self.config, kind)).to(self.device).eval()
+
+    def topk(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(N, k) class indices and probabilities; (0, k) arrays for no image."""
+        if not images:
+            return np.zeros((0, self.k), np.int64), np.zeros((0, self.k), np.float32)
+        return stream_topk(self.stream, prepare(self.stream, images), self.k, self.config.batch_size, self.device)
+
+
+def scatter_topk(
+    n: int, rows: Sequence[int], idx: np.ndarray, prob: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the scored ``rows`` placed into (n, k) arrays (zeros elsewhere)."""
+    full_idx = np.zeros((n, idx.shape[1]), np.int64)
+    full_prob = np.zeros((n, prob.shape[1]), np.float32)
+    full_idx[list(rows)] = idx
+    full_prob[list(rows)] = prob
+    return full_idx, full_prob
 
 
 class Scorer:
-    """Both streams plus the comparator; ``score_batch`` is the whole per-image verdict."""
+    """Both streams plus the comparator; ``score`` is the whole per-image verdict."""
 
     def __init__(
         self,
@@ -164,66 +133,44 @@ class Scorer:
         self.config = config or TwoStreamConfig()
         if self.config.high.threads:
             torch.set_num_threads(self.config.high.threads)
-        self.high_device = resolve_device(self.config.high.device)
-        self.low_device = resolve_device(self.config.low.device)
-        self.high = (high or build_stream(self.config.high, "high")).to(self.high_device).eval()
-        self.low = (low or build_stream(self.config.low, "low")).to(self.low_device).eval()
+        self.high_scorer = StreamScorer(self.config, "high", high)
+        self.low_scorer = StreamScorer(self.config, "low", low)
 
-    def score_batch(
-        self, images: Sequence[bytes | np.ndarray], ids: Sequence[str] | None = None
-    ) -> list[ScoreResult]:
+    @property
+    def high(self) -> Stream:
+        """The H-Net module (what attacks differentiate through)."""
+        return self.high_scorer.stream
+
+    @property
+    def low(self) -> Stream:
+        """The L-Net module."""
+        return self.low_scorer.stream
+
+    def score(self, images: Sequence[bytes | np.ndarray], ids: Sequence[str] | None = None) -> ScoredBatch:
         """Score images given as encoded bytes or decoded (H, W, 3) uint8 RGB arrays."""
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(images))]
         if len(ids) != len(images):
             raise ValueError(f"{len(ids)} ids for {len(images)} images")
-        cfg = self.config
-
         started = time.perf_counter()
-        decoded, errors = decode_many(images, cfg.limits)
-        decode_ms = (time.perf_counter() - started) * 1e3
-
+        decoded, errors = decode_many(images, self.config.limits)
+        t0 = time.perf_counter()
         good = [k for k, image in enumerate(decoded) if image is not None]
         good_images = [decoded[k] for k in good]
+        high = scatter_topk(len(images), good, *self.high_scorer.topk(good_images))
+        t1 = time.perf_counter()
+        low = scatter_topk(len(images), good, *self.low_scorer.topk(good_images))
+        t2 = time.perf_counter()
+        sizes = [image.shape[:2] if image is not None else None for image in decoded]
+        batch = score_rows(ids, errors, sizes, *high, *low, self.config.thresholds)
+        t3 = time.perf_counter()
         n = max(len(good), 1)
-        timings = {"decode": decode_ms / max(len(images), 1)}
-        columns: dict[str, np.ndarray] = {}
+        batch.timings_ms = {"decode": (t0 - started) * 1e3 / max(len(images), 1)}
         if good:
-            t0 = time.perf_counter()
-            high_idx, high_prob = stream_topk(
-                self.high, prepare(self.high, good_images), 5, cfg.high.batch_size, self.high_device
-            )
-            t1 = time.perf_counter()
-            low_idx, low_prob = stream_topk(
-                self.low, prepare(self.low, good_images), 2, cfg.low.batch_size, self.low_device
-            )
-            t2 = time.perf_counter()
-            columns = verdict_columns(high_idx, high_prob, low_idx, low_prob, cfg.thresholds)
-            t3 = time.perf_counter()
-            columns.update(high_idx=high_idx, high_prob=high_prob, low_idx=low_idx, low_prob=low_prob)
-            timings.update(high=(t1 - t0) * 1e3 / n, low=(t2 - t1) * 1e3 / n, compare=(t3 - t2) * 1e3 / n)
+            batch.timings_ms.update(high=(t1 - t0) * 1e3 / n, low=(t2 - t1) * 1e3 / n, compare=(t3 - t2) * 1e3 / n)
+        return batch
 
-        results = [
-            ScoreResult(image_id=ids[k], verdict=ERROR, label=None, imagenet_index=None,
-                        agreement=0.0, error=errors[k], timings_ms=dict(timings))
-            for k in range(len(images))
-        ]
-        for row, k in enumerate(good):
-            height, width = decoded[k].shape[:2]
-            index = int(columns["imagenet_index"][row])
-            results[k] = ScoreResult(
-                image_id=ids[k],
-                verdict=str(columns["verdict"][row]),
-                label=columns["label"][row],
-                imagenet_index=index if index >= 0 else None,
-                agreement=float(columns["agreement"][row]),
-                high_idx=[int(v) for v in columns["high_idx"][row]],
-                high_prob=[float(v) for v in columns["high_prob"][row]],
-                high_labels=[str(v) for v in columns["high_labels"][row]],
-                low_idx=[int(v) for v in columns["low_idx"][row]],
-                low_prob=[float(v) for v in columns["low_prob"][row]],
-                low_labels=[str(v) for v in columns["low_labels"][row]],
-                width=int(width),
-                height=int(height),
-                timings_ms=dict(timings),
-            )
-        return results
+    def score_batch(
+        self, images: Sequence[bytes | np.ndarray], ids: Sequence[str] | None = None
+    ) -> list[ScoreResult]:
+        """:meth:`score` as one :class:`ScoreResult` per image."""
+        return self.score(images, ids).results()

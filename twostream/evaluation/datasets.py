@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from twostream import storage
-from twostream.core.config import CIFAR10_LABELS
+from twostream.core.labels import CIFAR10_LABELS
 from twostream.core.preprocess import decode_image
 
 if TYPE_CHECKING:

@@ -19,10 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream import storage
-from twostream.core.config import CIFAR10_LABELS
-from twostream.core.reputation import ADVERSARIAL
-
-ACCEPTED = "accepted"  # twostream.core.scoring.ACCEPTED (not imported from there: it pulls in torch)
+from twostream.core.labels import CIFAR10_LABELS
+from twostream.core.labels import Verdict
 KEYS = ("dataset", "attack")
 MISSING = "—"
 
@@ -102,7 +100,7 @@ def paper_dataset(name: str) -> str | None:
 
 def scored_mask(rows: pa.Table, in_scope: bool) -> np.ndarray:
     """Rows with a verdict (accepted or adversarial) whose truth is in scope (>= 0) or not (-1)."""
-    scored = pc.is_in(rows["verdict"], value_set=pa.array([ACCEPTED, ADVERSARIAL]))
+    scored = pc.is_in(rows["verdict"], value_set=pa.array([Verdict.ACCEPTED.value, Verdict.ADVERSARIAL.value]))
     verdict = scored.to_numpy(zero_copy_only=False)
     truth = rows["truth"].to_numpy(zero_copy_only=False)
     return verdict & ((truth >= 0) if in_scope else (truth < 0))
@@ -147,7 +145,7 @@ def table2(rows: pa.Table) -> pa.Table:
     """Table 2 over in-scope rows: ``n``, ``reject``, ``right`` and ``wrong`` (accepted as the truth or not)."""
     truth = rows["truth"].to_numpy(zero_copy_only=False)
     truth_name = np.asarray(CIFAR10_LABELS, dtype=object)[np.clip(truth, 0, None)]
-    rejected = pc.equal(rows["verdict"], ADVERSARIAL).to_numpy(zero_copy_only=False)
+    rejected = pc.equal(rows["verdict"], Verdict.ADVERSARIAL.value).to_numpy(zero_copy_only=False)
     right = ~rejected & (rows["label"].to_numpy(zero_copy_only=False) == truth_name)
     measures = {"reject": rejected, "right": right, "wrong": ~rejected & ~right}
     return _grouped(rows, scored_mask(rows, True), measures)
@@ -155,7 +153,7 @@ def table2(rows: pa.Table) -> pa.Table:
 
 def out_of_scope(rows: pa.Table) -> pa.Table:
     """Rows whose truth is outside the ten classes (-1): ``n`` and ``reject`` (they should be rejected)."""
-    rejected = pc.equal(rows["verdict"], ADVERSARIAL).to_numpy(zero_copy_only=False)
+    rejected = pc.equal(rows["verdict"], Verdict.ADVERSARIAL.value).to_numpy(zero_copy_only=False)
     return _grouped(rows, scored_mask(rows, False), {"reject": rejected})
 
 

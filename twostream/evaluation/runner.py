@@ -26,52 +26,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from twostream import storage
 from twostream.attacks import ATTACKS, attack_params, run_attack
-from twostream.core.config import TwoStreamConfig
+from twostream.core.config import EvalSettings, TwoStreamConfig
 from twostream.evaluation.datasets import Dataset, from_batch, load_images, open_dataset, to_batch
 
 log = logging.getLogger(__name__)
-
-# Attacks too slow on a CPU for every image by default (a seeded subset of this many images).
-SLOW_ATTACK_SUBSET = {"t1-deepfool": 64, "t2-cw": 64, "t2-pixel1": 64, "t2-pixel3": 64}
-
-
-class EvalSettings(BaseModel):
-    """The ``eval:`` section: which cells, on how many images, with which attack parameters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    datasets: list[str] = Field(default_factory=list, description="[name=]kind:location specs")
-    attacks: list[str] = Field(default_factory=lambda: list(ATTACKS))
-    subset: int | None = Field(None, gt=0, description="in-scope images per dataset (seeded); None = all")
-    attack_subset: dict[str, int] = Field(
-        default_factory=lambda: dict(SLOW_ATTACK_SUBSET),
-        description="smaller seeded subsets for slow attacks (nested in `subset`)")
-    out_of_scope: int = Field(200, ge=0, description="out-of-scope images added to the clean cell")
-    size: int = Field(256, ge=32, description="working resolution (square) of the full-size image")
-    seed: int = 0
-    batch_size: int = Field(8, gt=0, description="attack batch size")
-    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="attack overrides")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per cell task")
-    num_gpus: float = Field(0.0, ge=0, description="GPU fraction per cell task")
-
-    @field_validator("attacks")
-    @classmethod
-    def _known_attacks(cls, value: list[str]) -> list[str]:
-        unknown = [a for a in value if a not in ATTACKS]
-        if unknown:
-            raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
-        return value
-
-
-class EvalConfig(TwoStreamConfig):
-    """The scoring config plus the ``eval:`` section."""
-
-    eval: EvalSettings = EvalSettings()
-
 
 ROW_SCHEMA = pa.schema([
     ("dataset", pa.string()),
@@ -119,7 +80,7 @@ def select_images(dataset: Dataset, attack: str, settings: EvalSettings) -> Data
     return chosen
 
 
-def cache_key(dataset: Dataset, attack: str, config: EvalConfig) -> dict[str, Any]:
+def cache_key(dataset: Dataset, attack: str, config: TwoStreamConfig) -> dict[str, Any]:
     """Everything the adversarial images depend on."""
     s = config.eval
     return {
@@ -157,7 +118,7 @@ def _save_cached(npz_uri: str, meta_uri: str, images: np.ndarray, meta: dict) ->
     storage.write_bytes(meta_uri, json.dumps(meta, indent=1, default=str).encode())
 
 
-def run_cell(cell: Cell, config: EvalConfig, output: str, scorer=None) -> pa.Table:
+def run_cell(cell: Cell, config: TwoStreamConfig, output: str, scorer=None) -> pa.Table:
     """Attack (or reuse), score and write one cell; returns its rows."""
     from twostream.core.scoring import Scorer
 
@@ -189,7 +150,7 @@ def run_cell(cell: Cell, config: EvalConfig, output: str, scorer=None) -> pa.Tab
                 "success": None if success is None else np.asarray(success).tolist()}
         _save_cached(npz_uri, meta_uri, adv, meta)
         log.info("%s/%s: attacked %d images in %.1f s", dataset.name, cell.attack, len(adv), result.wall_s)
-    results = scorer.score_batch(list(adv), dataset.ids)
+    scored = scorer.score(list(adv), dataset.ids).to_arrow()
     diff = adv.astype(np.float32) / 255.0 - clean.astype(np.float32) / 255.0
     n = len(dataset)
     success = meta.get("success")
@@ -198,13 +159,8 @@ def run_cell(cell: Cell, config: EvalConfig, output: str, scorer=None) -> pa.Tab
         "attack": [cell.attack] * n,
         "image_id": list(dataset.ids),
         "truth": dataset.labels.astype(np.int8),
-        "high_idx": [r.high_idx for r in results],
-        "high_prob": [r.high_prob for r in results],
-        "low_idx": [r.low_idx for r in results],
-        "low_prob": [r.low_prob for r in results],
-        "verdict": [r.verdict for r in results],
-        "label": [r.label for r in results],
-        "agreement": [r.agreement for r in results],
+        **{name: scored[name] for name in ("high_idx", "high_prob", "low_idx", "low_prob", "verdict", "label")},
+        "agreement": scored["agreement"].cast(pa.float32()),
         "linf": np.abs(diff).reshape(n, -1).max(axis=1) if n else np.zeros(0, np.float32),
         "l2": np.sqrt((diff.reshape(n, -1) ** 2).sum(axis=1)) if n else np.zeros(0, np.float32),
         "attack_success": [bool(v) for v in success] if success is not None else [None] * n,

@@ -28,23 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from twostream.core.config import ReputationConfig
-from twostream.core.reputation import ADVERSARIAL, advance
+from twostream.core.config import ReputationConfig, SimulationSettings
+from twostream.core.labels import Verdict
+from twostream.core.reputation import advance
 
 GROUPS = ("normal", "adversarial", "strategic")
-
-
-class SimulationConfig(BaseModel):
-    """Sizes and seeds of the Fig. 5 simulation (paper: 9,000 normal and 1,000 adversarial users)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    normal_users: int = Field(9000, gt=0)
-    adversarial_users: int = Field(1000, gt=0, description="also the number of strategic users")
-    images_per_user: int = Field(30, gt=0, description="rounds; every user sends one image per round")
-    runs: int = Field(5, gt=0)
-    seed: int = Field(0, ge=0)
-    reputation: ReputationConfig = ReputationConfig()
 
 
 def bernoulli_pool(p: float) -> np.ndarray:
@@ -73,7 +61,7 @@ def pools_from_rows(rows: pa.Table, dataset: str | None = None) -> tuple[np.ndar
         mask &= in_dataset
     keep = pa.array(mask)
     attacks = rows["attack"].cast(pa.string()).filter(keep).to_numpy(zero_copy_only=False)
-    rejected = pc.equal(rows["verdict"], ADVERSARIAL).filter(keep).to_numpy(zero_copy_only=False)
+    rejected = pc.equal(rows["verdict"], Verdict.ADVERSARIAL.value).filter(keep).to_numpy(zero_copy_only=False)
     pools = {name: rejected[attacks == name] for name in dict.fromkeys(attacks)}
     clean = pools.pop("clean", None)
     if clean is None:
@@ -127,7 +115,8 @@ def _check_pools(clean_pool: np.ndarray, attack_pools: dict[str, np.ndarray]) ->
 
 
 def _run(
-    rng: np.random.Generator, clean_pool: np.ndarray, pool: np.ndarray, config: SimulationConfig
+    rng: np.random.Generator, clean_pool: np.ndarray, pool: np.ndarray, config: SimulationSettings,
+    rep: ReputationConfig,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """One run of one attack: each group's ``(rounds, users)`` blacklist flags, and its summary counts."""
     normal = (config.images_per_user, config.normal_users)
@@ -138,7 +127,6 @@ def _run(
         pool[rng.integers(0, len(pool), size=adversarial)],
         clean_pool[rng.integers(0, len(clean_pool), size=adversarial)],
     ]
-    rep = config.reputation
     strategic, blocked, sent = _play(draws[2], rep, draws[3])
     listed = {"normal": _play(draws[0], rep)[0], "adversarial": _play(draws[1], rep)[0], "strategic": strategic}
     answered = sent & ~blocked
@@ -171,7 +159,10 @@ def _summary_row(attack: str, stats: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def simulate(
-    clean_pool: np.ndarray, attack_pools: dict[str, np.ndarray], config: SimulationConfig
+    clean_pool: np.ndarray,
+    attack_pools: dict[str, np.ndarray],
+    config: SimulationSettings,
+    reputation: ReputationConfig = ReputationConfig(),
 ) -> tuple[pa.Table, pa.Table]:
     """Run the simulation for every attack and run (draw order: module docstring).
 
@@ -190,7 +181,7 @@ def simulate(
         stats = []
         for run in range(config.runs):
             rng = np.random.default_rng([config.seed, run, k])
-            listed, counts = _run(rng, clean_pool, np.asarray(pool, bool), config)
+            listed, counts = _run(rng, clean_pool, np.asarray(pool, bool), config, reputation)
             curves += [_curve(attack, run, group, listed[group]) for group in GROUPS]
             stats.append(counts)
         summary.append(_summary_row(attack, stats))
@@ -202,9 +193,8 @@ def _percent(share: float) -> str:
     return f"{100 * share:.1f}%"
 
 
-def summary_markdown(summary: pa.Table, config: SimulationConfig) -> str:
+def summary_markdown(summary: pa.Table, config: SimulationSettings, rep: ReputationConfig) -> str:
     """A one-screen Markdown summary of :func:`simulate`'s ``summary`` table."""
-    rep = config.reputation
     lines = [
         f"# Fig. 5 simulation: {config.normal_users:,} normal, {config.adversarial_users:,} adversarial "
         f"and {config.adversarial_users:,} strategic users, {config.images_per_user} images each, "
