@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from twostream.core.config import CIFAR10_LABELS, HighStreamConfig, LowStreamConfig
+from twostream.core.labels import CIFAR10_LABELS
+from twostream.core.config import HighStreamConfig, LowStreamConfig
 from twostream.core.models import (
     WEIGHTS_DIR,
     CifarResNet,
