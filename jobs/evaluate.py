@@ -125,6 +125,7 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
     running or named), print the summary; the exit code of ``jobs.evaluate`` and ``twostream eval``."""
     import ray
 
+    from jobs.ray_cluster import connect
     from twostream.evaluation.runner import cells
 
     try:
@@ -134,9 +135,7 @@ def run_from_args(args: argparse.Namespace, prog: str) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or None)
+    started_here = connect(args.address)
     try:
         summary = run_grid(config, args.output, progress=not args.no_progress)
     finally:
