@@ -279,11 +279,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_sections(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``extra`` over ``base``, section by section."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_sections(out[key], value) if nested else value
     return out
 
 
@@ -301,7 +302,7 @@ def load_config(
     """The one loader: an optional YAML/JSON file, then ``flags`` (sections a command line gave,
     e.g. ``{"eval": {"subset": 50}}``; None values are skipped), then dotted ``key=value``
     overrides. Raises :class:`ConfigError` naming the field."""
-    data = _merge(read_config_file(path) if path else {}, _given(flags or {}))
+    data = merge_sections(read_config_file(path) if path else {}, _given(flags or {}))
     return build_config(TwoStreamConfig, data, overrides)
 
 

@@ -134,30 +134,31 @@ class ScoredBatch:
         }
         return pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)
 
+    def row(self, k: int) -> ScoreResult:
+        """Image ``k`` as a :class:`ScoreResult` (empty top-k and no size on an error row)."""
+        ok = self.verdict[k] != Verdict.ERROR
+        index = int(self.imagenet_index[k])
+        return ScoreResult(
+            image_id=str(self.image_id[k]),
+            verdict=str(self.verdict[k]),
+            label=self.label[k],
+            imagenet_index=index if index >= 0 else None,
+            agreement=float(self.agreement[k]),
+            high_idx=[int(v) for v in self.high_idx[k]] if ok else [],
+            high_prob=[float(v) for v in self.high_prob[k]] if ok else [],
+            high_labels=[str(v) for v in self.high_labels[k]] if ok else [],
+            low_idx=[int(v) for v in self.low_idx[k]] if ok else [],
+            low_prob=[float(v) for v in self.low_prob[k]] if ok else [],
+            low_labels=[str(v) for v in self.low_labels[k]] if ok else [],
+            width=int(self.width[k]) if ok else None,
+            height=int(self.height[k]) if ok else None,
+            error=self.error[k],
+            timings_ms=dict(self.timings_ms),
+        )
+
     def results(self) -> list[ScoreResult]:
         """One :class:`ScoreResult` per image, in order."""
-        out = []
-        for k in range(len(self)):
-            ok = self.verdict[k] != Verdict.ERROR
-            index = int(self.imagenet_index[k])
-            out.append(ScoreResult(
-                image_id=str(self.image_id[k]),
-                verdict=str(self.verdict[k]),
-                label=self.label[k],
-                imagenet_index=index if index >= 0 else None,
-                agreement=float(self.agreement[k]),
-                high_idx=[int(v) for v in self.high_idx[k]] if ok else [],
-                high_prob=[float(v) for v in self.high_prob[k]] if ok else [],
-                high_labels=[str(v) for v in self.high_labels[k]] if ok else [],
-                low_idx=[int(v) for v in self.low_idx[k]] if ok else [],
-                low_prob=[float(v) for v in self.low_prob[k]] if ok else [],
-                low_labels=[str(v) for v in self.low_labels[k]] if ok else [],
-                width=int(self.width[k]) if ok else None,
-                height=int(self.height[k]) if ok else None,
-                error=self.error[k],
-                timings_ms=dict(self.timings_ms),
-            ))
-        return out
+        return [self.row(k) for k in range(len(self))]
 
 
 def _matrix(values: Any, n: int, k: int, dtype: type) -> np.ndarray:
