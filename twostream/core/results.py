@@ -162,7 +162,7 @@ class ScoredBatch:
 
 
 def _matrix(values: Any, n: int, k: int, dtype: type) -> np.ndarray:
-    array = np.asarray(values, dtype=dtype)
+    array = np.array(values, dtype=dtype)  # a copy: the error rows are zeroed in place
     if array.size == 0:
         return np.zeros((n, k), dtype)
     if array.shape != (n, k):
