@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 log = logging.getLogger("twostream.jobs")
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
 
 def connect(
@@ -28,6 +29,8 @@ def connect(
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     env = {k: v for k, v in os.environ.items() if k.startswith(env_prefixes)}
+    if _JOB_CONFIG_ENV in os.environ:  # a `ray job submit` driver: the job's runtime env applies,
+        env = {}  # and Ray refuses env vars given again (a conflict)
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if address is None:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
