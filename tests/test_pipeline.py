@@ -10,7 +10,7 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from twostream.batch import pipeline
+from twostream.batch import outputs, planning, reputation
 from twostream.core.config import ReputationConfig
 from twostream.batch.manifest import ManifestError, ManifestIndex, normalise, read_manifest
 from twostream.core.reputation import Upload, replay
@@ -33,16 +33,16 @@ def test_plan_and_read(tmp_path):
     (tmp_path / "_hidden").write_bytes(b"x")
     _tar(tmp_path / "s.tar", [("k1.jpg", b"one"), ("k1.json", b'{"source": "t"}'), ("k2.png", b"two"),
                               ("k3.json", b"{}")])
-    shards = pipeline.plan_shards(str(tmp_path), files_per_shard=4)
+    shards = planning.plan_shards(str(tmp_path), files_per_shard=4)
     assert [s.kind for s in shards] == ["tar", "files", "files"]
-    assert pipeline.plan_digest(shards) == pipeline.plan_digest(pipeline.plan_shards(str(tmp_path), 4))
-    rows = [r for s in shards for r in pipeline.read_shard(s, str(tmp_path))]
+    assert planning.plan_digest(shards) == planning.plan_digest(planning.plan_shards(str(tmp_path), 4))
+    rows = [r for s in shards for r in planning.read_shard(s, str(tmp_path))]
     keys = {r["key"]: r for r in rows}
     assert set(keys) == {"k1", "k2", "k3", "a/readme", *(f"a/x{i}" for i in range(5))}
     assert keys["k3"]["read_error"] == "sidecar without an image file"
     assert keys["k1"]["data"] == b"one" and keys["k1"]["uri"].endswith("s.tar#k1.jpg")
     assert keys["a/readme"]["data"] == b"hello"  # a non-image is an input (an error row later)
-    pipeline.attach_identity(rows, ManifestIndex(None))
+    planning.attach_identity(rows, ManifestIndex(None))
     assert (keys["a/x1"]["source"], keys["a/x1"]["timestamp"]) == ("s9", 4.0)
     assert (keys["k1"]["source"], keys["k2"]["source"]) == ("t", "unknown")
     assert keys["a/x2"]["image_id"] == "a/x2"
@@ -52,11 +52,11 @@ def test_truncated_tar_and_oversize(tmp_path):
     _tar(tmp_path / "s.tar", [("k1.jpg", b"1" * 3000), ("k2.jpg", b"2" * 3000)])
     data = (tmp_path / "s.tar").read_bytes()
     (tmp_path / "s.tar").write_bytes(data[:2000])
-    rows = pipeline.read_shard(pipeline.plan_shards(str(tmp_path))[0], str(tmp_path))
+    rows = planning.read_shard(planning.plan_shards(str(tmp_path))[0], str(tmp_path))
     assert len(rows) == 1 and "truncated" in rows[0]["read_error"] or "tar" in rows[0]["read_error"]
     (tmp_path / "s.tar").unlink()
     (tmp_path / "big.jpg").write_bytes(b"x" * 100)
-    rows = pipeline.read_shard(pipeline.plan_shards(str(tmp_path))[0], str(tmp_path), max_bytes=10)
+    rows = planning.read_shard(planning.plan_shards(str(tmp_path))[0], str(tmp_path), max_bytes=10)
     assert "too large" in rows[0]["read_error"]
 
 
@@ -89,10 +89,10 @@ def test_manifest_by_uri_and_errors():
 
 
 def test_reputation_shard_is_stable_and_spread():
-    assert pipeline.reputation_shard("10.0.0.1", 8) == pipeline.reputation_shard("10.0.0.1", 8)
+    assert reputation.reputation_shard("10.0.0.1", 8) == reputation.reputation_shard("10.0.0.1", 8)
     counts = [0] * 8
     for i in range(4000):
-        counts[pipeline.reputation_shard(f"10.0.{i // 256}.{i % 256}", 8)] += 1
+        counts[reputation.reputation_shard(f"10.0.{i // 256}.{i % 256}", 8)] += 1
     assert min(counts) > 350  # no shard is a hot spot
 
 
@@ -106,9 +106,9 @@ def test_sharded_replay_equals_global_replay():
     by_id = {u.image_id: r for u, r in zip(uploads, want)}
     for parts in (1, 3, 7):
         for p in range(parts):
-            mine = [u for u in uploads if pipeline.reputation_shard(u.source, parts) == p]
+            mine = [u for u in uploads if reputation.reputation_shard(u.source, parts) == p]
             rnd.shuffle(mine)
-            got, table = pipeline.replay_source_rows(mine, {}, ReputationConfig())
+            got, table = reputation.replay_source_rows(mine, {}, ReputationConfig())
             assert all(by_id[u.image_id] == r for u, r in zip(mine, got))
             for row in table.to_pylist():
                 st = ledger.get(row["source"])
@@ -117,7 +117,7 @@ def test_sharded_replay_equals_global_replay():
 
 def test_output_schemas_are_pinned():
     """The documented schema (docs/batch.md): change both together."""
-    assert [(f.name, str(f.type)) for f in pipeline.IMAGES_SCHEMA] == [
+    assert [(f.name, str(f.type)) for f in outputs.IMAGES_SCHEMA] == [
         ("image_id", "string"), ("key", "string"), ("uri", "string"), ("shard", "string"),
         ("source", "string"), ("timestamp", "double"), ("width", "int32"), ("height", "int32"),
         ("verdict", "string"), ("label", "string"), ("imagenet_index", "int32"),
@@ -127,7 +127,7 @@ def test_output_schemas_are_pinned():
         ("low_labels", "list<item: string>"), ("error", "string"), ("response", "string"),
         ("cc", "int32"), ("blacklisted", "bool"),
     ]
-    assert [(f.name, str(f.type)) for f in pipeline.SOURCES_SCHEMA] == [
+    assert [(f.name, str(f.type)) for f in outputs.SOURCES_SCHEMA] == [
         ("source", "string"), ("images", "int64"), ("rejected", "int64"), ("blocked", "int64"),
         ("errors", "int64"), ("cc", "int32"), ("blacklisted", "bool"), ("first_seen", "double"),
         ("last_seen", "double"),

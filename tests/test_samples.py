@@ -13,21 +13,21 @@ SMALL = ["high.model=mobilenetv3_small_050", "high.weights=random",
 
 
 def test_generate_sample(tmp_path):
-    from jobs.score import load_job_config
     from twostream import samples
-    from twostream.batch import pipeline
+    from twostream.batch import planning
+    from twostream.core.config import load_config
     from twostream.core.models import build_stream
     from twostream.core.preprocess import decode_image
 
-    cfg = load_job_config(None, SMALL)
+    cfg = load_config(None, SMALL)
     info = samples.generate(tmp_path / "s", n=10, adversarial_fraction=0.3, sources=4, attackers=1,
                             shards=2, config=cfg)
     rows = list(csv.DictReader(open(info.manifest)))
     assert len(rows) == 10 and sum(int(r["adversarial"]) for r in rows) == 3
     assert {r["source"] for r in rows if r["adversarial"] == "1"} == {"src-00"}
-    shards = pipeline.plan_shards(str(info.input_dir), 100)
+    shards = planning.plan_shards(str(info.input_dir), 100)
     assert sum(s.kind == "tar" for s in shards) == 2
-    read = [r for s in shards for r in pipeline.read_shard(s, str(info.input_dir))]
+    read = [r for s in shards for r in planning.read_shard(s, str(info.input_dir))]
     assert sorted(r["key"] for r in read) == sorted(r["key"] for r in rows)
     for s in shards:
         if s.kind == "tar":

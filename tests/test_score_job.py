@@ -78,7 +78,7 @@ def make_dataset(root: Path) -> tuple[list[dict], Path]:
 
 def expected(truth: list[dict], overrides: list[str]):
     """Independent in-process computation: Scorer.score_batch + replay."""
-    from jobs.score import load_job_config
+    from twostream.core.config import load_config
     from twostream.core.reputation import Upload, replay
     from twostream.core.scoring import Scorer
 
@@ -86,7 +86,7 @@ def expected(truth: list[dict], overrides: list[str]):
 
     from twostream.core.models import build_stream
 
-    cfg = load_job_config(None, overrides)
+    cfg = load_config(None, overrides)
     torch.manual_seed(0)  # random weights built exactly as each job actor builds them
     high = build_stream(cfg.high, "high")
     torch.manual_seed(0)
@@ -203,14 +203,15 @@ def _run_in_cluster(ray_head, output: Path, overrides: list[str], env: dict | No
     """run_job in this process as a Ray client of the test head (same code as the job)."""
     import ray
 
-    from jobs.score import load_job_config, run_job
+    from jobs.score import run_job
+    from twostream.core.config import load_config
 
     for k, v in (env or {}).items():
         os.environ[k] = v
     try:
         if not ray.is_initialized():
             ray.init(address=ray_head["address"], runtime_env={"env_vars": _aws_env()})
-        return run_job(load_job_config(None, overrides), "s3://twostream-test/in", str(output),
+        return run_job(load_config(None, overrides), "s3://twostream-test/in", str(output),
                        "s3://twostream-test/manifest.csv", progress=False)
     finally:
         for k in env or {}:

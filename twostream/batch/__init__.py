@@ -1,2 +1,5 @@
-"""The batch job without Ray: input planning and reading, manifests, the stage callables,
-output schemas, the reputation reduce and resume. ``jobs/score.py`` places these on Ray."""
+"""The batch job without Ray: :mod:`~twostream.batch.planning` (input shards and their rows),
+:mod:`~twostream.batch.manifest`, :mod:`~twostream.batch.stages` (the phase-1 stage callables),
+:mod:`~twostream.batch.reputation` (the reputation reduce and responses) and
+:mod:`~twostream.batch.outputs` (schemas, layout, commits, summary). ``jobs/score.py`` places
+these on Ray."""

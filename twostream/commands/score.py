@@ -32,9 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from jobs.score import format_summary, load_job_config, run_job
+    from jobs.ray_cluster import connect
+    from jobs.score import run_job
+    from twostream.batch.outputs import format_summary
+    from twostream.cli import config_from_args
 
-    cfg = load_job_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     store = None
     try:
         if args.input:
@@ -58,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 str(info.manifest), "twostream-demo", "manifest.csv")
             input_uri, manifest = "s3://twostream-demo/uploads", "s3://twostream-demo/manifest.csv"
             output = args.output or os.path.join("out", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if not ray.is_initialized():
-            env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-            ray.init(address=address or None, runtime_env={"env_vars": env} if env else None)
+        connect(args.address)
         summary = run_job(cfg, input_uri, output, manifest, progress=not args.no_progress)
         print(format_summary(summary))
         return 0

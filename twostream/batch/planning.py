@@ -1,18 +1,14 @@
-"""Ray-free building blocks of the batch job (``jobs/score.py``).
+"""The batch job's input: which shards there are, and the raw rows of each.
 
-- Input planning: :func:`plan_shards` turns an input prefix (local folder or ``s3://``) into
+- Planning: :func:`plan_shards` turns an input prefix (local folder or ``s3://``) into
   *shards*, the unit of reading and of resume: each tar file is one shard (WebDataset layout,
   ``key.jpg`` beside an optional ``key.json``), and loose files are grouped, in sorted order,
-  ``files_per_shard`` at a time.
+  ``files_per_shard`` at a time; :func:`plan_digest` fingerprints a plan so a resume can check
+  that the input is unchanged.
 - Reading: :func:`read_shard` yields one raw row per input (bytes, key, uri, sidecar metadata);
   a file that cannot be read is still a row, with ``read_error`` set.
 - Identity: :func:`attach_identity` gives each row its image id, source and timestamp from the
   manifest (:mod:`twostream.batch.manifest`), else from the sidecar JSON, else ``key``/``unknown``/0.
-- Output: the pinned Arrow schemas :data:`IMAGES_SCHEMA`, :data:`SOURCES_SCHEMA` and the
-  staging schema, and the reputation reduce :func:`replay_source_rows`.
-- Resume: :func:`plan_digest` and the ``_progress/`` layout.
-
-Everything here is plain Python + pyarrow, unit-tested without Ray.
 """
 
 from __future__ import annotations
@@ -26,72 +22,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-
 from twostream import storage
-from twostream.core.config import ReputationConfig
 from twostream.batch.manifest import UNKNOWN_SOURCE, ManifestIndex
-from twostream.core.reputation import Upload, replay
 
 TAR_SUFFIXES = (".tar",)
 SIDECAR_SUFFIX = ".json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-ERROR_RESPONSE = "error"
-
-# ---------------------------------------------------------------------------------------------
-# Output schemas (SPEC 6). Pinned by tests/test_pipeline.py and documented in docs/batch.md.
-# ---------------------------------------------------------------------------------------------
-_SCORE_FIELDS = [
-    ("image_id", pa.string()),
-    ("key", pa.string()),
-    ("uri", pa.string()),
-    ("shard", pa.string()),
-    ("source", pa.string()),
-    ("timestamp", pa.float64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("verdict", pa.string()),  # accepted | adversarial | error
-    ("label", pa.string()),  # CIFAR-10 label when accepted, else null
-    ("imagenet_index", pa.int32()),  # winning ImageNet class when accepted, else null
-    ("agreement", pa.float64()),
-    ("high_idx", pa.list_(pa.int32())),  # H-Net top-5 ImageNet indices
-    ("high_prob", pa.list_(pa.float32())),
-    ("high_labels", pa.list_(pa.string())),  # top-5 mapped through the ImageNet->CIFAR-10 table
-    ("low_idx", pa.list_(pa.int32())),  # L-Net top-2 CIFAR-10 indices
-    ("low_prob", pa.list_(pa.float32())),
-    ("low_labels", pa.list_(pa.string())),
-    ("error", pa.string()),  # why the input could not be scored, else null
-]
-STAGING_SCHEMA = pa.schema(_SCORE_FIELDS + [("row", pa.int32())])
-IMAGES_SCHEMA = pa.schema(
-    _SCORE_FIELDS
-    + [
-        ("response", pa.string()),  # Algorithm 2: a label, adversarial, blocked, or error
-        ("cc", pa.int32()),  # the source's counter after this image (null for errors)
-        ("blacklisted", pa.bool_()),  # the source's standing after this image (null for errors)
-    ]
-)
-SOURCES_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("images", pa.int64()),  # scored images (Algorithm-2 events)
-        ("rejected", pa.int64()),
-        ("blocked", pa.int64()),
-        ("errors", pa.int64()),  # unreadable inputs (not Algorithm-2 events)
-        ("cc", pa.int32()),  # final counter
-        ("blacklisted", pa.bool_()),  # final standing
-        ("first_seen", pa.float64()),
-        ("last_seen", pa.float64()),
-        ("blacklist_intervals", pa.list_(pa.struct([("joined", pa.float64()), ("left", pa.float64())]))),
-        ("times_blacklisted", pa.int32()),
-    ]
-)
 
 
-# ---------------------------------------------------------------------------------------------
-# Input planning and reading
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class Shard:
     """One unit of reading and of resume."""
@@ -286,106 +224,3 @@ def attach_identity(rows: list[dict], manifest: ManifestIndex) -> list[dict]:
         except (TypeError, ValueError):
             row["timestamp"] = 0.0
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Staging rows and the final outputs
-# ---------------------------------------------------------------------------------------------
-def staging_table(columns: dict[str, Any]) -> pa.Table:
-    """Columns (lists/arrays) -> a table with :data:`STAGING_SCHEMA` (types coerced)."""
-    arrays = []
-    for f in STAGING_SCHEMA:
-        values = columns[f.name]
-        if isinstance(values, np.ndarray) and values.dtype != object:
-            values = values.tolist()
-        arrays.append(pa.array(list(values), type=f.type))
-    return pa.Table.from_arrays(arrays, schema=STAGING_SCHEMA)
-
-
-def reputation_shard(source: str, shards: int) -> int:
-    """Stable shard of a source id (crc32), the same in every process and run."""
-    return zlib.crc32(source.encode("utf-8")) % shards
-
-
-def uploads_from_staging(table: pa.Table) -> tuple[list[int], list[Upload]]:
-    """The Algorithm-2 events of a staging table (error rows are not events): (rows, uploads)."""
-    cols = table.select(["row", "source", "timestamp", "image_id", "verdict", "label"]).to_pydict()
-    rows, uploads = [], []
-    for k in range(table.num_rows):
-        verdict = cols["verdict"][k]
-        if verdict == ERROR_RESPONSE:
-            continue
-        rejected = verdict != "accepted"
-        rows.append(cols["row"][k])
-        uploads.append(
-            Upload(
-                source=cols["source"][k],
-                timestamp=float(cols["timestamp"][k]),
-                image_id=cols["image_id"][k],
-                rejected=rejected,
-                verdict="adversarial" if rejected else cols["label"][k],
-            )
-        )
-    return rows, uploads
-
-
-def replay_source_rows(
-    uploads: Sequence[Upload], errors_by_source: dict[str, int], config: ReputationConfig
-) -> tuple[list, pa.Table]:
-    """Replay (Algorithm 2 in (timestamp, image_id) order per source): responses and source rows."""
-    responses, ledger = replay(uploads, config)
-    names = sorted(set(s for s, _ in ledger.items()) | set(errors_by_source))
-    table = source_table(
-        [(name, ledger.get(name), errors_by_source.get(name, 0)) for name in names]
-    )
-    return responses, table
-
-
-def source_table(entries: Sequence[tuple[str, Any, int]]) -> pa.Table:
-    """(source, SourceState, errors) triples -> a table with :data:`SOURCES_SCHEMA`."""
-    cols: dict[str, list] = {f.name: [] for f in SOURCES_SCHEMA}
-    for name, st, errors in entries:
-        cols["source"].append(name)
-        cols["images"].append(st.images)
-        cols["rejected"].append(st.rejected)
-        cols["blocked"].append(st.blocked)
-        cols["errors"].append(errors)
-        cols["cc"].append(st.cc)
-        cols["blacklisted"].append(st.blacklisted)
-        cols["first_seen"].append(st.first_seen)
-        cols["last_seen"].append(st.last_seen)
-        cols["blacklist_intervals"].append([{"joined": a, "left": b} for a, b in st.intervals])
-        cols["times_blacklisted"].append(len(st.intervals))
-    return pa.Table.from_pydict(cols, schema=SOURCES_SCHEMA)
-
-
-def images_table(staging: pa.Table, response: Sequence, cc: Sequence, blacklisted: Sequence) -> pa.Table:
-    """A staging table plus the Algorithm-2 columns -> :data:`IMAGES_SCHEMA` (drops ``row``)."""
-    table = staging.drop_columns(["row"])
-    table = table.append_column("response", pa.array(list(response), pa.string()))
-    table = table.append_column("cc", pa.array(list(cc), pa.int32()))
-    table = table.append_column("blacklisted", pa.array(list(blacklisted), pa.bool_()))
-    return table.cast(IMAGES_SCHEMA)
-
-
-# ---------------------------------------------------------------------------------------------
-# Output layout
-# ---------------------------------------------------------------------------------------------
-def staging_uri(output: str, shard_id: str) -> str:
-    return storage.join(output, "_staging", f"{shard_id}.parquet")
-
-
-def progress_uri(output: str, shard_id: str) -> str:
-    return storage.join(output, "_progress", f"{shard_id}.done")
-
-
-def plan_uri(output: str) -> str:
-    return storage.join(output, "_progress", "plan.json")
-
-
-def images_uri(output: str, shard_id: str) -> str:
-    return storage.join(output, "images", f"{shard_id}.parquet")
-
-
-def sources_uri(output: str, part: int) -> str:
-    return storage.join(output, "sources", f"part-{part:05d}.parquet")

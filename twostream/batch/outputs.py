@@ -1,0 +1,294 @@
+"""What the batch job writes, and where: the pinned Arrow schemas (SPEC 6, docs/batch.md), the
+output layout, the staging/images/sources tables, committing a shard (staging rows, then its
+progress marker), the recorded input plan, and the run's summary.
+
+Layout under the output prefix: ``_progress/plan.json`` (the plan's digest),
+``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1), ``sources/part-N.parquet``
+(phase 2), ``images/<shard>.parquet`` and ``summary.json`` (phase 3).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twostream import storage
+from twostream.batch.planning import Shard, plan_digest
+from twostream.core.labels import Verdict
+from twostream.core.results import SCORE_FIELDS
+
+# The batch's identity columns, placed after ``image_id`` among the scored columns.
+IDENTITY_FIELDS = (
+    pa.field("key", pa.string()),
+    pa.field("uri", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("timestamp", pa.float64()),
+)
+_ROW_FIELDS = [SCORE_FIELDS[0], *IDENTITY_FIELDS, *SCORE_FIELDS[1:]]
+STAGING_SCHEMA = pa.schema(_ROW_FIELDS + [pa.field("row", pa.int32())])  # row: position in its shard
+IMAGES_SCHEMA = pa.schema(
+    _ROW_FIELDS
+    + [
+        pa.field("response", pa.string()),  # Algorithm 2: a label, adversarial, blocked, or error
+        pa.field("cc", pa.int32()),  # the source's counter after this image (null for errors)
+        pa.field("blacklisted", pa.bool_()),  # the source's standing after this image (null for errors)
+    ]
+)
+SOURCES_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("images", pa.int64()),  # scored images (Algorithm-2 events)
+        ("rejected", pa.int64()),
+        ("blocked", pa.int64()),
+        ("errors", pa.int64()),  # unreadable inputs (not Algorithm-2 events)
+        ("cc", pa.int32()),  # final counter
+        ("blacklisted", pa.bool_()),  # final standing
+        ("first_seen", pa.float64()),
+        ("last_seen", pa.float64()),
+        ("blacklist_intervals", pa.list_(pa.struct([("joined", pa.float64()), ("left", pa.float64())]))),
+        ("times_blacklisted", pa.int32()),
+    ]
+)
+STAGE_TIMES = ("read", "decode", "high", "low", "compare")  # per-row ``t_<stage>_ms`` columns
+
+
+# ---------------------------------------------------------------------------------------------
+# Output layout
+# ---------------------------------------------------------------------------------------------
+def staging_uri(output: str, shard_id: str) -> str:
+    return storage.join(output, "_staging", f"{shard_id}.parquet")
+
+
+def progress_uri(output: str, shard_id: str) -> str:
+    return storage.join(output, "_progress", f"{shard_id}.done")
+
+
+def plan_uri(output: str) -> str:
+    return storage.join(output, "_progress", "plan.json")
+
+
+def images_uri(output: str, shard_id: str) -> str:
+    return storage.join(output, "images", f"{shard_id}.parquet")
+
+
+def sources_uri(output: str, part: int) -> str:
+    return storage.join(output, "sources", f"part-{part:05d}.parquet")
+
+
+def summary_uri(output: str) -> str:
+    return storage.join(output, "summary.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+def staging_table(scored: pa.Table, rows: pa.Table) -> pa.Table:
+    """:data:`STAGING_SCHEMA` rows: the scored columns (``ScoredBatch.to_arrow()``) beside the
+    identity columns and ``row`` of the same rows, in the same order."""
+    columns = [(scored if f.name in scored.column_names else rows).column(f.name) for f in STAGING_SCHEMA]
+    return pa.Table.from_arrays(columns, names=STAGING_SCHEMA.names).cast(STAGING_SCHEMA)
+
+
+def images_table(staging: pa.Table, response: Sequence, cc: Sequence, blacklisted: Sequence) -> pa.Table:
+    """A staging table plus the Algorithm-2 columns -> :data:`IMAGES_SCHEMA` (drops ``row``)."""
+    table = staging.drop_columns(["row"])
+    table = table.append_column("response", pa.array([str(r) for r in response], pa.string()))
+    table = table.append_column("cc", pa.array(list(cc), pa.int32()))
+    table = table.append_column("blacklisted", pa.array(list(blacklisted), pa.bool_()))
+    return table.cast(IMAGES_SCHEMA)
+
+
+def source_table(entries: Sequence[tuple[str, Any, int]]) -> pa.Table:
+    """(source, SourceState, errors) triples -> a table with :data:`SOURCES_SCHEMA`."""
+    cols: dict[str, list] = {f.name: [] for f in SOURCES_SCHEMA}
+    for name, st, errors in entries:
+        cols["source"].append(name)
+        cols["images"].append(st.images)
+        cols["rejected"].append(st.rejected)
+        cols["blocked"].append(st.blocked)
+        cols["errors"].append(errors)
+        cols["cc"].append(st.cc)
+        cols["blacklisted"].append(st.blacklisted)
+        cols["first_seen"].append(st.first_seen)
+        cols["last_seen"].append(st.last_seen)
+        cols["blacklist_intervals"].append([{"joined": a, "left": b} for a, b in st.intervals])
+        cols["times_blacklisted"].append(len(st.intervals))
+    return pa.Table.from_pydict(cols, schema=SOURCES_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: the plan, and shards committed as their rows arrive
+# ---------------------------------------------------------------------------------------------
+def record_plan(output: str, input_uri: str, shards: Sequence[Shard]) -> None:
+    """Record the plan in ``output``, or check it equals the one recorded by an earlier run."""
+    digest = plan_digest(shards)
+    uri = plan_uri(output)
+    if storage.exists(uri):
+        if json.loads(storage.read_bytes(uri))["digest"] != digest:
+            raise RuntimeError(f"{output} holds a run over a different input plan; use a new output or delete it")
+        return
+    storage.write_bytes(uri, json.dumps({"digest": digest, "input": input_uri, "shards": len(shards)}).encode())
+
+
+def done_shards(output: str, shards: Sequence[Shard]) -> set[str]:
+    """Ids of the shards whose progress marker exists (committed by an earlier run)."""
+    return {s.shard_id for s in shards if storage.exists(progress_uri(output, s.shard_id))}
+
+
+def commit_shard(output: str, shard_id: str, parts: Sequence[pa.Table]) -> None:
+    """Write a shard's staging rows (sorted by ``row``), then (only then) its progress marker."""
+    if parts:
+        table = pa.concat_tables([p.select(STAGING_SCHEMA.names) for p in parts]).sort_by("row")
+    else:
+        table = STAGING_SCHEMA.empty_table()
+    storage.write_parquet(table.cast(STAGING_SCHEMA), staging_uri(output, shard_id))
+    storage.write_bytes(progress_uri(output, shard_id),
+                        json.dumps({"rows": table.num_rows, "at": time.time()}).encode())
+
+
+class ShardSink:
+    """Collects phase 1's rows (any order, any batching) and commits each shard once all of its
+    rows arrived (``shard_total`` of them); sums the per-stage times. ``stop_after`` > 0 (fault
+    injection, tests): fail right after that many commits, as a driver killed there would."""
+
+    def __init__(self, output: str, stop_after: int = 0) -> None:
+        self.output = output
+        self.stop_after = stop_after
+        self.pending: dict[str, list[pa.Table]] = defaultdict(list)
+        self.counts: Counter = Counter()
+        self.stage_ms: Counter = Counter()
+        self.committed = 0  # shards
+        self.rows = 0  # rows of the committed shards
+
+    def add(self, batch: pa.Table) -> None:
+        if batch.num_rows == 0:
+            return
+        for stage in STAGE_TIMES:
+            self.stage_ms[stage] += pc.sum(batch.column(f"t_{stage}_ms")).as_py()
+        for shard_id in set(batch.column("shard").to_pylist()):
+            part = batch.filter(pc.equal(batch.column("shard"), shard_id))
+            self.pending[shard_id].append(part)
+            self.counts[shard_id] += part.num_rows
+            total = part.column("shard_total")[0].as_py()
+            if self.counts[shard_id] == total:
+                commit_shard(self.output, shard_id, self.pending.pop(shard_id))
+                self.rows += total
+                self.committed += 1
+                if self.stop_after and self.committed >= self.stop_after:
+                    raise RuntimeError(f"injected fault: stopping after {self.committed} shards")
+            elif self.counts[shard_id] > total:
+                raise RuntimeError(f"shard {shard_id}: {self.counts[shard_id]} rows > {total}")
+
+    def close(self, shards: Sequence[Shard]) -> None:
+        """Fail on incomplete shards; commit the shards that had no rows at all (an empty tar)."""
+        if self.pending:
+            raise RuntimeError(f"incomplete shards after the scan: {sorted(self.pending)}")
+        for shard in shards:
+            if not storage.exists(progress_uri(self.output, shard.shard_id)):
+                commit_shard(self.output, shard.shard_id, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on."""
+    out = {}
+    for name in ("twostream", "ray", "torch", "timm", "pyarrow", "numpy", "pillow"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def build_summary(
+    *,
+    input_uri: str,
+    manifest_uri: str | None,
+    output: str,
+    shards: dict[str, int],
+    finals: Sequence[dict],
+    sources: Sequence[dict],
+    scored_now: int,
+    stage_ms: dict[str, float],
+    wall_s: dict[str, float],
+    resources: dict[str, float],
+    config: dict,
+) -> dict:
+    """The run's summary (``summary.json``); raises if the verdict/response counts do not add up.
+
+    ``finals``: one ``{"rows", "verdict", "response"}`` per shard (Counters); ``sources``: one
+    ``{"sources", "blacklisted", "events"}`` per reputation shard; ``wall_s``: total, scoring,
+    reputation, final.
+    """
+    verdicts: Counter = Counter()
+    responses: Counter = Counter()
+    rows = 0
+    for r in finals:
+        rows += r["rows"]
+        verdicts.update(r["verdict"])
+        responses.update(r["response"])
+    scoring_s, total_s = wall_s["scoring"], wall_s["total"]
+    summary = {
+        "input": input_uri,
+        "manifest": manifest_uri,
+        "output": output,
+        "inputs": rows,
+        "verdicts": {str(v): verdicts.get(v, 0) for v in Verdict},
+        "responses": {str(k): n for k, n in sorted(responses.items())},
+        "counts_add_up": sum(verdicts.values()) == rows == sum(responses.values()),
+        "sources": sum(s["sources"] for s in sources),
+        "blacklisted_sources": sum(s["blacklisted"] for s in sources),
+        "shards": shards,
+        "throughput": {
+            "images_scored_this_run": scored_now,
+            "scoring_images_per_s": scored_now / scoring_s if scoring_s > 0 and scored_now else None,
+            "end_to_end_images_per_s": scored_now / total_s if scored_now else None,
+            # images per second of busy worker time, per stage (one worker's rate)
+            "per_stage_images_per_worker_s": {
+                k: (scored_now / (v / 1e3) if v > 0 else None) for k, v in sorted(stage_ms.items())
+            },
+        },
+        "wall_s": wall_s,
+        "resources": resources,
+        "config": config,
+        "versions": versions(),
+    }
+    if not summary["counts_add_up"]:
+        raise RuntimeError(f"counts do not add up: {summary}")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The one-screen summary printed at the end."""
+    v = summary["verdicts"]
+    t = summary["throughput"]
+    lines = [
+        "=" * 64,
+        f"twostream batch scoring  ->  {summary['output']}",
+        f"inputs {summary['inputs']}: accepted {v['accepted']}, adversarial {v['adversarial']}, "
+        f"error {v['error']}  (counts add up: {summary['counts_add_up']})",
+        "responses: " + ", ".join(f"{k} {n}" for k, n in summary["responses"].items()),
+        f"sources {summary['sources']}, blacklisted {summary['blacklisted_sources']}",
+        f"shards {summary['shards']['total']} (already done {summary['shards']['resumed_done']}, "
+        f"scored now {summary['shards']['scored_now']})",
+    ]
+    if t["scoring_images_per_s"]:
+        per_stage = ", ".join(f"{k} {v:.0f}/s" for k, v in t["per_stage_images_per_worker_s"].items() if v)
+        lines.append(f"throughput: {t['scoring_images_per_s']:.1f} images/s scoring, "
+                     f"{t['end_to_end_images_per_s']:.1f} end to end")
+        lines.append(f"per worker: {per_stage}")
+    w = summary["wall_s"]
+    lines.append(f"wall {w['total']:.1f}s (scoring {w['scoring']:.1f}, reputation "
+                 f"{w['reputation']:.1f}, final {w['final']:.1f})")
+    lines.append("=" * 64)
+    return "\n".join(lines)
