@@ -5,7 +5,7 @@ sizes, same images), and their ratio.
     python benchmarks/batch_throughput.py --n 512 --small               # tiny models: overhead-bound
 
 The plain loop: read files -> decode_many -> prepare+stream_topk (high) -> prepare+stream_topk
-(low) -> verdict_columns, batch by batch, torch using all cores. The Ray job: jobs.score.run_job on a
+(low) -> score_rows, batch by batch, torch using all cores. The Ray job: jobs.score.run_job on a
 local Ray (all cores), scoring phase only (the reputation/final phases are reported apart).
 """
 
@@ -42,7 +42,8 @@ def plain_loop(cfg, paths: list[Path]) -> float:
     import torch
 
     from twostream.core.models import build_stream
-    from twostream.core.scoring import decode_many, prepare, resolve_device, stream_topk, verdict_columns
+    from twostream.core.results import score_rows
+    from twostream.core.scoring import decode_many, prepare, resolve_device, stream_topk
 
     dev = resolve_device("cpu")
     high = build_stream(cfg.high, "high").eval()
@@ -53,18 +54,20 @@ def plain_loop(cfg, paths: list[Path]) -> float:
         for s in range(0, len(paths), bs):
             images, _ = decode_many([p.read_bytes() for p in paths[s : s + bs]], cfg.limits)
             images = [i for i in images if i is not None]
-            hi, hp = stream_topk(high, prepare(high, images), 5, cfg.high.batch_size, dev)
-            li, lp = stream_topk(low, prepare(low, images), 2, cfg.low.batch_size, dev)
-            verdict_columns(hi, hp, li, lp, cfg.thresholds)
+            hi, hp = stream_topk(high, prepare(high, images), cfg.high.top_k, cfg.high.batch_size, dev)
+            li, lp = stream_topk(low, prepare(low, images), cfg.low.top_k, cfg.low.batch_size, dev)
+            score_rows([str(k) for k in range(len(images))], [None] * len(images),
+                       [i.shape[:2] for i in images], hi, hp, li, lp, cfg.thresholds)
     return len(paths) / (time.perf_counter() - t0)
 
 
 def ray_job(cfg, folder: Path, out: Path) -> dict:
     import ray
 
+    from jobs.ray_cluster import connect
     from jobs.score import run_job
 
-    ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
+    connect(log_to_driver=False)
     try:
         return run_job(cfg, str(folder), str(out), None, progress=False)
     finally:
@@ -77,9 +80,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny random models (overhead-bound)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    from jobs.score import load_job_config
+    from twostream.core.config import load_config
 
-    cfg = load_job_config(None, (SMALL if args.small else []) + args.overrides)
+    cfg = load_config(None, (SMALL if args.small else []) + args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "in", args.n)
         plain = plain_loop(cfg, paths)

@@ -58,7 +58,9 @@ def worker_rss() -> int:
 def run(n: int, overrides: list[str]) -> dict:
     import ray
 
-    from jobs.score import load_job_config, run_job
+    from jobs.ray_cluster import connect
+    from jobs.score import run_job
+    from twostream.core.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         write_images(Path(tmp) / "in", n)
@@ -70,11 +72,11 @@ def run(n: int, overrides: list[str]) -> dict:
                 peak["workers"] = max(peak["workers"], worker_rss())
                 time.sleep(0.5)
 
-        ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
+        connect(log_to_driver=False, object_store_memory=1 << 30)
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
         try:
-            summary = run_job(load_job_config(None, overrides), str(Path(tmp) / "in"), str(Path(tmp) / "out"),
+            summary = run_job(load_config(None, overrides), str(Path(tmp) / "in"), str(Path(tmp) / "out"),
                               None, progress=False)
         finally:
             stop.set()
