@@ -155,14 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from jobs.ray_cluster import connect
     from jobs.serve import build_app
-    from twostream.online.service import load_serve_config
+    from twostream.core.config import load_config
 
     base = ["high.threads=1", "low.threads=1", "high.num_cpus=1", "low.num_cpus=1", "high.device=cpu", "low.device=cpu"]
     if args.small:
         base += ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
     port = free_port()
-    config = load_serve_config(None, base + [f"serve.port={port}"] + args.overrides)
+    config = load_config(None, base + [f"serve.port={port}"] + args.overrides)
     batch = config.serve.max_batch_size
     image = sample_jpeg()
     print(f"models: high={config.high.model} ({config.high.weights}), low={config.low.model} ({config.low.weights}); "
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bare = BareForward(config, image)
     results: dict = {"config": {"max_batch_size": batch, "batch_wait_timeout_s": config.serve.batch_wait_timeout_s}}
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=args.num_cpus, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/v1/classify"

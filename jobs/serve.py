@@ -1,30 +1,30 @@
-"""The online endpoint on Ray Serve: ``build_app(config) -> Application``.
+"""The online endpoint on Ray Serve: ``build_app(config) -> Application`` and :func:`app_builder`.
 
-Deployments (docs/serve.md):
+Only the Ray Serve deployments live here; what they run is in :mod:`twostream.online` and the
+scoring core (docs/serve.md):
 
 * ``HighStream`` / ``LowStream`` - one per stream, ``high|low.pool_size`` replicas with
   ``num_cpus``/``num_gpus`` of their own; ``topk`` is a ``@serve.batch`` method (dynamic
   batching up to ``serve.max_batch_size`` images or ``serve.batch_wait_timeout_s``) that takes
-  the encoded images and runs :func:`twostream.core.scoring.decode_many`,
-  :func:`twostream.core.scoring.prepare` and :func:`twostream.core.scoring.stream_topk`.
+  the encoded images, decodes them (:func:`twostream.core.scoring.decode_many`) and runs a
+  :class:`twostream.core.scoring.StreamScorer`.
 * ``Reputation`` - exactly one replica owning the per-source state
-  (:class:`twostream.online.service.ReputationStore` around ``ReputationLedger.observe``), with
-  periodic snapshots and a final one on shutdown, restored at start.
-* ``Ingress`` - FastAPI: checks the request and the image header
+  (:class:`twostream.online.reputation_store.ReputationStore` around ``ReputationLedger.observe``),
+  with periodic snapshots and a final one on shutdown, restored at start.
+* ``Ingress`` - FastAPI: checks the request (:mod:`twostream.online.http`) and the image header
   (:func:`twostream.core.preprocess.check_image_header`), sends the encoded image to both streams
-  concurrently, applies :func:`twostream.core.scoring.verdict_columns`
-  (Algorithm 1), then the reputation deployment (Algorithm 2), and answers.
+  concurrently, joins their answers into a one-row ``ScoredBatch``
+  (:func:`twostream.online.answers.join_answers`, Algorithm 1), then the reputation deployment
+  (Algorithm 2), and answers (:func:`twostream.online.api.build_classify_response`).
 
 ``serve run cluster/serve.yaml`` uses :func:`app_builder`; ``twostream serve`` uses
 :func:`build_app`.
 """
 
-
-
 import asyncio
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -34,47 +34,33 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from twostream import __version__
-from twostream.core.labels import CIFAR10_LABELS
-from twostream.core.config import build_config, read_config_file
-from twostream.core.reputation import ADVERSARIAL as REJECTED_VERDICT
-from twostream.online.service import (
-    METRICS_CONTENT_TYPE,
-    ApiError,
+from twostream.core.config import TwoStreamConfig, build_config, merge_sections, read_config_file
+from twostream.core.labels import Response as Answer
+from twostream.core.labels import Verdict
+from twostream.core.preprocess import ImageDecodeError, check_image_header
+from twostream.core.reputation import Response as Outcome
+from twostream.core.results import ScoredBatch
+from twostream.online.answers import StreamAnswer, join_answers
+from twostream.online.api import (
+    CLASSIFY_REQUEST_BODY,
+    ERROR_RESPONSES,
     BlockedResponse,
     ClassifyResponse,
     ErrorResponse,
     Health,
-    ReputationStore,
     ResetResponse,
-    ServeConfig,
-    ServiceMetrics,
     SourceInfo,
     SourceList,
     build_classify_response,
-    check_bearer,
-    check_content_length,
-    decode_error_status,
-    media_kind,
-    new_image_id,
-    parse_multipart,
-    read_limited,
-    resolve_source,
 )
+from twostream.online.http import ApiError, check_bearer, decode_error_status, new_image_id, read_upload
+from twostream.online.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
+from twostream.online.reputation_store import ReputationStore, Ticket
 
 log = logging.getLogger("twostream.serve")
 
 # --------------------------------------------------------------------------------------------
 # Stream deployments
-
-
-class StreamAnswer(NamedTuple):
-    """A stream replica's answer for one image: its top-k, or why it could not be decoded."""
-
-    indices: np.ndarray | None
-    probs: np.ndarray | None
-    shape: tuple[int, int] | None  # decoded (height, width)
-    error: str | None
-    model_ms: float  # decode + resize + forward of the batch the image ran in
 
 
 @serve.deployment(name="Stream")
@@ -83,39 +69,28 @@ class StreamModel:
     dozen kB, where the pixels would be megabytes) and decodes it itself."""
 
     def __init__(self, config: dict[str, Any], kind: str) -> None:
-        from twostream.core.models import build_stream
-        from twostream.core.scoring import resolve_device, use_threads
+        from twostream.core.scoring import StreamScorer, use_threads
 
-        cfg = ServeConfig.model_validate(config)
-        self.kind = kind
-        stream_cfg = cfg.high if kind == "high" else cfg.low
-        use_threads(stream_cfg)
-        self.device = resolve_device(stream_cfg.device)
-        self.stream = build_stream(stream_cfg, kind).to(self.device).eval()
-        self.k = stream_cfg.top_k
-        self.batch_size = stream_cfg.batch_size
+        cfg = TwoStreamConfig.model_validate(config)
+        use_threads(getattr(cfg, kind))
+        self.scorer = StreamScorer(cfg, kind)
         self.limits = cfg.limits
         self.topk.set_max_batch_size(cfg.serve.max_batch_size)
         self.topk.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         self._run([np.zeros((32, 32, 3), np.uint8)])  # warm-up (allocations, lazy init)
 
     def _run(self, items: list[bytes | np.ndarray]) -> list[StreamAnswer]:
-        from twostream.core.scoring import decode_many, prepare, stream_topk
+        from twostream.core.scoring import decode_many, scatter_topk
 
         started = time.perf_counter()
         images, errors = decode_many(items, self.limits)
-        decoded = [image for image in images if image is not None]
-        if decoded:
-            idx, prob = stream_topk(self.stream, prepare(self.stream, decoded), self.k, self.batch_size, self.device)
+        rows = [k for k, image in enumerate(images) if image is not None]
+        idx, prob = scatter_topk(len(items), rows, *self.scorer.topk([images[k] for k in rows]))
         ms = (time.perf_counter() - started) * 1e3
-        answers, row = [], 0
-        for image, error in zip(images, errors):
-            if image is None:
-                answers.append(StreamAnswer(None, None, None, error, ms))
-            else:
-                answers.append(StreamAnswer(idx[row], prob[row], image.shape[:2], None, ms))
-                row += 1
-        return answers
+        return [
+            StreamAnswer(idx[k], prob[k], None if image is None else image.shape[:2], error, ms)
+            for k, (image, error) in enumerate(zip(images, errors))
+        ]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def topk(self, items: list[bytes]) -> list[StreamAnswer]:
@@ -130,7 +105,7 @@ class StreamModel:
 @serve.deployment(name="Reputation", num_replicas=1, max_ongoing_requests=100_000)
 class Reputation:
     async def __init__(self, config: dict[str, Any]) -> None:
-        cfg = ServeConfig.model_validate(config)
+        cfg = TwoStreamConfig.model_validate(config)
         self.store = ReputationStore(
             cfg.reputation,
             snapshot_uri=cfg.serve.snapshot_uri,
@@ -203,38 +178,6 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-_ERRORS = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in (
-        (400, "bad request: malformed multipart, bad source id"),
-        (413, "body over serve.max_body_bytes"),
-        (415, "unsupported media type or image format"),
-        (422, "undecodable image or decompression bomb (detail says why)"),
-        (503, "a scoring or reputation deployment is unavailable"),
-    )
-}
-_CLASSIFY_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": "The image as the raw body, or as field 'image' (optional field 'source') of a form.",
-        "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "source": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
-}
-
-
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -245,16 +188,12 @@ class Ingress:
         low: DeploymentHandle,
         reputation: DeploymentHandle,
     ) -> None:
-        from twostream.core.mapping import load_mapping
-
-        self.config = ServeConfig.model_validate(config)
+        self.config = TwoStreamConfig.model_validate(config)
         self.high = high
         self.low = low
         self.reputation = reputation
         self.metrics = ServiceMetrics()
-        self.imagenet_names = list(load_mapping().names)
-        self.cifar_names = list(CIFAR10_LABELS)
-        self.admin_token = self.config.resolved_admin_token()
+        self.admin_token = self.config.serve.resolved_admin_token()
 
     def _done(self, route: str, status: int, started: float) -> None:
         self.metrics.observe_request(route, status, time.perf_counter() - started)
@@ -262,8 +201,8 @@ class Ingress:
     @api.post(
         "/v1/classify",
         response_model=ClassifyResponse,
-        responses={403: {"model": BlockedResponse, "description": "the source is blacklisted"}, **_ERRORS},
-        openapi_extra=_CLASSIFY_BODY,
+        responses={403: {"model": BlockedResponse, "description": "the source is blacklisted"}, **ERROR_RESPONSES},
+        openapi_extra=CLASSIFY_REQUEST_BODY,
         summary="Score one image and apply the source's reputation",
     )
     async def classify(self, request: Request):
@@ -279,7 +218,7 @@ class Ingress:
         except ApiError as exc:
             status = exc.status
             if exc.status in (413, 415, 422):
-                self.metrics.verdicts.labels(verdict="error").inc()
+                self.metrics.verdicts.labels(verdict=Verdict.ERROR).inc()
             raise
         except Exception:
             log.exception("classify failed")
@@ -288,33 +227,47 @@ class Ingress:
             self._done("classify", status, started)
 
     async def _classify(self, request: Request, started: float) -> JSONResponse:
-        settings = self.config.serve
-        content_type = request.headers.get("content-type", "")
-        kind = media_kind(content_type)
-        check_content_length(request.headers.get("content-length"), settings.max_body_bytes)
-        body = await read_limited(request.stream(), settings.max_body_bytes)
-        fields: dict[str, str] = {}
-        data = body
-        if kind == "multipart":
-            data, fields = parse_multipart(body, content_type)
-        source = resolve_source(
-            request.headers.get(settings.source_header),
-            fields.get("source"),
-            request.client.host if request.client else None,
-            settings.trust_source_header,
-        )
-
-        from twostream.core.preprocess import ImageDecodeError, check_image_header
-        from twostream.core.scoring import verdict_columns
-
+        client = request.client.host if request.client else None
+        data, source = await read_upload(request.headers, request.stream(), client, self.config.serve)
         t0 = time.perf_counter()
         try:  # format and size before anything else; each stream replica decodes the pixels
             check_image_header(data, self.config.limits)
         except ImageDecodeError as exc:
             raise decode_error_status(str(exc)) from None  # not an Algorithm-2 event
         t1 = time.perf_counter()
+        ticket, high, low = await self._streams(source, data)
+        t2 = time.perf_counter()
+        batch = join_answers(new_image_id(), high, low, self.config.thresholds)
+        if not batch.scored[0]:  # corrupt past its header
+            self.reputation.cancel.remote(ticket)
+            raise decode_error_status(batch.error[0])
+        t3 = time.perf_counter()
+        outcome, ticket = await self._commit(ticket, batch)
+        t4 = time.perf_counter()
 
-        # Arrival at the ledger (its place in the source's order) and both streams, concurrently.
+        stages = {"check": t1 - t0, "streams": t2 - t1, "compare": t3 - t2, "reputation": t4 - t3}
+        self.metrics.observe_scored(batch.verdict[0], outcome.response, stages)
+        body = build_classify_response(
+            batch,
+            0,
+            source=source,
+            timestamp=ticket.timestamp,
+            outcome=outcome,
+            timings_ms={
+                "check": stages["check"] * 1e3,
+                "streams": stages["streams"] * 1e3,
+                "high_model": high.model_ms,
+                "low_model": low.model_ms,
+                "compare": stages["compare"] * 1e3,
+                "reputation": stages["reputation"] * 1e3,
+                "total": (time.perf_counter() - started) * 1e3,
+            },
+        )
+        status = 403 if isinstance(body, BlockedResponse) else 200
+        return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+    async def _streams(self, source: str, data: bytes) -> tuple[Ticket, StreamAnswer, StreamAnswer]:
+        """The request's place in the source's order and both streams' answers, concurrently."""
         reserve_ref = self.reputation.reserve.remote(source)
         high_ref = self.high.topk.remote(data)
         low_ref = self.low.topk.remote(data)
@@ -329,60 +282,16 @@ class Ingress:
         except Exception as exc:
             self.reputation.cancel.remote(ticket)
             raise ApiError(503, "scoring_unavailable", f"stream deployment: {exc}") from None
-        if high.error is not None or low.error is not None:  # corrupt past its header
-            self.reputation.cancel.remote(ticket)
-            raise decode_error_status(high.error or low.error)
-        t2 = time.perf_counter()
-        columns = verdict_columns(
-            high.indices[None], high.probs[None], low.indices[None], low.probs[None], self.config.thresholds
-        )
-        verdict = str(columns["verdict"][0])
-        rejected = verdict == REJECTED_VERDICT
-        shown = REJECTED_VERDICT if rejected else str(columns["label"][0])
-        t3 = time.perf_counter()
-        image_id = new_image_id()
+        return ticket, high, low
+
+    async def _commit(self, ticket: Ticket, batch: ScoredBatch) -> tuple[Outcome, Ticket]:
+        """Algorithm 2 on the scored image: the reputation deployment's response and the ticket used."""
+        rejected = bool(batch.rejected[0])
+        shown = Answer.ADVERSARIAL if rejected else batch.label[0]
         try:
-            outcome, ticket = await self.reputation.commit.remote(ticket, image_id, rejected, shown)
+            return await self.reputation.commit.remote(ticket, batch.image_id[0], rejected, shown)
         except Exception as exc:
             raise ApiError(503, "reputation_unavailable", f"reputation deployment: {exc}") from None
-        t4 = time.perf_counter()
-
-        self.metrics.verdicts.labels(verdict=verdict).inc()
-        self.metrics.responses.labels(
-            response="blocked" if outcome.response == "blocked" else ("adversarial" if rejected else "label")
-        ).inc()
-        for stage, seconds in (("check", t1 - t0), ("streams", t2 - t1), ("compare", t3 - t2), ("reputation", t4 - t3)):
-            self.metrics.stage.labels(stage=stage).observe(seconds)
-        height, width = high.shape
-        body = build_classify_response(
-            image_id=image_id,
-            source=source,
-            timestamp=ticket.timestamp,
-            response=outcome.response,
-            cc=outcome.cc,
-            blacklisted=outcome.blacklisted,
-            columns=columns,
-            row=0,
-            high_idx=high.indices,
-            high_prob=high.probs,
-            low_idx=low.indices,
-            low_prob=low.probs,
-            imagenet_names=self.imagenet_names,
-            cifar_names=self.cifar_names,
-            width=int(width),
-            height=int(height),
-            timings_ms={
-                "check": (t1 - t0) * 1e3,
-                "streams": (t2 - t1) * 1e3,
-                "high_model": high.model_ms,
-                "low_model": low.model_ms,
-                "compare": (t3 - t2) * 1e3,
-                "reputation": (t4 - t3) * 1e3,
-                "total": (time.perf_counter() - started) * 1e3,
-            },
-        )
-        status = 403 if isinstance(body, BlockedResponse) else 200
-        return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
     @api.get(
         "/v1/sources/{source}",
@@ -453,7 +362,7 @@ class Ingress:
 # Application
 
 
-def build_app(config: ServeConfig) -> Application:
+def build_app(config: TwoStreamConfig) -> Application:
     """The bound application for ``serve.run``."""
     data = config.model_dump(mode="json")
     settings = config.serve
@@ -477,15 +386,8 @@ def build_app(config: ServeConfig) -> Application:
     ).bind(data, stream("high"), stream("low"), reputation)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def app_builder(args: dict[str, Any]) -> Application:
     """Builder for ``serve run``/``serve deploy``: args ``config_file``, ``config``, ``overrides``."""
     data = read_config_file(args["config_file"]) if args.get("config_file") else {}
-    data = _merge(data, args.get("config") or {})
-    return build_app(build_config(ServeConfig, data, list(args.get("overrides") or [])))
+    data = merge_sections(data, args.get("config") or {})
+    return build_app(build_config(TwoStreamConfig, data, list(args.get("overrides") or [])))

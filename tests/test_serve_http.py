@@ -67,7 +67,7 @@ def setup(tmp_path_factory):
 
     from jobs.serve import build_app
     from twostream.core.scoring import Scorer
-    from twostream.online.service import load_serve_config
+    from twostream.core.config import load_config
 
     tmp = tmp_path_factory.mktemp("serve")
     high_w = save_random_weights(HIGH_MODEL, "high", tmp / "high.pt", 0)
@@ -83,7 +83,7 @@ def setup(tmp_path_factory):
         f"serve.snapshot_uri={tmp / 'state' / 'reputation.snap'}", "serve.snapshot_period_s=0.5",
         "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.01",
     ]
-    config = load_serve_config(None, overrides)
+    config = load_config(None, overrides)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -7,22 +7,20 @@ import random
 
 import pytest
 
-from twostream.core.config import ConfigError, ReputationConfig
+from twostream.core.config import ConfigError, ReputationConfig, TwoStreamConfig, load_config
 from twostream.core.reputation import ReputationLedger, Upload, replay
-from twostream.online.service import (
+from twostream.online.http import (
     ApiError,
-    ReputationStore,
-    ServeConfig,
-    ServiceMetrics,
     check_bearer,
     check_content_length,
     decode_error_status,
-    load_serve_config,
     media_kind,
     parse_multipart,
     read_limited,
     resolve_source,
 )
+from twostream.online.metrics import ServiceMetrics
+from twostream.online.reputation_store import ReputationStore
 
 
 def run(coro):
@@ -33,18 +31,18 @@ def run(coro):
 
 
 def test_serve_config_defaults_and_overrides(tmp_path, monkeypatch):
-    cfg = load_serve_config(None, ["serve.port=9123", "serve.max_batch_size=4", "high.pool_size=2"])
+    cfg = load_config(None, ["serve.port=9123", "serve.max_batch_size=4", "high.pool_size=2"])
     assert cfg.serve.port == 9123 and cfg.serve.max_batch_size == 4 and cfg.high.pool_size == 2
     assert cfg.serve.host == "127.0.0.1"
     with pytest.raises(ConfigError, match="serve.max_batch_size"):
-        load_serve_config(None, ["serve.max_batch_size=0"])
+        load_config(None, ["serve.max_batch_size=0"])
     with pytest.raises(ConfigError, match="serve.nope"):
-        load_serve_config(None, ["serve.nope=1"])
+        load_config(None, ["serve.nope=1"])
     monkeypatch.delenv("TWOSTREAM_ADMIN_TOKEN", raising=False)
-    assert ServeConfig().resolved_admin_token() is None
+    assert TwoStreamConfig().serve.resolved_admin_token() is None
     monkeypatch.setenv("TWOSTREAM_ADMIN_TOKEN", "from-env")
-    assert ServeConfig().resolved_admin_token() == "from-env"
-    assert load_serve_config(None, ["serve.admin_token=cfg"]).resolved_admin_token() == "cfg"
+    assert TwoStreamConfig().serve.resolved_admin_token() == "from-env"
+    assert load_config(None, ["serve.admin_token=cfg"]).serve.resolved_admin_token() == "cfg"
 
 
 def test_cluster_serve_yaml_is_a_valid_config():
@@ -54,7 +52,7 @@ def test_cluster_serve_yaml_is_a_valid_config():
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml").read_text())
     [app] = doc["applications"]
     assert app["import_path"] == "jobs.serve:app_builder"
-    ServeConfig.model_validate(app["args"].get("config", {}))
+    TwoStreamConfig.model_validate(app["args"].get("config", {}))
 
 
 # -- request checks ----------------------------------------------------------------------

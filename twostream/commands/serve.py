@@ -37,16 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from twostream.cli import config_from_args
-    from twostream.online.service import ServeConfig
 
-    config: ServeConfig = config_from_args(args, ServeConfig)
-    if args.host:
-        config.serve.host = args.host
-    if args.port is not None:
-        config.serve.port = args.port
+    config = config_from_args(args, {"serve": {"host": args.host, "port": args.port}})
     if args.print_config:
         shown = config.model_dump(mode="json")
         if shown["serve"]["admin_token"]:
@@ -57,18 +51,15 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from jobs.ray_cluster import connect
     from jobs.serve import build_app
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    started = connect(args.address, num_cpus=args.num_cpus)
     settings = config.serve
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
-    token = "configured" if config.resolved_admin_token() else "disabled (no token)"
+    token = "configured" if settings.resolved_admin_token() else "disabled (no token)"
     print(f"twostream serving at {url}  (POST {url}/v1/classify; docs {url}/docs; admin {token})", flush=True)
 
     stop = threading.Event()
@@ -80,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         print("shutting down (writing the last reputation snapshot)", file=sys.stderr, flush=True)
         serve.shutdown()
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     return 0

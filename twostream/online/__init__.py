@@ -1,2 +1,4 @@
-"""The online endpoint without Ray: API models, request parsing and limits, metrics and the
-reputation store. ``jobs/serve.py`` places these on Ray Serve."""
+"""The online endpoint without Ray: ``api`` (API models, the classify answer from a ScoredBatch
+row), ``http`` (request checks and limits), ``answers`` (a stream replica's answer, joined into a
+ScoredBatch), ``metrics`` (Prometheus), ``reputation_store`` (Algorithm 2 in arrival order,
+snapshots). ``jobs/serve.py`` places these on Ray Serve."""
