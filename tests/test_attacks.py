@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twostream.attacks import ATTACKS, attack_params, run_attack
+from twostream.attacks import ATTACKS
+from twostream.attacks.run import attack_params, run_attack
 from twostream.attacks.fig4 import fig4_attack
 from twostream.core.comparator import compare
 from twostream.core.config import HighStreamConfig, LowStreamConfig

@@ -93,7 +93,7 @@ def variant(image: np.ndarray, k: int, max_side: int = 320) -> np.ndarray:
 def fgsm(stream, image: np.ndarray, eps: float) -> np.ndarray:
     """The evaluation's Type I FGSM (``t1-fgsm``, ART) on the full-resolution pixels, away from
     the stream's own top-1 class; 8-bit result."""
-    from twostream.attacks import run_attack
+    from twostream.attacks.run import run_attack
     from twostream.core.preprocess import from_tensor01, to_tensor01
 
     result = run_attack("t1-fgsm", to_tensor01(image), np.zeros(1, np.int64), stream, None,

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream import storage
-from twostream.core.labels import CIFAR10_LABELS
-from twostream.core.labels import Verdict
+from twostream.attacks import PAPER_ROW
+from twostream.core.labels import CIFAR10_LABELS, Verdict
 KEYS = ("dataset", "attack")
 MISSING = "—"
 
@@ -188,7 +188,6 @@ def _section(
     table: pa.Table, measures: Sequence[tuple[str, str]], paper: PaperTable | None
 ) -> tuple[list[str], list[list[str]]]:
     """Header and body cells of one table: ours (and the paper's, when ``paper`` is given) per measure."""
-    from twostream.attacks import PAPER_ROW  # here, not at the top: twostream.attacks imports torch
 
     header = ["Dataset", "Attack", "n"]
     for _, heading in measures:

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from twostream import storage
-from twostream.attacks import ATTACKS, attack_params, run_attack
+from twostream.attacks import ATTACKS
+from twostream.attacks.run import attack_params, run_attack
 from twostream.core.config import EvalSettings, TwoStreamConfig
 from twostream.evaluation.datasets import Dataset, from_batch, load_images, open_dataset, to_batch
 
