@@ -15,14 +15,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Headless Chromium renders the audit report in its test; installed from Debian's packages
-# when missing (root only; without it that test skips with a reason).
+# System packages from Debian, installed when missing (root only; without them the tests that
+# need them skip with a reason): headless Chromium renders the HTML reports in their tests,
+# redis-server holds the online endpoint's reputation state.
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	  || echo "chromium not installed: the report screenshot test will skip"; }
+	@missing=""; for cmd in chromium redis-server; do command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not installed:$$missing (the tests that need them will skip)"; fi; \
+	fi
 
-demo: install
+demo: install system-deps
 	$(VENV)/bin/twostream score
 
 test: install system-deps
