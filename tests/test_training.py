@@ -1,0 +1,179 @@
+"""``twostream train-low``: training lowers the loss, the perturbations stay within epsilon, the
+weight file carries metadata and loads strictly, resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from twostream.cli import main
+from twostream.core.config import LowStreamConfig
+from twostream.core.labels import CIFAR10_LABELS
+from twostream.core.models import CIFAR10_MEAN, CIFAR10_STD, WeightsError, build_stream
+from twostream.core.models.weights import check_metadata
+from twostream.training.adversarial import fgsm_rs, parse_eps, pgd
+from twostream.training.data import holdout_split
+from twostream.training.loop import train
+from twostream.training.options import TrainOptions
+
+CLASSES = ("airplane", "cat", "frog")
+PER_CLASS = 20
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 20 JPEGs of 32x32: a dominant colour per class plus noise (easy to learn)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for k in range(PER_CLASS):
+            image = rng.integers(0, 90, (32, 32, 3))
+            image[..., c] += 150
+            Image.fromarray(image.astype(np.uint8)).save(root / name / f"{k:03d}.jpg", quality=95)
+    return root
+
+
+def _images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of ``root`` in [0, 1] with their CIFAR-10 indices, decoded independently (PIL)."""
+    files = sorted(root.glob("*/*.jpg"))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                     for f in files]).float() / 255
+    y = torch.tensor([CIFAR10_LABELS.index(f.parent.name) for f in files])
+    return x, y
+
+
+def _opts(folder: Path, tmp_path: Path, **kw) -> TrainOptions:
+    base = dict(data=str(folder), out=str(tmp_path / "w.th"), arch="cifar_resnet20", epochs=2,
+                attack="fgsm-rs", eps=8 / 255, lr=0.05, batch_size=16, holdout=0.2, seed=0,
+                eval_pgd_steps=2, quick_eval=8, device="cpu")
+    return TrainOptions(**{**base, **kw})
+
+
+def test_training_lowers_the_loss(tiny_folder: Path, tmp_path: Path) -> None:
+    x, y = _images(tiny_folder)
+    torch.manual_seed(0)  # train() seeds the same way before building the random network
+    before = build_stream(LowStreamConfig(model="cifar_resnet20", weights="random"), "low")
+    train(_opts(tiny_folder, tmp_path, attack="none", epochs=3, holdout=0.0, augment=False))
+    after = build_stream(LowStreamConfig(model="cifar_resnet20", weights=str(tmp_path / "w.th")), "low")
+    with torch.no_grad():
+        loss_before = float(F.cross_entropy(before(x), y))
+        loss_after = float(F.cross_entropy(after(x), y))
+    assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
+
+
+@pytest.mark.parametrize("attack", ["fgsm-rs", "pgd"])
+def test_perturbation_stays_within_eps_and_range(attack: str) -> None:
+    torch.manual_seed(0)
+    model = build_stream(LowStreamConfig(model="cifar_resnet20", weights="random"), "low")
+    x = torch.rand(8, 3, 32, 32)
+    x[:, :, :4] = 0.0  # pixels at the bounds: the projection to [0, 1] must hold there too
+    x[:, :, -4:] = 1.0
+    y = torch.arange(8) % 10
+    eps = 8 / 255
+    gen = torch.Generator().manual_seed(0)
+    adv = fgsm_rs(model, x, y, eps, gen) if attack == "fgsm-rs" else pgd(model, x, y, eps, 5, gen, restarts=2)
+    delta = (adv - x).abs()
+    assert float(delta.max()) <= eps + 1e-6
+    assert float(delta.max()) > 0.9 * eps  # the attack moved the pixels, to the edge of the ball
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    with torch.no_grad():
+        assert float(F.cross_entropy(model(adv), y)) > float(F.cross_entropy(model(x), y))
+
+
+def test_parse_eps() -> None:
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    assert parse_eps("0.03") == pytest.approx(0.03)
+    for bad in ("eight", "1/0", "2"):
+        with pytest.raises(ValueError, match="epsilon"):
+            parse_eps(bad)
+
+
+def test_weight_file_metadata_and_strict_loading(tiny_folder: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "net.th"
+    rc = main(["train-low", "--data", str(tiny_folder), "--out", str(out), "--arch", "cifar_resnet20",
+               "--epochs", "1", "--batch-size", "16", "--holdout", "0.25", "--eps", "4/255",
+               "--eval-pgd-steps", "2", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    blob = torch.load(out, weights_only=True)
+    meta = blob["meta"]
+    assert meta["architecture"] == "cifar_resnet20"
+    assert meta["mean"] == list(CIFAR10_MEAN) and meta["std"] == list(CIFAR10_STD)
+    assert meta["input_size"] == [32, 32]
+    assert meta["classes"] == list(CIFAR10_LABELS)
+    assert meta["data"]["images"] == 3 * PER_CLASS and meta["data"]["holdout_images"] == 15
+    assert meta["data"]["class_counts"] == {name: PER_CLASS for name in CLASSES}
+    assert (meta["epochs"], meta["attack"], meta["seed"]) == (1, "fgsm-rs", 0)
+    assert meta["epsilon"] == pytest.approx(4 / 255)
+    assert "train-low" in meta["command"] and str(out) in meta["command"]
+
+    stream = build_stream(LowStreamConfig(model="cifar_resnet20", weights=str(out)), "low")
+    for key, value in blob["state_dict"].items():
+        assert torch.equal(stream.net.state_dict()[key], value), key
+    # the metadata's clean accuracy is the loaded stream's accuracy on the held-out split
+    x, y = _images(tiny_folder)
+    _, held = holdout_split(len(y), 0.25, 0)
+    with torch.no_grad():
+        clean = float((stream(x[held]).argmax(1) == y[held]).float().mean())
+    assert meta["holdout_clean_accuracy"] == pytest.approx(clean)
+    assert 0.0 <= meta["holdout_pgd_accuracy"] <= meta["holdout_clean_accuracy"]
+
+    with pytest.raises(WeightsError, match="architecture 'cifar_resnet20'.*configured model is 'cifar_resnet32'"):
+        build_stream(LowStreamConfig(model="cifar_resnet32", weights=str(out)), "low")
+
+
+def test_check_metadata_refuses_other_normalisation() -> None:
+    meta = {"architecture": "cifar_resnet32", "mean": [0.5, 0.5, 0.5], "std": list(CIFAR10_STD)}
+    with pytest.raises(WeightsError, match=r"mean \[0.5, 0.5, 0.5\] in the file"):
+        check_metadata(meta, model="cifar_resnet32", mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                       size=(32, 32), origin="f")
+    check_metadata({**meta, "mean": list(CIFAR10_MEAN)}, model="cifar_resnet32", mean=CIFAR10_MEAN,
+                   std=CIFAR10_STD, size=(32, 32), origin="f")
+
+
+def test_resume_equals_uninterrupted_run(tiny_folder: Path, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = tmp_path / "ckpt"
+    full = train(_opts(tiny_folder, tmp_path, out=str(tmp_path / "full.th"), checkpoint_dir=str(ckpt)))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch-001.pt", "epoch-002.pt"]
+    (ckpt / "epoch-002.pt").unlink()  # as if interrupted during epoch 2
+    with caplog.at_level(logging.INFO, logger="twostream.training.loop"):
+        resumed = train(_opts(tiny_folder, tmp_path, out=str(tmp_path / "resumed.th"),
+                              checkpoint_dir=str(ckpt), resume=True))
+    ran = [r.getMessage().split(":")[0] for r in caplog.records if "train loss" in r.getMessage()]
+    assert ran == ["epoch 2/2"]
+    assert any("epoch-001.pt (epoch 1 of 2)" in r.getMessage() for r in caplog.records)
+    a = torch.load(tmp_path / "full.th", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed.th", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["holdout_clean_accuracy"] == full["holdout_clean_accuracy"]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+
+    with pytest.raises(ValueError, match="other options.*'lr'"):
+        train(_opts(tiny_folder, tmp_path, lr=0.01, checkpoint_dir=str(ckpt), resume=True))
+
+
+def test_clear_errors(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad"
+    (bad / "kitten").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(bad / "kitten" / "0.jpg")
+    cases = [
+        (["--data", str(bad)], "folder 'kitten' is not a CIFAR-10 class"),
+        (["--data", str(tmp_path / "missing")], "missing"),
+        (["--data", str(tiny_folder), "--eps", "8/0"], "epsilon '8/0'"),
+        (["--data", str(tiny_folder), "--arch", "resnet9"], "--arch 'resnet9'"),
+        (["--data", str(tiny_folder), "--epochs", "0"], "--epochs must be positive"),
+        (["--data", str(tiny_folder), "--resume"], "--resume needs --checkpoint-dir"),
+    ]
+    for extra, message in cases:
+        assert main(["train-low", "--out", str(tmp_path / "x.th"), *extra]) == 2
+        assert message in capsys.readouterr().err

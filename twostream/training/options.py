@@ -1,0 +1,73 @@
+"""The options of a ``twostream train-low`` run (importable without torch, for the CLI's parser)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["ATTACKS", "TrainOptions"]
+
+ATTACKS = ("none", "fgsm-rs", "pgd")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that determines a training run (a checkpoint resumes only the same options)."""
+
+    data: str
+    out: str
+    arch: str = "cifar_resnet32"
+    init: str = "random"
+    epochs: int = 10
+    attack: str = "fgsm-rs"
+    eps: float = 8 / 255
+    pgd_steps: int = 7
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    holdout: float = 0.1
+    seed: int = 0
+    limit: int | None = None
+    augment: bool = True
+    eval_pgd_steps: int = 10
+    eval_restarts: int = 1
+    quick_eval: int = 512
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    device: str = "auto"
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad option."""
+        import torch
+
+        from twostream.core.models import available_models
+
+        if self.arch not in available_models("low"):
+            raise ValueError(f"--arch {self.arch!r}: not a low-resolution model "
+                             f"(available: {', '.join(available_models('low'))})")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"--attack {self.attack!r}: choose one of {', '.join(ATTACKS)}")
+        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--lr": self.lr,
+                    "--pgd-steps": self.pgd_steps, "--eval-pgd-steps": self.eval_pgd_steps,
+                    "--eval-restarts": self.eval_restarts}
+        for flag, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{flag} must be positive, got {value}")
+        if not 0.0 <= self.eps <= 1.0:
+            raise ValueError(f"--eps must be in [0, 1] (pixel units), got {self.eps}")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(f"--limit must be at least 2, got {self.limit}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r}: choose auto, cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+
+    def run_signature(self) -> dict:
+        """The options a resumed run must share with its checkpoint."""
+        skip = {"out", "checkpoint_dir", "resume", "device"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
