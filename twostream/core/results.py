@@ -95,6 +95,12 @@ class ScoredBatch:
     def __len__(self) -> int:
         return len(self.image_id)
 
+    @classmethod
+    def concat(cls, batches: Sequence["ScoredBatch"]) -> "ScoredBatch":
+        """The rows of one or more batches, in order (their timings are dropped)."""
+        return cls(**{f.name: np.concatenate([getattr(b, f.name) for b in batches])
+                      for f in fields(cls) if f.name != "timings_ms"})
+
     @property
     def scored(self) -> np.ndarray:
         """True where both streams scored the image (an Algorithm-2 event)."""
