@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twostream.audit.audit import WhatIf, run_audit  # noqa: E402
+from twostream.audit.run import run_audit  # noqa: E402
+from twostream.core.config import load_config  # noqa: E402
 
 
 def generate(workdir: Path, lines: int, sources: int, attackers: int, fmt: str, seed: int = 0) -> tuple[Path, Path]:
@@ -108,8 +109,8 @@ def main() -> int:
     gen_s = time.perf_counter() - t
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    result = run_audit(str(log_path), str(workdir / "out"), scores_uri=str(scores_path),
-                       what_if=[WhatIf.parse(w) for w in args.what_if], report=not args.no_report)
+    config = load_config(flags={"audit": {"what_if": args.what_if, "report": not args.no_report}})
+    result = run_audit(str(log_path), str(workdir / "out"), scores_uri=str(scores_path), config=config)
     elapsed = time.perf_counter() - t
     s = result.summary
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

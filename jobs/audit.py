@@ -12,55 +12,58 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+
+import ray
+
+from jobs.ray_cluster import connect
+from twostream.audit.catalogue import ScoreFn, scorer_score_fn
+from twostream.audit.flags import add_audit_args, audit_section, print_summary
+from twostream.audit.logread import AuditError
+from twostream.audit.run import run_audit
+from twostream.core.config import ConfigError, TwoStreamConfig, load_config
+from twostream.core.results import ScoredBatch
 
 log = logging.getLogger("twostream.jobs.audit")
 
 
-def _score_chunk(cfg_json: str, uris: list[str], ids: list[str]) -> list[dict[str, Any]]:
-    from twostream.audit.audit import scorer_score_fn
-    from twostream.core.config import TwoStreamConfig
+def _score_chunk(cfg_json: str, uris: list[str], ids: list[str]) -> ScoredBatch:
     from twostream.core.scoring import Scorer
 
     config = TwoStreamConfig.model_validate_json(cfg_json)
     return scorer_score_fn(Scorer(config), chunk=config.high.batch_size)(uris, ids)
 
 
-def ray_score_fn(config, chunk: int = 256, num_cpus: float = 1.0):
-    """A ``score_fn`` for :func:`twostream.audit.run_audit` that scores chunks in Ray tasks."""
-    import ray
-
+def ray_score_fn(config: TwoStreamConfig, chunk: int = 256, num_cpus: float = 1.0) -> ScoreFn:
+    """A ``score_fn`` for :func:`twostream.audit.run.run_audit` that scores chunks in Ray tasks."""
     task = ray.remote(num_cpus=num_cpus, num_gpus=config.high.num_gpus)(_score_chunk)
     cfg_json = config.model_dump_json()
 
-    def score(uris: list[str], ids: list[str]) -> list[dict[str, Any]]:
+    def score(uris: list[str], ids: list[str]) -> ScoredBatch:
         refs = [task.remote(cfg_json, uris[a:a + chunk], ids[a:a + chunk]) for a in range(0, len(uris), chunk)]
         log.info("scoring %d images in %d Ray tasks", len(uris), len(refs))
-        out: list[dict[str, Any]] = []
-        for part in ray.get(refs):  # in submission order, so results line up with ids
-            out.extend(part)
-        return out
+        return ScoredBatch.concat(ray.get(refs))  # in submission order, so rows line up with ids
 
     return score
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
-    from twostream.audit.audit import AuditError
-    from twostream.cli import config_from_args
-    from twostream.commands.audit import add_audit_args, audit_from_args, print_summary
-    from twostream.core.config import ConfigError
-
     parser = argparse.ArgumentParser(prog="python -m jobs.audit", description=__doc__.splitlines()[0])
     add_audit_args(parser)
     parser.add_argument("--chunk", type=int, default=256, help="images per Ray scoring task")
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set audit.top=20 (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
-        result = audit_from_args(args, score_fn=ray_score_fn(config, args.chunk))
+        config = load_config(args.config, args.overrides, audit_section(args))
+        started = connect(log_to_driver=True)
+        try:
+            result = run_audit(args.log, args.output, images_uri=args.images, scores_uri=args.scores,
+                               config=config, score_fn=ray_score_fn(config, args.chunk))
+        finally:
+            if started:
+                ray.shutdown()
     except (AuditError, ConfigError) as exc:
         print(f"jobs.audit: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Upload-log audit (twostream/audit.py, report.py, `twostream audit`).
+"""Upload-log audit (twostream/audit/: logread, catalogue, replay, outputs, run, report; `twostream audit`).
 
 The expected blacklist intervals below are worked out by hand from SPEC 3 (CC +1 on a
 rejected image, -1 otherwise, capped at 15, blacklisted at CC >= 3, released at CC == 0);
@@ -18,16 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from twostream.audit.audit import (
-    AuditError,
-    ColumnMapping,
-    WhatIf,
-    parse_mapping,
-    parse_timestamps,
-    run_audit,
-    scorer_score_fn,
-)
-from twostream.core.config import ConfigError
+from twostream.audit.catalogue import scorer_score_fn
+from twostream.audit.logread import AuditError, ColumnMapping, parse_mapping, parse_timestamps
+from twostream.audit.replay import WhatIf
+from twostream.audit.run import run_audit
+from twostream.core.config import ConfigError, TwoStreamConfig, load_config
+from twostream.core.results import score_rows
 
 T = 1_700_000_000  # 2023-11-14T22:13:20Z
 R, A, E = "adversarial", "accepted", "error"
@@ -70,6 +66,11 @@ BAD = [
     ("1700000000,10.0.0.9", "unparseable line"),
     ("1700000000,10.0.0.9,/uploads/b-00.png,ua,extra", "unparseable line"),
 ]
+
+
+def _cfg(overrides: list[str] = (), **audit) -> TwoStreamConfig:
+    """A config with these ``audit`` settings (run_audit takes its settings from ``config.audit``)."""
+    return load_config(None, list(overrides), {"audit": audit})
 
 
 def _fmt_time(ts: float, style: int) -> str:
@@ -157,7 +158,7 @@ def fixture_dir(tmp_path: Path) -> Path:
 def test_hand_worked_blacklist_intervals_csv(fixture_dir: Path) -> None:
     out = fixture_dir / "out"
     result = run_audit(str(fixture_dir / "uploads.csv"), str(out), scores_uri=str(fixture_dir / "scores.parquet"),
-                       report=False)
+                       config=_cfg(report=False))
     _check_expected(result)
     # timeline: one row per good upload with the CC after it and the response
     tl = pq.read_table(out / "timeline.parquet").to_pylist()
@@ -202,9 +203,10 @@ def test_malformed_lines_are_counted_and_listed(fixture_dir: Path) -> None:
 def test_small_blocks_stream_to_the_same_result(fixture_dir: Path) -> None:
     """Tiny read blocks (lines split across reads) and several partitions give the same audit."""
     big = run_audit(str(fixture_dir / "uploads.csv"), str(fixture_dir / "o1"),
-                    scores_uri=str(fixture_dir / "scores.parquet"), report=False, partitions=1)
+                    scores_uri=str(fixture_dir / "scores.parquet"), config=_cfg(report=False, partitions=1))
     small = run_audit(str(fixture_dir / "uploads.csv"), str(fixture_dir / "o2"),
-                      scores_uri=str(fixture_dir / "scores.parquet"), report=False, block_bytes=97, partitions=7)
+                      scores_uri=str(fixture_dir / "scores.parquet"),
+                      config=_cfg(report=False, block_bytes=97, partitions=7))
     _check_expected(small)
     assert big.sources.equals(small.sources)
     assert big.summary["bad_by_reason"] == small.summary["bad_by_reason"]
@@ -227,7 +229,7 @@ def test_jsonl_parquet_and_clf_logs(tmp_path: Path) -> None:
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
     # the batch job's output root (with images/) is accepted for --scores
     res = run_audit(str(tmp_path / "log.jsonl"), str(tmp_path / "oj"), scores_uri=str(tmp_path / "batch"),
-                    report=False, mapping=parse_mapping(["source=user"]))
+                    config=_cfg(report=False, columns={"source": "user"}))
     got = _sources(res)
     assert got.pop("x")["uploads"] == 1
     for source, exp in EXPECTED.items():
@@ -244,8 +246,8 @@ def test_jsonl_parquet_and_clf_logs(tmp_path: Path) -> None:
         "object": [f"s3://bucket/uploads/{i}.jpg" for _, _, i, _ in _events()],
     })
     pq.write_table(table, tmp_path / "log.parquet")
-    res = run_audit(str(tmp_path / "log.parquet"), str(tmp_path / "op"), scores_uri=str(scores), report=False,
-                    mapping=ColumnMapping(timestamp="when", image="object"))
+    res = run_audit(str(tmp_path / "log.parquet"), str(tmp_path / "op"), scores_uri=str(scores),
+                    config=_cfg(report=False, columns={"timestamp": "when", "image": "object"}))
     _check_expected(res)
 
     # raw combined log format (the image is the request path)
@@ -255,7 +257,7 @@ def test_jsonl_parquet_and_clf_logs(tmp_path: Path) -> None:
         clf.append(f'{source} - - [{when}] "POST /upload/{image_id}.png HTTP/1.1" 200 512 "-" "python-requests/2.32"')
     clf.insert(2, "garbage that is not a log line")
     (tmp_path / "access.log").write_text("\n".join(clf) + "\n")
-    res = run_audit(str(tmp_path / "access.log"), str(tmp_path / "oc"), scores_uri=str(scores), report=False)
+    res = run_audit(str(tmp_path / "access.log"), str(tmp_path / "oc"), scores_uri=str(scores), config=_cfg(report=False))
     _check_expected(res)
     assert res.summary["bad_by_reason"] == {"unparseable line": 1}
     assert _sources(res)["10.0.0.1"]["user_agents"] == ["python-requests/2.32"]
@@ -305,19 +307,16 @@ class CountingScorer:
         self.calls = 0
         self.images: list[str] = []
 
-    def score_batch(self, images, ids):
-        from types import SimpleNamespace
-
+    def score(self, images, ids):
         self.calls += 1
         self.images += list(ids)
-        out = []
-        for image_id in ids:
-            v = self.verdicts[image_id]
-            d = dict(image_id=image_id, verdict=v, label="cat" if v == A else None,
-                     high_idx=[281, 0, 1, 2, 3], high_prob=[0.5, 0.1, 0.1, 0.1, 0.1],
-                     low_idx=[3, 0] if v == A else [0, 3], low_prob=[0.9, 0.05], error=None)
-            out.append(SimpleNamespace(to_dict=lambda d=d: d))
-        return out
+        verdicts = [self.verdicts[image_id] for image_id in ids]
+        return score_rows(
+            ids, [("cannot decode" if v == E else None) for v in verdicts], [(40, 40)] * len(ids),
+            [[281, 0, 1, 2, 3]] * len(ids), [[0.5, 0.1, 0.1, 0.1, 0.1]] * len(ids),
+            [([3, 0] if v == A else [0, 3]) for v in verdicts], [[0.9, 0.05]] * len(ids),
+            TwoStreamConfig().thresholds,
+        )
 
 
 def _image_dir(tmp_path: Path) -> Path:
@@ -336,7 +335,7 @@ def test_scores_reuse_skips_scoring(fixture_dir: Path) -> None:
     # 1. no scores: every image the log names is scored once (the unknown key stays a bad line)
     scorer = CountingScorer(verdicts)
     first = run_audit(log, str(fixture_dir / "o1"), images_uri=str(images),
-                      score_fn=scorer_score_fn(scorer, chunk=16), report=False)
+                      score_fn=scorer_score_fn(scorer, chunk=16), config=_cfg(report=False))
     assert sorted(scorer.images) == sorted(verdicts) and scorer.calls == 5  # 66 images / 16
     _check_expected(first)
     assert first.summary["images_scored_now"] == len(verdicts)
@@ -346,7 +345,7 @@ def test_scores_reuse_skips_scoring(fixture_dir: Path) -> None:
     scorer = CountingScorer(verdicts)
     second = run_audit(log, str(fixture_dir / "o2"), images_uri=str(images),
                        scores_uri=str(fixture_dir / "o1" / "scored_images.parquet"),
-                       score_fn=scorer_score_fn(scorer), report=False)
+                       score_fn=scorer_score_fn(scorer), config=_cfg(report=False))
     assert scorer.calls == 0 and scorer.images == []
     assert second.sources.equals(first.sources)
     assert second.summary["images_scored_now"] == 0
@@ -357,18 +356,17 @@ def test_scores_reuse_skips_scoring(fixture_dir: Path) -> None:
     pq.write_table(part.filter(pa.compute.is_in(part.column("image_id"), pa.array(keep))), fixture_dir / "part.parquet")
     scorer = CountingScorer(verdicts)
     third = run_audit(log, str(fixture_dir / "o3"), images_uri=str(images), scores_uri=str(fixture_dir / "part.parquet"),
-                      score_fn=scorer_score_fn(scorer), report=False)
+                      score_fn=scorer_score_fn(scorer), config=_cfg(report=False))
     assert sorted(scorer.images) == sorted(i for i in verdicts if i.startswith("c-"))
     _check_expected(third)
 
 
 def test_scores_reuse_with_real_scorer_counts_forward_calls(fixture_dir: Path) -> None:
     """The real Scorer (tiny random models): forward passes happen only without --scores."""
-    from twostream.core.config import load_config
     from twostream.core.scoring import Scorer
 
-    config = load_config(None, ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20",
-                                "low.weights=random", "high.device=cpu", "low.device=cpu"])
+    config = _cfg(["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20",
+                   "low.weights=random", "high.device=cpu", "low.device=cpu"], report=False)
     try:
         scorer = Scorer(config)
     except Exception as exc:  # pragma: no cover - model registry still in flux
@@ -381,13 +379,13 @@ def test_scores_reuse_with_real_scorer_counts_forward_calls(fixture_dir: Path) -
     lines = ["ts,ip,key"] + [f"{ts},{s},{i}" for s, ts, i, _ in _events() if s in ("10.0.0.4", "10.0.0.5", "10.0.0.3")]
     (fixture_dir / "small.csv").write_text("\n".join(lines) + "\n")
     first = run_audit(str(fixture_dir / "small.csv"), str(fixture_dir / "r1"), images_uri=str(images),
-                      score_fn=scorer_score_fn(scorer), config=config, report=False)
+                      score_fn=scorer_score_fn(scorer), config=config)
     n = len(lines) - 1
     assert seen == {"high": n, "low": n}
     seen.update(high=0, low=0)
     second = run_audit(str(fixture_dir / "small.csv"), str(fixture_dir / "r2"), images_uri=str(images),
                        scores_uri=str(fixture_dir / "r1" / "scored_images.parquet"),
-                       score_fn=scorer_score_fn(scorer), config=config, report=False)
+                       score_fn=scorer_score_fn(scorer), config=config)
     assert seen == {"high": 0, "low": 0}
     assert second.sources.equals(first.sources)
 
@@ -396,9 +394,9 @@ def test_scores_reuse_with_real_scorer_counts_forward_calls(fixture_dir: Path) -
 # What-if
 # ---------------------------------------------------------------------------------------------
 def test_what_if_thresholds_and_cap(fixture_dir: Path) -> None:
-    settings = [WhatIf.parse("threshold=1"), WhatIf.parse("threshold=5"), WhatIf.parse("threshold=4,cap=4")]
+    settings = ["threshold=1", "threshold=5", "threshold=4,cap=4"]
     res = run_audit(str(fixture_dir / "uploads.csv"), str(fixture_dir / "o"),
-                    scores_uri=str(fixture_dir / "scores.parquet"), report=False, what_if=settings, clean_rate=0.3)
+                    scores_uri=str(fixture_dir / "scores.parquet"), config=_cfg(report=False, what_if=settings, clean_rate=0.3))
     rows = {r["setting"]: r for r in res.what_if.to_pylist()}
     # clean-looking at rate <= 0.3: only 10.0.0.3 (3/10)
     assert {r["clean_sources"] for r in rows.values()} == {1}
@@ -427,7 +425,7 @@ def test_what_if_p1_p2_recomputes_from_top_k(tmp_path: Path) -> None:
     pq.write_table(scores, tmp_path / "s.parquet")
     (tmp_path / "log.csv").write_text("timestamp,source,image\n" + "".join(f"{T + k},u1,i{k}\n" for k in range(5)))
     res = run_audit(str(tmp_path / "log.csv"), str(tmp_path / "o"), scores_uri=str(tmp_path / "s.parquet"),
-                    report=False, what_if=[WhatIf(p1=0.2), WhatIf(p2=0.95), WhatIf(p1=0.15)])
+                    config=_cfg(report=False, what_if=["p1=0.2", "p2=0.95", "p1=0.15"]))
     rows = {r["setting"]: r for r in res.what_if.to_pylist()}
     assert rows["baseline"]["rejected_uploads"] == 0 and rows["baseline"]["sources_blocked"] == 0
     assert rows["p1=0.2"]["rejected_uploads"] == 5 and rows["p1=0.2"]["sources_blocked"] == 1
@@ -440,10 +438,10 @@ def test_what_if_p1_p2_recomputes_from_top_k(tmp_path: Path) -> None:
     pq.write_table(scores.select(["image_id", "verdict"]), tmp_path / "v.parquet")
     with pytest.raises(AuditError, match="top-k"):
         run_audit(str(tmp_path / "log.csv"), str(tmp_path / "o2"), scores_uri=str(tmp_path / "v.parquet"),
-                  report=False, what_if=[WhatIf(p1=0.2)])
+                  config=_cfg(report=False, what_if=["p1=0.2"]))
     # ...but a reputation-only what-if works with verdicts alone
     res = run_audit(str(tmp_path / "log.csv"), str(tmp_path / "o3"), scores_uri=str(tmp_path / "v.parquet"),
-                    report=False, what_if=[WhatIf(threshold=2)])
+                    config=_cfg(report=False, what_if=["threshold=2"]))
     assert res.what_if.num_rows == 2
 
 
@@ -503,9 +501,7 @@ def test_sample_log_known_attacker(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
     import csv
 
-    from twostream.core.config import load_config
-
-    config = load_config(None, ["high.model=resnet10t", "high.weights=random"])
+    config = _cfg(["high.model=resnet10t", "high.weights=random"], report=False)
     info = samples.generate(tmp_path / "sample", n=8, adversarial_fraction=0.5, sources=4, attackers=1,
                             shards=0, config=config)
     with open(info.manifest) as handle:
@@ -520,7 +516,7 @@ def test_sample_log_known_attacker(tmp_path: Path) -> None:
         for r in reversed(manifest):  # the log need not be in time order
             handle.write(f"{r['timestamp']},{r['source']},{r['key']}.jpg\n")
     res = run_audit(str(tmp_path / "uploads.csv"), str(tmp_path / "out"), scores_uri=str(tmp_path / "scores.parquet"),
-                    images_uri=str(info.input_dir), report=False, config=config,
+                    images_uri=str(info.input_dir), config=config,
                     score_fn=lambda uris, ids: pytest.fail(f"scored {ids}"))
     got = _sources(res)
     assert set(got) == {"src-00", "src-01", "src-02", "src-03"}

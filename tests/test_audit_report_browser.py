@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_audit import EXPECTED, _write_csv_log, _write_scores
-from twostream.audit.audit import WhatIf, run_audit
+from tests.test_audit import EXPECTED, _cfg, _write_csv_log, _write_scores
+from twostream.audit.run import run_audit
 
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
                              shutil.which("chromium-browser")) if p and Path(p).is_file()), None)
@@ -40,7 +40,7 @@ def report(tmp_path_factory) -> Path:
     _write_scores(tmp / "scores.parquet")
     _write_csv_log(tmp / "uploads.csv")
     run_audit(str(tmp / "uploads.csv"), str(tmp / "out"), scores_uri=str(tmp / "scores.parquet"),
-              what_if=[WhatIf(threshold=1), WhatIf(threshold=5), WhatIf(threshold=4, cap=4)], clean_rate=0.3)
+              config=_cfg(what_if=["threshold=1", "threshold=5", "threshold=4,cap=4"], clean_rate=0.3))
     return tmp / "out" / "report.html"
 
 

@@ -11,12 +11,12 @@ import base64
 import html
 import io
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-if TYPE_CHECKING:  # pragma: no cover
-    from twostream.audit.audit import AuditResult, SourceSeries
+from twostream.audit.outputs import AuditResult, SourceSeries
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;max-width:1200px}
@@ -50,10 +50,6 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _dates(ts: np.ndarray):
-    return np.asarray(ts, dtype="float64").astype("datetime64[ms]") if len(ts) else ts
-
-
 def _date_axis(ax) -> None:
     import matplotlib.dates as mdates
 
@@ -62,7 +58,7 @@ def _date_axis(ax) -> None:
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
 
 
-def cc_plot(series: "SourceSeries", cap: int) -> str:
+def cc_plot(series: SourceSeries, cap: int) -> str:
     """CC over time for one source, blacklist intervals shaded, threshold dashed."""
     import matplotlib
 
@@ -119,7 +115,7 @@ def rate_plot(edges: np.ndarray, scored: np.ndarray, rejected: np.ndarray, block
     return _png(fig)
 
 
-def what_if_plot(table) -> str:
+def what_if_plot(table: pa.Table) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,22 +155,34 @@ def _intervals_text(intervals: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def render_report(result: "AuditResult", top: int | None = None) -> str:
+def render_report(result: AuditResult, top: int | None = None) -> str:
     """The whole report as one HTML string."""
-    s = result.summary
-    cap = int(s["reputation"]["cap"])
-    sources = result.sources
+    cap = int(result.summary["reputation"]["cap"])
     n_top = top if top is not None else len(result.top_series) or 10
-    head = sources.slice(0, max(n_top, 10)).to_pylist()
-    rows, classes = [], []
-    for r in head:
-        rows.append([
-            r["rank"], r["source"], r["uploads"], r["scored"], r["rejected"], f"{r['rejection_rate']:.1%}",
-            r["blocked"], r["errors"], fmt_time(r["first_seen"]), fmt_time(r["last_seen"]),
-            r["times_blacklisted"], _intervals_text(r["blacklist_intervals"]), r["final_standing"],
-            r["cc"], ", ".join(r["user_agents"]),
-        ])
-        classes.append({"blacklisted": "bl", "released": "rel"}.get(r["final_standing"], ""))
+    parts = [*_header(result.summary, cap), *_sources_section(result.sources, max(n_top, 10))]
+    parts.append("<h2>CC over time of the top sources</h2>")
+    if result.top_series:
+        parts.append('<div class=grid id="cc-plots">')
+        for series in result.top_series:
+            parts.append(f'<figure><img class=plot alt="CC of {_e(series.source)}" '
+                         f'src="{cc_plot(series, cap)}"></figure>')
+        parts.append("</div>")
+    else:
+        parts.append("<p>No uploads.</p>")
+    parts.append("<h2>Rejection rate over time</h2>")
+    parts.append(f'<img class=plot id="rate-plot" alt="rejection rate over time" '
+                 f'src="{rate_plot(result.rate_bins, result.rate_scored, result.rate_rejected, result.rate_blocked)}">')
+    if result.what_if is not None:
+        parts += _what_if_section(result.what_if, result.summary["clean_rate"])
+    parts += _bad_lines_section(result)
+    s = result.summary
+    parts.append(f"<p class=muted>twostream audit &middot; {_e(s['lines']):s} lines in "
+                 f"{_e(s['seconds']['total'])} s</p></body></html>")
+    return "\n".join(parts)
+
+
+def _header(s: dict[str, Any], cap: int) -> list[str]:
+    """Page head, the inputs and settings line, and the headline counts."""
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         "<title>twostream upload-log audit</title>",
@@ -195,58 +203,59 @@ def render_report(result: "AuditResult", top: int | None = None) -> str:
     ):
         parts.append(f'<span class=kpi><b>{_e(f"{value:,}")}</b>{_e(label)}</span>')
     parts.append("</div>")
+    return parts
 
-    parts.append("<h2>Top suspicious sources</h2>")
-    parts.append("<p class=muted>Ranked by: ever blacklisted, then rejected uploads, then rejection rate. "
-                 "Red: still blacklisted at the end of the log; yellow: blacklisted and released. "
-                 "Every source is in <code>sources.parquet</code>.</p>")
-    parts.append(_table(
-        ["#", "source", "uploads", "scored", "rejected", "rejection rate", "blocked", "errors",
-         "first seen", "last seen", "times blacklisted", "blacklist intervals", "final standing",
-         "final CC", "user agents"],
-        rows, numeric={0, 2, 3, 4, 5, 6, 7, 10, 13}, row_class=classes, table_id="sources"))
 
-    parts.append("<h2>CC over time of the top sources</h2>")
-    if result.top_series:
-        parts.append('<div class=grid id="cc-plots">')
-        for series in result.top_series:
-            parts.append(f'<figure><img class=plot alt="CC of {_e(series.source)}" '
-                         f'src="{cc_plot(series, cap)}"></figure>')
-        parts.append("</div>")
-    else:
-        parts.append("<p>No uploads.</p>")
+def _sources_section(sources: pa.Table, rows_shown: int) -> list[str]:
+    """The top suspicious sources table (the first ``rows_shown`` ranks)."""
+    rows, classes = [], []
+    for r in sources.slice(0, rows_shown).to_pylist():
+        rows.append([
+            r["rank"], r["source"], r["uploads"], r["scored"], r["rejected"], f"{r['rejection_rate']:.1%}",
+            r["blocked"], r["errors"], fmt_time(r["first_seen"]), fmt_time(r["last_seen"]),
+            r["times_blacklisted"], _intervals_text(r["blacklist_intervals"]), r["final_standing"],
+            r["cc"], ", ".join(r["user_agents"]),
+        ])
+        classes.append({"blacklisted": "bl", "released": "rel"}.get(r["final_standing"], ""))
+    return [
+        "<h2>Top suspicious sources</h2>",
+        "<p class=muted>Ranked by: ever blacklisted, then rejected uploads, then rejection rate. "
+        "Red: still blacklisted at the end of the log; yellow: blacklisted and released. "
+        "Every source is in <code>sources.parquet</code>.</p>",
+        _table(["#", "source", "uploads", "scored", "rejected", "rejection rate", "blocked", "errors",
+                "first seen", "last seen", "times blacklisted", "blacklist intervals", "final standing",
+                "final CC", "user agents"],
+               rows, numeric={0, 2, 3, 4, 5, 6, 7, 10, 13}, row_class=classes, table_id="sources"),
+    ]
 
-    parts.append("<h2>Rejection rate over time</h2>")
-    parts.append(f'<img class=plot id="rate-plot" alt="rejection rate over time" '
-                 f'src="{rate_plot(result.rate_bins, result.rate_scored, result.rate_rejected, result.rate_blocked)}">')
 
-    if result.what_if is not None:
-        wt = result.what_if
-        parts.append("<h2>What-if: other thresholds</h2>")
-        clean_rate = f"{s['clean_rate']:.0%}"
-        parts.append(f"<p class=muted>The same log replayed under each setting. A clean-looking source has a "
-                     f"rejection rate of at most {_e(clean_rate)} under the audit's own thresholds; "
-                     f"<i>clean hit</i> counts those the setting would have blacklisted at least once.</p>")
-        wrows = [[r["setting"], r["p1"], r["p2"], r["threshold"], r["cap"], r["rejected_uploads"],
-                  r["blocked_uploads"], r["sources_blocked"], r["blacklisted_at_end"],
-                  f"{r['clean_sources_hit']} / {r['clean_sources']}"] for r in wt.to_pylist()]
-        parts.append(_table(["setting", "p1", "p2", "threshold", "cap", "rejected uploads", "blocked uploads",
-                             "sources blocked", "blacklisted at end", "clean hit"], wrows,
-                            numeric=set(range(1, 10)), table_id="what-if"))
-        parts.append(f'<img class=plot id="what-if-plot" alt="what-if" src="{what_if_plot(wt)}">')
+def _what_if_section(wt: pa.Table, clean_rate: float) -> list[str]:
+    """The what-if table and chart."""
+    rate = f"{clean_rate:.0%}"
+    wrows = [[r["setting"], r["p1"], r["p2"], r["threshold"], r["cap"], r["rejected_uploads"],
+              r["blocked_uploads"], r["sources_blocked"], r["blacklisted_at_end"],
+              f"{r['clean_sources_hit']} / {r['clean_sources']}"] for r in wt.to_pylist()]
+    return [
+        "<h2>What-if: other thresholds</h2>",
+        f"<p class=muted>The same log replayed under each setting. A clean-looking source has a "
+        f"rejection rate of at most {_e(rate)} under the audit's own thresholds; "
+        f"<i>clean hit</i> counts those the setting would have blacklisted at least once.</p>",
+        _table(["setting", "p1", "p2", "threshold", "cap", "rejected uploads", "blocked uploads",
+                "sources blocked", "blacklisted at end", "clean hit"], wrows,
+               numeric=set(range(1, 10)), table_id="what-if"),
+        f'<img class=plot id="what-if-plot" alt="what-if" src="{what_if_plot(wt)}">',
+    ]
 
-    parts.append("<h2>Bad log lines</h2>")
-    if result.bad_counts:
-        parts.append(_table(["reason", "lines"], sorted(result.bad_counts.items()), numeric={1},
-                            table_id="bad-reasons"))
-        shown = len(result.bad_sample)
-        parts.append(f"<p class=muted>{shown} of {s['bad_lines']:,} listed here; all are in "
-                     f"<code>bad_lines.parquet</code>.</p>")
-        parts.append(_table(["line", "reason", "detail", "text"],
-                            [[b.line, b.reason, b.detail, b.text] for b in result.bad_sample],
-                            numeric={0}, table_id="bad-lines"))
-    else:
-        parts.append("<p>None: every line was read.</p>")
-    parts.append(f"<p class=muted>twostream audit &middot; {_e(s['lines']):s} lines in "
-                 f"{_e(s['seconds']['total'])} s</p></body></html>")
-    return "\n".join(parts)
+
+def _bad_lines_section(result: AuditResult) -> list[str]:
+    """Bad lines by reason, and the first of them."""
+    if not result.bad_counts:
+        return ["<h2>Bad log lines</h2>", "<p>None: every line was read.</p>"]
+    return [
+        "<h2>Bad log lines</h2>",
+        _table(["reason", "lines"], sorted(result.bad_counts.items()), numeric={1}, table_id="bad-reasons"),
+        f"<p class=muted>{len(result.bad_sample)} of {result.summary['bad_lines']:,} listed here; all are in "
+        f"<code>bad_lines.parquet</code>.</p>",
+        _table(["line", "reason", "detail", "text"], [[b.line, b.reason, b.detail, b.text] for b in result.bad_sample],
+               numeric={0}, table_id="bad-lines"),
+    ]

@@ -1,0 +1,556 @@
+"""Reading upload logs: the formats, the column mapping, timestamps, and the bad lines.
+
+The log (CSV/TSV, JSON Lines, Parquet, or a raw web-server access log in common/combined log
+format) is read a block at a time (:func:`read_log`); each record is mapped through
+:class:`ColumnMapping` to (timestamp, source, image key, user agent). :func:`check_chunk`
+parses the timestamps to UTC epoch seconds and resolves the image keys; every record that
+fails a step becomes a :class:`BadLine` with its line number and reason, never dropped
+silently. :class:`AuditError` is the audit's one error for unusable inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from twostream import storage
+from twostream.core.config import ConfigError
+
+LOG_FORMATS = ("csv", "tsv", "jsonl", "parquet", "clf")
+
+
+class AuditError(ValueError):
+    """The audit cannot run: an input is missing, unreadable or lacks required columns."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Column mapping
+# ---------------------------------------------------------------------------------------------
+ALIASES: dict[str, tuple[str, ...]] = {
+    "timestamp": ("timestamp", "time", "ts", "@timestamp", "datetime", "date", "time_local",
+                  "request_time", "event_time", "uploaded_at", "created_at"),
+    "source": ("source", "source_id", "ip", "client_ip", "clientip", "remote_addr", "remote_ip",
+               "c-ip", "host", "remote_host", "user", "username", "user_id", "remote_user"),
+    "image": ("image_id", "image", "key", "image_key", "object_key", "uri", "url", "path",
+              "request_uri", "request_path", "cs-uri-stem", "file"),
+    "user_agent": ("user_agent", "useragent", "http_user_agent", "agent", "cs(user-agent)", "ua"),
+}
+
+
+class ColumnMapping(BaseModel):
+    """Which log column holds each field; ``None`` picks the first alias present (case-insensitive).
+
+    ``user_agent`` is optional; the other three are required. ``timestamp_unit`` applies to
+    numeric timestamps (epoch seconds by default).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    timestamp: str | None = None
+    source: str | None = None
+    image: str | None = None
+    user_agent: str | None = None
+    timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"
+
+    @classmethod
+    def from_columns(cls, columns: dict[str, str]) -> "ColumnMapping":
+        """``{"source": "user"}`` (the config's ``audit.columns``) -> mapping (ConfigError on bad keys)."""
+        try:
+            return cls.model_validate(columns)
+        except Exception as exc:  # pydantic ValidationError -> a readable message
+            raise ConfigError(f"invalid column mapping {columns}: {exc}") from None
+
+    def resolve(self, columns: Sequence[str]) -> dict[str, str | None]:
+        """Map each field to an existing column name (user_agent may be None)."""
+        lower = {c.lower().strip(): c for c in columns}
+        out: dict[str, str | None] = {}
+        for name in ("timestamp", "source", "image", "user_agent"):
+            wanted = getattr(self, name)
+            if wanted is not None:
+                found = lower.get(wanted.lower().strip())
+                if found is None:
+                    raise AuditError(f"column mapping: {name}={wanted!r} is not a log column {list(columns)}")
+            else:
+                found = next((lower[a] for a in ALIASES[name] if a in lower), None)
+            if found is None and name != "user_agent":
+                raise AuditError(
+                    f"the log has no {name} column (looked for {', '.join(ALIASES[name])}; "
+                    f"columns are {list(columns)}); name it with --map {name}=COLUMN"
+                )
+            out[name] = found
+        return out
+
+
+def mapping_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """``["source=user", "timestamp=when"]`` -> ``{"source": "user", ...}`` (ConfigError on a bad pair)."""
+    data: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--map {pair!r} is not of the form field=column")
+        key, value = pair.split("=", 1)
+        data[key.strip()] = value.strip()
+    return data
+
+
+def parse_mapping(pairs: Sequence[str]) -> ColumnMapping:
+    """``["source=user", "timestamp=when"]`` -> :class:`ColumnMapping` (ConfigError on bad keys)."""
+    return ColumnMapping.from_columns(mapping_pairs(pairs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestamps
+# ---------------------------------------------------------------------------------------------
+_NUMERIC = r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$"
+_CLF_TIME = "%d/%b/%Y:%H:%M:%S %z"
+_UNIT_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+
+def _iso_to_epoch(text: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+    except ValueError:
+        try:  # common log format, parsed by hand when pyarrow's strptime did not take it
+            value = datetime.strptime(text, _CLF_TIME)
+        except ValueError:
+            return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def parse_timestamps(column: pa.Array | pa.ChunkedArray, unit: str = "s") -> pa.Array:
+    """Any log timestamp column -> float64 UTC epoch seconds (null where unparseable).
+
+    Accepts Arrow timestamps (naive ones are UTC), numbers (epoch in ``unit``), and strings:
+    epoch numbers, ISO-8601 (``Z``/offsets; naive = UTC) and common log format
+    (``10/Oct/2000:13:55:36 -0700``, with or without brackets).
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_timestamp(column.type):
+        return pc.divide(pc.cast(column.cast(pa.timestamp("us", tz=column.type.tz)), pa.int64()), 1e6)
+    if pa.types.is_date(column.type):
+        return parse_timestamps(pc.cast(column, pa.timestamp("s")))
+    if pa.types.is_boolean(column.type):
+        return pa.nulls(len(column), pa.float64())
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        return pc.multiply(pc.cast(column, pa.float64()), _UNIT_SCALE[unit])
+    text = pc.utf8_trim(pc.cast(column, pa.string()), "[] \t\"")
+    numeric = pc.fill_null(pc.match_substring_regex(text, _NUMERIC), False)
+    numbers = pc.multiply(pc.cast(pc.if_else(numeric, text, None), pa.float64()), _UNIT_SCALE[unit])
+    clf = pc.divide(
+        pc.cast(pc.strptime(text, format=_CLF_TIME, unit="s", error_is_null=True), pa.int64()), 1.0
+    )
+    out = pc.coalesce(numbers, clf)
+    rest = pc.and_(pc.is_null(out), pc.is_valid(text))
+    if pc.any(rest).as_py():
+        return _parse_iso_rest(out, text, np.flatnonzero(np.asarray(rest)))
+    return out
+
+
+def _parse_iso_rest(out: pa.Array, text: pa.Array, idx: np.ndarray) -> pa.Array:
+    """``out`` with the rows ``idx`` (not numbers, not CLF) parsed as ISO-8601, each distinct text once."""
+    values = out.to_numpy(zero_copy_only=False).astype(np.float64)
+    valid = ~np.asarray(pc.is_null(out))
+    pending = pc.take(text, pa.array(idx))
+    parsed = {s: _iso_to_epoch(s) for s in pc.unique(pending).to_pylist()}
+    for k, s in zip(idx, pending.to_pylist()):
+        v = parsed[s]
+        if v is not None:
+            values[k] = v
+            valid[k] = True
+    return pa.array(values, pa.float64(), mask=~valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming log reader
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BadLine:
+    line: int  # 1-based physical line (CSV/JSONL/CLF) or 1-based row (Parquet)
+    reason: str  # a short category, e.g. "unparseable timestamp"
+    detail: str  # the offending value or parser message
+    text: str  # the raw line (truncated)
+
+
+@dataclass
+class LogChunk:
+    """A block of log records mapped to the audit's fields (all string except the timestamp)."""
+
+    line: np.ndarray  # int64, 1-based
+    timestamp: pa.Array
+    source: pa.Array
+    image: pa.Array
+    user_agent: pa.Array | None
+    raw: Callable[[int], str]  # row index in this chunk -> raw text
+    bad: list[BadLine] = field(default_factory=list)
+
+
+_CLF_RE = (
+    r'^(?P<host>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]+)\] '
+    r'"(?P<method>[A-Z]+) (?P<path>\S+)(?: (?P<protocol>[^"]*))?" (?P<status>\d{3}|-) (?P<bytes>\d+|-)'
+    r'(?: "(?P<referer>[^"]*)" "(?P<user_agent>[^"]*)")?.*$'
+)
+_CLF_FIELDS = ["host", "ident", "user", "time", "method", "path", "protocol", "status", "bytes",
+               "referer", "user_agent"]
+_TRUNC = 300
+
+
+def detect_format(uri: str) -> str:
+    """The log format from the file name (compression suffixes ignored); AuditError when unclear."""
+    name = str(uri).lower()
+    for suffix in (".gz", ".bz2", ".zst", ".lz4"):
+        name = name.removesuffix(suffix)
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith((".log", ".txt")) or "access" in name.rsplit("/", 1)[-1]:
+        return "clf"
+    raise AuditError(f"cannot tell the log format of {uri!r}; pass --format {{{','.join(LOG_FORMATS)}}}")
+
+
+def _line_blocks(uri: str, block_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield (line number of the first line, lines) blocks; gzip etc. by extension."""
+    fs, path = storage.filesystem(uri)
+    lineno = 1
+    carry = b""
+    with fs.open_input_stream(path, compression="detect") as stream:
+        while True:
+            data = stream.read(block_bytes)
+            if not data:
+                break
+            data = carry + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                continue
+            carry = data[cut + 1 :]
+            lines = data[:cut].split(b"\n")
+            yield lineno, lines
+            lineno += len(lines)
+    if carry:
+        yield lineno, [carry]
+
+
+def _nonblank_blocks(uri: str, block_bytes: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
+    """(non-blank lines, their 1-based line numbers) per block."""
+    for first, lines in _line_blocks(uri, block_bytes):
+        numbers = np.arange(first, first + len(lines), dtype=np.int64)
+        keep = [k for k, ln in enumerate(lines) if ln.strip(b" \t\r")]
+        if keep:
+            yield [lines[k] for k in keep], numbers[keep]
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").rstrip("\r")[:_TRUNC]
+
+
+def _mapped(table: pa.Table, cols: dict[str, str | None]) -> dict[str, pa.Array | None]:
+    out: dict[str, pa.Array | None] = {}
+    for name in ("timestamp", "source", "image", "user_agent"):
+        col = cols[name]
+        if col is None or col not in table.column_names:
+            out[name] = None if name == "user_agent" else pa.nulls(table.num_rows, pa.string())
+            continue
+        arr = table.column(col).combine_chunks()
+        if name != "timestamp":
+            if pa.types.is_nested(arr.type):
+                arr = pa.array([json.dumps(v) if v is not None else None for v in arr.to_pylist()], pa.string())
+            arr = pc.cast(arr, pa.string())
+        out[name] = arr
+    return out
+
+
+def _to_chunk(table: pa.Table, cols: dict[str, str | None], lines: np.ndarray,
+              raw: Callable[[int], str], bad: list[BadLine]) -> LogChunk:
+    m = _mapped(table, cols)
+    return LogChunk(lines, m["timestamp"], m["source"], m["image"], m["user_agent"], raw, bad)
+
+
+def _line_chunk(table: pa.Table, cols: dict[str, str | None], lines: list[bytes], numbers: np.ndarray,
+                good: np.ndarray, bad: list[BadLine]) -> LogChunk:
+    """A chunk of a line-based log: the table holds the lines ``good`` (indices into ``lines``)."""
+
+    def raw(k: int) -> str:
+        return _decode(lines[good[k]])
+
+    return _to_chunk(table, cols, numbers[good], raw, bad)
+
+
+def read_log(uri: str, fmt: str = "auto", mapping: ColumnMapping | None = None,
+             block_bytes: int = 8 << 20) -> Iterator[LogChunk]:
+    """Stream an upload log as :class:`LogChunk` blocks (bounded memory: one block at a time).
+
+    CSV/TSV need a header line; one record per line (as in log files). JSON Lines: one object
+    per line. ``clf``: Apache/Nginx common or combined log format (fields ``host``, ``user``,
+    ``time``, ``method``, ``path``, ``status``, ``bytes``, ``referer``, ``user_agent``).
+    Lines that cannot be parsed at all come back in ``LogChunk.bad``.
+    """
+    mapping = mapping or ColumnMapping()
+    fmt = detect_format(uri) if fmt == "auto" else fmt
+    if fmt not in LOG_FORMATS:
+        raise AuditError(f"unknown log format {fmt!r} (one of {', '.join(LOG_FORMATS)})")
+    if not storage.exists(uri):
+        raise AuditError(f"log not found: {uri}")
+    if fmt == "parquet":
+        yield from _read_parquet(uri, mapping)
+    elif fmt in ("csv", "tsv"):
+        yield from _read_csv(uri, mapping, "\t" if fmt == "tsv" else ",", block_bytes)
+    elif fmt == "jsonl":
+        yield from _read_jsonl(uri, mapping, block_bytes)
+    else:
+        yield from _read_clf(uri, mapping, block_bytes)
+
+
+def _read_parquet(uri: str, mapping: ColumnMapping) -> Iterator[LogChunk]:
+    fs, path = storage.filesystem(uri)
+    pf = pq.ParquetFile(path, filesystem=fs)
+    cols = mapping.resolve(pf.schema_arrow.names)
+    wanted = sorted({c for c in cols.values() if c})
+    row = 1
+    for batch in pf.iter_batches(batch_size=65536, columns=wanted):
+        table = pa.Table.from_batches([batch])
+        n = table.num_rows
+
+        def raw(k: int, _t=table) -> str:
+            return json.dumps(_t.slice(k, 1).to_pylist()[0], default=str)[:_TRUNC]
+
+        yield _to_chunk(table, cols, np.arange(row, row + n, dtype=np.int64), raw, [])
+        row += n
+
+
+# ---- CSV / TSV ----
+def _read_csv(uri: str, mapping: ColumnMapping, delimiter: str, block_bytes: int) -> Iterator[LogChunk]:
+    header: bytes | None = None
+    names: list[str] = []
+    cols: dict[str, str | None] = {}
+    for first, lines in _line_blocks(uri, block_bytes):
+        numbers = np.arange(first, first + len(lines), dtype=np.int64)
+        if header is None:
+            nonempty = [k for k, ln in enumerate(lines) if ln.strip()]
+            if not nonempty:
+                continue
+            k0 = nonempty[0]
+            header = lines[k0].rstrip(b"\r")
+            names = _csv_header(header, delimiter)
+            cols = mapping.resolve(names)
+            lines, numbers = lines[k0 + 1 :], numbers[k0 + 1 :]
+        keep = [k for k, ln in enumerate(lines) if ln.strip(b" \t\r")]
+        if keep:
+            yield _csv_chunk(header, names, cols, delimiter, [lines[k] for k in keep], numbers[keep])
+
+
+def _csv_header(header: bytes, delimiter: str) -> list[str]:
+    return pacsv.read_csv(
+        io.BytesIO(header + b"\n"), parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        read_options=pacsv.ReadOptions(use_threads=False),
+    ).column_names
+
+
+def _csv_chunk(header: bytes, names: list[str], cols: dict[str, str | None], delimiter: str,
+               lines: list[bytes], numbers: np.ndarray) -> LogChunk:
+    """One block of CSV lines as a chunk; rows with the wrong field count are bad lines."""
+    invalid: list[tuple[int, str]] = []
+
+    def handler(row) -> str:
+        invalid.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
+        return "skip"
+
+    body = header + b"\n" + b"\n".join(lines) + b"\n"
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(body),
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=len(body) + 1),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=handler),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in names}, strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid:  # e.g. an unterminated quote: fall back line by line
+        table, invalid = _csv_line_by_line(header, lines, names, delimiter)
+    bad: list[BadLine] = []
+    bad_rows = set()
+    for number, detail in invalid:
+        k = (number - 2) if number is not None and number >= 2 else None
+        if k is None or not 0 <= k < len(lines):
+            continue
+        bad_rows.add(k)
+        bad.append(BadLine(int(numbers[k]), "unparseable line", detail, _decode(lines[k])))
+    good = np.array([k for k in range(len(lines)) if k not in bad_rows], dtype=np.int64)
+    if len(good) != table.num_rows:  # pragma: no cover - defensive, should not happen
+        raise AuditError(f"CSV block at line {numbers[0]}: {table.num_rows} rows for {len(good)} lines")
+    return _line_chunk(table, cols, lines, numbers, good, bad)
+
+
+def _csv_line_by_line(header: bytes, lines: list[bytes], names: list[str],
+                      delimiter: str) -> tuple[pa.Table, list[tuple[int, str]]]:
+    tables, invalid = [], []
+    for k, ln in enumerate(lines):
+        try:
+            t = pacsv.read_csv(
+                io.BytesIO(header + b"\n" + ln + b"\n"),
+                read_options=pacsv.ReadOptions(use_threads=False),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}),
+            )
+            if t.num_rows != 1:
+                raise pa.ArrowInvalid(f"{t.num_rows} records on one line")
+            tables.append(t)
+        except pa.ArrowInvalid as exc:
+            invalid.append((k + 2, str(exc).splitlines()[0][:200]))
+    schema = pa.schema([(c, pa.string()) for c in names])
+    return (pa.concat_tables(tables) if tables else schema.empty_table()), invalid
+
+
+# ---- JSON Lines ----
+def _read_jsonl(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[LogChunk]:
+    cols: dict[str, str | None] | None = None
+    for lines, numbers in _nonblank_blocks(uri, block_bytes):
+        bad: list[BadLine] = []
+        good = np.arange(len(lines))
+        try:
+            table = pajson.read_json(io.BytesIO(b"\n".join(lines)))
+            if table.num_rows != len(lines):
+                raise pa.ArrowInvalid("row count mismatch")
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            table, good, bad = _jsonl_line_by_line(lines, numbers)
+        if cols is None:
+            cols = mapping.resolve(table.column_names)
+        elif cols["user_agent"] is None:  # a later block may name the optional column
+            try:
+                cols["user_agent"] = mapping.resolve(
+                    list(table.column_names) + ["timestamp", "source", "image"]).get("user_agent")
+            except AuditError:
+                pass
+        yield _line_chunk(table, cols, lines, numbers, good, bad)
+
+
+def _jsonl_line_by_line(lines: list[bytes], numbers: np.ndarray) -> tuple[pa.Table, np.ndarray, list[BadLine]]:
+    """A block pyarrow could not read as a whole (bad JSON, mixed types): object by object."""
+    rows, ok, bad = [], [], []
+    for k, ln in enumerate(lines):
+        try:
+            obj = json.loads(ln)
+            if not isinstance(obj, dict):
+                raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+        except ValueError as exc:
+            bad.append(BadLine(int(numbers[k]), "unparseable line", f"invalid JSON: {exc}"[:200], _decode(ln)))
+            continue
+        rows.append({key: (v if v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                           else v if isinstance(v, str) else json.dumps(v))
+                     for key, v in obj.items()})
+        ok.append(k)
+    data = {}
+    for name in sorted({key for r in rows for key in r}):
+        values = [r.get(name) for r in rows]
+        if any(isinstance(v, str) for v in values):
+            values = [None if v is None else str(v) for v in values]
+        try:
+            data[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            data[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    table = pa.table(data) if data else pa.table({"_": pa.nulls(len(rows))})
+    return table, np.array(ok, dtype=np.int64), bad
+
+
+# ---- common / combined log format ----
+def _read_clf(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[LogChunk]:
+    cols = mapping.resolve(_CLF_FIELDS)
+    for lines, numbers in _nonblank_blocks(uri, block_bytes):
+        text = pa.array([ln.rstrip(b"\r") for ln in lines], pa.binary()).cast(pa.string(), safe=False)
+        try:
+            text = pc.utf8_normalize(text, "NFC")
+        except pa.ArrowInvalid:
+            text = pa.array([_decode(ln) for ln in lines], pa.string())
+        parsed = pc.extract_regex(text, _CLF_RE)
+        ok = np.asarray(pc.is_valid(parsed))
+        good = np.flatnonzero(ok)
+        bad = [BadLine(int(numbers[k]), "unparseable line", "not in common/combined log format",
+                       _decode(lines[k])) for k in np.flatnonzero(~ok)]
+        parsed = pc.take(parsed, pa.array(good, pa.int64()))
+        table = pa.table({n: pc.struct_field(parsed, n) for n in _CLF_FIELDS})
+        for n in ("user", "user_agent", "referer"):
+            table = table.set_column(table.column_names.index(n), n,
+                                     pc.if_else(pc.is_in(table.column(n), pa.array(["-", ""])), None,
+                                                table.column(n)))
+        yield _line_chunk(table, cols, lines, numbers, good, bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking records
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Records:
+    """The good records of one chunk, plus all its bad lines sorted by line number."""
+
+    line: np.ndarray  # int64
+    timestamp: np.ndarray  # float64 UTC epoch seconds
+    source: pa.Array  # string, trimmed
+    image: np.ndarray  # int64: the resolved image (a catalogue row)
+    user_agent: pa.Array | None
+    bad: list[BadLine]
+
+
+def check_chunk(chunk: LogChunk, lookup: Callable[[pa.Array], np.ndarray], unit: str) -> Records:
+    """Parse timestamps, trim names and resolve image keys (``lookup``: key -> row, -1 unknown).
+
+    A record failing several checks is listed under the first: missing image key, unknown
+    image key, missing source, missing timestamp, unparseable timestamp.
+    """
+    n = len(chunk.line)
+    if n == 0:
+        return Records(chunk.line, np.zeros(0), pa.array([], pa.string()), np.zeros(0, np.int64), None,
+                       sorted(chunk.bad, key=lambda b: b.line))
+    ts = parse_timestamps(chunk.timestamp, unit).to_numpy(zero_copy_only=False).astype(np.float64)
+    src = pc.utf8_trim_whitespace(chunk.source)
+    img = pc.utf8_trim_whitespace(chunk.image)
+    ts_text = pc.cast(chunk.timestamp, pa.string())
+    empty_src = np.asarray(pc.fill_null(pc.equal(src, ""), True))
+    empty_img = np.asarray(pc.fill_null(pc.equal(img, ""), True))
+    ts_missing = np.asarray(pc.is_null(chunk.timestamp)) | np.asarray(
+        pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ts_text), ""), False))
+    found = lookup(img)
+    reasons = np.full(n, None, dtype=object)
+    details = np.full(n, "", dtype=object)
+    for mask, reason, detail in (
+        (empty_img, "missing image key", None),
+        (found < 0, "unknown image key", img),
+        (empty_src, "missing source", None),
+        (ts_missing, "missing timestamp", None),
+        (~np.isfinite(ts), "unparseable timestamp", ts_text),
+    ):
+        sel = mask & (reasons == None)  # noqa: E711
+        if sel.any():
+            reasons[sel] = reason
+            if detail is not None:
+                details[sel] = [str(v)[:200] for v in pc.take(detail, pa.array(np.flatnonzero(sel))).to_pylist()]
+    bad = chunk.bad + [BadLine(int(chunk.line[k]), reasons[k], details[k], chunk.raw(int(k)))
+                       for k in np.flatnonzero(reasons != None)]  # noqa: E711
+    good = np.flatnonzero(reasons == None)  # noqa: E711
+    take = pa.array(good)
+    return Records(
+        line=chunk.line[good], timestamp=ts[good], source=pc.take(src, take), image=found[good],
+        user_agent=pc.take(chunk.user_agent, take) if chunk.user_agent is not None else None,
+        bad=sorted(bad, key=lambda b: b.line),
+    )

@@ -1,0 +1,238 @@
+"""The audit run (docs/audit.md): which sources sent adversarial images, and when.
+
+Plain Python + pyarrow, no Ray (``jobs/audit.py`` only adds Ray for scoring). The stages, each
+a short function here over the modules that own the work:
+
+1. **Catalogue** of known images (:mod:`twostream.audit.catalogue`).
+2. **Log pass** (streaming, :mod:`twostream.audit.logread`): records checked, bad lines
+   written, good records spilled by source (:class:`twostream.audit.replay.Spill`).
+3. **Scoring** of the referenced images that no ``--scores`` row covers (a ``score_fn``).
+4. **Replay** of Algorithm 2 per source (:func:`twostream.audit.replay.replay`): the timeline
+   streamed to Parquet, the per-source rows, the rate bins and the top sources' CC series.
+5. **What-if** (:func:`twostream.audit.replay.what_if`), then ``summary.json`` and the report.
+
+Settings come from the config's ``audit`` section (:class:`twostream.core.config.AuditSettings`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twostream import storage
+from twostream.audit.catalogue import Catalogue, ScoreFn, build_catalogue, rejected_for, score_missing, scorer_score_fn
+from twostream.audit.logread import AuditError, ColumnMapping, check_chunk, detect_format, read_log
+from twostream.audit.outputs import (
+    TIMELINE_SCHEMA,
+    AuditResult,
+    BadLines,
+    ParquetSink,
+    RateBins,
+    SourceSeries,
+    scored_images_table,
+    sources_table,
+    suspicion_key,
+)
+from twostream.audit.report import render_report
+from twostream.audit.replay import RECORD, SourceNames, Spill, WhatIf, replay, what_if
+from twostream.core.config import TwoStreamConfig
+
+OUTPUT_FILES = ("sources.parquet", "timeline.parquet", "bad_lines.parquet", "summary.json", "report.html")
+
+
+@dataclass
+class _LogPass:
+    """What the log pass leaves for the later stages."""
+
+    spill: Spill
+    referenced: np.ndarray  # bool per catalogue row: named by a good record
+    sources: SourceNames = field(default_factory=SourceNames)
+    lines: int = 0
+    good: int = 0
+    tmin: float = math.inf
+    tmax: float = -math.inf
+
+
+@dataclass
+class _Replayed:
+    sources: pa.Table  # SOURCES_SCHEMA, ranked
+    top_series: list[SourceSeries]
+    rates: RateBins
+
+
+class _Clock:
+    """Seconds per stage, and since the start."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def run_audit(
+    log_uri: str,
+    output_uri: str,
+    *,
+    images_uri: str | None = None,
+    scores_uri: str | None = None,
+    config: TwoStreamConfig | None = None,
+    score_fn: ScoreFn | None = None,
+) -> AuditResult:
+    """Run the whole audit and write its outputs under ``output_uri`` (see the module docstring).
+
+    The settings are ``config.audit``. ``score_fn(uris, ids) -> ScoredBatch`` scores the
+    referenced images that no ``--scores`` row covers; when None, an in-process
+    :class:`twostream.core.scoring.Scorer` is built from ``config`` (only if something needs it).
+    """
+    clock = _Clock()
+    config = config or TwoStreamConfig()
+    settings = config.audit
+    mapping = ColumnMapping.from_columns(settings.columns)
+    alternatives = [WhatIf.parse(w) for w in settings.what_if]
+    if not scores_uri and not images_uri:
+        raise AuditError("give --scores and/or --images: the audit needs to know the images")
+    cat = build_catalogue(scores_uri, images_uri, config.high.top_k, config.low.top_k)
+    clock.lap("catalogue")
+    files = {name: storage.join(output_uri, name) for name in OUTPUT_FILES}
+    tmp = tempfile.mkdtemp(prefix="twostream-audit-", dir=settings.spill_dir)
+    try:
+        fmt = detect_format(log_uri) if settings.format == "auto" else settings.format
+        bad = BadLines(files["bad_lines.parquet"])
+        logged = _log_pass(log_uri, fmt, mapping, cat, Spill(tmp, settings.partitions), bad, settings.block_bytes)
+        clock.lap("log")
+        newly_scored = _score_unscored(cat, logged.referenced, score_fn, config, files, output_uri)
+        clock.lap("score")
+        replayed = _replay(logged, cat, config, files, settings.top)
+        clock.lap("replay")
+        what_if_table = None
+        if alternatives:
+            what_if_table = what_if(logged.spill, cat, config, [WhatIf(), *alternatives], replayed.sources,
+                                    settings.clean_rate, logged.sources.names)
+            files["what_if.parquet"] = storage.join(output_uri, "what_if.parquet")
+            storage.write_parquet(what_if_table, files["what_if.parquet"], compression="zstd")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = _summary(log_uri, fmt, images_uri, scores_uri, config, cat, logged, bad, replayed, newly_scored,
+                       clock)
+    rates = replayed.rates
+    result = AuditResult(output_uri, summary, replayed.sources, replayed.top_series, rates.edges, rates.scored,
+                         rates.rejected, rates.blocked, dict(bad.counts), bad.sample, what_if_table, files)
+    _write_report_and_summary(result, settings.report)
+    return result
+
+
+def _log_pass(log_uri: str, fmt: str, mapping: ColumnMapping, cat: Catalogue, spill: Spill, bad: BadLines,
+              block_bytes: int) -> _LogPass:
+    """Stream the log: bad lines to ``bad``, good records to ``spill`` (then both closed)."""
+    out = _LogPass(spill, np.zeros(len(cat), dtype=bool))
+    for chunk in read_log(log_uri, fmt, mapping, block_bytes):
+        out.lines += len(chunk.line) + len(chunk.bad)
+        records = check_chunk(chunk, cat.lookup, mapping.timestamp_unit)
+        bad.add(records.bad)
+        if not len(records.line):
+            continue
+        out.good += len(records.line)
+        rec = np.empty(len(records.line), dtype=RECORD)
+        rec["src"] = out.sources.codes(records.source)
+        rec["img"] = records.image
+        rec["ts"] = records.timestamp
+        rec["line"] = records.line
+        if records.user_agent is not None:
+            out.sources.add_agents(rec["src"], records.user_agent)
+        out.referenced[records.image] = True
+        out.tmin, out.tmax = min(out.tmin, float(rec["ts"].min())), max(out.tmax, float(rec["ts"].max()))
+        spill.append(rec)
+    spill.close()
+    bad.close()
+    return out
+
+
+def _score_unscored(cat: Catalogue, referenced: np.ndarray, score_fn: ScoreFn | None, config: TwoStreamConfig,
+                    files: dict[str, str], output_uri: str) -> int:
+    """Score what the log needs and nobody has scored (written to ``scored_images.parquet``)."""
+    need = np.flatnonzero(referenced & ~cat.scored)
+    if not len(need):
+        return 0
+    if score_fn is None:
+        from twostream.core.scoring import Scorer  # torch: only when something needs scoring
+
+        score_fn = scorer_score_fn(Scorer(config))
+    uris, batch = score_missing(cat, need, score_fn)
+    files["scored_images.parquet"] = storage.join(output_uri, "scored_images.parquet")
+    storage.write_parquet(scored_images_table(batch, uris), files["scored_images.parquet"], compression="zstd")
+    return len(need)
+
+
+def _replay(logged: _LogPass, cat: Catalogue, config: TwoStreamConfig, files: dict[str, str], top: int) -> _Replayed:
+    """Algorithm 2 under the audit's own settings: the timeline, the sources, the rates, the CC series."""
+    rejected, verdicts = rejected_for(cat, None)
+    rates = RateBins.over(logged.tmin, logged.tmax)
+    timeline = ParquetSink(files["timeline.parquet"], TIMELINE_SCHEMA)
+    rows: list[dict] = []
+    candidates: dict[str, SourceSeries] = {}
+    for part in replay(logged.spill, cat, rejected, config.reputation, logged.sources.names):
+        timeline.write(part.timeline(verdicts))
+        rates.add(part.rec["ts"], ~part.error, part.rejected, part.response)
+        spans = [(part.source_row(name, a, e, logged.sources.agents[part.rec["src"][a]]), a, e)
+                 for name, a, e in part.spans()]
+        rows += [row for row, _, _ in spans]
+        # each partition's most suspicious sources keep their CC series (the top ones overall are among them)
+        for row, a, e in sorted(spans, key=lambda t: suspicion_key(t[0]))[:top]:
+            candidates[row["source"]] = part.series(row["source"], a, e, config.reputation.threshold)
+    timeline.close()
+    sources = sources_table(rows)
+    storage.write_parquet(sources, files["sources.parquet"], compression="zstd")
+    top_series = [candidates[n] for n in sources.column("source").to_pylist()[:top] if n in candidates]
+    return _Replayed(sources, top_series, rates)
+
+
+def _summary(log_uri: str, fmt: str, images_uri: str | None, scores_uri: str | None, config: TwoStreamConfig,
+             cat: Catalogue, logged: _LogPass, bad: BadLines, replayed: _Replayed, newly_scored: int,
+             clock: _Clock) -> dict:
+    """``summary.json`` (its ``files`` filled in when written)."""
+    elapsed = clock.total()
+    sources = replayed.sources
+    finite = math.isfinite(logged.tmin)
+    return {
+        "log": log_uri, "format": fmt, "images": images_uri, "scores": scores_uri,
+        "lines": logged.lines, "good_lines": logged.good, "bad_lines": int(sum(bad.counts.values())),
+        "bad_by_reason": dict(sorted(bad.counts.items())),
+        "sources": int(sources.num_rows),
+        "sources_ever_blacklisted": int(pc.sum(pc.greater(sources.column("times_blacklisted"), 0)).as_py() or 0),
+        "sources_blacklisted_at_end": int(pc.sum(pc.cast(sources.column("blacklisted"), pa.int64())).as_py() or 0),
+        "uploads_rejected": int(replayed.rates.rejected.sum()), "uploads_blocked": int(replayed.rates.blocked.sum()),
+        "images_known": len(cat), "images_scored_from_scores": int((logged.referenced & cat.from_scores).sum()),
+        "images_scored_now": newly_scored,
+        "first_seen": logged.tmin if finite else None, "last_seen": logged.tmax if finite else None,
+        "thresholds": config.thresholds.model_dump(), "reputation": config.reputation.model_dump(),
+        "clean_rate": config.audit.clean_rate,
+        "seconds": {**{k: round(v, 3) for k, v in clock.stages.items()}, "total": round(elapsed, 3)},
+        "lines_per_second": round(logged.lines / elapsed, 1) if elapsed > 0 else None,
+        "files": {},
+    }
+
+
+def _write_report_and_summary(result: AuditResult, report: bool) -> None:
+    """``report.html`` (unless ``report`` is False) and ``summary.json``, listing the files written."""
+    files = result.files
+    if report:
+        storage.write_bytes(files["report.html"], render_report(result).encode())
+    else:
+        files.pop("report.html")
+    result.summary["files"] = dict(files)
+    storage.write_bytes(files["summary.json"], json.dumps(result.summary, indent=2).encode())
