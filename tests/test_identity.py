@@ -75,10 +75,11 @@ def library_rows(images) -> dict[str, dict]:
 def batch_rows(images, tmp_path_factory) -> dict[str, dict]:
     folder, _ = images
     out = tmp_path_factory.mktemp("identity-out")
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "jobs.score", "--input", str(folder), "--output", str(out), "--no-progress"],
-        cwd=REPO, env=child_env(), check=True, timeout=600, capture_output=True,
+        cwd=REPO, env=child_env(), timeout=600, capture_output=True, text=True,
     )
+    assert done.returncode == 0, done.stderr[-4000:]
     table = pq.read_table(out / "images")
     return {row["key"]: row for row in table.to_pylist()}
 
