@@ -20,7 +20,7 @@ from twostream.audit.catalogue import ScoreFn, scorer_score_fn
 from twostream.audit.flags import add_audit_args, audit_section, print_summary
 from twostream.audit.logread import AuditError
 from twostream.audit.run import run_audit
-from twostream.core.config import ConfigError, TwoStreamConfig, load_config
+from twostream.core.config import ConfigError, TwoStreamConfig, add_config_args, config_from_args
 from twostream.core.results import ScoredBatch
 
 log = logging.getLogger("twostream.jobs.audit")
@@ -50,13 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.audit", description=__doc__.splitlines()[0])
     add_audit_args(parser)
     parser.add_argument("--chunk", type=int, default=256, help="images per Ray scoring task")
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set audit.top=20 (repeatable)")
+    add_config_args(parser, "audit.top=20")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config, args.overrides, audit_section(args))
+        config = config_from_args(args, audit_section(args))
         started = connect(log_to_driver=True)
         try:
             result = run_audit(args.log, args.output, images_uri=args.images, scores_uri=args.scores,

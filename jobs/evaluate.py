@@ -20,7 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from twostream.core.config import ConfigError, TwoStreamConfig, load_config
+from twostream.core.config import ConfigError, TwoStreamConfig, add_config_args, load_config
 
 if TYPE_CHECKING:  # the runner imports torch; keep `twostream --help` light
     from twostream.evaluation.runner import Cell
@@ -107,9 +107,7 @@ def add_grid_args(parser: argparse.ArgumentParser) -> None:
                         help="attack to run (repeatable; default: all, see docs/evaluation.md)")
     parser.add_argument("--subset", type=int, help="in-scope images per dataset (seeded random subset)")
     parser.add_argument("--output", required=True, help="local folder or s3:// prefix")
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config (eval: section and models)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set eval.attack_subset.t2-cw=32")
+    add_config_args(parser, "eval.attack_subset.t2-cw=32")
     parser.add_argument("--no-progress", action="store_true")
 
 

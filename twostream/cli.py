@@ -11,32 +11,12 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Any
 
 from twostream import __version__
-from twostream.core.config import ConfigError, TwoStreamConfig, load_config
+from twostream.core.config import ConfigError, add_config_args, config_from_args  # noqa: F401 (used by commands)
 
 # Module names under twostream.commands, in the order shown by --help.
 COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "eval", "simulate", "train_low"]
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config FILE`` and repeatable ``--set key=value`` to a subcommand."""
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set high.batch_size=8 (repeatable)",
-    )
-
-
-def config_from_args(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> TwoStreamConfig:
-    """The config of ``--config FILE``, then the subcommand's own ``flags`` (sections), then
-    ``--set`` overrides; raises ConfigError naming the field."""
-    return load_config(args.config, args.overrides, flags)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ field (:class:`ConfigError`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -308,3 +309,15 @@ def load_config(
 
 def _given(flags: dict[str, Any]) -> dict[str, Any]:
     return {k: _given(v) if isinstance(v, dict) else v for k, v in flags.items() if v is not None}
+
+
+def add_config_args(parser: argparse.ArgumentParser, example: str = "high.batch_size=8") -> None:
+    """The loader on a command line: ``--config FILE`` and repeatable ``--set key=value``."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config file (any section)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config field, e.g. --set {example} (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> TwoStreamConfig:
+    """The config of ``--config FILE``, then a command's own ``flags`` (sections), then ``--set``."""
+    return load_config(args.config, args.overrides, flags)
