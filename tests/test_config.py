@@ -52,3 +52,30 @@ def test_malformed_override_and_missing_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("high.batch_size=true", "high.batch_size"),  # a bool is not a number (was taken as 1)
+        ("thresholds.p1='0.1'", "thresholds.p1"),  # a quoted string is not a number
+        ("job.files_per_shard=2.5", "job.files_per_shard"),  # a float is not an int
+        ("serve.port=abc", "serve.port"),
+        ("audit.top=false", "audit.top"),
+        ("simulation.runs=[1]", "simulation.runs"),
+        ("eval.subset=yes", "eval.subset"),
+    ],
+)
+def test_types_are_strict_in_every_section(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert field in str(err.value)
+
+
+def test_one_loader_order_file_then_flags_then_overrides(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("eval:\n  subset: 5\n  seed: 3\nsimulation:\n  runs: 2\n")
+    cfg = load_config(yml, ["eval.seed=9"], {"eval": {"subset": 7, "seed": 8, "size": None}})
+    assert (cfg.eval.subset, cfg.eval.seed, cfg.eval.size) == (7, 9, 256)  # flags over file, --set last
+    assert cfg.simulation.runs == 2 and cfg.serve.port == 8000  # every section in the one config
+    assert load_config(None, ["thresholds.p1=1"]).thresholds.p1 == 1.0  # an int where a float is due is fine
