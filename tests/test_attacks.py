@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from twostream.attacks import ATTACKS
 from twostream.attacks.run import attack_params, run_attack
+from twostream.attacks.adaptive import success_at
 from twostream.attacks.fig4 import fig4_attack
 from twostream.core.comparator import compare
 from twostream.core.config import HighStreamConfig, LowStreamConfig
@@ -130,10 +131,12 @@ def test_fig4_perturbation_is_the_upsampled_difference(streams) -> None:
     np.testing.assert_allclose((x_adv_b - x).numpy(), ref.numpy(), atol=1e-6)
 
 
-def test_adaptive_attack_budget_and_success_flag(streams, photos) -> None:
+@pytest.mark.parametrize("targeted", [True, False])
+def test_adaptive_attack_budget_and_success_flag(streams, photos, targeted) -> None:
     high, low = streams
     truth = np.array([3, 0, 8])  # cat, airplane, ship: a claimed truth per photo
-    result = run_attack("adaptive-8", photos, truth, high, low, params={"steps": 6}, seed=1)
+    result = run_attack("adaptive-8", photos, truth, high, low, params={"steps": 6, "targeted": targeted},
+                        seed=1)
     adv = result.x_adv
     assert float((adv - photos).abs().max()) <= 8 / 255 + 1e-6
     assert torch.equal(adv, torch.round(adv * 255) / 255)  # 8-bit pixels, as an upload carries
@@ -145,6 +148,38 @@ def test_adaptive_attack_budget_and_success_flag(streams, photos) -> None:
     wrong_accept = cmp.accepted & (cmp.label != truth)
     np.testing.assert_array_equal(result.info["success"], wrong_accept)
     assert result.params["eps"] == pytest.approx(8 / 255) and result.params["steps"] == 6
+    won = result.info["success_step"]
+    assert ((won >= 0) == result.info["success"]).all() and (won <= 6).all()
+    assert (result.info["target"] >= 0).all() == targeted  # untargeted: no fixed target (-1)
+
+
+@pytest.mark.parametrize("more", [{"restarts": 3}, {"targets": 3}])
+def test_adaptive_more_runs_never_lose_a_success(streams, photos, more) -> None:
+    """The first run of a multi-run attack is the single-run attack (same random start), later
+    runs attack only the images still unsolved: every image the single run wins is won the same
+    way, and every unsolved image went through all runs (steps_used = runs * steps)."""
+    high, low = streams
+    truth = np.array([3, 0, 8])
+    base = {"steps": 2}
+    one = run_attack("adaptive-4", photos, truth, high, low, params=base, seed=1)
+    many = run_attack("adaptive-4", photos, truth, high, low, params={**base, **more}, seed=1)
+    won = one.info["success"]
+    assert 0 < won.sum() < len(won)  # a case with something left for the extra runs
+    assert (many.info["success"] >= won).all()
+    np.testing.assert_array_equal(many.info["success_step"][won], one.info["success_step"][won])
+    assert (many.info["success_run"][won] == 0).all()
+    assert torch.equal(many.x_adv[won], one.x_adv[won])
+    lost = ~many.info["success"]
+    assert (many.info["steps_used"][lost] == 3 * 2).all()
+    assert float((many.x_adv - photos).abs().max()) <= 4 / 255 + 1e-6
+
+
+def test_success_at_counts_wins_within_each_checkpoint() -> None:
+    """Five images won at steps -1 (never), 0, 20, 21, 150 of a 200-step attack: within 20 steps
+    2 of 5, within 50 and 100 3 of 5, within 200 4 of 5."""
+    rates = success_at(np.array([-1, 0, 20, 21, 150]), 200)
+    assert rates == {"success_at_20": 0.4, "success_at_50": 0.6, "success_at_100": 0.6, "success_at_200": 0.8}
+    assert success_at(np.array([3, -1]), 30) == {"success_at_20": 0.5, "success_at_30": 0.5}
 
 
 def test_clean_is_identity_and_names_are_checked(photos, streams) -> None:

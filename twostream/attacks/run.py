@@ -14,7 +14,10 @@ from twostream.attacks.fig4 import fig4_attack
 from twostream.attacks import standard
 from twostream.attacks.standard import merge_params
 
-ADAPTIVE_DEFAULTS = {"norm": "inf", "steps": 20, "step_size": None, "kappa": 0.3, "random_start": True}
+# The adaptive attack's parameters (docs/evaluation.md): 20 steps of 2.5 * eps / steps (step_size None),
+# one random start, towards the most likely wrong class; more via eval.params.adaptive-8.restarts=5 etc.
+ADAPTIVE_DEFAULTS = {"norm": "inf", "steps": 20, "step_size": None, "kappa": 0.3, "random_start": True,
+                     "restarts": 1, "targeted": True, "targets": 1}
 
 
 def base_name(name: str) -> str:
@@ -91,7 +94,8 @@ def run_attack(
         adv, info = adaptive_attack(
             x, labels, high, low, mapping, eps=p["eps"], steps=p["steps"], step_size=p["step_size"],
             p1=thresholds[0], p2=thresholds[1], kappa=p["kappa"], random_start=p["random_start"],
-            seed=seed, batch_size=batch_size,
+            restarts=p["restarts"], targeted=p["targeted"], targets=p["targets"], seed=seed,
+            batch_size=batch_size,
         )
         p["step_size"] = info["step_size"]
     elif name in TYPE1:
