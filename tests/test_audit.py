@@ -288,6 +288,107 @@ def test_column_mapping_errors() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Dirty logs: invalid UTF-8 and junk lines
+# ---------------------------------------------------------------------------------------------
+DIRTY = b"\xff\xfe\xc3("  # a lone 0xff, a lone 0xfe, a 2-byte sequence cut short by "("
+DIRTY_TEXT = "\ufffd\ufffd\ufffd("  # what it reads as: one U+FFFD per bad sequence (Unicode's practice)
+MARK = "@DIRTY@"
+VICTIM = "10.0.0.3"  # its records carry the invalid bytes (the timestamp case adds one line instead)
+
+
+def _dirty_log(tmp_path: Path, fmt: str, field: str) -> Path:
+    """The test events in ``fmt`` with invalid UTF-8 in ``field`` of every VICTIM record (kept as
+    records: in the source name, in the image key's query string, in the user agent), or, for
+    the timestamp, one extra record whose timestamp holds it (a bad line, not a crash)."""
+    recs = []
+    for k, (source, ts, image_id, _) in enumerate(_events()):
+        dirty = source == VICTIM
+        recs.append({"timestamp": _fmt_time(ts, 3 if fmt == "clf" else k % 3),
+                     "source": source + (MARK if dirty and field == "source" else ""),
+                     "image": f"/uploads/{image_id}.png" + ("?v=" + MARK if dirty and field == "image" else ""),
+                     "user_agent": "agent" + (MARK if dirty and field == "user_agent" else "")})
+    if field == "timestamp":
+        recs.append({"timestamp": _fmt_time(T, 3 if fmt == "clf" else 0) + MARK, "source": "10.0.0.9",
+                     "image": "/uploads/b-00.png", "user_agent": "agent"})
+    names = ["timestamp", "source", "image", "user_agent"]
+    if fmt == "parquet":  # string columns holding invalid UTF-8 (Arrow does not check on write) and binary ones
+        cols = {n: pa.array([r[n].encode().replace(MARK.encode(), DIRTY) for r in recs], pa.binary()) for n in names}
+        cols["source"] = cols["source"].cast(pa.string(), safe=False)
+        cols["user_agent"] = cols["user_agent"].cast(pa.string(), safe=False)
+        path = tmp_path / "log.parquet"
+        pq.write_table(pa.table(cols), path)
+        return path
+    if fmt in ("csv", "tsv"):
+        sep = "," if fmt == "csv" else "\t"
+        text = [sep.join(names)] + [sep.join(r[n] for n in names) for r in recs]
+    elif fmt == "jsonl":
+        text = [json.dumps(r) for r in recs]
+    else:  # combined log format
+        text = [f'{r["source"]} - - [{r["timestamp"]}] "POST {r["image"]} HTTP/1.1" 200 512 "-" "{r["user_agent"]}"'
+                for r in recs]
+    path = tmp_path / f"log.{ {'clf': 'log'}.get(fmt, fmt) }"
+    path.write_bytes(("\n".join(text) + "\n").encode().replace(MARK.encode(), DIRTY))
+    return path
+
+
+@pytest.mark.parametrize("field", ["source", "image", "timestamp", "user_agent"])
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "clf", "parquet"])
+def test_invalid_utf8_in_any_field_keeps_the_record(tmp_path: Path, fmt: str, field: str, capfd) -> None:
+    log = _dirty_log(tmp_path, fmt, field)
+    scores = _write_scores(tmp_path / "scores.parquet")
+    res = run_audit(str(log), str(tmp_path / "out"), scores_uri=str(scores), config=_cfg(report=False))
+    victim_lines = 1 if field == "timestamp" else len(SEQUENCES[VICTIM])
+    assert res.summary["warnings"] == {"lines_with_invalid_utf8": victim_lines}
+    got = _sources(res)
+    if field == "source":
+        got[VICTIM] = got.pop(VICTIM + DIRTY_TEXT)
+    assert {s: (r["uploads"], r["rejected"], r["cc"]) for s, r in got.items()} == {
+        s: (e["uploads"], e["rejected"], e["cc"]) for s, e in EXPECTED.items()}
+    assert got[VICTIM]["user_agents"] == ["agent" + (DIRTY_TEXT if field == "user_agent" else "")]
+    if field == "timestamp":
+        assert res.summary["bad_by_reason"] == {"unparseable timestamp": 1}
+        bad = pq.read_table(tmp_path / "out" / "bad_lines.parquet").to_pylist()
+        assert DIRTY_TEXT in bad[0]["detail"] and DIRTY_TEXT in bad[0]["text"]
+    else:
+        assert res.summary["bad_lines"] == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_csv_junk_lines_stay_on_the_fast_path(tmp_path: Path, monkeypatch) -> None:
+    """Junk lines (binary noise, cut-off records, quotes opened and never closed) among good ones:
+    every good record is read, every junk line is one bad line at its own line number, and the
+    block is parsed in few pieces (no line-by-line fallback): once for the lines with balanced
+    quotes, once per line with an odd number of quotes, a few bisections for a line whose
+    unclosed quote hides behind an even count."""
+    import pyarrow.csv as pacsv
+
+    rng = random.Random(3)
+    good = [f"{ts},{source},/uploads/{image_id}.png,agent" for source, ts, image_id, _ in _events()]
+    junk = [b'"1700000000,10.0.0.9,/uploads/b-0',  # cut off inside a quoted value (odd quotes)
+            b'x",y,"z',  # a literal quote, then an unclosed one: even count, merges with the next line
+            b"\x00\x8f\xfe,,\x07\xff",  # binary noise: wrong field count and invalid UTF-8
+            b"1700000000,10.0.0.9"]  # too few fields
+    lines = [g.encode() for g in good]
+    where = sorted(rng.sample(range(1, len(lines)), len(junk)))
+    for offset, (k, j) in enumerate(zip(where, junk)):
+        lines.insert(k + offset, j)
+    (tmp_path / "log.csv").write_bytes(b"timestamp,ip,key,ua\n" + b"\n".join(lines) + b"\n")
+    junk_lines = [2 + k + offset for offset, k in enumerate(where)]  # header is line 1
+    calls = []
+    read_csv = pacsv.read_csv
+    monkeypatch.setattr(pacsv, "read_csv", lambda *a, **kw: calls.append(1) or read_csv(*a, **kw))
+    res = run_audit(str(tmp_path / "log.csv"), str(tmp_path / "out"), scores_uri=str(_write_scores(tmp_path / "s.pq")),
+                    config=_cfg(report=False))
+    _check_expected(res)
+    bad = pq.read_table(tmp_path / "out" / "bad_lines.parquet").to_pylist()
+    assert [(b["line"], b["reason"]) for b in bad] == [(n, "unparseable line") for n in junk_lines]
+    assert res.summary["warnings"]["lines_with_invalid_utf8"] == 1
+    # 1 header + 1 block + 1 odd-quote line + bisection of the even-quote one (2 per level, log2(66) levels)
+    assert len(calls) <= 3 + 2 * 7
+
+
+# ---------------------------------------------------------------------------------------------
 # Scoring only what is not scored yet
 # ---------------------------------------------------------------------------------------------
 def _png(seed: int) -> bytes:

@@ -65,6 +65,9 @@ def print_summary(result: AuditResult) -> None:
           f"{s['sources_ever_blacklisted']:,} ever blacklisted ({s['sources_blacklisted_at_end']:,} at the end); "
           f"{s['images_scored_from_scores']:,} scores reused, {s['images_scored_now']:,} images scored now; "
           f"{s['seconds']['total']:.1f} s ({s['lines_per_second']:,.0f} lines/s)")
+    if s["warnings"]["lines_with_invalid_utf8"]:
+        print(f"  warning: {s['warnings']['lines_with_invalid_utf8']:,} lines with invalid UTF-8 "
+              "(kept, bad bytes replaced by U+FFFD)")
     for name, uri in s["files"].items():
         print(f"  {name}: {uri}")
     if result.what_if is not None:

@@ -6,6 +6,11 @@ format) is read a block at a time (:func:`read_log`); each record is mapped thro
 parses the timestamps to UTC epoch seconds and resolves the image keys; every record that
 fails a step becomes a :class:`BadLine` with its line number and reason, never dropped
 silently. :class:`AuditError` is the audit's one error for unusable inputs.
+
+Dirty logs stay on the fast path: invalid UTF-8 is replaced (U+FFFD) block by block before
+parsing, and only the lines that have it are touched (counted in ``LogChunk.invalid_utf8``; the
+record is kept); a CSV line that could open a quoted value it never closes is parsed on its
+own, and a block pyarrow still rejects is bisected down to the offending lines.
 """
 
 from __future__ import annotations
@@ -199,6 +204,7 @@ class LogChunk:
     user_agent: pa.Array | None
     raw: Callable[[int], str]  # row index in this chunk -> raw text
     bad: list[BadLine] = field(default_factory=list)
+    invalid_utf8: int = 0  # lines (rows) of this block whose invalid UTF-8 was replaced
 
 
 _CLF_RE = (
@@ -229,8 +235,23 @@ def detect_format(uri: str) -> str:
     raise AuditError(f"cannot tell the log format of {uri!r}; pass --format {{{','.join(LOG_FORMATS)}}}")
 
 
-def _line_blocks(uri: str, block_bytes: int) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield (line number of the first line, lines) blocks; gzip etc. by extension."""
+def repair_utf8(values: list[bytes | None]) -> list[int]:
+    """Replace invalid UTF-8 in ``values`` in place (U+FFFD per bad sequence); their indices."""
+    fixed = []
+    for k, value in enumerate(values):
+        if value is None or value.isascii():
+            continue
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            values[k] = value.decode("utf-8", "replace").encode("utf-8")
+            fixed.append(k)
+    return fixed
+
+
+def _line_blocks(uri: str, block_bytes: int) -> Iterator[tuple[int, list[bytes], int]]:
+    """Yield (line number of the first line, lines, lines with invalid UTF-8) blocks, the lines
+    valid UTF-8 (invalid bytes replaced); gzip etc. by extension."""
     fs, path = storage.filesystem(uri)
     lineno = 1
     carry = b""
@@ -246,19 +267,31 @@ def _line_blocks(uri: str, block_bytes: int) -> Iterator[tuple[int, list[bytes]]
                 continue
             carry = data[cut + 1 :]
             lines = data[:cut].split(b"\n")
-            yield lineno, lines
+            yield lineno, lines, 0 if _is_utf8(data, cut) else len(repair_utf8(lines))
             lineno += len(lines)
     if carry:
-        yield lineno, [carry]
+        lines = [carry]
+        yield lineno, lines, len(repair_utf8(lines))
 
 
-def _nonblank_blocks(uri: str, block_bytes: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
-    """(non-blank lines, their 1-based line numbers) per block."""
-    for first, lines in _line_blocks(uri, block_bytes):
+def _is_utf8(data: bytes, end: int) -> bool:
+    """Whether ``data[:end]`` is valid UTF-8 (the whole block at C speed, no per-line work)."""
+    if data.isascii():
+        return True
+    try:
+        data[:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _nonblank_blocks(uri: str, block_bytes: int) -> Iterator[tuple[list[bytes], np.ndarray, int]]:
+    """(non-blank lines, their 1-based line numbers, lines with invalid UTF-8) per block."""
+    for first, lines, invalid in _line_blocks(uri, block_bytes):
         numbers = np.arange(first, first + len(lines), dtype=np.int64)
         keep = [k for k, ln in enumerate(lines) if ln.strip(b" \t\r")]
         if keep:
-            yield [lines[k] for k in keep], numbers[keep]
+            yield [lines[k] for k in keep], numbers[keep], invalid
 
 
 def _decode(raw: bytes) -> str:
@@ -282,19 +315,19 @@ def _mapped(table: pa.Table, cols: dict[str, str | None]) -> dict[str, pa.Array 
 
 
 def _to_chunk(table: pa.Table, cols: dict[str, str | None], lines: np.ndarray,
-              raw: Callable[[int], str], bad: list[BadLine]) -> LogChunk:
+              raw: Callable[[int], str], bad: list[BadLine], invalid_utf8: int) -> LogChunk:
     m = _mapped(table, cols)
-    return LogChunk(lines, m["timestamp"], m["source"], m["image"], m["user_agent"], raw, bad)
+    return LogChunk(lines, m["timestamp"], m["source"], m["image"], m["user_agent"], raw, bad, invalid_utf8)
 
 
 def _line_chunk(table: pa.Table, cols: dict[str, str | None], lines: list[bytes], numbers: np.ndarray,
-                good: np.ndarray, bad: list[BadLine]) -> LogChunk:
+                good: np.ndarray, bad: list[BadLine], invalid_utf8: int) -> LogChunk:
     """A chunk of a line-based log: the table holds the lines ``good`` (indices into ``lines``)."""
 
     def raw(k: int) -> str:
         return _decode(lines[good[k]])
 
-    return _to_chunk(table, cols, numbers[good], raw, bad)
+    return _to_chunk(table, cols, numbers[good], raw, bad, invalid_utf8)
 
 
 def read_log(uri: str, fmt: str = "auto", mapping: ColumnMapping | None = None,
@@ -329,14 +362,34 @@ def _read_parquet(uri: str, mapping: ColumnMapping) -> Iterator[LogChunk]:
     wanted = sorted({c for c in cols.values() if c})
     row = 1
     for batch in pf.iter_batches(batch_size=65536, columns=wanted):
-        table = pa.Table.from_batches([batch])
+        table, invalid_utf8 = _repair_table(pa.Table.from_batches([batch]))
         n = table.num_rows
 
         def raw(k: int, _t=table) -> str:
-            return json.dumps(_t.slice(k, 1).to_pylist()[0], default=str)[:_TRUNC]
+            return json.dumps(_t.slice(k, 1).to_pylist()[0], default=str, ensure_ascii=False)[:_TRUNC]
 
-        yield _to_chunk(table, cols, np.arange(row, row + n, dtype=np.int64), raw, [])
+        yield _to_chunk(table, cols, np.arange(row, row + n, dtype=np.int64), raw, [], invalid_utf8)
         row += n
+
+
+def _repair_table(table: pa.Table) -> tuple[pa.Table, int]:
+    """String and binary columns as valid UTF-8 strings (invalid bytes replaced); the number of
+    rows that had invalid UTF-8 in any of them. Only a column that fails validation is repaired
+    value by value."""
+    fixed_rows: set[int] = set()
+    for i, f in enumerate(table.schema):
+        large = pa.types.is_large_string(f.type) or pa.types.is_large_binary(f.type)
+        if not (large or pa.types.is_string(f.type) or pa.types.is_binary(f.type)):
+            continue
+        raw = table.column(i).combine_chunks().cast(pa.large_binary() if large else pa.binary())
+        try:
+            column = raw.cast(pa.string())  # validates UTF-8
+        except pa.ArrowInvalid:
+            values = raw.to_pylist()
+            fixed_rows.update(repair_utf8(values))
+            column = pa.array(values, pa.binary()).cast(pa.string())
+        table = table.set_column(i, f.name, column)
+    return table, len(fixed_rows)
 
 
 # ---- CSV / TSV ----
@@ -344,7 +397,7 @@ def _read_csv(uri: str, mapping: ColumnMapping, delimiter: str, block_bytes: int
     header: bytes | None = None
     names: list[str] = []
     cols: dict[str, str | None] = {}
-    for first, lines in _line_blocks(uri, block_bytes):
+    for first, lines, invalid_utf8 in _line_blocks(uri, block_bytes):
         numbers = np.arange(first, first + len(lines), dtype=np.int64)
         if header is None:
             nonempty = [k for k, ln in enumerate(lines) if ln.strip()]
@@ -356,8 +409,8 @@ def _read_csv(uri: str, mapping: ColumnMapping, delimiter: str, block_bytes: int
             cols = mapping.resolve(names)
             lines, numbers = lines[k0 + 1 :], numbers[k0 + 1 :]
         keep = [k for k, ln in enumerate(lines) if ln.strip(b" \t\r")]
-        if keep:
-            yield _csv_chunk(header, names, cols, delimiter, [lines[k] for k in keep], numbers[keep])
+        if keep or invalid_utf8:
+            yield _csv_chunk(header, names, cols, delimiter, [lines[k] for k in keep], numbers[keep], invalid_utf8)
 
 
 def _csv_header(header: bytes, delimiter: str) -> list[str]:
@@ -368,15 +421,51 @@ def _csv_header(header: bytes, delimiter: str) -> list[str]:
 
 
 def _csv_chunk(header: bytes, names: list[str], cols: dict[str, str | None], delimiter: str,
-               lines: list[bytes], numbers: np.ndarray) -> LogChunk:
-    """One block of CSV lines as a chunk; rows with the wrong field count are bad lines."""
+               lines: list[bytes], numbers: np.ndarray, invalid_utf8: int) -> LogChunk:
+    """One block of CSV lines as a chunk; a line that is not one record of the header's fields
+    is a bad line.
+
+    A line with an odd number of quote characters may open a quoted value that it does not
+    close, which pyarrow would continue on the next line (merging two records): such lines are
+    parsed one by one, the rest in one piece.
+    """
+    odd = np.array([ln.count(b'"') % 2 == 1 for ln in lines], dtype=bool)
+    groups = [np.flatnonzero(~odd), *(np.array([k]) for k in np.flatnonzero(odd))]
+    pieces: list[tuple[np.ndarray, pa.Table]] = []
+    invalid: list[tuple[int, str]] = []
+    for group in groups:
+        if len(group):
+            parsed, failed = _parse_csv(header, lines, group, names, delimiter)
+            pieces += parsed
+            invalid += failed
+    if pieces:
+        good = np.concatenate([rows for rows, _ in pieces])
+        table = pa.concat_tables([t for _, t in pieces])
+        if len(pieces) > 1:  # back to line order
+            order = np.argsort(good, kind="stable")
+            good, table = good[order], table.take(pa.array(order))
+    else:
+        good, table = np.zeros(0, np.int64), pa.schema([(c, pa.string()) for c in names]).empty_table()
+    bad = [BadLine(int(numbers[k]), "unparseable line", detail, _decode(lines[k])) for k, detail in sorted(invalid)]
+    return _line_chunk(table, cols, lines, numbers, good, bad, invalid_utf8)
+
+
+def _parse_csv(header: bytes, lines: list[bytes], idx: np.ndarray, names: list[str],
+               delimiter: str) -> tuple[list[tuple[np.ndarray, pa.Table]], list[tuple[int, str]]]:
+    """Parse the lines ``idx`` of ``lines``: ((line indices, table) pieces, (line index, detail) of
+    the lines that are not a record of the header's fields).
+
+    Every line must come back as one row or one invalid row; when pyarrow fails the block or
+    merges lines, the block is bisected, so a few bad lines cost a few small parses each.
+    """
     invalid: list[tuple[int, str]] = []
 
     def handler(row) -> str:
         invalid.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}"))
         return "skip"
 
-    body = header + b"\n" + b"\n".join(lines) + b"\n"
+    body = header + b"\n" + b"\n".join([lines[k] for k in idx]) + b"\n"
+    error = "unterminated quoted value"
     try:
         table = pacsv.read_csv(
             io.BytesIO(body),
@@ -387,46 +476,25 @@ def _csv_chunk(header: bytes, names: list[str], cols: dict[str, str | None], del
                 quoted_strings_can_be_null=False,
             ),
         )
-    except pa.ArrowInvalid:  # e.g. an unterminated quote: fall back line by line
-        table, invalid = _csv_line_by_line(header, lines, names, delimiter)
-    bad: list[BadLine] = []
-    bad_rows = set()
-    for number, detail in invalid:
-        k = (number - 2) if number is not None and number >= 2 else None
-        if k is None or not 0 <= k < len(lines):
-            continue
-        bad_rows.add(k)
-        bad.append(BadLine(int(numbers[k]), "unparseable line", detail, _decode(lines[k])))
-    good = np.array([k for k in range(len(lines)) if k not in bad_rows], dtype=np.int64)
-    if len(good) != table.num_rows:  # pragma: no cover - defensive, should not happen
-        raise AuditError(f"CSV block at line {numbers[0]}: {table.num_rows} rows for {len(good)} lines")
-    return _line_chunk(table, cols, lines, numbers, good, bad)
-
-
-def _csv_line_by_line(header: bytes, lines: list[bytes], names: list[str],
-                      delimiter: str) -> tuple[pa.Table, list[tuple[int, str]]]:
-    tables, invalid = [], []
-    for k, ln in enumerate(lines):
-        try:
-            t = pacsv.read_csv(
-                io.BytesIO(header + b"\n" + ln + b"\n"),
-                read_options=pacsv.ReadOptions(use_threads=False),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names}),
-            )
-            if t.num_rows != 1:
-                raise pa.ArrowInvalid(f"{t.num_rows} records on one line")
-            tables.append(t)
-        except pa.ArrowInvalid as exc:
-            invalid.append((k + 2, str(exc).splitlines()[0][:200]))
-    schema = pa.schema([(c, pa.string()) for c in names])
-    return (pa.concat_tables(tables) if tables else schema.empty_table()), invalid
+    except pa.ArrowInvalid as exc:
+        table, error = None, str(exc).splitlines()[0][:200]
+    if table is not None and table.num_rows + len(invalid) == len(idx) and all(
+            n is not None and 2 <= n < len(idx) + 2 for n, _ in invalid):
+        skipped = np.zeros(len(idx), dtype=bool)
+        skipped[[n - 2 for n, _ in invalid]] = True
+        return [(idx[~skipped], table)], [(int(idx[n - 2]), detail) for n, detail in invalid]
+    if len(idx) == 1:
+        return [], [(int(idx[0]), error)]
+    mid = len(idx) // 2
+    left, left_bad = _parse_csv(header, lines, idx[:mid], names, delimiter)
+    right, right_bad = _parse_csv(header, lines, idx[mid:], names, delimiter)
+    return left + right, left_bad + right_bad
 
 
 # ---- JSON Lines ----
 def _read_jsonl(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[LogChunk]:
     cols: dict[str, str | None] | None = None
-    for lines, numbers in _nonblank_blocks(uri, block_bytes):
+    for lines, numbers, invalid_utf8 in _nonblank_blocks(uri, block_bytes):
         bad: list[BadLine] = []
         good = np.arange(len(lines))
         try:
@@ -443,7 +511,7 @@ def _read_jsonl(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[
                     list(table.column_names) + ["timestamp", "source", "image"]).get("user_agent")
             except AuditError:
                 pass
-        yield _line_chunk(table, cols, lines, numbers, good, bad)
+        yield _line_chunk(table, cols, lines, numbers, good, bad, invalid_utf8)
 
 
 def _jsonl_line_by_line(lines: list[bytes], numbers: np.ndarray) -> tuple[pa.Table, np.ndarray, list[BadLine]]:
@@ -477,12 +545,8 @@ def _jsonl_line_by_line(lines: list[bytes], numbers: np.ndarray) -> tuple[pa.Tab
 # ---- common / combined log format ----
 def _read_clf(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[LogChunk]:
     cols = mapping.resolve(_CLF_FIELDS)
-    for lines, numbers in _nonblank_blocks(uri, block_bytes):
-        text = pa.array([ln.rstrip(b"\r") for ln in lines], pa.binary()).cast(pa.string(), safe=False)
-        try:
-            text = pc.utf8_normalize(text, "NFC")
-        except pa.ArrowInvalid:
-            text = pa.array([_decode(ln) for ln in lines], pa.string())
+    for lines, numbers, invalid_utf8 in _nonblank_blocks(uri, block_bytes):
+        text = pc.utf8_normalize(pa.array([ln.rstrip(b"\r") for ln in lines], pa.binary()).cast(pa.string()), "NFC")
         parsed = pc.extract_regex(text, _CLF_RE)
         ok = np.asarray(pc.is_valid(parsed))
         good = np.flatnonzero(ok)
@@ -494,7 +558,7 @@ def _read_clf(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[Lo
             table = table.set_column(table.column_names.index(n), n,
                                      pc.if_else(pc.is_in(table.column(n), pa.array(["-", ""])), None,
                                                 table.column(n)))
-        yield _line_chunk(table, cols, lines, numbers, good, bad)
+        yield _line_chunk(table, cols, lines, numbers, good, bad, invalid_utf8)
 
 
 # ---------------------------------------------------------------------------------------------

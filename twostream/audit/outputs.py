@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -23,11 +22,10 @@ import pyarrow.parquet as pq
 
 from twostream import storage
 from twostream.audit.logread import BadLine
-from twostream.core.labels import Response
 from twostream.core.results import ScoredBatch
+from twostream.reporting import RateBins, SourceSeries
 
 BAD_SAMPLE = 200  # bad lines kept for the report (all are in bad_lines.parquet)
-RATE_BINS = 60  # time bins of the rejection-rate plot
 
 TIMELINE_SCHEMA = pa.schema([
     ("line", pa.int64()),  # line (row for Parquet logs) of the upload in the log
@@ -137,43 +135,6 @@ def sources_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 @dataclass
-class RateBins:
-    """Uploads scored, rejected and blocked per time bin (the report's rejection-rate plot)."""
-
-    edges: np.ndarray  # bin edges (epoch seconds)
-    scored: np.ndarray
-    rejected: np.ndarray
-    blocked: np.ndarray
-
-    @classmethod
-    def over(cls, tmin: float, tmax: float, bins: int = RATE_BINS) -> "RateBins":
-        """Equal bins from ``tmin`` to ``tmax`` (0..1 when there was no upload)."""
-        if np.isfinite(tmin):
-            edges = np.linspace(tmin, tmax if tmax > tmin else tmin + 1.0, bins + 1)
-        else:
-            edges = np.linspace(0.0, 1.0, bins + 1)
-        return cls(edges, np.zeros(bins, np.int64), np.zeros(bins, np.int64), np.zeros(bins, np.int64))
-
-    def add(self, ts: np.ndarray, scored: np.ndarray, rejected: np.ndarray, response: np.ndarray) -> None:
-        """Count uploads at ``ts``: ``scored`` (bool), ``rejected`` (bool, of the scored), responses."""
-        b = np.clip(np.searchsorted(self.edges, ts, side="right") - 1, 0, len(self.scored) - 1)
-        np.add.at(self.scored, b[scored], 1)
-        np.add.at(self.rejected, b[scored & rejected], 1)
-        np.add.at(self.blocked, b[response == Response.BLOCKED], 1)
-
-
-@dataclass
-class SourceSeries:
-    """One source's CC after each of its scored uploads (for the report's plot)."""
-
-    source: str
-    timestamp: np.ndarray
-    cc: np.ndarray
-    intervals: list[list[float | None]]
-    threshold: int
-
-
-@dataclass
 class AuditResult:
     """Everything the audit found; ``summary`` is ``summary.json``, ``files`` the outputs' URIs."""
 
@@ -181,10 +142,7 @@ class AuditResult:
     summary: dict[str, Any]
     sources: pa.Table  # SOURCES_SCHEMA, sorted by rank
     top_series: list[SourceSeries]
-    rate_bins: np.ndarray  # bin edges (epoch seconds)
-    rate_scored: np.ndarray
-    rate_rejected: np.ndarray
-    rate_blocked: np.ndarray
+    rates: RateBins  # uploads scored, rejected and blocked over time
     bad_counts: dict[str, int]
     bad_sample: list[BadLine]
     what_if: pa.Table | None

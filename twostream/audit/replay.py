@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream.audit.catalogue import Catalogue, rejected_for
-from twostream.audit.outputs import WHAT_IF_SCHEMA, SourceSeries
+from twostream.audit.outputs import WHAT_IF_SCHEMA
 from twostream.core.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
 from twostream.core.labels import Response, Verdict
 from twostream.core.reputation import ReputationLedger, Upload
+from twostream.reporting import SourceSeries
 
 RECORD = np.dtype([("src", "<i4"), ("img", "<i4"), ("ts", "<f8"), ("line", "<i8")])
 MAX_AGENTS = 5  # distinct user agents kept per source

@@ -17,6 +17,7 @@ Settings come from the config's ``audit`` section (:class:`twostream.core.config
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -35,8 +36,6 @@ from twostream.audit.outputs import (
     AuditResult,
     BadLines,
     ParquetSink,
-    RateBins,
-    SourceSeries,
     scored_images_table,
     sources_table,
     suspicion_key,
@@ -44,6 +43,9 @@ from twostream.audit.outputs import (
 from twostream.audit.report import render_report
 from twostream.audit.replay import RECORD, SourceNames, Spill, WhatIf, replay, what_if
 from twostream.core.config import TwoStreamConfig
+from twostream.reporting import RateBins, SourceSeries
+
+log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("sources.parquet", "timeline.parquet", "bad_lines.parquet", "summary.json", "report.html")
 
@@ -57,6 +59,7 @@ class _LogPass:
     sources: SourceNames = field(default_factory=SourceNames)
     lines: int = 0
     good: int = 0
+    invalid_utf8: int = 0  # lines (rows) whose invalid UTF-8 was replaced
     tmin: float = math.inf
     tmax: float = -math.inf
 
@@ -129,9 +132,8 @@ def run_audit(
         shutil.rmtree(tmp, ignore_errors=True)
     summary = _summary(log_uri, fmt, images_uri, scores_uri, config, cat, logged, bad, replayed, newly_scored,
                        clock)
-    rates = replayed.rates
-    result = AuditResult(output_uri, summary, replayed.sources, replayed.top_series, rates.edges, rates.scored,
-                         rates.rejected, rates.blocked, dict(bad.counts), bad.sample, what_if_table, files)
+    result = AuditResult(output_uri, summary, replayed.sources, replayed.top_series, replayed.rates,
+                         dict(bad.counts), bad.sample, what_if_table, files)
     _write_report_and_summary(result, settings.report)
     return result
 
@@ -142,6 +144,7 @@ def _log_pass(log_uri: str, fmt: str, mapping: ColumnMapping, cat: Catalogue, sp
     out = _LogPass(spill, np.zeros(len(cat), dtype=bool))
     for chunk in read_log(log_uri, fmt, mapping, block_bytes):
         out.lines += len(chunk.line) + len(chunk.bad)
+        out.invalid_utf8 += chunk.invalid_utf8
         records = check_chunk(chunk, cat.lookup, mapping.timestamp_unit)
         bad.add(records.bad)
         if not len(records.line):
@@ -159,6 +162,9 @@ def _log_pass(log_uri: str, fmt: str, mapping: ColumnMapping, cat: Catalogue, sp
         spill.append(rec)
     spill.close()
     bad.close()
+    if out.invalid_utf8:
+        log.warning("%s: %d lines with invalid UTF-8, read with the bad bytes replaced by U+FFFD",
+                    log_uri, out.invalid_utf8)
     return out
 
 
@@ -212,6 +218,7 @@ def _summary(log_uri: str, fmt: str, images_uri: str | None, scores_uri: str | N
         "log": log_uri, "format": fmt, "images": images_uri, "scores": scores_uri,
         "lines": logged.lines, "good_lines": logged.good, "bad_lines": int(sum(bad.counts.values())),
         "bad_by_reason": dict(sorted(bad.counts.items())),
+        "warnings": {"lines_with_invalid_utf8": logged.invalid_utf8},
         "sources": int(sources.num_rows),
         "sources_ever_blacklisted": int(pc.sum(pc.greater(sources.column("times_blacklisted"), 0)).as_py() or 0),
         "sources_blacklisted_at_end": int(pc.sum(pc.cast(sources.column("blacklisted"), pa.int64())).as_py() or 0),

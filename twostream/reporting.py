@@ -1,0 +1,218 @@
+"""Self-contained HTML reports (the audit's and the batch job's ``report.html``): one page, no
+external resources, plots as matplotlib PNGs embedded as base64 ``data:`` URIs.
+
+The pieces: :func:`page` (head, style, body), :func:`table`, :func:`kpis` (headline counts),
+:func:`esc` (every string from an input goes through it), :func:`fmt_time`, and the plots shared
+by both reports: :func:`cc_plot` (one source's CC over time, blacklist intervals shaded),
+:func:`rate_plot` (rejection rate over time, from :class:`RateBins`) and :func:`bar_plot`.
+matplotlib is imported when a plot is drawn, with the Agg backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from twostream.core.labels import Response
+
+RATE_BINS = 60  # time bins of the rejection-rate plot
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2330;max-width:1200px}
+h1{font-size:24px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ccd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0} th,td{border:1px solid #ccd;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#eef1f7} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.bl td{background:#fde8e8} tr.rel td{background:#fff6dd}
+.kpi{display:inline-block;border:1px solid #ccd;border-radius:6px;padding:8px 14px;margin:4px 8px 4px 0}
+.kpi b{display:block;font-size:20px} .muted{color:#667} code,pre{font-size:12px}
+.warn{background:#fff6dd;border:1px solid #e0c060;border-radius:6px;padding:6px 10px}
+.grid{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:10px} .grid img{width:100%}
+img.plot{border:1px solid #dde;max-width:100%}
+"""
+
+
+def esc(value: Any) -> str:
+    """``value`` as HTML text (None -> empty)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def fmt_time(ts: float | None) -> str:
+    """Epoch seconds -> ``YYYY-MM-DD HH:MM:SS UTC`` (empty for None/NaN)."""
+    if ts is None or (isinstance(ts, float) and not np.isfinite(ts)):
+        return ""
+    return datetime.fromtimestamp(float(ts), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def page(title: str, parts: Iterable[str]) -> str:
+    """The whole HTML document: ``title`` in the head, ``parts`` as the body."""
+    head = f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(title)}</title>" \
+           f"<style>{CSS}</style></head><body>"
+    return "\n".join([head, *parts, "</body></html>"])
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Iterable[int] = (),
+          row_class: Sequence[str] | None = None, table_id: str = "") -> str:
+    """An HTML table; columns ``numeric`` right-aligned, ``row_class`` a CSS class per row."""
+    numeric = set(numeric)
+    out = [f'<table id="{esc(table_id)}">' if table_id else "<table>", "<thead><tr>"]
+    out += [f"<th>{esc(h)}</th>" for h in headers]
+    out.append("</tr></thead><tbody>")
+    for k, row in enumerate(rows):
+        cls = f' class="{esc(row_class[k])}"' if row_class and row_class[k] else ""
+        cells = "".join(f'<td class="num">{esc(v)}</td>' if j in numeric else f"<td>{esc(v)}</td>"
+                        for j, v in enumerate(row))
+        out.append(f"<tr{cls}>{cells}</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def kpis(items: Iterable[tuple[str, int]], div_id: str = "kpis") -> str:
+    """Headline counts, each a big number over its label."""
+    spans = "".join(f'<span class=kpi><b>{esc(f"{value:,}")}</b>{esc(label)}</span>' for label, value in items)
+    return f'<div id="{esc(div_id)}">{spans}</div>'
+
+
+def img(src: str, alt: str, img_id: str = "") -> str:
+    """An ``<img class=plot>`` of a ``data:`` URI."""
+    ident = f' id="{esc(img_id)}"' if img_id else ""
+    return f'<img class=plot{ident} alt="{esc(alt)}" src="{src}">'
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RateBins:
+    """Uploads scored, rejected and blocked per time bin (the rejection-rate plot)."""
+
+    edges: np.ndarray  # bin edges (epoch seconds)
+    scored: np.ndarray
+    rejected: np.ndarray
+    blocked: np.ndarray
+
+    @classmethod
+    def over(cls, tmin: float, tmax: float, bins: int = RATE_BINS) -> "RateBins":
+        """Equal bins from ``tmin`` to ``tmax`` (0..1 when there was no upload)."""
+        if np.isfinite(tmin):
+            edges = np.linspace(tmin, tmax if tmax > tmin else tmin + 1.0, bins + 1)
+        else:
+            edges = np.linspace(0.0, 1.0, bins + 1)
+        return cls(edges, np.zeros(bins, np.int64), np.zeros(bins, np.int64), np.zeros(bins, np.int64))
+
+    def add(self, ts: np.ndarray, scored: np.ndarray, rejected: np.ndarray, response: np.ndarray) -> None:
+        """Count uploads at ``ts``: ``scored`` (bool), ``rejected`` (bool, of the scored), responses."""
+        b = np.clip(np.searchsorted(self.edges, ts, side="right") - 1, 0, len(self.scored) - 1)
+        np.add.at(self.scored, b[scored], 1)
+        np.add.at(self.rejected, b[scored & rejected], 1)
+        np.add.at(self.blocked, b[response == Response.BLOCKED], 1)
+
+
+@dataclass
+class SourceSeries:
+    """One source's CC after each of its scored uploads, and its blacklist intervals."""
+
+    source: str
+    timestamp: np.ndarray
+    cc: np.ndarray
+    intervals: list[list[float | None]]  # [start, end]; end None while still listed
+    threshold: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (PNG data: URIs)
+# ---------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png(fig) -> str:
+    """A matplotlib figure as a PNG ``data:`` URI (the figure is closed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _date_axis(ax) -> None:
+    import matplotlib.dates as mdates
+
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
+def cc_plot(series: SourceSeries, cap: int) -> str:
+    """CC over time for one source, blacklist intervals shaded, threshold dashed."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 2.4))
+    t = series.timestamp * 1000.0
+    if len(t):
+        x = t.astype("datetime64[ms]")
+        ax.step(x, series.cc, where="post", color="#1f4e9c", lw=1.4, label="CC")
+        ax.plot(x, series.cc, ".", ms=3, color="#1f4e9c")
+        end = x[-1]
+        for start, stop in series.intervals:
+            a = np.datetime64(int(start * 1000), "ms")
+            b = np.datetime64(int(stop * 1000), "ms") if stop is not None else end
+            ax.axvspan(a, b if b > a else a + np.timedelta64(1, "s"), color="#e03c31", alpha=0.18, lw=0)
+    ax.axhline(series.threshold, color="#e03c31", ls="--", lw=1, label=f"threshold {series.threshold}")
+    ax.set_ylim(-0.5, cap + 0.5)
+    ax.set_ylabel("CC")
+    ax.set_title(series.source, fontsize=10)
+    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    _date_axis(ax)
+    return png(fig)
+
+
+def rate_plot(rates: RateBins, what: str = "uploads") -> str:
+    """Overall rejection rate (and blocked share) per time bin, with the volume as bars."""
+    fig, ax = _pyplot().subplots(figsize=(11, 3.2))
+    edges, scored = rates.edges, rates.scored
+    mids = ((edges[:-1] + edges[1:]) / 2 * 1000).astype("datetime64[ms]")
+    width = (edges[1] - edges[0]) / 86400.0 * 0.9 if len(edges) > 1 else 0.01
+    ax2 = ax.twinx()
+    ax2.bar(mids, scored, width=width, color="#c9d3e6", label=f"{what} scored")
+    ax2.set_ylabel(f"{what} per bin", color="#667")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(scored > 0, rates.rejected / np.maximum(scored, 1), np.nan)
+        brate = np.where(scored > 0, rates.blocked / np.maximum(scored, 1), np.nan)
+    ax.plot(mids, rate, color="#e03c31", lw=1.6, marker=".", label="rejection rate")
+    ax.plot(mids, brate, color="#7a3db8", lw=1.0, ls="--", label="blocked share")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"share of {what}")
+    ax.set_zorder(ax2.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    lines = ax.get_legend_handles_labels()
+    bars = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + bars[0], lines[1] + bars[1], loc="upper left", fontsize=8, frameon=False)
+    ax.set_title("Overall rejection rate over time (UTC)", fontsize=10)
+    _date_axis(ax)
+    return png(fig)
+
+
+def bar_plot(labels: Sequence[str], series: dict[str, Sequence[float]], title: str, ylabel: str = "") -> str:
+    """Grouped bars: one group per label, one bar per entry of ``series`` (name -> values)."""
+    fig, ax = _pyplot().subplots(figsize=(max(5, 1.1 * len(labels) + 2), 3))
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    colours = ("#1f4e9c", "#e0a031", "#e03c31", "#7a3db8")
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width, label=name, color=colours[k % len(colours)])
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    return png(fig)
