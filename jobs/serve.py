@@ -1,24 +1,24 @@
 """The online endpoint on Ray Serve: ``build_app(config) -> Application`` and :func:`app_builder`.
 
 Only the Ray Serve deployments live here; what they run is in :mod:`twostream.online` and the
-scoring core (docs/serve.md):
+scoring core (docs/serve.md). Two topologies (``serve.topology``), on the same scoring core:
 
-* ``HighStream`` / ``LowStream`` - one per stream, ``high|low.pool_size`` replicas with
-  ``num_cpus``/``num_gpus`` of their own; ``topk`` is a ``@serve.batch`` method (dynamic
-  batching up to ``serve.max_batch_size`` images or ``serve.batch_wait_timeout_s``) that takes
-  the encoded images, decodes them (:func:`twostream.core.scoring.decode_many`) and runs a
-  :class:`twostream.core.scoring.StreamScorer`.
-* ``Reputation`` - exactly one replica owning the per-source state
-  (:class:`twostream.online.reputation_store.ReputationStore` around ``ReputationLedger.observe``),
-  with periodic snapshots and a final one on shutdown, restored at start.
-* ``Ingress`` - FastAPI: checks the request (:mod:`twostream.online.http`) and the image header
-  (:func:`twostream.core.preprocess.check_image_header`), sends the encoded image to both streams
-  concurrently, joins their answers into a one-row ``ScoredBatch``
-  (:func:`twostream.online.answers.join_answers`, Algorithm 1), then the reputation deployment
-  (Algorithm 2), and answers (:func:`twostream.online.api.build_classify_response`).
+* ``fused`` (default) - ``Ingress`` replicas hold both streams and the comparator
+  (:class:`twostream.online.models.FusedModels`), batched with ``@serve.batch`` (up to
+  ``serve.max_batch_size`` uploads, ``serve.batch_wait_timeout_s``): one hop from the HTTP proxy
+  to the models.
+* ``split`` - a thin ``Ingress`` and one ``Stream`` deployment per stream (``HighStream``,
+  ``LowStream``: ``high|low.pool_size`` replicas with their own ``num_cpus``/``num_gpus``), each
+  a ``@serve.batch`` :class:`twostream.online.models.StreamRunner`; the ingress joins the two
+  answers (:func:`twostream.online.answers.join_answers`, Algorithm 1).
 
-``serve run cluster/serve.yaml`` uses :func:`app_builder`; ``twostream serve`` uses
-:func:`build_app`.
+In both, the ingress checks the request (:mod:`twostream.online.http`) and the image header
+(:func:`twostream.core.preprocess.check_image_header`), and applies Algorithm 2 itself in Redis
+(:class:`twostream.online.redis_store.RedisReputation`, one atomic script per image, shared by
+all replicas), then answers (:func:`twostream.online.api.build_classify_response`).
+
+``serve run cluster/serve.yaml`` uses :func:`app_builder` (``serve.redis_url`` required);
+``twostream serve`` uses :func:`build_app`, with an embedded redis-server when no URL is set.
 """
 
 import asyncio
@@ -26,9 +26,9 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -38,8 +38,6 @@ from twostream.core.config import TwoStreamConfig, build_config, merge_sections,
 from twostream.core.labels import Response as Answer
 from twostream.core.labels import Verdict
 from twostream.core.preprocess import ImageDecodeError, check_image_header
-from twostream.core.reputation import Response as Outcome
-from twostream.core.results import ScoredBatch
 from twostream.online.answers import StreamAnswer, join_answers
 from twostream.online.api import (
     CLASSIFY_REQUEST_BODY,
@@ -53,14 +51,22 @@ from twostream.online.api import (
     SourceList,
     build_classify_response,
 )
-from twostream.online.http import ApiError, check_bearer, decode_error_status, new_image_id, read_upload
+from twostream.online.http import (
+    ApiError,
+    check_bearer,
+    check_source_id,
+    decode_error_status,
+    new_image_id,
+    read_upload,
+)
 from twostream.online.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
-from twostream.online.reputation_store import ReputationStore, Ticket
+from twostream.online.models import FusedModels, Scored, StreamRunner
+from twostream.online.redis_store import RedisReputation, StoreUnavailable, Step, redact
 
 log = logging.getLogger("twostream.serve")
 
 # --------------------------------------------------------------------------------------------
-# Stream deployments
+# Stream deployments (split topology)
 
 
 @serve.deployment(name="Stream")
@@ -69,95 +75,18 @@ class StreamModel:
     dozen kB, where the pixels would be megabytes) and decodes it itself."""
 
     def __init__(self, config: dict[str, Any], kind: str) -> None:
-        from twostream.core.scoring import StreamScorer, use_threads
+        from twostream.core.scoring import use_threads
 
         cfg = TwoStreamConfig.model_validate(config)
         use_threads(getattr(cfg, kind))
-        self.scorer = StreamScorer(cfg, kind)
-        self.limits = cfg.limits
+        self.runner = StreamRunner(cfg, kind)
         self.topk.set_max_batch_size(cfg.serve.max_batch_size)
         self.topk.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-        self._run([np.zeros((32, 32, 3), np.uint8)])  # warm-up (allocations, lazy init)
-
-    def _run(self, items: list[bytes | np.ndarray]) -> list[StreamAnswer]:
-        from twostream.core.scoring import decode_many, scatter_topk
-
-        started = time.perf_counter()
-        images, errors = decode_many(items, self.limits)
-        rows = [k for k, image in enumerate(images) if image is not None]
-        idx, prob = scatter_topk(len(items), rows, *self.scorer.topk([images[k] for k in rows]))
-        ms = (time.perf_counter() - started) * 1e3
-        return [
-            StreamAnswer(idx[k], prob[k], None if image is None else image.shape[:2], error, ms)
-            for k, (image, error) in enumerate(zip(images, errors))
-        ]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def topk(self, items: list[bytes]) -> list[StreamAnswer]:
         # The forward pass runs in a thread so the replica keeps accepting (and batching) requests.
-        return await asyncio.to_thread(self._run, items)
-
-
-# --------------------------------------------------------------------------------------------
-# Reputation deployment (exactly one replica: per-source order is the order it sees)
-
-
-@serve.deployment(name="Reputation", num_replicas=1, max_ongoing_requests=100_000)
-class Reputation:
-    async def __init__(self, config: dict[str, Any]) -> None:
-        cfg = TwoStreamConfig.model_validate(config)
-        self.store = ReputationStore(
-            cfg.reputation,
-            snapshot_uri=cfg.serve.snapshot_uri,
-            period_s=cfg.serve.snapshot_period_s,
-            order_timeout_s=cfg.serve.order_timeout_s,
-        )
-        if self.store.restored_from:
-            log.info("reputation restored from %s (%d sources)", self.store.restored_from, len(self.store.ledger))
-        self.store.start()
-
-    async def reserve(self, source: str):
-        return self.store.reserve(source)
-
-    async def commit(self, ticket, image_id: str, rejected: bool, verdict: str):
-        return await self.store.commit(ticket, image_id, rejected, verdict)
-
-    async def cancel(self, ticket) -> None:
-        await self.store.cancel(ticket)
-
-    async def get(self, source: str):
-        state = self.store.get(source)
-        return None if state is None else SourceInfo.of(source, state).model_dump()
-
-    async def list(self, blacklisted: bool | None, limit: int) -> dict[str, Any]:
-        total, rows = self.store.list(blacklisted, limit)
-        return {
-            "count": total,
-            "blacklist_size": self.store.counts()[1],
-            "sources": [SourceInfo.of(s, st).model_dump() for s, st in rows],
-        }
-
-    async def reset(self, source: str):
-        previous = self.store.reset(source)
-        return None if previous is None else SourceInfo.of(source, previous).model_dump()
-
-    async def health(self) -> dict[str, Any]:
-        sources, blacklist = self.store.counts()
-        return {
-            "sources": sources,
-            "blacklist_size": blacklist,
-            "snapshot_uri": self.store.snapshot_uri,
-            "last_snapshot_at": self.store.last_snapshot_at,
-        }
-
-    async def snapshot(self) -> bool:
-        return await self.store.snapshot_now()
-
-    async def check_health(self) -> None:
-        self.store.start()  # restarts the periodic snapshot task if it ever died
-
-    async def __del__(self) -> None:
-        await self.store.close()
+        return await asyncio.to_thread(self.runner.answers, items)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +97,7 @@ api = FastAPI(
     version=__version__,
     description=(
         "Two-stream adversarial image detection (Algorithm 1) with per-source reputation "
-        "(Algorithm 2). See docs/serve.md."
+        "(Algorithm 2, state in Redis). See docs/serve.md."
     ),
 )
 
@@ -178,26 +107,66 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def unavailable(exc: StoreUnavailable) -> ApiError:
+    """The 503 of an unreachable reputation store (the image is not answered without its step)."""
+    return ApiError(503, "reputation_unavailable", f"reputation state unavailable, nothing was recorded: {exc}")
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
     def __init__(
-        self,
-        config: dict[str, Any],
-        high: DeploymentHandle,
-        low: DeploymentHandle,
-        reputation: DeploymentHandle,
+        self, config: dict[str, Any], high: DeploymentHandle | None = None, low: DeploymentHandle | None = None
     ) -> None:
         self.config = TwoStreamConfig.model_validate(config)
-        self.high = high
-        self.low = low
-        self.reputation = reputation
+        settings = self.config.serve
+        self.high, self.low = high, low
+        self.models: FusedModels | None = None
+        if settings.topology == "fused":
+            from twostream.core.scoring import use_threads
+
+            use_threads(self.config.high)
+            self.models = FusedModels(self.config)
+            self._fused.set_max_batch_size(settings.max_batch_size)
+            self._fused.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.metrics = ServiceMetrics()
-        self.admin_token = self.config.serve.resolved_admin_token()
+        self.admin_token = settings.resolved_admin_token()
+        self._store: RedisReputation | None = None
+
+    @property
+    def store(self) -> RedisReputation:
+        """The Redis client, made on first use (on the replica's event loop)."""
+        if self._store is None:
+            s = self.config.serve
+            self._store = RedisReputation(
+                s.redis_url, self.config.reputation, prefix=s.redis_prefix, timeout_s=s.redis_timeout_s,
+                retry_s=s.redis_retry_s,
+            )
+        return self._store
 
     def _done(self, route: str, status: int, started: float) -> None:
         self.metrics.observe_request(route, status, time.perf_counter() - started)
 
+    # -- models -----------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _fused(self, items: list[tuple[bytes, str]]) -> list[Scored]:
+        # In a thread: the event loop keeps taking requests (and batching them) meanwhile.
+        return await asyncio.to_thread(self.models.score, items)
+
+    async def _score(self, data: bytes, image_id: str) -> Scored:
+        """Both streams and Algorithm 1 on one upload, in either topology."""
+        if self.models is not None:
+            return await self._fused((data, image_id))
+        try:
+            high, low = await asyncio.gather(self.high.topk.remote(data), self.low.topk.remote(data))
+        except Exception as exc:
+            raise ApiError(503, "scoring_unavailable", f"stream deployment: {exc}") from None
+        t0 = time.perf_counter()
+        batch = join_answers(image_id, high, low, self.config.thresholds)
+        compare = (time.perf_counter() - t0) * 1e3
+        return Scored(batch, 0, {"high_model": high.model_ms, "low_model": low.model_ms, "compare": compare})
+
+    # -- routes -----------------------------------------------------------------------------
     @api.post(
         "/v1/classify",
         response_model=ClassifyResponse,
@@ -220,6 +189,9 @@ class Ingress:
             if exc.status in (413, 415, 422):
                 self.metrics.verdicts.labels(verdict=Verdict.ERROR).inc()
             raise
+        except ClientDisconnect:  # the client went away mid-body: nothing was held, nothing to answer
+            status = 499
+            return Response(status_code=499)
         except Exception:
             log.exception("classify failed")
             raise
@@ -230,83 +202,111 @@ class Ingress:
         client = request.client.host if request.client else None
         data, source = await read_upload(request.headers, request.stream(), client, self.config.serve)
         t0 = time.perf_counter()
-        try:  # format and size before anything else; each stream replica decodes the pixels
+        try:  # format and size before anything else; the models decode the pixels
             check_image_header(data, self.config.limits)
         except ImageDecodeError as exc:
             raise decode_error_status(str(exc)) from None  # not an Algorithm-2 event
         t1 = time.perf_counter()
-        ticket, high, low = await self._streams(source, data)
+        scored = await self._score(data, new_image_id())
+        batch, row = scored.batch, scored.row
         t2 = time.perf_counter()
-        batch = join_answers(new_image_id(), high, low, self.config.thresholds)
-        if not batch.scored[0]:  # corrupt past its header
-            self.reputation.cancel.remote(ticket)
-            raise decode_error_status(batch.error[0])
+        if not batch.scored[row]:  # corrupt past its header: not an Algorithm-2 event either
+            raise decode_error_status(batch.error[row])
+        rejected = bool(batch.rejected[row])
+        shown = Answer.ADVERSARIAL if rejected else batch.label[row]
+        try:
+            step: Step = await self.store.observe(source, batch.image_id[row], rejected, shown)
+        except StoreUnavailable as exc:
+            raise unavailable(exc) from None
         t3 = time.perf_counter()
-        outcome, ticket = await self._commit(ticket, batch)
-        t4 = time.perf_counter()
 
-        stages = {"check": t1 - t0, "streams": t2 - t1, "compare": t3 - t2, "reputation": t4 - t3}
-        self.metrics.observe_scored(batch.verdict[0], outcome.response, stages)
+        stages = {"check": t1 - t0, "streams": t2 - t1, "reputation": t3 - t2}
+        self.metrics.observe_scored(batch.verdict[row], step.outcome.response, stages)
         body = build_classify_response(
             batch,
-            0,
+            row,
             source=source,
-            timestamp=ticket.timestamp,
-            outcome=outcome,
+            timestamp=step.timestamp,
+            outcome=step.outcome,
             timings_ms={
                 "check": stages["check"] * 1e3,
                 "streams": stages["streams"] * 1e3,
-                "high_model": high.model_ms,
-                "low_model": low.model_ms,
-                "compare": stages["compare"] * 1e3,
+                **scored.timings_ms,
                 "reputation": stages["reputation"] * 1e3,
                 "total": (time.perf_counter() - started) * 1e3,
             },
+            seq=step.seq,
         )
         status = 403 if isinstance(body, BlockedResponse) else 200
         return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
-    async def _streams(self, source: str, data: bytes) -> tuple[Ticket, StreamAnswer, StreamAnswer]:
-        """The request's place in the source's order and both streams' answers, concurrently."""
-        reserve_ref = self.reputation.reserve.remote(source)
-        high_ref = self.high.topk.remote(data)
-        low_ref = self.low.topk.remote(data)
+    async def _lookup(self, source: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        status = 500
         try:
-            ticket = await reserve_ref
-        except Exception as exc:
-            high_ref.cancel()
-            low_ref.cancel()
-            raise ApiError(503, "reputation_unavailable", f"reputation deployment: {exc}") from None
-        try:
-            high, low = await asyncio.gather(high_ref, low_ref)
-        except Exception as exc:
-            self.reputation.cancel.remote(ticket)
-            raise ApiError(503, "scoring_unavailable", f"stream deployment: {exc}") from None
-        return ticket, high, low
+            check_source_id(source)
+            state = await self.store.get(source)
+            if state is None:
+                raise ApiError(404, "unknown_source", f"source {source!r} has no scored images")
+            status = 200
+            return SourceInfo.of(source, state).model_dump()
+        except StoreUnavailable as exc:
+            status = 503
+            raise unavailable(exc) from None
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._done("source", status, started)
 
-    async def _commit(self, ticket: Ticket, batch: ScoredBatch) -> tuple[Outcome, Ticket]:
-        """Algorithm 2 on the scored image: the reputation deployment's response and the ticket used."""
-        rejected = bool(batch.rejected[0])
-        shown = Answer.ADVERSARIAL if rejected else batch.label[0]
+    async def _reset(self, source: str, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        status = 500
         try:
-            return await self.reputation.commit.remote(ticket, batch.image_id[0], rejected, shown)
-        except Exception as exc:
-            raise ApiError(503, "reputation_unavailable", f"reputation deployment: {exc}") from None
+            check_bearer(request.headers.get("authorization"), self.admin_token)
+            check_source_id(source)
+            previous = await self.store.reset(source)
+            status = 200
+            return {"source": source, "existed": previous is not None,
+                    "previous": None if previous is None else SourceInfo.of(source, previous).model_dump()}
+        except StoreUnavailable as exc:
+            status = 503
+            raise unavailable(exc) from None
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._done("reset", status, started)
+
+    @api.get("/v1/source", response_model=SourceInfo, responses={404: {"model": ErrorResponse}},
+             summary="Standing of one source given as the query parameter `id` (any id)")
+    async def get_source_by_query(self, id: str = Query(..., description="the source id")):
+        return await self._lookup(id)
+
+    @api.post("/v1/source/reset", response_model=ResetResponse, summary="Admin: forget the source `id` (query)")
+    async def reset_source_by_query(self, request: Request, id: str = Query(..., description="the source id")):
+        return await self._reset(id, request)
+
+    @api.post(
+        "/v1/sources/{source:path}/reset",
+        response_model=ResetResponse,
+        responses={
+            401: {"model": ErrorResponse, "description": "no bearer token"},
+            403: {"model": ErrorResponse, "description": "wrong token, or admin routes disabled"},
+        },
+        summary="Admin: forget a source (CC 0, off the blacklist); the id URL-encoded, '/' allowed",
+    )
+    async def reset_source(self, source: str, request: Request):
+        return await self._reset(source, request)
 
     @api.get(
-        "/v1/sources/{source}",
+        "/v1/sources/{source:path}",
         response_model=SourceInfo,
         responses={404: {"model": ErrorResponse, "description": "never seen (or reset)"}},
-        summary="Standing and history counts of one source",
+        summary="Standing and history counts of one source; the id URL-encoded, '/' allowed",
     )
     async def get_source(self, source: str):
-        started = time.perf_counter()
-        info = await self.reputation.get.remote(source)
-        if info is None:
-            self._done("source", 404, started)
-            raise ApiError(404, "unknown_source", f"source {source!r} has no scored images")
-        self._done("source", 200, started)
-        return info
+        return await self._lookup(source)
 
     @api.get("/v1/sources", response_model=SourceList, summary="Sources, optionally only (non-)blacklisted ones")
     async def list_sources(
@@ -316,44 +316,32 @@ class Ingress:
     ):
         started = time.perf_counter()
         limit = min(limit, self.config.serve.max_sources_listed)
-        result = await self.reputation.list.remote(blacklisted, limit)
-        self._done("sources", 200, started)
-        return result
-
-    @api.post(
-        "/v1/sources/{source}/reset",
-        response_model=ResetResponse,
-        responses={
-            401: {"model": ErrorResponse, "description": "no bearer token"},
-            403: {"model": ErrorResponse, "description": "wrong token, or admin routes disabled"},
-        },
-        summary="Admin: forget a source (CC 0, off the blacklist)",
-    )
-    async def reset_source(self, source: str, request: Request):
-        started = time.perf_counter()
         try:
-            check_bearer(request.headers.get("authorization"), self.admin_token)
-        except ApiError as exc:
-            self._done("reset", exc.status, started)
-            raise
-        previous = await self.reputation.reset.remote(source)
-        self._done("reset", 200, started)
-        return {"source": source, "existed": previous is not None, "previous": previous}
+            total, rows = await self.store.list(blacklisted, limit)
+            _, listed = await self.store.counts()
+        except StoreUnavailable as exc:
+            self._done("sources", 503, started)
+            raise unavailable(exc) from None
+        self._done("sources", 200, started)
+        return {"count": total, "blacklist_size": listed,
+                "sources": [SourceInfo.of(s, st).model_dump() for s, st in rows]}
 
-    @api.get("/healthz", response_model=Health, summary="Liveness of the ingress and the reputation store")
+    @api.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}},
+             summary="Liveness of the ingress and of the reputation state (Redis)")
     async def healthz(self):
         try:
-            info = await self.reputation.health.remote()
-        except Exception as exc:
-            raise ApiError(503, "reputation_unavailable", str(exc)) from None
-        return {"status": "ok", **info}
+            await self.store.ping()
+            sources, listed = await self.store.counts()
+        except StoreUnavailable as exc:
+            raise unavailable(exc) from None
+        return {"status": "ok", "sources": sources, "blacklist_size": listed,
+                "redis": redact(self.config.serve.redis_url), "topology": self.config.serve.topology}
 
     @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
     async def metrics(self):
         try:
-            info = await self.reputation.health.remote()
-            blacklist, sources = info["blacklist_size"], info["sources"]
-        except Exception:
+            sources, blacklist = await self.store.counts()
+        except StoreUnavailable:
             blacklist = sources = None
         return Response(self.metrics.render(blacklist, sources), media_type=METRICS_CONTENT_TYPE)
 
@@ -363,9 +351,21 @@ class Ingress:
 
 
 def build_app(config: TwoStreamConfig) -> Application:
-    """The bound application for ``serve.run``."""
-    data = config.model_dump(mode="json")
+    """The bound application for ``serve.run`` (``config.serve.redis_url`` must be set)."""
     settings = config.serve
+    if not settings.redis_url:
+        raise ValueError(
+            "serve.redis_url is not set: the reputation state lives in Redis (`twostream serve` starts "
+            "an embedded redis-server; with serve run/deploy give serve.redis_url)"
+        )
+    data = config.model_dump(mode="json")
+    ingress = dict(num_replicas=settings.ingress_replicas, max_ongoing_requests=max(settings.max_ongoing_requests, 100))
+    if settings.topology == "fused":
+        resources = {
+            "num_cpus": settings.ingress_num_cpus + config.high.num_cpus + config.low.num_cpus,
+            "num_gpus": config.high.num_gpus + config.low.num_gpus,
+        }
+        return Ingress.options(**ingress, ray_actor_options=resources).bind(data)
 
     def stream(kind: str):
         cfg = config.high if kind == "high" else config.low
@@ -376,14 +376,9 @@ def build_app(config: TwoStreamConfig) -> Application:
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         ).bind(data, kind)
 
-    reputation = Reputation.options(
-        num_replicas=1, ray_actor_options={"num_cpus": settings.reputation_num_cpus}
-    ).bind(data)
-    return Ingress.options(
-        num_replicas=settings.ingress_replicas,
-        max_ongoing_requests=max(settings.max_ongoing_requests, 100),
-        ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-    ).bind(data, stream("high"), stream("low"), reputation)
+    return Ingress.options(**ingress, ray_actor_options={"num_cpus": settings.ingress_num_cpus}).bind(
+        data, stream("high"), stream("low")
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -1,12 +1,16 @@
-"""The Serve application in-process on a loopback port, driven over real HTTP.
+"""The Serve application in-process on a loopback port, driven over real HTTP, with its
+reputation state in a real redis-server started for this module (appendfsync always).
 
 Small random-init models whose weights are saved to files first, so the application and the
-library :class:`~twostream.core.scoring.Scorer` load the very same parameters.
+library :class:`~twostream.core.scoring.Scorer` load the very same parameters. The default
+(fused) topology at ``/``, the split one at ``/split`` on the same Redis state. Then hostile
+clients, and kills of a replica and of Redis mid-stream (last: they reset the replica's metrics).
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +24,8 @@ pytestmark = pytest.mark.ray
 
 ray = pytest.importorskip("ray")
 requests = pytest.importorskip("requests")
+if shutil.which("redis-server") is None:
+    pytest.skip("redis-server not installed (make test installs it)", allow_module_level=True)
 
 ADMIN = "test-admin-token"
 HIGH_MODEL = "resnet10t"
@@ -61,17 +67,19 @@ def wait_http(url: str, timeout: float = 120.0) -> None:
         time.sleep(0.25)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def start_app(tmp, extra: list[str] = ()) -> dict:
+    """Redis, Ray and both topologies of the application; returns what the tests need."""
     from ray import serve
 
     from jobs.serve import build_app
-    from twostream.core.scoring import Scorer
     from twostream.core.config import load_config
+    from twostream.core.scoring import Scorer
+    from twostream.online.redis_server import EmbeddedRedis
 
-    tmp = tmp_path_factory.mktemp("serve")
     high_w = save_random_weights(HIGH_MODEL, "high", tmp / "high.pt", 0)
     low_w = save_random_weights(LOW_MODEL, "low", tmp / "low.pt", 1)
+    redis = EmbeddedRedis(tmp / "redis", appendfsync="always")
+    redis.start()
     port = free_port()
     overrides = [
         f"high.model={HIGH_MODEL}", f"high.weights={high_w}", "high.num_cpus=0.5", "high.threads=1",
@@ -80,23 +88,42 @@ def setup(tmp_path_factory):
         "thresholds.p1=0.0", "thresholds.p2=0.0",
         "limits.max_pixels=4000000",
         f"serve.port={port}", "serve.max_body_bytes=3000000", f"serve.admin_token={ADMIN}",
-        f"serve.snapshot_uri={tmp / 'state' / 'reputation.snap'}", "serve.snapshot_period_s=0.5",
-        "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.01",
+        f"serve.redis_url={redis.url}", "serve.redis_retry_s=5", "serve.body_timeout_s=3",
+        "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.01", *extra,
     ]
     config = load_config(None, overrides)
+    split = config.model_copy(deep=True)
+    split.serve.topology = "split"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=config.serve.app_name, route_prefix="/")
+        serve.run(build_app(split), name="split", route_prefix="/split")
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz")
-        scorer = Scorer(config)
-        yield {"base": base, "config": config, "scorer": scorer, "tmp": tmp}
-    finally:
-        try:
+        wait_http(base + "/split/healthz")
+        return {"base": base, "config": config, "scorer": Scorer(config), "tmp": tmp, "redis": redis}
+    except BaseException:
+        stop_app({"redis": redis})
+        raise
+
+
+def stop_app(setup: dict) -> None:
+    from ray import serve
+
+    try:
+        if ray.is_initialized():
             serve.shutdown()
-        finally:
-            ray.shutdown()
+    finally:
+        ray.shutdown()
+        setup["redis"].stop()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    app = start_app(tmp_path_factory.mktemp("serve"))
+    yield app
+    stop_app(app)
 
 
 def images_pool(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -200,8 +227,13 @@ def test_concurrent_requests_from_one_source_lose_no_increment(setup, verdict_po
     from twostream.core.reputation import replay
 
     rng = np.random.default_rng(5)
-    plan = "".join(rng.choice(["r", "a"], size=24, p=[0.6, 0.4]))
+    plan = "".join(rng.choice(["r", "a"], size=40, p=[0.6, 0.4]))
     uploads, answers = _sequence(setup, verdict_pool, "burst-src", plan, workers=8)
+    # The order applied (the sequence numbers Redis returned) is the timestamps' order.
+    seqs = [a.json()["seq"] for a in answers]
+    assert sorted(seqs) == list(range(1, len(plan) + 1))
+    by_seq = sorted(range(len(plan)), key=lambda k: seqs[k])
+    assert [uploads[k].timestamp for k in by_seq] == sorted(u.timestamp for u in uploads)
     expected, ledger = replay(uploads, setup["config"].reputation)
     for answer, want in zip(answers, expected):
         body = answer.json()
@@ -265,13 +297,13 @@ def test_error_codes(setup):
     assert answer.status_code == 400 and answer.json()["error"] == "missing_image"
     # None of these were Algorithm-2 events, and the service is still up.
     assert requests.get(base + "/v1/sources/err-src", timeout=10).status_code == 404
-    # A file corrupt past its header fails in the stream replicas after the source's place in
-    # the ledger was reserved: the place is given up, so its next image is not held back.
+    # A file corrupt past its header fails in the models: not an Algorithm-2 event, and the
+    # source's next image is answered at once (there is no per-source place to give up).
     assert classify(base, good[: len(good) // 2], "trunc-src").status_code == 422
     started = time.monotonic()
     answer = requests.post(base + "/v1/classify", data=good, timeout=20,
                            headers={"Content-Type": "image/png", "X-Source-Id": "trunc-src"})
-    assert answer.status_code == 200 and time.monotonic() - started < setup["config"].serve.order_timeout_s
+    assert answer.status_code == 200 and time.monotonic() - started < 5
     info = requests.get(base + "/v1/sources/trunc-src", timeout=10).json()
     assert info["images"] == 1
     assert requests.get(base + "/healthz", timeout=10).status_code == 200
@@ -319,32 +351,286 @@ def test_metrics_and_openapi(setup):
     assert "ClassifyResponse" in schema["components"]["schemas"]
 
 
-def test_state_survives_killing_the_reputation_replica(setup, verdict_pool):
-    base = setup["base"]
-    for data in (verdict_pool["rejected"][0], verdict_pool["rejected"][1 % len(verdict_pool["rejected"])]):
-        assert classify(base, data, "persist-src").status_code == 200
-    before = requests.get(base + "/v1/sources/persist-src", timeout=10).json()
-    time.sleep(1.5)  # > serve.snapshot_period_s: the state is in a snapshot now
 
+
+def test_split_topology_answers_the_same_on_the_same_state(setup, verdict_pool):
+    base = setup["base"]
+    pool, expected = verdict_pool["pool"][:4], verdict_pool["results"][:4]
+    for k, (pixels, want) in enumerate(zip(pool, expected)):
+        answer = classify(base + "/split", png(pixels), f"split-{k}")
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        assert (got["verdict"], got["label"], got["imagenet_index"]) == (want.verdict, want.label, want.imagenet_index)
+        assert [e["index"] for e in got["high_topk"]] == want.high_idx
+        np.testing.assert_allclose([e["prob"] for e in got["low_topk"]], want.low_prob, rtol=1e-4, atol=1e-6)
+    # One state behind both applications: a source's steps continue across them.
+    data = verdict_pool["rejected"][0]
+    seqs = [classify(u, data, "both-apps").json()["seq"] for u in (base, base + "/split", base)]
+    assert seqs == [1, 2, 3]
+    assert requests.get(base + "/split/healthz", timeout=10).json()["topology"] == "split"
+
+
+def _load(setup, rows) -> None:
+    """Write source states straight into the endpoint's Redis (as `twostream reputation import`)."""
+    import asyncio
+
+    from twostream.online.redis_store import RedisReputation
+
+    async def main():
+        store = RedisReputation(setup["config"].serve.redis_url)
+        await store.load(rows)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_any_source_id_can_be_looked_up_and_reset(setup, verdict_pool):
+    from urllib.parse import quote
+
+    from twostream.core.reputation import SourceState
+    from twostream.core.sources import SourceRow
+
+    base = setup["base"]
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    # From a request: printable ASCII, '/' and '%' included.
+    for source in ("cam/7", "50%off", "a/b/reset"):
+        assert classify(base, verdict_pool["rejected"][0], source).status_code == 200
+        answer = requests.get(f"{base}/v1/sources/{quote(source, safe='')}", timeout=10)
+        assert answer.status_code == 200 and answer.json()["source"] == source and answer.json()["images"] == 1
+    # Imported from a batch run or an audit: any text up to the length limit.
+    odd = ["has space", "caf\u00e9 \u2603", "/lead", "trail/", "%2F", "x" * 256]
+    _load(setup, [SourceRow(s, SourceState(cc=1, images=1, rejected=1, first_seen=1.0, last_seen=1.0), 0) for s in odd])
+    for source in odd:
+        by_path = requests.get(f"{base}/v1/sources/{quote(source, safe='')}", timeout=10)
+        by_query = requests.get(f"{base}/v1/source", params={"id": source}, timeout=10)
+        assert by_path.status_code == by_query.status_code == 200, (source, by_path.text)
+        assert by_path.json() == by_query.json() and by_path.json()["source"] == source
+    for k, source in enumerate(odd):
+        if k % 2:
+            answer = requests.post(f"{base}/v1/sources/{quote(source, safe='')}/reset", headers=auth, timeout=10)
+        else:
+            answer = requests.post(f"{base}/v1/source/reset", params={"id": source}, headers=auth, timeout=10)
+        assert answer.status_code == 200 and answer.json()["existed"], (source, answer.text)
+        assert requests.get(f"{base}/v1/source", params={"id": source}, timeout=10).status_code == 404
+    assert requests.get(f"{base}/v1/source", params={"id": "y" * 257}, timeout=10).status_code == 400
+
+
+def _max_health_latency(base: str, busy, seconds: float) -> tuple[float, list]:
+    """Run ``busy()`` in threads while polling /healthz; the slowest /healthz and busy's results."""
+    with ThreadPoolExecutor(3) as ex:
+        jobs = [ex.submit(busy) for _ in range(2)]
+        worst = 0.0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline or not all(j.done() for j in jobs):
+            t0 = time.monotonic()
+            assert requests.get(base + "/healthz", timeout=10).status_code == 200
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.05)
+        return worst, [j.result() for j in jobs]
+
+
+def test_hostile_multipart_is_refused_and_health_stays_fast(setup, verdict_pool):
+    base = setup["base"]
+    boundary = "B"
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n".encode()
+    limit = setup["config"].serve.max_body_bytes
+    fields = (limit - 1000) // len(part)  # as many tiny fields as fit under the size limit
+    body = part * fields + f"--{boundary}--\r\n".encode()
+    assert len(body) < limit and fields > 50_000
+    ctype = f"multipart/form-data; boundary={boundary}"
+
+    def hostile():
+        codes = []
+        for _ in range(5):
+            answer = requests.post(base + "/v1/classify", data=body, timeout=60,
+                                   headers={"Content-Type": ctype, "X-Source-Id": "hostile-src"})
+            codes.append((answer.status_code, answer.json()["error"]))
+        return codes
+
+    worst, results = _max_health_latency(base, hostile, 2.0)
+    assert worst < 1.0, f"/healthz took {worst:.2f}s while hostile forms were refused"
+    assert {c for r in results for c in r} == {(400, "too_many_parts")}
+    # A huge part header line, and an oversized text field: refused too.
+    long_header = (f"--{boundary}\r\nContent-Disposition: form-data; name=image; filename="
+                   f"\"{'n' * 100_000}\"\r\n\r\nx\r\n--{boundary}--\r\n").encode()
+    answer = requests.post(base + "/v1/classify", data=long_header, headers={"Content-Type": ctype}, timeout=60)
+    assert answer.status_code == 400 and "header" in answer.json()["detail"].lower()
+    big_field = (f"--{boundary}\r\nContent-Disposition: form-data; name=source\r\n\r\n{'s' * 100_000}\r\n"
+                 f"--{boundary}--\r\n").encode()
+    answer = requests.post(base + "/v1/classify", data=big_field, headers={"Content-Type": ctype}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"] == "field_too_large"
+    # The source was never touched, and a real upload from it goes through.
+    assert requests.get(base + "/v1/sources/hostile-src", timeout=10).status_code == 404
+    assert classify(base, verdict_pool["accepted"][0], "hostile-src").status_code == 200
+
+
+def _raw_request(base: str, head: str, body: bytes, then_close: bool, wait_s: float = 0.0) -> bytes:
+    """Send a request's head and part of its body on a raw socket; then close, or wait for an answer."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        if then_close:
+            return b""
+        time.sleep(wait_s)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and b"}" in chunk:
+                    break
+        except OSError:
+            pass
+        return b"".join(chunks)
+
+
+def test_slow_and_broken_off_uploads_free_everything(setup, verdict_pool):
+    base = setup["base"]
+    good = verdict_pool["accepted"][0]
+    head = ("POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nX-Source-Id: {src}\r\n"
+            "Content-Length: {n}\r\n\r\n")
+    # Broken off: half a body, then the client is gone. Nothing is held for the source.
+    for _ in range(3):
+        _raw_request(base, head.format(src="broken-src", n=len(good)), good[: len(good) // 2], then_close=True)
+    started = time.monotonic()
+    answer = classify(base, good, "broken-src")
+    assert answer.status_code == 200 and time.monotonic() - started < 5
+    assert answer.json()["seq"] == 1  # the broken uploads were not Algorithm-2 events
+
+    # Slow loris: the body never completes; the endpoint answers 408 after serve.body_timeout_s
+    # and stays responsive meanwhile.
+    def slow():
+        return _raw_request(base, head.format(src="slow-src", n=len(good)), good[:100], then_close=False)
+
+    timeout = setup["config"].serve.body_timeout_s
+    worst, results = _max_health_latency(base, slow, timeout)
+    assert worst < 1.0, f"/healthz took {worst:.2f}s during slow uploads"
+    assert all(b" 408 " in r.split(b"\r\n", 1)[0] for r in results), results
+    answer = classify(base, good, "slow-src")
+    assert answer.status_code == 200 and answer.json()["seq"] == 1
+
+
+def _replica(app: str, deployment: str) -> str:
     [name] = [
         a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-        if "Reputation" in a["name"] and a["namespace"] == "serve"
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#") and a["namespace"] == "serve"
     ]
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    deadline = time.monotonic() + 90
-    while True:  # the controller starts a new replica, which restores the snapshot
-        try:
-            answer = requests.get(base + "/v1/sources/persist-src", timeout=10)
-            if answer.status_code == 200:
+    return name
+
+
+def test_replica_and_redis_restarts_mid_stream_lose_nothing(setup, verdict_pool):
+    """8 sources send 14 images each, sequentially, while the ingress replica (fused: the models
+    too) and a stream replica of the split app are killed, then Redis is SIGKILLed and restarted.
+    Every answered image is in the final state (appendfsync always), each source's state equals a
+    sequential replay in the order applied (the seq numbers), and an image whose request failed
+    counts only if its seq is in the state (the step ran before the replica died)."""
+    import itertools
+    import threading
+
+    from twostream.core.reputation import ReputationLedger, Upload
+
+    base = setup["base"]
+    accepted, rejected = verdict_pool["accepted"], verdict_pool["rejected"]
+    rng = np.random.default_rng(11)
+    plans = {f"kill-{k}": "".join(rng.choice(["r", "a"], size=14, p=[0.6, 0.4])) for k in range(8)}
+    results: dict[str, list] = {s: [] for s in plans}
+    progress = itertools.count()
+
+    def sender(source: str, plan: str) -> None:
+        url = base if int(source[-1]) % 2 == 0 else base + "/split"
+        for k, c in enumerate(plan):
+            data = rejected[k % len(rejected)] if c == "r" else accepted[k % len(accepted)]
+            try:
+                answer = classify(url, data, source)
+                body = answer.json() if answer.status_code in (200, 403) else None
+            except (requests.RequestException, ValueError):
+                body = None
+            results[source].append((c == "r", body))
+            next(progress)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=sender, args=item) for item in plans.items()]
+    for t in threads:
+        t.start()
+    total = sum(len(p) for p in plans.values())
+
+    def wait_for(n: int) -> None:
+        while len([1 for r in results.values() for _ in r]) < n:
+            time.sleep(0.05)
+
+    wait_for(total // 4)
+    ray.kill(ray.get_actor(_replica("twostream", "Ingress"), namespace="serve"), no_restart=True)
+    ray.kill(ray.get_actor(_replica("split", "LowStream"), namespace="serve"), no_restart=True)
+    wait_for(total // 2)
+    redis = setup["redis"]
+    redis.process.kill()
+    redis.process.wait()
+    redis.process = None
+    time.sleep(0.5)
+    redis.start()
+    for t in threads:
+        t.join(timeout=600)
+
+    answered = sum(1 for r in results.values() for _, body in r if body)
+    assert answered >= total // 2, f"only {answered} of {total} answered"
+    config = setup["config"].reputation
+    for source, events in results.items():
+        state = requests.get(f"{base}/v1/sources/{source}", timeout=30).json()
+        ledger = _replay_in_seq_order(source, events, state["images"], config)
+        got = ledger.get(source)
+        assert (state["images"], state["rejected"], state["blocked"], state["cc"], state["blacklisted"]) == (
+            got.images, got.rejected, got.blocked, got.cc, got.blacklisted), source
+        assert len(state["intervals"]) == len(got.intervals)
+    assert requests.get(base + "/healthz", timeout=10).status_code == 200
+
+
+def _replay_in_seq_order(source: str, events: list, images: int, config):
+    """A sequential replay of one source's requests (sent one at a time) in the order applied.
+
+    Answered requests carry their seq; the failed ones between two answered requests were
+    applied when the seqs skip: all of them, none, or (tried in turn) the subset whose replay
+    gives the standing of the next answered request."""
+    import copy
+    from itertools import combinations
+
+    from twostream.core.reputation import ReputationLedger, Upload
+
+    ledger = ReputationLedger(config)
+    seq, failed = 0, []
+    for k, (is_rejected, body) in enumerate([*events, (None, {"seq": images + 1, "standing": None})]):
+        if body is None:
+            failed.append((k, is_rejected))
+            continue
+        gap = body["seq"] - seq - 1
+        assert 0 <= gap <= len(failed), (source, k, body["seq"], seq, failed)
+        for chosen in combinations(failed, gap):
+            trial = copy.deepcopy(ledger)
+            for j, r in chosen:
+                trial.observe(Upload(source, float(j), f"failed-{j}", r, "x"))
+            if is_rejected is None:
+                ledger = trial
                 break
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "reputation replica did not come back"
-        time.sleep(0.5)
-    after = answer.json()
-    assert after == before
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Reputation" in a["name"]]
-    assert name not in names
-    # It keeps counting from the restored state.
-    answer = classify(base, verdict_pool["rejected"][0], "persist-src")
-    assert answer.status_code == 403 and answer.json()["standing"]["cc"] == 3
+            want = trial.observe(Upload(source, body["timestamp"], body["image_id"], is_rejected, "x"))
+            if body["standing"] == {"cc": want.cc, "blacklisted": want.blacklisted}:
+                ledger = trial
+                break
+        else:
+            raise AssertionError(f"{source}: answer {k} (seq {body['seq']}) matches no replay")
+        seq, failed = body["seq"], []
+    return ledger
+
+
+def test_redis_unreachable_is_a_503_never_a_pass_through(setup, verdict_pool):
+    base = setup["base"]
+    redis = setup["redis"]
+    redis.stop()
+    try:
+        answer = requests.get(base + "/healthz", timeout=30)
+        assert answer.status_code == 503 and answer.json()["error"] == "reputation_unavailable"
+        assert "unreachable" in answer.json()["detail"]
+        answer = classify(base, verdict_pool["accepted"][0], "down-src")
+        assert answer.status_code == 503 and answer.json()["error"] == "reputation_unavailable"
+        assert requests.get(base + "/v1/sources/down-src", timeout=30).status_code == 503
+    finally:
+        redis.start()
+    wait_http(base + "/healthz", timeout=30)
+    assert requests.get(base + "/v1/sources/down-src", timeout=10).status_code == 404

@@ -1,26 +1,27 @@
-"""The online service's Ray-free parts: config, request checks, metrics, the reputation store."""
+"""The online service's Ray-free parts: config, request checks and limits (the streaming
+multipart reader, the body deadline), metrics. The Redis store: tests/test_redis_reputation.py."""
 
 from __future__ import annotations
 
 import asyncio
-import random
+import time
 
 import pytest
 
-from twostream.core.config import ConfigError, ReputationConfig, TwoStreamConfig, load_config
-from twostream.core.reputation import ReputationLedger, Upload, replay
+from twostream.core.config import ConfigError, ServeSettings, TwoStreamConfig, load_config
 from twostream.online.http import (
     ApiError,
     check_bearer,
     check_content_length,
+    check_source_id,
     decode_error_status,
     media_kind,
     parse_multipart,
     read_limited,
+    read_upload,
     resolve_source,
 )
 from twostream.online.metrics import ServiceMetrics
-from twostream.online.reputation_store import ReputationStore
 
 
 def run(coro):
@@ -101,19 +102,85 @@ def _form(fields: dict[str, tuple[str | None, bytes]], boundary: str = "XyZ") ->
     return b"".join(lines), f"multipart/form-data; boundary={boundary}"
 
 
+SETTINGS = ServeSettings()
+
+
+def parse(body: bytes, ctype: str, settings: ServeSettings = SETTINGS):
+    return run(parse_multipart(body, ctype, settings))
+
+
 def test_multipart_parsing_keeps_binary_bytes():
     payload = bytes(range(256)) * 3 + b"\r\n--not-a-boundary\r\n"
     body, ctype = _form({"source": (None, b"cam-7"), "image": ("x.png", payload)})
-    image, fields = parse_multipart(body, ctype)
+    image, fields = parse(body, ctype)
     assert image == payload and fields == {"source": "cam-7"}
     body, ctype = _form({"file": ("x.bin", b"abc")})
-    assert parse_multipart(body, ctype)[0] == b"abc"
+    assert parse(body, ctype)[0] == b"abc"
+    body, ctype = _form({"other": ("o.bin", b"skipped"), "image": ("x.png", b"kept")})
+    assert parse(body, ctype) == (b"kept", {})
     body, ctype = _form({"source": (None, b"s")})
     with pytest.raises(ApiError) as err:
-        parse_multipart(body, ctype)
+        parse(body, ctype)
     assert err.value.status == 400 and "image" in err.value.detail
     with pytest.raises(ApiError):
-        parse_multipart(b"junk", "multipart/form-data")
+        parse(b"junk", "multipart/form-data")
+    with pytest.raises(ApiError) as err:  # cut off before the closing boundary
+        parse(body[:-10], ctype)
+    assert err.value.status == 400 and "closing boundary" in err.value.detail
+
+
+def test_multipart_limits_refuse_early():
+    many = {f"f{k}": (None, b"x") for k in range(300_000)}
+    body, ctype = _form({"image": ("x.png", b"img"), **many})
+    started = time.perf_counter()
+    with pytest.raises(ApiError) as err:
+        parse(body, ctype)
+    assert err.value.error == "too_many_parts" and time.perf_counter() - started < 0.5
+    body, ctype = _form({"image": ("x.png", b"img"), "source": (None, b"s" * 5000)})
+    with pytest.raises(ApiError) as err:
+        parse(body, ctype)
+    assert err.value.error == "field_too_large"
+    long_name = "n" * 5000
+    body, ctype = _form({long_name: ("x.png", b"img")})
+    with pytest.raises(ApiError) as err:  # python-multipart's header-line limit
+        parse(body, ctype)
+    assert err.value.status == 400 and "header" in err.value.detail.lower()
+    with pytest.raises(ApiError) as err:  # within a larger limit it parses: no 'image' part then
+        parse(body, ctype, ServeSettings(max_part_header_bytes=8192))
+    assert err.value.error == "missing_image"
+
+
+def test_read_upload_deadline_and_streamed_limits():
+    settings = ServeSettings(body_timeout_s=0.3, max_body_bytes=1000)
+
+    async def slow():
+        while True:
+            await asyncio.sleep(0.05)
+            yield b"x"
+
+    async def chunks(parts):
+        for part in parts:
+            yield part
+
+    started = time.perf_counter()
+    with pytest.raises(ApiError) as err:
+        run(read_upload({"content-type": "image/png"}, slow(), "1.2.3.4", settings))
+    assert err.value.status == 408 and time.perf_counter() - started < 1.0
+    with pytest.raises(ApiError) as err:
+        run(read_upload({"content-type": "image/png"}, chunks([b"x" * 600] * 2), "1.2.3.4", settings))
+    assert err.value.status == 413
+    body, ctype = _form({"source": (None, b"cam"), "image": ("x.png", b"abc")})
+    halves = [body[:7], body[7:]]
+    assert run(read_upload({"content-type": ctype}, chunks(halves), "1.2.3.4", settings)) == (b"abc", "cam")
+
+
+def test_lookup_source_ids_take_any_text():
+    for ok in ("a/b", "100%", "has space", "caf\u00e9 \u2603", "x" * 256):
+        assert check_source_id(ok) == ok
+    for bad in ("", "x" * 257):
+        with pytest.raises(ApiError) as err:
+            check_source_id(bad)
+        assert err.value.status == 400
 
 
 def test_source_resolution():
@@ -169,166 +236,3 @@ def test_metrics_render_prometheus_text():
     assert "twostream_requests_total{" not in ServiceMetrics().render().decode()
 
 
-# -- reputation store --------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self, t: float = 1_700_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_store_timestamps_strictly_increase_and_match_replay():
-    clock = FakeClock()
-    store = ReputationStore(ReputationConfig(), clock=clock)
-    rng = random.Random(0)
-
-    async def go():
-        uploads, responses = [], []
-        for k in range(60):
-            ticket = store.reserve("s")
-            image_id = f"img{k:03d}"
-            rejected = rng.random() < 0.6
-            verdict = "adversarial" if rejected else "cat"
-            response, used = await store.commit(ticket, image_id, rejected, verdict)
-            uploads.append(Upload("s", used.timestamp, image_id, rejected, verdict))
-            responses.append(response)
-        return uploads, responses
-
-    uploads, responses = run(go())
-    stamps = [u.timestamp for u in uploads]
-    assert all(b > a for a, b in zip(stamps, stamps[1:]))  # frozen clock, still increasing
-    expected, ledger = replay(uploads)
-    assert responses == expected
-    assert store.ledger.get("s") == ledger.get("s")
-
-
-def test_store_applies_in_arrival_order_whatever_the_completion_order():
-    store = ReputationStore(ReputationConfig())
-    rng = random.Random(1)
-
-    async def one(ticket, k, rejected):
-        await asyncio.sleep(rng.random() * 0.02)  # scoring finishes in random order
-        image_id = f"i{k:03d}"
-        response, used = await store.commit(ticket, image_id, rejected, "adversarial" if rejected else "dog")
-        return Upload(used.source, used.timestamp, image_id, rejected, "adversarial" if rejected else "dog"), response
-
-    async def go():
-        tasks = []
-        for k in range(80):
-            source = f"src{k % 3}"
-            tasks.append(one(store.reserve(source), k, rng.random() < 0.55))
-        return await asyncio.gather(*tasks)
-
-    pairs = run(go())
-    uploads = [u for u, _ in pairs]
-    expected, ledger = replay(uploads)
-    assert [r for _, r in pairs] == expected  # no lost or reordered increments
-    for source in ("src0", "src1", "src2"):
-        assert store.ledger.get(source) == ledger.get(source)
-    assert store.ledger.get("src0").images == 27
-
-
-def test_store_cancel_and_timeout_do_not_stall_a_source():
-    store = ReputationStore(ReputationConfig(), order_timeout_s=0.2)
-
-    async def go():
-        first = store.reserve("s")
-        second = store.reserve("s")
-        third = store.reserve("s")
-        lost = store.reserve("s")  # never committed nor cancelled (its request died)
-        fourth = store.reserve("s")
-        await store.cancel(first)  # e.g. an undecodable image
-        r2, _ = await store.commit(second, "b", True, "adversarial")
-        r3, _ = await store.commit(third, "c", True, "adversarial")
-        r4, _ = await asyncio.wait_for(store.commit(fourth, "e", True, "adversarial"), 5)
-        del lost
-        return r2, r3, r4
-
-    r2, r3, r4 = run(go())
-    assert (r2.cc, r3.cc, r4.cc) == (1, 2, 3) and r4.response == "blocked"
-    assert store.ledger.get("s").images == 3
-
-
-def test_store_reissues_tickets_of_a_previous_instance():
-    old = ReputationStore(ReputationConfig())
-    new = ReputationStore(ReputationConfig())
-    ticket = old.reserve("s")
-    response, used = run(new.commit(ticket, "a", True, "adversarial"))
-    assert used.epoch == new.epoch and response.cc == 1
-
-
-def test_store_reset_and_listing():
-    store = ReputationStore(ReputationConfig(threshold=2))
-
-    async def go():
-        for source, flags in (("a", [1, 1]), ("b", [0]), ("c", [1, 1, 1])):
-            for k, flag in enumerate(flags):
-                await store.commit(store.reserve(source), f"{source}{k}", bool(flag), "x")
-
-    run(go())
-    assert store.counts() == (3, 2)
-    total, rows = store.list(blacklisted=True)
-    assert total == 2 and [s for s, _ in rows] == ["a", "c"]
-    assert store.list(blacklisted=False)[0] == 1
-    assert store.list(limit=1)[0] == 3 and len(store.list(limit=1)[1]) == 1
-    previous = store.reset("a")
-    assert previous.blacklisted and store.get("a") is None and store.reset("zzz") is None
-    assert store.dirty
-
-
-def test_store_snapshots_periodically_and_on_close_and_restores(tmp_path):
-    uri = str(tmp_path / "state" / "reputation.snap")
-    store = ReputationStore(ReputationConfig(), snapshot_uri=uri, period_s=0.05)
-
-    async def go():
-        store.start()
-        for k in range(4):
-            await store.commit(store.reserve("s"), f"i{k}", True, "adversarial")
-        await asyncio.sleep(0.3)
-        assert not store.dirty and store.last_snapshot_at is not None
-        periodic = ReputationLedger.restore(open(uri, "rb").read())
-        assert periodic.get("s").cc == 4 and periodic.get("s").blacklisted
-        await store.commit(store.reserve("s"), "i9", False, "cat")  # after the last period
-        store.period_s = 3600
-        await store.close()
-
-    run(go())
-    restored = ReputationStore(ReputationConfig(), snapshot_uri=uri)
-    assert restored.restored_from == uri
-    assert restored.ledger.get("s") == store.ledger.get("s") and restored.ledger.get("s").cc == 3
-    # New timestamps continue after the restored ones even with a clock that went backwards.
-    restored.clock = FakeClock(1.0)
-    assert restored.reserve("s").timestamp > store.ledger.get("s").last_seen
-
-
-def test_store_snapshot_to_s3(moto_s3):
-    uri = f"s3://{moto_s3}/serve/reputation.snap"
-    store = ReputationStore(ReputationConfig(), snapshot_uri=uri)
-    run(store.commit(store.reserve("s3src"), "a", True, "adversarial"))
-    assert store.snapshot_sync()
-    again = ReputationStore(ReputationConfig(), snapshot_uri=uri)
-    assert again.ledger.get("s3src").cc == 1
-
-
-@pytest.fixture
-def moto_s3(monkeypatch):
-    """A moto S3 server on loopback with a fresh bucket."""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for key, value in {
-            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-        }.items():
-            monkeypatch.setenv(key, value)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="snaps")
-        yield "snaps"
-    finally:
-        server.stop()

@@ -14,7 +14,6 @@ import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +22,7 @@ from twostream import storage
 from twostream.batch.planning import Shard, plan_digest
 from twostream.core.labels import Verdict
 from twostream.core.results import SCORE_FIELDS
+from twostream.core.sources import SOURCES_SCHEMA, source_table  # noqa: F401  (the shared sources table)
 
 # The batch's identity columns, placed after ``image_id`` among the scored columns.
 IDENTITY_FIELDS = (
@@ -40,21 +40,6 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("response", pa.string()),  # Algorithm 2: a label, adversarial, blocked, or error
         pa.field("cc", pa.int32()),  # the source's counter after this image (null for errors)
         pa.field("blacklisted", pa.bool_()),  # the source's standing after this image (null for errors)
-    ]
-)
-SOURCES_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("images", pa.int64()),  # scored images (Algorithm-2 events)
-        ("rejected", pa.int64()),
-        ("blocked", pa.int64()),
-        ("errors", pa.int64()),  # unreadable inputs (not Algorithm-2 events)
-        ("cc", pa.int32()),  # final counter
-        ("blacklisted", pa.bool_()),  # final standing
-        ("first_seen", pa.float64()),
-        ("last_seen", pa.float64()),
-        ("blacklist_intervals", pa.list_(pa.struct([("joined", pa.float64()), ("left", pa.float64())]))),
-        ("times_blacklisted", pa.int32()),
     ]
 )
 STAGE_TIMES = ("read", "decode", "high", "low", "compare")  # per-row ``t_<stage>_ms`` columns
@@ -104,24 +89,6 @@ def images_table(staging: pa.Table, response: Sequence, cc: Sequence, blackliste
     table = table.append_column("cc", pa.array(list(cc), pa.int32()))
     table = table.append_column("blacklisted", pa.array(list(blacklisted), pa.bool_()))
     return table.cast(IMAGES_SCHEMA)
-
-
-def source_table(entries: Sequence[tuple[str, Any, int]]) -> pa.Table:
-    """(source, SourceState, errors) triples -> a table with :data:`SOURCES_SCHEMA`."""
-    cols: dict[str, list] = {f.name: [] for f in SOURCES_SCHEMA}
-    for name, st, errors in entries:
-        cols["source"].append(name)
-        cols["images"].append(st.images)
-        cols["rejected"].append(st.rejected)
-        cols["blocked"].append(st.blocked)
-        cols["errors"].append(errors)
-        cols["cc"].append(st.cc)
-        cols["blacklisted"].append(st.blacklisted)
-        cols["first_seen"].append(st.first_seen)
-        cols["last_seen"].append(st.last_seen)
-        cols["blacklist_intervals"].append([{"joined": a, "left": b} for a, b in st.intervals])
-        cols["times_blacklisted"].append(len(st.intervals))
-    return pa.Table.from_pydict(cols, schema=SOURCES_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------

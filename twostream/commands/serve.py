@@ -17,8 +17,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Start Ray Serve with the twostream application: POST /v1/classify, "
             "GET /v1/sources[/{id}], POST /v1/sources/{id}/reset (admin), /healthz, /metrics. "
-            "Settings are the config's serve: section (e.g. --set serve.port=8000). Ctrl-C or "
-            "SIGTERM shuts it down and writes a last reputation snapshot."
+            "Settings are the config's serve: section (e.g. --set serve.port=8000). The reputation "
+            "state is in Redis: serve.redis_url, else an embedded redis-server (append-only file in "
+            "serve.redis_dir, default ~/.cache/twostream/redis) started here and stopped on exit. "
+            "Ctrl-C or SIGTERM shuts it down."
         ),
     )
     parser.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
@@ -45,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         shown = config.model_dump(mode="json")
         if shown["serve"]["admin_token"]:
             shown["serve"]["admin_token"] = "***"
+        if shown["serve"]["redis_url"]:
+            from twostream.online.redis_store import redact
+
+            shown["serve"]["redis_url"] = redact(shown["serve"]["redis_url"])
         print(json.dumps(shown, indent=2))
         return 0
 
@@ -53,24 +59,40 @@ def run(args: argparse.Namespace) -> int:
 
     from jobs.ray_cluster import connect
     from jobs.serve import build_app
+    from twostream.online.redis_server import EmbeddedRedis
+    from twostream.online.redis_store import redact
 
-    started = connect(args.address, num_cpus=args.num_cpus)
     settings = config.serve
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
-    url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
-    token = "configured" if settings.resolved_admin_token() else "disabled (no token)"
-    print(f"twostream serving at {url}  (POST {url}/v1/classify; docs {url}/docs; admin {token})", flush=True)
-
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    embedded = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.redis_dir, appendfsync=settings.redis_appendfsync)
+        settings.redis_url = embedded.start()
+        print(f"reputation state: embedded redis-server at {settings.redis_url} (append-only file in "
+              f"{embedded.directory}, appendfsync {settings.redis_appendfsync})", flush=True)
+    else:
+        print(f"reputation state: {redact(settings.redis_url)}", flush=True)
+    started = False
     try:
+        started = connect(args.address, num_cpus=args.num_cpus)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
+        url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+        token = "configured" if settings.resolved_admin_token() else "disabled (no token)"
+        print(f"twostream serving at {url}  (POST {url}/v1/classify; docs {url}/docs; admin {token}; "
+              f"topology {settings.topology})", flush=True)
+
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
         while not stop.wait(1.0):
             pass
     finally:
-        print("shutting down (writing the last reputation snapshot)", file=sys.stderr, flush=True)
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+        print("shutting down", file=sys.stderr, flush=True)
+        try:
+            serve.shutdown()
+            if started:
+                ray.shutdown()
+        finally:
+            if embedded is not None:
+                embedded.stop()
     return 0

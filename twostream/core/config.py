@@ -109,10 +109,19 @@ class ServeSettings(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy")
     app_name: str = Field("twostream", description="Serve application name")
     route_prefix: str = Field("/", description="route prefix of the application")
-    ingress_replicas: int = Field(1, gt=0, description="replicas of the FastAPI ingress")
-    ingress_num_cpus: float = Field(0.0, ge=0.0, description="CPUs reserved per ingress replica")
-    reputation_num_cpus: float = Field(0.0, ge=0.0, description="CPUs reserved by the reputation replica")
-    max_batch_size: int = Field(8, gt=0, le=1024, description="@serve.batch size per stream replica")
+    topology: Literal["fused", "split"] = Field(
+        "fused",
+        description=(
+            "fused: each ingress replica holds both streams and the comparator (one hop from the "
+            "HTTP proxy to the models); split: one deployment per stream (high|low.pool_size "
+            "replicas each, for GPU scaling)"
+        ),
+    )
+    ingress_replicas: int = Field(1, gt=0, description="replicas of the FastAPI ingress (fused: of the models too)")
+    ingress_num_cpus: float = Field(
+        0.0, ge=0.0, description="CPUs reserved per ingress replica (fused: beside high.num_cpus + low.num_cpus)"
+    )
+    max_batch_size: int = Field(8, gt=0, le=1024, description="@serve.batch size per model replica")
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0.0,
@@ -122,8 +131,12 @@ class ServeSettings(_Strict):
             "queued while the previous one ran (no wait at low load)"
         ),
     )
-    max_ongoing_requests: int = Field(64, gt=0, description="in-flight requests per stream replica")
+    max_ongoing_requests: int = Field(64, gt=0, description="in-flight requests per stream replica (split)")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest request body (else 413)")
+    body_timeout_s: float = Field(30.0, gt=0.0, description="longest time to receive a request body (else 408)")
+    max_form_parts: int = Field(8, gt=0, description="most parts of a multipart/form-data body (else 400)")
+    max_form_field_bytes: int = Field(4096, gt=0, description="largest text field of a form (else 400)")
+    max_part_header_bytes: int = Field(4096, ge=64, description="longest header line of a form part (else 400)")
     source_header: str = Field("X-Source-Id", min_length=1, description="header carrying the source id")
     trust_source_header: bool = Field(
         True, description="honour the source header/field; false: always the client address"
@@ -131,10 +144,23 @@ class ServeSettings(_Strict):
     admin_token: str | None = Field(
         None, description=f"bearer token of the admin routes (else ${ADMIN_TOKEN_ENV}; none: disabled)"
     )
-    snapshot_uri: str | None = Field(None, description="reputation snapshot: local path or s3:// URI")
-    snapshot_period_s: float = Field(30.0, gt=0.0, description="seconds between snapshots (when changed)")
-    order_timeout_s: float = Field(
-        30.0, gt=0.0, description="longest wait for an earlier request of the same source"
+    redis_url: str | None = Field(
+        None,
+        description=(
+            "Redis holding the reputation state: redis://host:port/db or rediss:// (TLS); password in "
+            "the URL or $TWOSTREAM_REDIS_PASSWORD. None: `twostream serve` starts an embedded redis-server"
+        ),
+    )
+    redis_dir: str | None = Field(
+        None, description="embedded redis-server's directory (append-only file); default ~/.cache/twostream/redis"
+    )
+    redis_appendfsync: Literal["always", "everysec"] = Field(
+        "everysec", description="embedded redis-server's fsync policy: everysec loses at most ~1 s on a crash"
+    )
+    redis_prefix: str = Field("twostream", min_length=1, description="key prefix (a hash tag) of the state in Redis")
+    redis_timeout_s: float = Field(2.0, gt=0.0, description="Redis connect/read timeout")
+    redis_retry_s: float = Field(
+        5.0, ge=0.0, description="how long a reputation step is retried while Redis is unreachable (then 503)"
     )
     max_sources_listed: int = Field(1000, gt=0, description="cap of GET /v1/sources")
 

@@ -34,7 +34,10 @@ class ClassifyResponse(BaseModel):
 
     image_id: str
     source: str
-    timestamp: float = Field(description="server arrival time (Unix seconds), the Algorithm-2 order key")
+    timestamp: float = Field(description=(
+        "when Redis applied the image to its source (Unix seconds, strictly increasing per source): "
+        "the Algorithm-2 order key"))
+    seq: int = Field(description="the image's place in its source's order (1 for the first image)")
     response: str = Field(description="Algorithm 2 response: a CIFAR-10 label or 'adversarial'")
     verdict: Literal["accepted", "adversarial"] = Field(description="Algorithm 1 verdict")
     label: str | None = Field(description="CIFAR-10 label when accepted")
@@ -47,8 +50,9 @@ class ClassifyResponse(BaseModel):
     width: int
     height: int
     timings_ms: dict[str, float] = Field(description=(
-        "ms: decode; streams (both stream calls, concurrent); high_model/low_model (resize + "
-        "forward of the batch this image ran in, inside each stream replica); compare; reputation; total"
+        "ms: check (header); streams (the model call: fused batch, or both stream replicas "
+        "concurrently); high_model/low_model (each stream on the batch this image ran in; split: "
+        "decode included); decode (fused); compare; reputation (the Redis step); total"
     ))
 
 
@@ -60,6 +64,7 @@ class BlockedResponse(BaseModel):
     image_id: str
     source: str
     timestamp: float
+    seq: int
     response: Literal["blocked"] = "blocked"
     standing: Standing
 
@@ -102,19 +107,20 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     sources: int
     blacklist_size: int
-    snapshot_uri: str | None
-    last_snapshot_at: float | None
+    redis: str = Field(description="the Redis holding the reputation state (password hidden)")
+    topology: Literal["fused", "split"]
 
 
 # OpenAPI extras of the routes: the error answers and the classify body (raw image or form).
 ERROR_RESPONSES = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
-        (400, "bad request: malformed multipart, bad source id"),
+        (400, "bad request: malformed multipart or over its limits (parts, field, header size), bad source id"),
+        (408, "the body did not arrive within serve.body_timeout_s"),
         (413, "body over serve.max_body_bytes"),
         (415, "unsupported media type or image format"),
         (422, "undecodable image or decompression bomb (detail says why)"),
-        (503, "a scoring or reputation deployment is unavailable"),
+        (503, "the reputation state (Redis) or a stream deployment is unavailable; nothing was recorded"),
     )
 }
 CLASSIFY_REQUEST_BODY = {
@@ -155,6 +161,7 @@ def build_classify_response(
     timestamp: float,
     outcome: Outcome,
     timings_ms: dict[str, float],
+    seq: int,
 ) -> ClassifyResponse | BlockedResponse:
     """The 200 body of scored image ``row``, or the 403 body when Algorithm 2 answered ``blocked``."""
     result = batch.row(row)
@@ -168,6 +175,7 @@ def build_classify_response(
             image_id=result.image_id,
             source=source,
             timestamp=timestamp,
+            seq=seq,
             standing=standing,
         )
     imagenet_names = load_mapping().names
@@ -176,6 +184,7 @@ def build_classify_response(
         image_id=result.image_id,
         source=source,
         timestamp=timestamp,
+        seq=seq,
         response=outcome.response,
         verdict=result.verdict,
         label=result.label,

@@ -1,19 +1,23 @@
-"""HTTP request handling of the endpoint, without a web framework: :class:`ApiError` (status,
-code, reason), accepted media types, body size limits (declared and streamed), multipart
-parsing, the source id, the admin bearer check, the status of a decode failure, image ids."""
+"""HTTP request handling of the endpoint: :class:`ApiError` (status, code, reason), accepted
+media types, body size limits (declared and streamed), the body's read deadline, the multipart
+form (:class:`FormReader`, python-multipart's streaming parser with limits on parts, fields and
+part headers), the source id (from the request, or looked up), the admin bearer check, the
+status of a decode failure, image ids.
+
+Nothing here holds anything past its request: a request that breaks off (client gone, deadline,
+a limit) leaves no state behind, and the per-source state is only touched once an image is scored.
+"""
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
+import asyncio
 import hmac
 import re
 import uuid
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Literal
 
 from twostream.core.config import ADMIN_TOKEN_ENV, ServeSettings
-
 
 class ApiError(Exception):
     """An error answer: HTTP status, a code and a reason (rendered as :class:`ErrorResponse`)."""
@@ -46,7 +50,8 @@ RAW_MEDIA_TYPES = frozenset(
 MULTIPART = "multipart/form-data"
 IMAGE_FIELDS = ("image", "file")
 SOURCE_FIELD = "source"
-_SOURCE_RE = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces, 1-256 chars
+MAX_SOURCE_CHARS = 256
+_SOURCE_RE = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_SOURCE_CHARS)  # printable ASCII, no spaces
 
 
 def media_kind(content_type: str | None) -> Literal["raw", "multipart"]:
@@ -84,42 +89,136 @@ def too_large(length: int | None, limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"request body is {got}; the limit is {limit} bytes")
 
 
-async def read_limited(chunks: AsyncIterable[bytes], limit: int) -> bytes:
-    """Join an async iterator of byte chunks, failing with 413 once past ``limit``."""
-    parts: list[bytes] = []
+async def limited(chunks: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The chunks of a body, failing with 413 as soon as they add up to more than ``limit``."""
     size = 0
     async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise too_large(None, limit)
-        parts.append(chunk)
-    return b"".join(parts)
+        yield chunk
 
 
-def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, dict[str, str]]:
-    """The image part (field ``image`` or ``file``) and the text fields of a form upload."""
-    if "boundary=" not in content_type:
-        raise ApiError(400, "bad_request", "multipart/form-data without a boundary")
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise ApiError(400, "bad_request", "malformed multipart/form-data body")
-    image: bytes | None = None
-    fields: dict[str, str] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        payload = part.get_payload(decode=True) or b""
-        if name in IMAGE_FIELDS and image is None:
-            image = payload
-        elif part.get_filename() is None:
-            fields[name] = payload.decode("utf-8", errors="replace")
-    if image is None:
-        raise ApiError(
-            400, "missing_image", "multipart/form-data upload without an 'image' (or 'file') field"
-        )
-    return image, fields
+async def read_limited(chunks: AsyncIterable[bytes], limit: int) -> bytes:
+    """Join an async iterator of byte chunks, failing with 413 once past ``limit``."""
+    return b"".join([chunk async for chunk in limited(chunks, limit)])
+
+
+FEED_SLICE = 64 * 1024  # parse at most this much before yielding to the event loop
+
+
+class FormReader:
+    """A ``multipart/form-data`` body parsed as it streams in, within limits: at most
+    ``max_form_parts`` parts, ``max_form_field_bytes`` per text field, python-multipart's limits
+    on each part's header lines (``max_part_header_bytes``, 8 headers). The image is the first
+    part named ``image`` (or ``file``); other file parts are skipped. A limit or malformed input
+    is a 400 as soon as it is seen, before the rest of the body is read."""
+
+    def __init__(self, content_type: str, settings: ServeSettings) -> None:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        _, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise ApiError(400, "bad_request", "multipart/form-data without a boundary")
+        self.settings = settings
+        self.parse_options_header = parse_options_header
+        self.parts = 0
+        self.image: list[bytes] | None = None
+        self.fields: dict[str, str] = {}
+        self._header = bytearray()
+        self._value = bytearray()
+        self._disposition = b""
+        self._name = ""
+        self._sink: list[bytes] | bytearray | None = None
+        callbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+        try:
+            self.parser = MultipartParser(boundary, callbacks, max_header_size=settings.max_part_header_bytes)
+        except ValueError as exc:  # python-multipart's FormParserError: e.g. a boundary too long
+            raise ApiError(400, "bad_request", f"malformed multipart/form-data: {exc}") from None
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.settings.max_form_parts:
+            raise ApiError(400, "too_many_parts", f"more than {self.settings.max_form_parts} form parts")
+        self._disposition = b""
+        self._sink = None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        if bytes(self._header).lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._header.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = self.parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("utf-8", errors="replace")
+        self._name = name
+        if name in IMAGE_FIELDS and self.image is None:
+            self.image = self._sink = []
+        elif b"filename" not in options and name:
+            self._sink = bytearray()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if isinstance(self._sink, list):
+            self._sink.append(data[start:end])
+        elif self._sink is not None:
+            self._sink += data[start:end]
+            if len(self._sink) > self.settings.max_form_field_bytes:
+                raise ApiError(
+                    400, "field_too_large",
+                    f"form field {self._name[:64]!r} is over {self.settings.max_form_field_bytes} bytes",
+                )
+
+    def _part_end(self) -> None:
+        if isinstance(self._sink, bytearray):
+            self.fields[self._name] = self._sink.decode("utf-8", errors="replace")
+        self._sink = None
+
+    async def feed(self, chunk: bytes) -> None:
+        """Parse one chunk of the body, yielding to the event loop between slices."""
+        from python_multipart.exceptions import FormParserError
+
+        for start in range(0, len(chunk), FEED_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            try:
+                self.parser.write(chunk[start : start + FEED_SLICE])
+            except FormParserError as exc:
+                raise ApiError(400, "bad_request", f"malformed multipart/form-data body: {exc}") from None
+
+    def result(self) -> tuple[bytes, dict[str, str]]:
+        """The image part and the text fields, once the whole body was fed."""
+        from python_multipart.multipart import MultipartState
+
+        if self.parser.state not in (MultipartState.END, MultipartState.BOUNDARY_PADDING) and self.parts:
+            raise ApiError(400, "bad_request", "multipart/form-data body ended before its closing boundary")
+        if self.image is None:
+            raise ApiError(
+                400, "missing_image", "multipart/form-data upload without an 'image' (or 'file') field"
+            )
+        return b"".join(self.image), self.fields
+
+
+async def parse_multipart(body: bytes, content_type: str, settings: ServeSettings) -> tuple[bytes, dict[str, str]]:
+    """The image part and the text fields of a whole form body (:class:`FormReader`)."""
+    form = FormReader(content_type, settings)
+    await form.feed(body)
+    return form.result()
 
 
 def resolve_source(
@@ -152,18 +251,37 @@ async def read_upload(
     headers: Mapping[str, str], chunks: AsyncIterable[bytes], client_host: str | None, settings: ServeSettings
 ) -> tuple[bytes, str]:
     """The image bytes and the source id of a classify request: media type, body limits, the
-    multipart form if any, the source (header, form field, client address)."""
+    body's deadline (``serve.body_timeout_s``: 408), the multipart form if any (parsed as it
+    arrives), the source (header, form field, client address)."""
     content_type = headers.get("content-type", "")
     kind = media_kind(content_type)
     check_content_length(headers.get("content-length"), settings.max_body_bytes)
-    data = await read_limited(chunks, settings.max_body_bytes)
     fields: dict[str, str] = {}
-    if kind == "multipart":
-        data, fields = parse_multipart(data, content_type)
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            if kind == "multipart":
+                form = FormReader(content_type, settings)
+                async for chunk in limited(chunks, settings.max_body_bytes):
+                    await form.feed(chunk)
+                data, fields = form.result()
+            else:
+                data = await read_limited(chunks, settings.max_body_bytes)
+    except TimeoutError:
+        raise ApiError(
+            408, "request_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s"
+        ) from None
     source = resolve_source(
         headers.get(settings.source_header), fields.get(SOURCE_FIELD), client_host, settings.trust_source_header
     )
     return data, source
+
+
+def check_source_id(source: str) -> str:
+    """A source id to look up or reset: any text of 1 to :data:`MAX_SOURCE_CHARS` characters
+    (ids loaded from a batch run or an audit need not follow the request rule)."""
+    if not 0 < len(source) <= MAX_SOURCE_CHARS:
+        raise ApiError(400, "bad_source", f"a source id has 1 to {MAX_SOURCE_CHARS} characters")
+    return source
 
 
 def check_bearer(authorization: str | None, token: str | None) -> None:

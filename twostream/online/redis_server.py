@@ -1,0 +1,124 @@
+"""The embedded Redis: :class:`EmbeddedRedis` starts a local ``redis-server`` (Debian's package)
+on a free loopback port, with its append-only file in a state directory, and stops it.
+
+Durability is Redis's append-only file (``appendonly yes``; no RDB snapshots). With
+``appendfsync everysec`` (the default) a crash of the machine, or a ``kill -9`` of Redis, loses
+at most the last second of reputation steps; ``always`` fsyncs each step before it is answered
+(nothing answered is lost, at a cost per request). A graceful stop (SIGTERM, SHUTDOWN) loses
+nothing either way. The next start on the same directory reloads the file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger("twostream.redis")
+
+DEFAULT_DIR = Path("~/.cache/twostream/redis").expanduser()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """A ``redis-server`` child process on ``127.0.0.1`` (no password: loopback only)."""
+
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        *,
+        appendfsync: Literal["always", "everysec"] = "everysec",
+        port: int | None = None,
+        executable: str = "redis-server",
+    ) -> None:
+        self.directory = Path(directory).expanduser() if directory else DEFAULT_DIR
+        self.appendfsync = appendfsync
+        self.port = port or free_port()
+        self.executable = executable
+        self.process: subprocess.Popen | None = None
+        self._lock: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20.0) -> str:
+        """Start the server (reloading the append-only file in the directory); returns its URL."""
+        exe = shutil.which(self.executable)
+        if exe is None:
+            raise FileNotFoundError(
+                f"{self.executable} not found: install Debian's redis-server package "
+                f"(apt-get install redis-server), or set serve.redis_url to a running Redis"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        args = [
+            exe, "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", self.appendfsync,
+            "--save", "", "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
+        ]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while not self._answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{tail}")
+            time.sleep(0.05)
+        log.info("redis-server on %s (append-only file in %s, appendfsync %s)", self.url, self.directory,
+                 self.appendfsync)
+        return self.url
+
+    def _take_lock(self) -> None:
+        """One server per directory (two would corrupt the append-only file)."""
+        if self._lock is not None:
+            return
+        fd = os.open(self.directory / "twostream.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"{self.directory} is in use by another embedded redis-server "
+                               f"(another `twostream serve`?): set serve.redis_dir") from None
+        self._lock = fd
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop gracefully (SIGTERM: Redis flushes its append-only file), else kill; frees the directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
