@@ -1,9 +1,16 @@
 """Object storage by URI: local paths and ``s3://bucket/key``, through pyarrow filesystems.
 
-S3 uses pyarrow's S3FileSystem with the standard AWS credential chain and region lookup; an
-S3-compatible endpoint (MinIO, moto, ...) comes from ``AWS_ENDPOINT_URL`` (or
-``AWS_ENDPOINT_URL_S3``). Transient S3 errors are retried by the AWS SDK's standard retry
-strategy (``TWOSTREAM_S3_RETRIES`` attempts, default 8).
+S3 reads and listings use pyarrow's S3FileSystem (the AWS C++ SDK); whole-object writes use
+boto3's managed upload (one PutObject, multipart above 8 MiB). Both take the standard AWS
+credential chain and region lookup; an S3-compatible endpoint (MinIO, moto, ...) comes from
+``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``). Transient S3 errors are retried by the
+SDKs' standard retry strategy (``TWOSTREAM_S3_RETRIES`` attempts, default 8).
+
+Why boto3 for writes: every object this package writes is built in memory first, so nothing
+is lost by handing the bytes to boto3, and its multipart path is the one that can be tested
+locally: the local S3 server (moto 5.2.x) answers CompleteMultipartUpload with a wrong XML root
+element (getmoto/moto#10055), which the AWS C++ SDK inside pyarrow rejects and botocore accepts;
+on AWS both work.
 """
 
 from __future__ import annotations
@@ -42,13 +49,28 @@ def _s3_filesystem(endpoint: str | None, region: str | None, retries: int) -> pa
     return pafs.S3FileSystem(**kwargs)
 
 
+def _retries() -> int:
+    return int(os.environ.get("TWOSTREAM_S3_RETRIES", "8"))
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None, retries: int):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": retries, "mode": "standard"})
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it."""
     uri = str(uri)
     if is_s3(uri):
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        retries = int(os.environ.get("TWOSTREAM_S3_RETRIES", "8"))
-        return _s3_filesystem(s3_endpoint(), region, retries), uri[len(S3_PREFIX) :].rstrip("/")
+        return _s3_filesystem(s3_endpoint(), _region(), _retries()), uri[len(S3_PREFIX) :].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported URI scheme in {uri!r} (use a local path or s3://)")
     return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).resolve())
@@ -68,7 +90,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object; local writes go through a temporary file and a rename."""
+    """Write a whole object: on S3 with boto3 (see the module docstring); local writes go through
+    a temporary file and a rename."""
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +100,17 @@ def write_bytes(uri: str, data: bytes) -> None:
             handle.write(data)
         os.replace(tmp, path)
         return
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    bucket, _, key = path.partition("/")
+    _s3_client(s3_endpoint(), _region(), _retries()).upload_fileobj(io.BytesIO(data), bucket, key)
+
+
+def remove(uri: str) -> None:
+    """Delete one object or file (no error when it does not exist)."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def exists(uri: str) -> bool:
