@@ -16,7 +16,8 @@ from twostream import __version__
 from twostream.core.config import ConfigError, add_config_args, config_from_args  # noqa: F401 (used by commands)
 
 # Module names under twostream.commands, in the order shown by --help.
-COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "reputation", "eval", "simulate", "train_low"]
+COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "reputation", "eval", "simulate", "train_low",
+            "robustness", "calibrate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
