@@ -39,6 +39,7 @@ from twostream import storage
 from twostream.batch import outputs, reputation, stages
 from twostream.batch.manifest import ManifestIndex, read_manifest
 from twostream.batch.planning import Shard, plan_shards
+from twostream.batch.report import write_batch_report
 from twostream.core.config import LimitsConfig, TwoStreamConfig, load_config
 
 log = logging.getLogger("twostream.jobs.score")
@@ -189,6 +190,7 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
         resources=res, config=cfg.model_dump(mode="json"),
     )
     storage.write_bytes(outputs.summary_uri(output), json.dumps(summary, indent=2).encode())
+    write_batch_report(output)  # report.html, from the files just written
     return summary
 
 

@@ -201,8 +201,10 @@ def rate_plot(rates: RateBins, what: str = "uploads") -> str:
     return png(fig)
 
 
-def bar_plot(labels: Sequence[str], series: dict[str, Sequence[float]], title: str, ylabel: str = "") -> str:
-    """Grouped bars: one group per label, one bar per entry of ``series`` (name -> values)."""
+def bar_plot(labels: Sequence[str], series: dict[str, Sequence[float]], title: str, ylabel: str = "",
+             log: bool = False) -> str:
+    """Grouped bars: one group per label, one bar per entry of ``series`` (name -> values);
+    ``log``: a logarithmic value axis."""
     fig, ax = _pyplot().subplots(figsize=(max(5, 1.1 * len(labels) + 2), 3))
     x = np.arange(len(labels))
     width = 0.8 / max(len(series), 1)
@@ -210,6 +212,8 @@ def bar_plot(labels: Sequence[str], series: dict[str, Sequence[float]], title: s
     for k, (name, values) in enumerate(series.items()):
         ax.bar(x + (k - (len(series) - 1) / 2) * width, values, width, label=name, color=colours[k % len(colours)])
     ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
     if ylabel:
         ax.set_ylabel(ylabel)
     if len(series) > 1:

@@ -1,0 +1,287 @@
+"""The batch run's report: ``report.html`` in the job's output, one self-contained file drawn with
+:mod:`twostream.reporting` (the audit's report machinery).
+
+:func:`write_batch_report` builds it from the output folder alone (``images/``, ``sources/``,
+``summary.json``), so it can be rebuilt for any finished run. Sections: headline counts; counts
+by verdict and by response; errors by reason (the ``error`` column); the sources ever
+blacklisted, each with its CC over time; the rejection rate over time; per-stage throughput;
+the ground truth when the summary has a ``ground_truth`` section (the manifest named roles); the
+config. ``images/`` is read a file at a time (counts, time bins and the plotted sources' rows
+only), so memory does not grow with the run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twostream import storage
+from twostream.core.labels import Response, Verdict
+from twostream.reporting import (
+    RateBins,
+    SourceSeries,
+    bar_plot,
+    cc_plot,
+    esc,
+    fmt_time,
+    img,
+    kpis,
+    page,
+    rate_plot,
+    table,
+)
+
+REPORT = "report.html"
+IMAGE_COLUMNS = ["image_id", "source", "timestamp", "verdict", "response", "error", "cc"]
+ERROR_REASONS_SHOWN = 30  # distinct error texts listed (the rest summed in one row)
+
+
+@dataclass
+class _Tally:
+    """What one pass over ``images/`` collects."""
+
+    rates: RateBins
+    plotted: set[str]
+    verdicts: Counter = field(default_factory=Counter)
+    responses: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    rows: list[pa.Table] = field(default_factory=list)  # the plotted sources' scored rows
+
+    def add(self, part: pa.Table) -> None:
+        self.verdicts.update(_counts(part.column("verdict")))
+        self.responses.update(_counts(part.column("response")))
+        self.errors.update(_counts(part.column("error")))
+        verdict = part.column("verdict").to_numpy(zero_copy_only=False).astype(str)
+        scored = verdict != str(Verdict.ERROR)
+        self.rates.add(part.column("timestamp").to_numpy(zero_copy_only=False), scored,
+                       verdict == str(Verdict.ADVERSARIAL),
+                       part.column("response").to_numpy(zero_copy_only=False).astype(str))
+        mine = part.filter(pc.and_(pc.is_in(part.column("source"), pa.array(sorted(self.plotted), pa.string())),
+                                   pc.is_valid(part.column("cc"))))
+        if mine.num_rows:
+            self.rows.append(mine.select(["source", "timestamp", "image_id", "cc"]))
+
+
+def _counts(column: pa.ChunkedArray) -> dict[str, int]:
+    """Non-null value -> count."""
+    return {v["values"]: v["counts"] for v in pc.value_counts(column.drop_null()).to_pylist()}
+
+
+def report_uri(output: str) -> str:
+    return storage.join(output, REPORT)
+
+
+def write_batch_report(output_uri: str, top: int = 12) -> str:
+    """Build ``report.html`` from a finished run's output folder; returns its URI.
+
+    ``top``: how many of the sources ever blacklisted get a CC plot (all are in the table).
+    """
+    summary = json.loads(storage.read_bytes(storage.join(output_uri, "summary.json")))
+    files = storage.list_files(storage.join(output_uri, "sources"), (".parquet",))
+    sources = pa.concat_tables([storage.read_parquet(f) for f in files]) if files else None
+    listed = _ever_blacklisted(sources)
+    tally = _Tally(RateBins.over(*_time_span(sources)), {r["source"] for r in listed[:top]})
+    for uri in storage.list_files(storage.join(output_uri, "images"), (".parquet",)):
+        tally.add(storage.read_parquet(uri).select(IMAGE_COLUMNS))
+    html = render(summary, tally, listed, top)
+    uri = report_uri(output_uri)
+    storage.write_bytes(uri, html.encode())
+    return uri
+
+
+def _time_span(sources: pa.Table | None) -> tuple[float, float]:
+    """First and last scored image of the run (inf, -inf when there is none)."""
+    if sources is None:
+        return np.inf, -np.inf
+    first, last = pc.min(sources.column("first_seen")).as_py(), pc.max(sources.column("last_seen")).as_py()
+    return (np.inf, -np.inf) if first is None else (first, last)
+
+
+def _ever_blacklisted(sources: pa.Table | None) -> list[dict[str, Any]]:
+    """Sources blacklisted at some point: listed at the end first, then by rejected images."""
+    if sources is None:
+        return []
+    rows = [r for r in sources.to_pylist() if r["times_blacklisted"] > 0]
+    return sorted(rows, key=lambda r: (not r["blacklisted"], -r["rejected"], r["source"]))
+
+
+def _series(tally: _Tally, listed: list[dict[str, Any]], top: int, threshold: int) -> list[SourceSeries]:
+    """Each plotted source's CC after each of its scored images, in (timestamp, image_id) order."""
+    rows = pa.concat_tables(tally.rows).sort_by([("source", "ascending"), ("timestamp", "ascending"),
+                                                   ("image_id", "ascending")]) if tally.rows else None
+    out = []
+    for r in listed[:top]:
+        mine = rows.filter(pc.equal(rows.column("source"), r["source"])) if rows is not None else None
+        ts = mine.column("timestamp").to_numpy() if mine is not None else np.zeros(0)
+        cc = mine.column("cc").to_numpy() if mine is not None else np.zeros(0)
+        intervals = [[iv["joined"], iv["left"]] for iv in r["blacklist_intervals"]]
+        out.append(SourceSeries(r["source"], ts, cc, intervals, threshold))
+    return out
+
+
+def render(summary: dict[str, Any], tally: _Tally, listed: list[dict[str, Any]], top: int) -> str:
+    """The whole report as one HTML string."""
+    config = summary.get("config", {})
+    rep = config.get("reputation", {})
+    cap = int(rep.get("cap", 15))
+    parts = _header(summary, tally, len(listed))
+    if summary.get("ground_truth"):
+        parts += _ground_truth_section(summary["ground_truth"])
+    parts += _counts_section(tally)
+    parts += _errors_section(tally.errors)
+    parts += _blacklisted_section(listed, _series(tally, listed, top, int(rep.get("threshold", 3))), cap)
+    parts += ["<h2>Rejection rate over time</h2>", img(rate_plot(tally.rates, "images"), "rejection rate over time",
+                                                       "rate-plot")]
+    parts += _throughput_section(summary)
+    parts += _config_section(config)
+    versions = ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items())
+    parts.append(f"<p class=muted>twostream batch scoring &middot; {esc(versions)}</p>")
+    return page("twostream batch run", parts)
+
+
+def _header(s: dict[str, Any], tally: _Tally, ever: int) -> list[str]:
+    t = s.get("config", {}).get("thresholds", {})
+    r = s.get("config", {}).get("reputation", {})
+    v = tally.verdicts
+    return [
+        "<h1>Batch scoring run</h1>",
+        f'<p class=muted>input <code>{esc(s.get("input"))}</code> &middot; manifest '
+        f'<code>{esc(s.get("manifest") or "-")}</code> &middot; output <code>{esc(s.get("output"))}</code><br>'
+        f'p1={esc(t.get("p1"))}, p2={esc(t.get("p2"))}, blacklist threshold {esc(r.get("threshold"))}, '
+        f'cap {esc(r.get("cap"))} &middot; {fmt_time(tally.rates.edges[0])} \u2192 {fmt_time(tally.rates.edges[-1])}'
+        "</p>",
+        kpis([("images", sum(v.values())), ("accepted", v[str(Verdict.ACCEPTED)]),
+              ("adversarial", v[str(Verdict.ADVERSARIAL)]), ("errors", v[str(Verdict.ERROR)]),
+              ("blocked", tally.responses[str(Response.BLOCKED)]), ("sources", s.get("sources", 0)),
+              ("ever blacklisted", ever), ("blacklisted at the end", s.get("blacklisted_sources", 0))]),
+    ]
+
+
+def _counts_section(tally: _Tally) -> list[str]:
+    total = sum(tally.verdicts.values()) or 1
+    verdicts = [[str(v), tally.verdicts[str(v)], f"{tally.verdicts[str(v)] / total:.1%}"] for v in Verdict]
+    responses = sorted(tally.responses.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [
+        "<h2>Counts by verdict and response</h2>",
+        "<p class=muted>Verdict: Algorithm 1 on the image alone. Response: what the source was answered "
+        "(Algorithm 2): a label, <code>adversarial</code>, <code>blocked</code> (the source was blacklisted) "
+        "or <code>error</code>.</p>",
+        '<div class=grid><div>',
+        table(["verdict", "images", "share"], verdicts, numeric={1, 2}, table_id="verdicts"),
+        table(["response", "images"], [list(kv) for kv in responses], numeric={1}, table_id="responses"),
+        "</div><div>",
+        img(bar_plot([k for k, _ in responses], {"images": [n for _, n in responses]}, "Images by response"),
+            "images by response", "responses-plot"),
+        "</div></div>",
+    ]
+
+
+def _errors_section(errors: Counter) -> list[str]:
+    if not errors:
+        return ["<h2>Errors by reason</h2>", "<p id=no-errors>None: every input was scored.</p>"]
+    ranked = sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))
+    rows = [list(kv) for kv in ranked[:ERROR_REASONS_SHOWN]]
+    if len(ranked) > ERROR_REASONS_SHOWN:
+        rest = ranked[ERROR_REASONS_SHOWN:]
+        rows.append([f"({len(rest)} other reasons)", sum(n for _, n in rest)])
+    return ["<h2>Errors by reason</h2>",
+            "<p class=muted>Inputs that could not be scored (<code>verdict = error</code>), by the text of their "
+            "<code>error</code> column; they are not Algorithm-2 events.</p>",
+            table(["reason", "images"], rows, numeric={1}, table_id="errors")]
+
+
+def _intervals(intervals: list[dict]) -> str:
+    return "; ".join(f"{fmt_time(iv['joined'])} \u2192 {fmt_time(iv['left']) if iv['left'] is not None else 'end'}"
+                     for iv in intervals)
+
+
+def _blacklisted_section(listed: list[dict[str, Any]], series: list[SourceSeries], cap: int) -> list[str]:
+    parts = ["<h2>Blacklisted sources</h2>"]
+    if not listed:
+        return parts + ["<p id=no-blacklisted>No source was blacklisted.</p>"]
+    rows = [[r["source"], r["images"], r["rejected"], r["blocked"], r["errors"], r["cc"],
+             "yes" if r["blacklisted"] else "released", r["times_blacklisted"], _intervals(r["blacklist_intervals"]),
+             fmt_time(r["first_seen"]), fmt_time(r["last_seen"])] for r in listed]
+    parts += [
+        "<p class=muted>Every source blacklisted at some point of the run. Red: still blacklisted at the end; "
+        "yellow: released. Below, the CC of each (blacklist intervals shaded, threshold dashed).</p>",
+        table(["source", "images", "rejected", "blocked", "errors", "final CC", "blacklisted at the end",
+               "times blacklisted", "blacklist intervals", "first seen", "last seen"], rows,
+              numeric={1, 2, 3, 4, 5, 7}, row_class=["bl" if r["blacklisted"] else "rel" for r in listed],
+              table_id="blacklisted"),
+        '<div class=grid id="cc-plots">',
+        *(f"<figure>{img(cc_plot(s, cap), f'CC of {s.source}')}</figure>" for s in series),
+        "</div>",
+    ]
+    if len(listed) > len(series):
+        parts.append(f"<p class=muted>CC plotted for the first {len(series)} of {len(listed)}.</p>")
+    return parts
+
+
+def _rate(value: float | None) -> str:
+    return "" if value is None else f"{value:,.1f}"
+
+
+def _throughput_section(s: dict[str, Any]) -> list[str]:
+    t = s.get("throughput", {})
+    per_stage = t.get("per_stage_images_per_worker_s", {})
+    wall = s.get("wall_s", {})
+    parts = [
+        "<h2>Throughput</h2>",
+        f"<p class=muted>{esc(t.get('images_scored_this_run', 0))} images scored this run: "
+        f"{esc(_rate(t.get('scoring_images_per_s')))} images/s scoring, "
+        f"{esc(_rate(t.get('end_to_end_images_per_s')))} end to end. Per stage: images per second of one "
+        "busy worker.</p>",
+        '<div class=grid><div>',
+        table(["stage", "images / worker-s"], [[k, _rate(v)] for k, v in per_stage.items()], numeric={1},
+              table_id="throughput"),
+        table(["phase", "wall s"], [[k, f"{v:.1f}"] for k, v in wall.items()], numeric={1}, table_id="wall"),
+        "</div><div>",
+    ]
+    stages = [k for k, v in per_stage.items() if v]
+    if stages:
+        parts.append(img(bar_plot(stages, {"images / worker-s": [per_stage[k] for k in stages]},
+                                  "Per-stage throughput", "images per worker-second", log=True),
+                         "per-stage throughput", "throughput-plot"))
+    return parts + ["</div></div>"]
+
+
+def _config_section(config: dict[str, Any]) -> list[str]:
+    """The decision settings in a table, the whole config as JSON (folded)."""
+    rows = [[f"{section}.{key}", value] for section in ("thresholds", "reputation")
+            for key, value in config.get(section, {}).items()]
+    rows += [[f"{stream}.{key}", config[stream].get(key)] for stream in ("high", "low") if stream in config
+             for key in ("model", "weights", "batch_size", "pool_size", "num_gpus")]
+    return ["<h2>Config</h2>", table(["setting", "value"], rows, table_id="settings"),
+            "<details><summary>The whole config (JSON)</summary>",
+            f'<pre id="config">{esc(json.dumps(config, indent=2))}</pre></details>']
+
+
+def _ground_truth_section(gt: dict[str, Any]) -> list[str]:
+    rows, classes = [], []
+    for s in gt.get("sources", []):
+        joined = s.get("joined_at") or []
+        if s.get("blacklisted"):
+            listed = f"yes, since image {s.get('since_image')}"
+        else:
+            listed = "no" + (f" (listed at image {', '.join(map(str, joined))}, released)" if joined else "")
+        rows.append([s.get("source"), s.get("role"), s.get("images"), s.get("accepted"), s.get("rejected"),
+                     s.get("blocked"), listed])
+        classes.append("bl" if s.get("blacklisted") else "rel" if joined else "")
+    roles = [[role, a.get("sources"), a.get("ever_blacklisted"), a.get("blacklisted"), a.get("images"),
+              a.get("accepted"), a.get("rejected"), a.get("blocked")] for role, a in gt.get("roles", {}).items()]
+    return [
+        "<h2>Ground truth</h2>",
+        "<p class=muted>The manifest named each source's role: what happened to each.</p>",
+        '<ul id="ground-truth-lines">', *(f"<li>{esc(line)}</li>" for line in gt.get("lines", [])), "</ul>",
+        table(["source", "role", "images", "accepted", "rejected", "blocked", "blacklisted"], rows,
+              numeric={2, 3, 4, 5}, row_class=classes, table_id="ground-truth"),
+        table(["role", "sources", "ever blacklisted", "blacklisted at the end", "images", "accepted", "rejected",
+               "blocked"], roles, numeric=set(range(1, 8)), table_id="roles"),
+    ]
