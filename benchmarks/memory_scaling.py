@@ -1,7 +1,11 @@
 """Peak RSS of the driver and of the Ray workers while the input grows (e.g. 10k vs 100k small
-images, tiny models): memory should stay flat because the pipeline streams.
+images, tiny models): memory should stay flat because the pipeline streams. ``--large N``: N
+flat-colour 6000x6000 PNGs instead (small files, 108 MB of pixels each, under
+``limits.max_pixels``): memory must follow bytes decoded at once, not the shard (target: peak
+under 3 GB in all for 30 of them).
 
-    python benchmarks/memory_scaling.py --sizes 2000 10000 [--small]
+    python benchmarks/memory_scaling.py --sizes 2000 10000
+    python benchmarks/memory_scaling.py --large 30
 
 Each size runs the job on a fresh local Ray; a sampler thread records the summed RSS of the Ray
 worker processes (/proc) and the driver's peak RSS every 0.5 s.
@@ -24,18 +28,21 @@ SMALL = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=c
          "low.weights=random", "job.files_per_shard=500"]
 
 
-def write_images(root: Path, n: int) -> None:
+def write_images(root: Path, n: int, large: bool = False) -> None:
     import numpy as np
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    tile = Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((48, 48))
     buf = io.BytesIO()
-    tile.save(buf, "JPEG")
+    if large:
+        Image.new("RGB", (6000, 6000), (120, 180, 40)).save(buf, "PNG")
+    else:
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((48, 48)).save(buf, "JPEG")
     blob = buf.getvalue()
-    for k in range(n):  # same bytes, different keys: measures the pipeline, not the JPEG codec
-        (root / f"{k:07d}.jpg").write_bytes(blob)
+    suffix = ".png" if large else ".jpg"
+    for k in range(n):  # same bytes, different keys: measures the pipeline, not the codec
+        (root / f"{k:07d}{suffix}").write_bytes(blob)
 
 
 def worker_rss() -> int:
@@ -55,7 +62,7 @@ def worker_rss() -> int:
     return total
 
 
-def run(n: int, overrides: list[str]) -> dict:
+def run(n: int, overrides: list[str], large: bool = False) -> dict:
     import ray
 
     from jobs.ray_cluster import connect
@@ -63,7 +70,7 @@ def run(n: int, overrides: list[str]) -> dict:
     from twostream.core.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_images(Path(tmp) / "in", n)
+        write_images(Path(tmp) / "in", n, large)
         peak = {"workers": 0}
         stop = threading.Event()
 
@@ -82,15 +89,22 @@ def run(n: int, overrides: list[str]) -> dict:
             stop.set()
             thread.join()
             ray.shutdown()
-    return {"images": n, "scoring_images_per_s": round(summary["throughput"]["scoring_images_per_s"], 1),
+    return {"images": n, "size": "6000x6000" if large else "48x48",
+            "scoring_images_per_s": round(summary["throughput"]["scoring_images_per_s"], 1),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "workers_peak_rss_mb": round(peak["workers"] / 2**20)}
+            "workers_peak_rss_mb": round(peak["workers"] / 2**20),
+            "peak_in_all_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                                    + peak["workers"] / 2**20)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--large", type=int, default=0, help="N images of 6000x6000 instead of --sizes")
     args = parser.parse_args()
+    if args.large:
+        print(json.dumps(run(args.large, SMALL, large=True)), flush=True)
+        return
     for n in args.sizes:
         print(json.dumps(run(n, SMALL)), flush=True)
 

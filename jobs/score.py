@@ -5,10 +5,13 @@ through ``twostream score`` (which starts a local Ray when none is running). Des
 schema and resume rules: docs/batch.md. This module is only the Ray wiring of the Ray-free
 parts in :mod:`twostream.batch` (planning, stages, reputation, outputs). In short:
 
-Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure):
-  shards -> read+decode (CPU tasks) -> high-resolution stream (actor pool) -> low-resolution
-  stream (actor pool) -> comparator (CPU tasks) -> driver sink that writes one staging
-  Parquet file per completed input shard, then its ``_progress/<shard>.done`` marker.
+Planning, before Ray starts: every input object listed (``plan_input``), the manifest read,
+  checked and matched, the run's fingerprint recorded or a changed rerun refused (``resume``).
+Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure and by bytes
+  per block): work units -> read+decode+prepare (CPU tasks; only each stream's prepared input
+  travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
+  comparator (CPU tasks) -> driver sink that writes one staging Parquet file per completed
+  input shard, then its ``_progress/<shard>.done`` marker.
   Each row carries its image id and its own columns through both pools, so nothing is
   matched by position: pools may return rows in any order (``job.shuffle_stream_output``
   makes them do so on purpose in the tests).
@@ -29,42 +32,30 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 import ray
 
 from jobs.ray_cluster import connect
 from twostream import storage
-from twostream.batch import outputs, reputation, stages
-from twostream.batch.manifest import ManifestIndex, read_manifest
-from twostream.batch.planning import Shard, plan_shards
+from twostream.batch import outputs, reputation, resume, stages
+from twostream.batch.manifest import ManifestError, read_manifest
+from twostream.batch.planning import InputError, Shard, attach_manifest, plan_input, work_units
 from twostream.batch.report import write_batch_report
-from twostream.core.config import LimitsConfig, TwoStreamConfig, load_config
+from twostream.core.config import ConfigError, TwoStreamConfig, load_config
 
 log = logging.getLogger("twostream.jobs.score")
 
 FAULT_STOP_AFTER = "TWOSTREAM_FAULT_STOP_AFTER_SHARDS"  # driver fails after K committed shards
+# What a user can fix (input, manifest, config, a refused resume): one line, no traceback.
+USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused)
 
-_MANIFEST_CACHE: dict[str, ManifestIndex] = {}
-
-
-def _manifest_index(holder: list) -> ManifestIndex:
-    """The manifest's index, built once per worker from the object in ``holder`` (or none)."""
-    ref = holder[0]
-    if ref is None:
-        return ManifestIndex(None)
-    key = ref.hex()
-    if key not in _MANIFEST_CACHE:
-        _MANIFEST_CACHE.clear()
-        _MANIFEST_CACHE[key] = ManifestIndex(ray.get(ref))
-    return _MANIFEST_CACHE[key]
-
-
-def read_decode_batch(batch: dict, *, input_uri: str, manifest: list, limits: LimitsConfig) -> pa.Table:
-    """Ray Data task: a batch of shard specs -> :func:`twostream.batch.stages.read_decode`."""
-    shards = [Shard.from_json(str(spec)) for spec in batch["shard"]]
-    return stages.read_decode(shards, input_uri, _manifest_index(manifest), limits)
+def read_decode_batch(batch: dict, *, config: TwoStreamConfig) -> Iterator[pa.Table]:
+    """Ray Data task: work units (parts of shards) -> :func:`twostream.batch.stages.read_decode`
+    blocks, bounded by rows and prepared bytes."""
+    for spec in batch["unit"]:
+        yield from stages.read_decode(Shard.from_json(str(spec)), config)
 
 
 def _feed(staging: str, shard: str, actors: list, parts: int) -> int:
@@ -98,22 +89,18 @@ def _fit_resources(cfg: TwoStreamConfig, total_cpus: float) -> dict[str, float]:
     return {"high": high, "low": low, "decode": decode, "compare": compare}
 
 
-def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], input_uri: str, output: str,
-           manifest_uri: str | None, res: dict[str, float]) -> outputs.ShardSink:
+def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[str, float]) -> outputs.ShardSink:
     """Phase 1: the Ray Data pipeline over the shards to do, committed shard by shard."""
-    manifest_table = read_manifest(manifest_uri) if manifest_uri else None
-    manifest_holder = [ray.put(manifest_table) if manifest_table is not None else None]
     fault_after = int(os.environ.get(FAULT_STOP_AFTER, "0") or 0)
     faults = {k: v for k, v in os.environ.items() if k.startswith("TWOSTREAM_FAULT_")}
     fault_env = {"runtime_env": {"env_vars": faults}} if faults else {}
     sink = outputs.ShardSink(output, stop_after=fault_after)
-    if not todo:
+    units = work_units(todo, cfg.job.rows_per_task)
+    if not units:
         return sink
-    ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        read_decode_batch, batch_size=1, batch_format="numpy", num_cpus=res["decode"],
-        fn_kwargs={"input_uri": input_uri, "manifest": manifest_holder, "limits": cfg.limits},
-    )
+    ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="numpy", num_cpus=res["decode"],
+                        fn_kwargs={"config": cfg})
     for kind in ("high", "low"):
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(
@@ -128,6 +115,72 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], input_uri: str, output: 
         sink.add(batch)
     sink.close(todo)
     return sink
+
+
+def _events(staging: Sequence[str], indices: Sequence[int]) -> tuple[tuple[int, int], pa.Table]:
+    """Ray task: some shards' staging rows -> one events table; returns ((rows, bytes), table)."""
+    table = pa.concat_tables([reputation.staging_events(storage.read_parquet(uri), k)
+                              for uri, k in zip(staging, indices)])
+    return (table.num_rows, table.nbytes), table
+
+
+def _split(table: pa.Table | str, parts: int) -> list[pa.Table]:
+    """Ray task: an events table, or a state file (by URI), split into the reputation partitions."""
+    if isinstance(table, str):
+        table = storage.read_parquet(table)
+    tables = reputation.partition(table, parts)
+    return tables if parts > 1 else tables[0]
+
+
+def _reduce(part: int, n_state: int, groups: int, cfg: TwoStreamConfig, output: str, *tables: pa.Table) -> list:
+    """Ray task: one partition (its state tables, then its events tables) -> ``sources/part-N``;
+    returns each shard group's responses (shard i is in group i % groups), then the stats."""
+    state = pa.concat_tables(tables[:n_state]) if n_state else None
+    events = pa.concat_tables(tables[n_state:]) if len(tables) > n_state else reputation.EVENTS_SCHEMA.empty_table()
+    sources, responses = reputation.reduce_partition(events, state, cfg.reputation, cfg.job.late_events)
+    storage.write_parquet(sources, outputs.sources_uri(output, part))
+    group = responses.column("shard").to_numpy() % groups
+    stats = {"sources": sources.num_rows, "events": responses.num_rows,
+             "blacklisted": pc.sum(sources.column("blacklisted")).as_py() or 0}
+    return [responses.filter(group == g) for g in range(groups)] + [stats]
+
+
+def _finalize(output: str, shards: Sequence[tuple[int, str]], *responses: pa.Table) -> list[tuple[int, dict]]:
+    """Ray task: a shard group's responses -> the images table of each of its shards; returns
+    (shard index, counts) per shard."""
+    table = pa.concat_tables(responses)
+    table = table.take(pc.sort_indices(table.column("shard")))
+    index = table.column("shard").to_numpy()
+    results = []
+    for k, shard_id in shards:
+        lo, hi = np.searchsorted(index, [k, k + 1])
+        staging = storage.read_parquet(outputs.staging_uri(output, shard_id))
+        results.append((k, reputation.respond(staging, table.slice(lo, hi - lo), output, shard_id)))
+    return results
+
+
+def _state_files(state: str | None, output: str) -> list[str]:
+    """The Parquet files of the starting state: ``STATE/sources/`` when it is a run's output,
+    else ``STATE`` itself (a folder or file of sources tables)."""
+    if not state:
+        return []
+    if storage.join(state, "") == storage.join(output, ""):
+        raise reputation.StateError("--state must not be the run's own --output (its sources/ are rewritten)")
+    folder = storage.join(state, "sources")
+    try:
+        files = storage.list_files(folder if storage.exists(folder) else state, (".parquet",))
+    except FileNotFoundError:
+        files = []
+    if not files:
+        raise reputation.StateError(f"--state {state}: no sources Parquet files there")
+    return files
+
+
+def _partitions(cfg: TwoStreamConfig, nbytes: int) -> int:
+    """Reputation partitions: at least ``job.reputation_shards``, more when one partition's working
+    memory (:data:`REDUCE_BYTES_FACTOR` x its events' bytes) would exceed the budget."""
+    budget = cfg.job.reputation_memory_mb << 20
+    return max(cfg.job.reputation_shards, -(-nbytes * REDUCE_BYTES_FACTOR // budget))
 
 
 def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str) -> tuple[list, list[dict]]:
@@ -158,36 +211,43 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
             progress: bool = True) -> dict:
     """Run the three phases against the current Ray cluster; returns the summary dict."""
     started = time.perf_counter()
+    # Planning first: a bad input, manifest or refused resume fails before Ray is touched.
+    plan = plan_input(input_uri, cfg.job.files_per_shard)
+    manifest_table, manifest_sha256 = read_manifest(manifest_uri) if manifest_uri else (None, None)
+    matched = attach_manifest(plan, manifest_table)
+    resume.check_or_record(output, *resume.fingerprint(plan, input_uri, manifest_sha256, cfg))
+    shards = plan.shards
+
     connect(log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     # Ray Data's default (0) fails the job on the first actor that dies before its constructor
     # ran, which a crash elsewhere in the pool can cause; a replacement is started instead.
     ctx.max_consecutive_actor_init_deaths = cfg.job.actor_init_deaths
-
-    shards = plan_shards(input_uri, cfg.job.files_per_shard)
-    outputs.record_plan(output, input_uri, shards)
     done = outputs.done_shards(output, shards) if cfg.job.resume else set()
     todo = [s for s in shards if s.shard_id not in done]
     if cfg.job.shard_order_seed is not None:
         random.Random(cfg.job.shard_order_seed).shuffle(todo)
-    log.info("%d shards, %d already done, %d to score", len(shards), len(done), len(todo))
+    log.info("%d objects in %d shards, %d shards already done, %d to score",
+             plan.rows, len(shards), len(done), len(todo))
     res = _fit_resources(cfg, float(ray.cluster_resources().get("CPU", 1)))
 
     t0 = time.perf_counter()
-    sink = _score(cfg, todo, input_uri, output, manifest_uri, res)
+    sink = _score(cfg, todo, output, res)
     t1 = time.perf_counter()
     actors, rep_stats = _reputation(cfg, shards, output)
     t2 = time.perf_counter()
     finals = _final(shards, output, actors)
     t3 = time.perf_counter()
 
+    accounting = outputs.account(plan, {s.shard_id: f["rows"] for s, f in zip(shards, finals)})
     summary = outputs.build_summary(
         input_uri=input_uri, manifest_uri=manifest_uri, output=output,
         shards={"total": len(shards), "resumed_done": len(done), "scored_now": len(todo)},
         finals=finals, sources=rep_stats, scored_now=sink.rows, stage_ms=sink.stage_ms,
         wall_s={"total": t3 - started, "scoring": t1 - t0, "reputation": t2 - t1, "final": t3 - t2},
         resources=res, config=cfg.model_dump(mode="json"),
+        accounting=accounting, manifest=matched.summary() if manifest_table is not None else None,
     )
     storage.write_bytes(outputs.summary_uri(output), json.dumps(summary, indent=2).encode())
     write_batch_report(output)  # report.html, from the files just written
@@ -204,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    summary = run_job(cfg, args.input, args.output, args.manifest, progress=not args.no_progress)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run_job(cfg, args.input, args.output, args.manifest, progress=not args.no_progress)
+    except USER_ERRORS as exc:
+        print(f"python -m jobs.score: {exc}", file=sys.stderr)
+        return 2
     print(outputs.format_summary(summary))
     return 0
 

@@ -12,7 +12,7 @@ import pytest
 
 from twostream.batch import outputs, planning, reputation
 from twostream.core.config import ReputationConfig
-from twostream.batch.manifest import ManifestError, ManifestIndex, normalise, read_manifest
+from twostream.batch.manifest import ManifestError, match, normalise, read_manifest
 from twostream.core.reputation import Upload, replay
 
 
@@ -24,6 +24,11 @@ def _tar(path, members):
             tar.addfile(info, io.BytesIO(blob))
 
 
+def _rows(plan, max_bytes=10**9):
+    return [planning.attach_identity(r) for u in planning.work_units(plan.shards, 3)
+            for r in planning.read_unit(u, max_bytes)]
+
+
 def test_plan_and_read(tmp_path):
     (tmp_path / "a").mkdir()
     for i in range(5):
@@ -33,37 +38,40 @@ def test_plan_and_read(tmp_path):
     (tmp_path / "_hidden").write_bytes(b"x")
     _tar(tmp_path / "s.tar", [("k1.jpg", b"one"), ("k1.json", b'{"source": "t"}'), ("k2.png", b"two"),
                               ("k3.json", b"{}")])
-    shards = planning.plan_shards(str(tmp_path), files_per_shard=4)
-    assert [s.kind for s in shards] == ["tar", "files", "files"]
-    assert planning.plan_digest(shards) == planning.plan_digest(planning.plan_shards(str(tmp_path), 4))
-    rows = [r for s in shards for r in planning.read_shard(s, str(tmp_path))]
+    plan = planning.plan_input(str(tmp_path), files_per_shard=4)
+    assert [s.kind for s in plan.shards] == ["tar", "files", "files"]
+    again = planning.plan_input(str(tmp_path), 4)
+    assert [s.to_json() for s in again.shards] == [s.to_json() for s in plan.shards]
+    rows = _rows(plan)
     keys = {r["key"]: r for r in rows}
-    assert set(keys) == {"k1", "k2", "k3", "a/readme", *(f"a/x{i}" for i in range(5))}
-    assert keys["k3"]["read_error"] == "sidecar without an image file"
-    assert keys["k1"]["data"] == b"one" and keys["k1"]["uri"].endswith("s.tar#k1.jpg")
-    assert keys["a/readme"]["data"] == b"hello"  # a non-image is an input (an error row later)
-    planning.attach_identity(rows, ManifestIndex(None))
-    assert (keys["a/x1"]["source"], keys["a/x1"]["timestamp"]) == ("s9", 4.0)
-    assert (keys["k1"]["source"], keys["k2"]["source"]) == ("t", "unknown")
-    assert keys["a/x2"]["image_id"] == "a/x2"
+    assert len(keys) == len(rows) == plan.rows
+    assert set(keys) == {"k1.jpg", "k2.png", "k3.json", "_hidden", "a/readme.txt",
+                         *(f"a/x{i}.jpg" for i in range(5))}
+    assert keys["k3.json"]["read_error"].startswith("sidecar without its file")
+    assert keys["k1.jpg"]["data"] == b"one" and keys["k1.jpg"]["uri"].endswith("s.tar#k1.jpg")
+    assert keys["a/readme.txt"]["data"] == b"hello"  # a non-image is an input (an error row later)
+    assert (keys["a/x1.jpg"]["source"], keys["a/x1.jpg"]["timestamp"]) == ("s9", 4.0)
+    assert (keys["k1.jpg"]["source"], keys["k2.png"]["source"]) == ("t", "unknown")
+    assert keys["a/x2.jpg"]["image_id"] == "a/x2.jpg"
 
 
 def test_truncated_tar_and_oversize(tmp_path):
     _tar(tmp_path / "s.tar", [("k1.jpg", b"1" * 3000), ("k2.jpg", b"2" * 3000)])
     data = (tmp_path / "s.tar").read_bytes()
-    (tmp_path / "s.tar").write_bytes(data[:2000])
-    rows = planning.read_shard(planning.plan_shards(str(tmp_path))[0], str(tmp_path))
-    assert len(rows) == 1 and "truncated" in rows[0]["read_error"] or "tar" in rows[0]["read_error"]
+    (tmp_path / "s.tar").write_bytes(data[:2000])  # k1's data cut off; k2 gone
+    rows = _rows(planning.plan_input(str(tmp_path)))
+    assert [(r["key"], r["read_error"]) for r in rows] == [
+        ("k1.jpg", "truncated tar member: 1488 of 3000 bytes present")]
     (tmp_path / "s.tar").unlink()
     (tmp_path / "big.jpg").write_bytes(b"x" * 100)
-    rows = planning.read_shard(planning.plan_shards(str(tmp_path))[0], str(tmp_path), max_bytes=10)
-    assert "too large" in rows[0]["read_error"]
+    rows = _rows(planning.plan_input(str(tmp_path)), max_bytes=10)
+    assert rows[0]["read_error"] == "file too large: 100 bytes > limit 10"
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_manifest_formats(tmp_path, fmt):
     rows = [{"image_id": "i1", "key": "a/x1", "source": "s1", "timestamp": "2024-01-01T00:00:00Z"},
-            {"image_id": "i2", "key": "a/x2", "source": "s2", "timestamp": "12.5"}]
+            {"image_id": "i2", "key": "a/x2.png", "source": "s2", "timestamp": "12.5"}]
     path = tmp_path / f"m.{fmt}"
     if fmt == "csv":
         path.write_text("image_id,key,source,timestamp\n" + "".join(
@@ -74,16 +82,17 @@ def test_manifest_formats(tmp_path, fmt):
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(rows), path)
-    index = ManifestIndex(read_manifest(str(path)))
-    ids, sources, stamps, hit = index.lookup(["a/x2", "a/x1", "zz"], ["", "", ""])
-    assert ids == ["i2", "i1", "zz"] and sources == ["s2", "s1", "unknown"]
-    assert stamps == [12.5, 1704067200.0, 0.0] and hit == [True, True, False]
+    table, _ = read_manifest(str(path))
+    found = match(table, ["a/x2.png", "a/x1.jpg", "zz"], ["", "", ""])  # a/x1: the stem of a/x1.jpg
+    assert found.rows == [1, 0, -1] and found.unmatched == 0
+    assert table.column("source").to_pylist() == ["s1", "s2"]
+    assert table.column("timestamp").to_pylist() == [1704067200.0, 12.5]
 
 
 def test_manifest_by_uri_and_errors():
     table = normalise(pa.table({"id": ["a"], "uri": ["s3://b/in/x.jpg"], "ip": ["1.2.3.4"]}))
-    ids, sources, _, _ = ManifestIndex(table).lookup(["x"], ["s3://b/in/x.jpg"])
-    assert (ids, sources) == (["a"], ["1.2.3.4"])
+    assert match(table, ["x.jpg"], ["s3://b/in/x.jpg"]).rows == [0]
+    assert table.column("source").to_pylist() == ["1.2.3.4"]
     with pytest.raises(ManifestError):
         normalise(pa.table({"source": ["s"]}))
 

@@ -25,13 +25,13 @@ def test_generate_sample(tmp_path):
     rows = list(csv.DictReader(open(info.manifest)))
     assert len(rows) == 10 and sum(int(r["adversarial"]) for r in rows) == 3
     assert {r["source"] for r in rows if r["adversarial"] == "1"} == {"src-00"}
-    shards = planning.plan_shards(str(info.input_dir), 100)
+    shards = planning.plan_input(str(info.input_dir), 100).shards
     assert sum(s.kind == "tar" for s in shards) == 2
-    read = [r for s in shards for r in planning.read_shard(s, str(info.input_dir))]
-    assert sorted(r["key"] for r in read) == sorted(r["key"] for r in rows)
+    read = [r for u in planning.work_units(shards, 100) for r in planning.read_unit(u, 10**9)]
+    assert sorted(r["key"].rsplit(".", 1)[0] for r in read) == sorted(r["key"] for r in rows)
     for s in shards:
         if s.kind == "tar":
-            with tarfile.open(s.uris[0]) as tar:
+            with tarfile.open(s.uri) as tar:
                 assert any(m.name.endswith(".json") for m in tar.getmembers())
     # the FGSM copy differs from its clean base by at most eps (8/255) per pixel, and does differ
     photo = samples.photographs()["chelsea"]

@@ -58,8 +58,7 @@ def make_dataset(root: Path) -> tuple[list[dict], Path]:
     }
     for name, data in broken.items():
         (root / "in" / name).write_bytes(data)
-        truth.append(dict(key=name.rsplit(".", 1)[0], image_id=name.rsplit(".", 1)[0],
-                          source="unknown", timestamp=0.0, data=data))
+        truth.append(dict(key=name, image_id=name, source="unknown", timestamp=0.0, data=data))
     for t in range(2):
         with tarfile.open(root / "in" / f"shard-{t:03d}.tar", "w") as tar:
             for i in range(5):
@@ -70,7 +69,7 @@ def make_dataset(root: Path) -> tuple[list[dict], Path]:
                     info = tarfile.TarInfo(name)
                     info.size = len(blob)
                     tar.addfile(info, io.BytesIO(blob))
-                truth.append(dict(key=key, image_id=key, source=f"src-{i % 2 + 3}",
+                truth.append(dict(key=f"{key}.jpg", image_id=f"{key}.jpg", source=f"src-{i % 2 + 3}",
                                   timestamp=float(10 + i), data=data))
     (root / "manifest.csv").write_text("\n".join(manifest) + "\n")
     return truth, root / "manifest.csv"
@@ -134,7 +133,7 @@ def check_output(out: Path, by_id: dict, ledger) -> None:
     assert summary["inputs"] == len(by_id) == sum(summary["verdicts"].values())
     assert sum(summary["responses"].values()) == len(by_id) and summary["counts_add_up"]
     errors = [r for r in images if r["verdict"] == "error"]
-    assert {r["key"] for r in errors} >= {"loose/zero", "loose/notes", "loose/trunc", "loose/huge"}
+    assert {r["key"] for r in errors} >= {"loose/zero.jpg", "loose/notes.txt", "loose/trunc.jpg", "loose/huge.png"}
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +198,8 @@ def data(tmp_path_factory, s3):
     return {"root": root, "truth": truth, "overrides": overrides, "by_id": by_id, "ledger": ledger}
 
 
-def _run_in_cluster(ray_head, output: Path, overrides: list[str], env: dict | None = None):
+def _run_in_cluster(ray_head, output: Path, overrides: list[str], env: dict | None = None,
+                    input_uri: str = "s3://twostream-test/in", manifest: str = "s3://twostream-test/manifest.csv"):
     """run_job in this process as a Ray client of the test head (same code as the job)."""
     import ray
 
@@ -211,8 +211,7 @@ def _run_in_cluster(ray_head, output: Path, overrides: list[str], env: dict | No
     try:
         if not ray.is_initialized():
             ray.init(address=ray_head["address"], runtime_env={"env_vars": _aws_env()})
-        return run_job(load_config(None, overrides), "s3://twostream-test/in", str(output),
-                       "s3://twostream-test/manifest.csv", progress=False)
+        return run_job(load_config(None, overrides), input_uri, str(output), manifest, progress=False)
     finally:
         for k in env or {}:
             os.environ.pop(k, None)
@@ -267,3 +266,71 @@ def test_resume_after_kill(ray_head, data, tmp_path):
     assert summary["shards"]["resumed_done"] == len(done)
     assert summary["shards"]["scored_now"] == summary["shards"]["total"] - len(done)
     check_output(out, data["by_id"], data["ledger"])
+
+
+def test_hostile_folder_every_object_one_row(ray_head, tmp_path):
+    """Links and a loop, colliding names, an orphan sidecar, a name that is not UTF-8, a tiny image,
+    a tar with a destroyed header in the middle and a link member: one row per listed object (the
+    listing below is written out by hand), each error with its reason, the summary's accounting."""
+    root = tmp_path / "in"
+    (root / "d").mkdir(parents=True)
+    good = {name: _jpeg(k) for k, name in enumerate(["a.jpg", "a.b.jpg", "d/x.jpg"])}
+    for name, data in good.items():
+        (root / name).write_bytes(data)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(_jpeg(7))).save(png, "PNG")
+    (root / "a.png").write_bytes(png.getvalue())
+    tiny = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiny, "PNG")
+    (root / "tiny.png").write_bytes(tiny.getvalue())
+    (root / "orphan.json").write_text("{}")
+    (root / "d" / "x.jpg.json").write_text(json.dumps({"source": "side", "timestamp": 3}))
+    os.symlink("..", root / "d" / "loop")
+    os.symlink(tmp_path / "elsewhere.jpg", root / "out.jpg")
+    with open(os.path.join(os.fsencode(root), b"n\xe4me.jpg"), "wb") as handle:
+        handle.write(_jpeg(8))
+    members = [("t1.jpg", _jpeg(10)), ("t2.jpg", _jpeg(11)), ("t3.jpg", _jpeg(12)), ("t4.jpg", _jpeg(13))]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        link = tarfile.TarInfo("t5.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        at = {m.name: m.offset for m in tar}
+    data = bytearray(buf.getvalue())
+    data[at["t2.jpg"] : at["t2.jpg"] + 64] = b"\x01" * 64  # t2's header destroyed
+    (root / "s.tar").write_bytes(bytes(data))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_id,key,source,timestamp\nA,a.jpg,src-a,2024-01-01T00:00:00\n"
+                        "GONE,gone.jpg,src-g,1\n")
+    overrides = SMALL + ["job.files_per_shard=4"]
+    summary = _run_in_cluster(ray_head, tmp_path / "out", overrides, input_uri=str(root), manifest=str(manifest))
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "images").to_pylist()}
+    damage = f"s.tar#damaged@{at['t2.jpg']}"
+    assert {k: r["error"] for k, r in rows.items()} == {
+        "a.jpg": None, "a.b.jpg": None, "a.png": None, "d/x.jpg": None, "t1.jpg": None, "t3.jpg": None,
+        "t4.jpg": None,
+        "tiny.png": "image too small: 4x4 px (limits.min_side = 8)",
+        "orphan.json": "sidecar without its file (orphan): no file named like it without .json or .<ext>.json",
+        "d/loop": "symbolic link to '..': links are not followed",
+        "out.jpg": f"symbolic link to '{tmp_path / 'elsewhere.jpg'}': links are not followed",
+        "n%E4me.jpg": "file name is not valid UTF-8 (shown %XX-escaped): b'n\\xe4me.jpg'",
+        damage: f"damaged tar: bytes {at['t2.jpg']}-{at['t3.jpg']} hold no valid member header; "
+                "any member stored there is lost",
+        "t5.jpg": "symbolic link member (to '/etc/passwd'): links are not followed",
+    }
+    assert (rows["a.jpg"]["image_id"], rows["a.jpg"]["source"], rows["a.jpg"]["timestamp"]) == (
+        "A", "src-a", 1704067200.0)
+    assert (rows["d/x.jpg"]["source"], rows["d/x.jpg"]["timestamp"]) == ("side", 3.0)
+    assert all(rows[k]["response"] == "error" and rows[k]["cc"] is None for k, r in rows.items() if r["error"])
+    # 9 loose objects + 1 sidecar travelling with d/x.jpg; the tar: 4 members, 1 damaged region, 1 link
+    assert summary["accounting"] == {"objects_listed": 15, "folders": 1, "tar_directories": 0,
+                                     "sidecars_attached": 1, "planned_errors": 6, "rows_expected": 14,
+                                     "rows_written": 14}
+    assert summary["inputs"] == 14 and summary["counts_add_up"]
+    assert summary["manifest_rows"] == {"rows": 2, "matched": 1, "unmatched": 1,
+                                        "unmatched_first": ["line 3: key 'gone.jpg'"]}

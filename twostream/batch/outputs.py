@@ -1,8 +1,9 @@
 """What the batch job writes, and where: the pinned Arrow schemas (SPEC 6, docs/batch.md), the
 output layout, the staging/images/sources tables, committing a shard (staging rows, then its
-progress marker), the recorded input plan, and the run's summary.
+progress marker), the accounting of rows against the plan, and the run's summary.
 
-Layout under the output prefix: ``_progress/plan.json`` (the plan's digest),
+Layout under the output prefix: ``_progress/plan.json`` + ``_progress/listing.parquet`` (the
+run's fingerprint, :mod:`twostream.batch.resume`),
 ``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1), ``sources/part-N.parquet``
 (phase 2), ``images/<shard>.parquet`` and ``summary.json`` (phase 3).
 """
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream import storage
-from twostream.batch.planning import Shard, plan_digest
+from twostream.batch.planning import Plan, Shard
 from twostream.core.labels import Verdict
 from twostream.core.results import SCORE_FIELDS
 from twostream.core.sources import SOURCES_SCHEMA, source_table  # noqa: F401  (the shared sources table)
@@ -94,28 +95,25 @@ def images_table(staging: pa.Table, response: Sequence, cc: Sequence, blackliste
 # ---------------------------------------------------------------------------------------------
 # Phase 1: the plan, and shards committed as their rows arrive
 # ---------------------------------------------------------------------------------------------
-def record_plan(output: str, input_uri: str, shards: Sequence[Shard]) -> None:
-    """Record the plan in ``output``, or check it equals the one recorded by an earlier run."""
-    digest = plan_digest(shards)
-    uri = plan_uri(output)
-    if storage.exists(uri):
-        if json.loads(storage.read_bytes(uri))["digest"] != digest:
-            raise RuntimeError(f"{output} holds a run over a different input plan; use a new output or delete it")
-        return
-    storage.write_bytes(uri, json.dumps({"digest": digest, "input": input_uri, "shards": len(shards)}).encode())
-
-
 def done_shards(output: str, shards: Sequence[Shard]) -> set[str]:
     """Ids of the shards whose progress marker exists (committed by an earlier run)."""
     return {s.shard_id for s in shards if storage.exists(progress_uri(output, s.shard_id))}
 
 
-def commit_shard(output: str, shard_id: str, parts: Sequence[pa.Table]) -> None:
-    """Write a shard's staging rows (sorted by ``row``), then (only then) its progress marker."""
+def commit_shard(output: str, shard_id: str, parts: Sequence[pa.Table], total: int) -> None:
+    """Write a shard's staging rows (sorted by ``row``), then (only then) its progress marker;
+    raises unless the rows are exactly ``0 .. total-1``, each once."""
     if parts:
         table = pa.concat_tables([p.select(STAGING_SCHEMA.names) for p in parts]).sort_by("row")
     else:
         table = STAGING_SCHEMA.empty_table()
+    rows = table.column("row").to_numpy()
+    if len(rows) != total or (total and not (rows == range(total)).all()):
+        seen = Counter(rows.tolist())
+        twice = sorted(r for r, n in seen.items() if n > 1)[:10]
+        missing = sorted(set(range(total)) - set(seen))[:10]
+        raise RuntimeError(f"shard {shard_id}: {len(rows)} rows for {total} inputs "
+                           f"(rows twice: {twice}, missing: {missing})")
     storage.write_parquet(table.cast(STAGING_SCHEMA), staging_uri(output, shard_id))
     storage.write_bytes(progress_uri(output, shard_id),
                         json.dumps({"rows": table.num_rows, "at": time.time()}).encode())
@@ -146,7 +144,7 @@ class ShardSink:
             self.counts[shard_id] += part.num_rows
             total = part.column("shard_total")[0].as_py()
             if self.counts[shard_id] == total:
-                commit_shard(self.output, shard_id, self.pending.pop(shard_id))
+                commit_shard(self.output, shard_id, self.pending.pop(shard_id), total)
                 self.rows += total
                 self.committed += 1
                 if self.stop_after and self.committed >= self.stop_after:
@@ -155,12 +153,35 @@ class ShardSink:
                 raise RuntimeError(f"shard {shard_id}: {self.counts[shard_id]} rows > {total}")
 
     def close(self, shards: Sequence[Shard]) -> None:
-        """Fail on incomplete shards; commit the shards that had no rows at all (an empty tar)."""
+        """Fail on incomplete shards; commit the shards that had no rows at all (a tar of folders)."""
         if self.pending:
             raise RuntimeError(f"incomplete shards after the scan: {sorted(self.pending)}")
         for shard in shards:
             if not storage.exists(progress_uri(self.output, shard.shard_id)):
-                commit_shard(self.output, shard.shard_id, [])
+                if shard.entries:
+                    raise RuntimeError(f"shard {shard.shard_id}: none of its {len(shard.entries)} rows arrived")
+                commit_shard(self.output, shard.shard_id, [], 0)
+
+
+def account(plan: Plan, written: dict[str, int]) -> dict:
+    """The objects listed at planning against the rows written (``written``: rows per shard id);
+    raises, naming the shards, when any shard's rows differ from its listed objects."""
+    differ = [f"{s.shard_id}: {written.get(s.shard_id, 0)} rows for {len(s.entries)} objects"
+              for s in plan.shards if written.get(s.shard_id, 0) != len(s.entries)]
+    unknown = sorted(set(written) - {s.shard_id for s in plan.shards})
+    summary = {
+        "objects_listed": sum(s.listed for s in plan.shards),
+        "folders": plan.folders,
+        "tar_directories": sum(s.directories for s in plan.shards),
+        "sidecars_attached": sum(s.sidecars for s in plan.shards),
+        "planned_errors": sum(e.error is not None for s in plan.shards for e in s.entries),
+        "rows_expected": plan.rows,
+        "rows_written": sum(written.values()),
+    }
+    if differ or unknown:
+        raise RuntimeError(f"rows written differ from the objects listed: {differ[:10]}"
+                           + (f"; shards not in the plan: {unknown[:10]}" if unknown else ""))
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,12 +211,15 @@ def build_summary(
     wall_s: dict[str, float],
     resources: dict[str, float],
     config: dict,
+    accounting: dict,
+    manifest: dict | None,
 ) -> dict:
     """The run's summary (``summary.json``); raises if the verdict/response counts do not add up.
 
     ``finals``: one ``{"rows", "verdict", "response"}`` per shard (Counters); ``sources``: one
     ``{"sources", "blacklisted", "events"}`` per reputation shard; ``wall_s``: total, scoring,
-    reputation, final.
+    reputation, final; ``accounting``: :func:`account`'s objects listed against rows written;
+    ``manifest``: its rows matched and unmatched (:meth:`twostream.batch.manifest.Match.summary`).
     """
     verdicts: Counter = Counter()
     responses: Counter = Counter()
@@ -212,7 +236,9 @@ def build_summary(
         "inputs": rows,
         "verdicts": {str(v): verdicts.get(v, 0) for v in Verdict},
         "responses": {str(k): n for k, n in sorted(responses.items())},
-        "counts_add_up": sum(verdicts.values()) == rows == sum(responses.values()),
+        "counts_add_up": sum(verdicts.values()) == rows == sum(responses.values()) == accounting["rows_expected"],
+        "accounting": accounting,
+        "manifest_rows": manifest,
         "sources": sum(s["sources"] for s in sources),
         "blacklisted_sources": sum(s["blacklisted"] for s in sources),
         "shards": shards,
@@ -245,10 +271,19 @@ def format_summary(summary: dict) -> str:
         f"inputs {summary['inputs']}: accepted {v['accepted']}, adversarial {v['adversarial']}, "
         f"error {v['error']}  (counts add up: {summary['counts_add_up']})",
         "responses: " + ", ".join(f"{k} {n}" for k, n in summary["responses"].items()),
+        f"objects listed {summary['accounting']['objects_listed']} (sidecars with their file "
+        f"{summary['accounting']['sidecars_attached']}, tar folders {summary['accounting']['tar_directories']}): "
+        f"rows written {summary['accounting']['rows_written']} of {summary['accounting']['rows_expected']}",
         f"sources {summary['sources']}, blacklisted {summary['blacklisted_sources']}",
         f"shards {summary['shards']['total']} (already done {summary['shards']['resumed_done']}, "
         f"scored now {summary['shards']['scored_now']})",
     ]
+    if summary["manifest_rows"]:
+        m = summary["manifest_rows"]
+        lines.append(f"manifest rows {m['rows']}: matched {m['matched']}, matching no input {m['unmatched']}"
+                     + (f" (first: {', '.join(m['unmatched_first'][:3])})" if m["unmatched"] else ""))
+    if summary.get("ground_truth"):
+        lines += ground_truth.format_lines(summary["ground_truth"])
     if t["scoring_images_per_s"]:
         per_stage = ", ".join(f"{k} {v:.0f}/s" for k, v in t["per_stage_images_per_worker_s"].items() if v)
         lines.append(f"throughput: {t['scoring_images_per_s']:.1f} images/s scoring, "

@@ -1,226 +1,513 @@
-"""The batch job's input: which shards there are, and the raw rows of each.
+"""The batch job's input: every object under it, the shards, and the raw rows of each.
 
-- Planning: :func:`plan_shards` turns an input prefix (local folder or ``s3://``) into
-  *shards*, the unit of reading and of resume: each tar file is one shard (WebDataset layout,
-  ``key.jpg`` beside an optional ``key.json``), and loose files are grouped, in sorted order,
-  ``files_per_shard`` at a time; :func:`plan_digest` fingerprints a plan so a resume can check
-  that the input is unchanged.
-- Reading: :func:`read_shard` yields one raw row per input (bytes, key, uri, sidecar metadata);
-  a file that cannot be read is still a row, with ``read_error`` set.
-- Identity: :func:`attach_identity` gives each row its image id, source and timestamp from the
-  manifest (:mod:`twostream.batch.manifest`), else from the sidecar JSON, else ``key``/``unknown``/0.
+Planning (:func:`plan_input`) lists every object under the input prefix (local folder or
+``s3://``) and makes each one an :class:`Entry`, the promise of exactly one output row:
+
+- **Keys** are full names, extension included: a loose file's path relative to the input
+  (``loose/a.b.jpg``), a tar member's name inside its tar. Keys never collide (``a.jpg``,
+  ``a.png`` and ``a.b.jpg`` are three rows); a name that is not valid UTF-8 is rendered with its
+  bytes ``%XX``-escaped and becomes an error row.
+- **Sidecars**: ``X.json`` beside ``X`` (``a.jpg.json``), else ``S.json`` beside the one file
+  whose name is ``S`` plus one extension (``a.json`` beside ``a.jpg``), in the same folder (or
+  tar), carries ``image_id``/``source``/``timestamp`` for that file and is no row of its own. A
+  ``.json`` that no file takes (an orphan), or that two files would take (``a.json`` beside
+  ``a.jpg`` and ``a.png``), is an error row.
+- **Links are never followed**: a symbolic link (local walk with ``os.scandir``/``lstat``, since
+  pyarrow's local listing follows links and loops), a tar's symlink or hard-link member, a
+  device, FIFO or socket: an error row each. Directories (and S3 folder markers) are not objects.
+- **Tars** (``*.tar``) are read for their member headers at planning (seeking over the data, so
+  the plan knows every member, its offset and size); a damaged region is skipped to the next
+  valid header, each damaged region is one error row, members after it are read as usual, and a
+  member cut off by the end of the file is an error row.
+
+A :class:`Shard` (a tar, or ``files_per_shard`` loose files in name order) is the unit of
+resume; it is read in :func:`work_units` of at most ``rows_per_task`` entries (a big tar is read
+by several tasks, each seeking to its members). :func:`read_unit` yields one raw row per entry
+(bytes, sidecar metadata, or the reason it cannot be read); :func:`attach_identity` gives each
+row its image id, source and timestamp: the manifest row matched at planning
+(:func:`twostream.batch.manifest.match`), else the sidecar, else key/``unknown``/0.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import posixpath
+import stat
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+
 from twostream import storage
-from twostream.batch.manifest import UNKNOWN_SOURCE, ManifestIndex
+from twostream.batch.manifest import UNKNOWN_SOURCE, Match, match, parse_timestamp
 
 TAR_SUFFIXES = (".tar",)
 SIDECAR_SUFFIX = ".json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_BLOCK = tarfile.BLOCKSIZE
+
+
+class InputError(ValueError):
+    """The input is missing, empty or cannot be listed; the message says which."""
+
+
+@dataclass
+class Entry:
+    """One listed object: the promise of exactly one output row."""
+
+    key: str
+    uri: str
+    size: int = 0
+    stamp: str = ""  # loose files: mtime (ns); tar members: their tar's stamp is the shard's
+    offset: int = -1  # tar members: where their data starts
+    sidecar: list | None = None  # [name, uri, offset, size] of the sidecar travelling with it
+    error: str | None = None  # known at planning: why this object cannot be scored
+    ident: list | None = None  # [image_id, source, timestamp] from the manifest (set by the job)
 
 
 @dataclass
 class Shard:
-    """One unit of reading and of resume."""
+    """One unit of resume: a tar, or a group of loose files; ``entries`` are its rows in order."""
 
     shard_id: str
     kind: str  # "tar" | "files"
-    uris: list[str] = field(default_factory=list)  # the tar, or the loose files (+ sidecars)
+    uri: str = ""  # the tar
+    stamp: str = ""  # the tar's size and mtime
+    entries: list[Entry] = field(default_factory=list)
+    listed: int = 0  # objects listed: entries + sidecars that travel with one + directories
+    directories: int = 0
+    sidecars: int = 0  # sidecars travelling with their file (no row of their own)
+    first: int = 0  # a work unit: row number of entries[0] in its shard
+    total: int = -1  # a work unit: rows of its whole shard
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "Shard":
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        data["entries"] = [Entry(**e) for e in data["entries"]]
+        return cls(**data)
 
 
-def _relative(base: str, uri: str) -> str:
-    base_path = storage.filesystem(base)[1]
-    path = storage.filesystem(uri)[1]
-    rel = posixpath.relpath(path.replace("\\", "/"), base_path.replace("\\", "/"))
-    return path.rsplit("/", 1)[-1] if rel in (".", "") else rel
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+def escape_name(raw: bytes) -> str:
+    """Bytes of a file name -> text: valid UTF-8 as is, else every byte outside printable ASCII
+    (and ``%``) as ``%XX``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if 0x20 < b < 0x7F and b != 0x25 else f"%{b:02X}" for b in raw)
 
 
-def _strip_ext(name: str) -> str:
-    head, _, tail = name.rpartition("/")
-    stem = tail.split(".", 1)[0] if not tail.startswith(".") else tail
-    return f"{head}/{stem}" if head else stem
+def _bad_name(raw: bytes) -> str | None:
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        return f"file name is not valid UTF-8 (shown %XX-escaped): {raw!r}"
 
 
 def _safe_id(text: str) -> str:
     cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-    return f"{cleaned[:80]}-{zlib.crc32(text.encode()):08x}"
+    return f"{cleaned[:80]}-{zlib.crc32(text.encode('utf-8', 'surrogateescape')):08x}"
 
 
-def plan_shards(input_uri: str, files_per_shard: int = 256) -> list[Shard]:
-    """Shards of the input, in a stable order (same input, same plan).
+def _unique(entries: list[Entry]) -> None:
+    """Escaped names could meet a real name: the later one gets ``~N`` (keys stay unique)."""
+    seen: set[str] = set()
+    for entry in entries:
+        key, n = entry.key, 1
+        while key in seen:
+            n += 1
+            key = f"{entry.key}~{n}"
+        if key != entry.key:
+            entry.error = entry.error or f"name {entry.key!r} is taken by another object"
+            entry.key = key
+        seen.add(key)
 
-    Hidden files and names starting with ``_`` are skipped; ``*.json`` are sidecars (they
-    travel with the file of the same key); every other file is an input, whatever its
-    extension, so a stray non-image becomes an error row instead of vanishing.
-    """
-    files = storage.list_files(input_uri)
-    tars, loose, sidecars = [], [], set()
-    for uri in files:
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")):
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Object:
+    key: str
+    uri: str
+    size: int = 0
+    stamp: str = ""
+    error: str | None = None
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _walk_local(root: str) -> tuple[list[_Object], int]:
+    """Every object under a local folder, links not followed; (objects, directories)."""
+    base = os.fsencode(root)
+    objects: list[_Object] = []
+    directories = 0
+    stack = [b""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(os.path.join(base, rel_dir) if rel_dir else base) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            objects.append(_Object(escape_name(rel_dir), os.fsdecode(os.path.join(base, rel_dir)),
+                                   error=f"cannot list folder: {exc.strerror or exc}"))
             continue
-        lower = name.lower()
-        if lower.endswith(TAR_SUFFIXES):
-            tars.append(uri)
-        elif lower.endswith(SIDECAR_SUFFIX):
-            sidecars.add(uri)
+        for item in items:
+            rel = os.path.join(rel_dir, item.name) if rel_dir else item.name
+            key = escape_name(rel)
+            path = os.path.join(base, rel)
+            uri = os.path.join(root, key)  # for a name that is not UTF-8: the escaped name
+            try:
+                info = item.stat(follow_symlinks=False)
+            except OSError as exc:
+                objects.append(_Object(key, uri, error=f"cannot stat: {exc.strerror or exc}"))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                directories += 1
+                stack.append(rel)
+                continue
+            error = _bad_name(rel)
+            if stat.S_ISLNK(info.st_mode):
+                try:
+                    target = escape_name(os.readlink(path))
+                except OSError:
+                    target = "?"
+                error = f"symbolic link to {target!r}: links are not followed"
+            elif not stat.S_ISREG(info.st_mode):
+                error = f"not a regular file ({_kind_of(info.st_mode)})"
+            objects.append(_Object(key, uri, info.st_size, str(info.st_mtime_ns), error))
+    objects.sort(key=lambda o: o.key)
+    return objects, directories
+
+
+def _list_objects(input_uri: str) -> tuple[list[_Object], int]:
+    """Every object under the input, sorted by key; (objects, directories)."""
+    fs, path = storage.filesystem(input_uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input not found: {input_uri}")
+    if info.type == pafs.FileType.File:
+        name = path.rsplit("/", 1)[-1]
+        return [_Object(name, str(input_uri), info.size or 0, str(info.mtime_ns or ""))], 0
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _walk_local(path)
+    objects, directories = [], 0
+    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if item.type == pafs.FileType.Directory:
+            directories += 1
+            continue
+        rel = posixpath.relpath(item.path, path)
+        objects.append(_Object(rel, storage.S3_PREFIX + item.path, item.size or 0, str(item.mtime_ns or "")))
+    objects.sort(key=lambda o: o.key)
+    return objects, directories
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecars
+# ---------------------------------------------------------------------------------------------
+def _pair_sidecars(keys: Sequence[str], usable: Sequence[bool]) -> tuple[dict[int, int], dict[int, str]]:
+    """Which sidecar each file takes (file index -> sidecar index) and why the other ``.json``
+    are rows of their own (sidecar index -> error); see the module docstring."""
+    index = {k: i for i, k in enumerate(keys)}
+    is_sidecar = [u and k.lower().endswith(SIDECAR_SUFFIX) for k, u in zip(keys, usable)]
+    claims: dict[int, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        if is_sidecar[i]:
+            continue
+        exact = index.get(key + SIDECAR_SUFFIX)
+        if exact is not None and is_sidecar[exact]:
+            claims[exact].append(i)
+            continue
+        head, _, tail = key.rpartition("/")
+        if "." in tail.lstrip("."):
+            by_stem = index.get((f"{head}/" if head else "") + tail[: tail.rindex(".")] + SIDECAR_SUFFIX)
+            if by_stem is not None and is_sidecar[by_stem]:
+                claims[by_stem].append(i)
+    taken, errors = {}, {}
+    for s, ok in enumerate(is_sidecar):
+        if not ok:
+            continue
+        owners = claims.get(s, [])
+        if len(owners) == 1:
+            taken[owners[0]] = s
+        elif owners:
+            names = ", ".join(keys[i] for i in owners)
+            errors[s] = f"ambiguous sidecar: {len(owners)} files could take it ({names}); name it <file>.json"
         else:
-            loose.append(uri)
-    shards = [Shard(_safe_id("tar-" + _relative(input_uri, t)), "tar", [t]) for t in tars]
-    for start in range(0, len(loose), files_per_shard):
-        chunk = loose[start : start + files_per_shard]
-        with_sidecars = []
-        for uri in chunk:
-            with_sidecars.append(uri)
-            sidecar = _strip_ext_uri(uri) + SIDECAR_SUFFIX
-            if sidecar in sidecars:
-                with_sidecars.append(sidecar)
-        shards.append(Shard(f"files-{start // files_per_shard:06d}", "files", with_sidecars))
-    return shards
+            errors[s] = "sidecar without its file (orphan): no file named like it without .json or .<ext>.json"
+    return taken, errors
 
 
-def _strip_ext_uri(uri: str) -> str:
-    head, _, tail = uri.rpartition("/")
-    return f"{head}/{tail.split('.', 1)[0]}" if head else tail.split(".", 1)[0]
+def _entries(objects: Sequence[_Object], uri_of, sidecar_of) -> tuple[list[Entry], int]:
+    """Objects of one folder tree or tar -> entries (sidecars attached); (entries, sidecars attached)."""
+    keys = [o.key for o in objects]
+    taken, errors = _pair_sidecars(keys, [o.error is None for o in objects])
+    attached = set(taken.values())
+    entries = []
+    for i, obj in enumerate(objects):
+        if i in attached:
+            continue
+        entry = Entry(obj.key, uri_of(obj), obj.size, obj.stamp, getattr(obj, "offset", -1),
+                      error=obj.error or errors.get(i))
+        if i in taken:
+            entry.sidecar = sidecar_of(objects[taken[i]])
+        entries.append(entry)
+    return entries, len(attached)
 
 
-def plan_digest(shards: Sequence[Shard]) -> str:
-    """A digest of the plan, recorded in the output so a resume checks the input is unchanged."""
-    h = hashlib.sha256()
+# ---------------------------------------------------------------------------------------------
+# Tars
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Member(_Object):
+    offset: int = -1
+
+
+def _member_error(info: tarfile.TarInfo) -> str | None:
+    if info.issym():
+        return f"symbolic link member (to {info.linkname!r}): links are not followed"
+    if info.islnk():
+        return f"hard link member (to {info.linkname!r}): links are not followed"
+    if info.ischr() or info.isblk() or info.isfifo():
+        kind = "character device" if info.ischr() else "block device" if info.isblk() else "FIFO"
+        return f"not a regular file ({kind} member)"
+    if info.issparse():
+        return "sparse tar member: not supported"
+    if not info.isreg():
+        return f"unsupported tar member type {info.type!r}"
+    return None
+
+
+def _nonzero(handle, start: int, end: int) -> bool:
+    """Whether bytes [start, end) of a seekable file hold anything but zeros."""
+    handle.seek(start)
+    left = end - start
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 20))
+        if not chunk:
+            return False
+        if chunk.strip(b"\0"):
+            return True
+        left -= len(chunk)
+    return False
+
+
+def index_tar(uri: str) -> tuple[list[_Member], int]:
+    """Every member of a tar (headers only, seeking over the data); (members, directories).
+
+    Damaged regions (bytes with no valid header where one is due) are skipped to the next valid
+    header (``ignore_zeros``) and each becomes one error member; a member whose data the file
+    cuts off is an error member. Members are not sorted: their order in the tar."""
+    fs, path = storage.filesystem(uri)
+    name = path.rsplit("/", 1)[-1]
+    members: list[_Member] = []
+    directories = 0
+
+    def damaged(start: int, end: int, why: str) -> None:
+        members.append(_Member(f"{name}#damaged@{start}", uri, end - start,
+                               error=f"damaged tar: bytes {start}-{end} {why}; any member stored there is lost"))
+
+    with fs.open_input_file(path) as handle:
+        size = handle.size()
+        expected = 0  # where the next header should start
+        try:
+            with tarfile.open(fileobj=handle, mode="r:", ignore_zeros=True) as tar:
+                for info in tar:
+                    if info.offset > expected and _nonzero(handle, expected, info.offset):
+                        damaged(expected, info.offset, "hold no valid member header")
+                    data_end = info.offset_data + (info.size if info.isreg() else 0)
+                    expected = info.offset_data + (-(-info.size // _BLOCK) * _BLOCK if info.isreg() else 0)
+                    raw = info.name.encode("utf-8", "surrogateescape")
+                    if info.isdir():
+                        directories += 1
+                        continue
+                    error = _bad_name(raw) or _member_error(info)
+                    if error is None and data_end > size:
+                        error = f"truncated tar member: {max(size - info.offset_data, 0)} of {info.size} bytes present"
+                    members.append(_Member(escape_name(raw), f"{uri}#{escape_name(raw)}", info.size,
+                                           error=error, offset=info.offset_data))
+        except (tarfile.TarError, EOFError) as exc:
+            if size == 0:
+                members.append(_Member(name, uri, 0, error="empty file (0 bytes), not a tar"))
+            elif expected < size:  # (at or past the end: the last member is the truncated one)
+                damaged(expected, size, f"cannot be read as tar ({exc})")
+            return members, directories
+        end = min(expected, size)
+        if end < size and _nonzero(handle, end, size):
+            damaged(end, size, "hold no valid member header")
+    return members, directories
+
+
+def _tar_shard(obj: _Object) -> Shard:
+    shard = Shard(_safe_id("tar-" + obj.key), "tar", obj.uri, f"{obj.size}:{obj.stamp}")
+    try:
+        members, shard.directories = index_tar(obj.uri)
+    except OSError as exc:
+        members = [_Member(obj.key, obj.uri, obj.size, error=f"cannot read tar: {exc}")]
+    # Members of a tar are ordered as stored; a name stored twice is two rows (``~2``).
+    shard.entries, shard.sidecars = _entries(
+        members, lambda m: m.uri, lambda m: [m.key, m.uri, m.offset, m.size])
+    _unique(shard.entries)
+    shard.listed = len(members) + shard.directories
+    return shard
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """The shards of an input, plus the folders listed on the way (not objects, no rows)."""
+
+    shards: list[Shard]
+    folders: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows the job owes: one per entry."""
+        return sum(len(s.entries) for s in self.shards)
+
+
+def plan_input(input_uri: str, files_per_shard: int = 256) -> Plan:
+    """Every object of the input in shards, in a stable order (same input, same plan); raises
+    :class:`InputError` for a missing or empty input."""
+    objects, folders = _list_objects(input_uri)
+    if not objects:
+        raise InputError(f"input holds no files: {input_uri}")
+    is_tar = [o.error is None and o.key.lower().endswith(TAR_SUFFIXES) for o in objects]
+    shards = [_tar_shard(o) for o, t in zip(objects, is_tar) if t]
+    entries, _ = _entries([o for o, t in zip(objects, is_tar) if not t],
+                          lambda o: o.uri, lambda o: [o.key, o.uri, -1, o.size])
+    _unique(entries)
+    for start in range(0, len(entries), files_per_shard):
+        chunk = entries[start : start + files_per_shard]
+        attached = sum(e.sidecar is not None for e in chunk)
+        shards.append(Shard(f"files-{start // files_per_shard:06d}", "files", entries=chunk,
+                            listed=len(chunk) + attached, sidecars=attached))
+    return Plan(shards, folders)
+
+
+def attach_manifest(plan: Plan, table: pa.Table | None) -> Match:
+    """Give each entry its manifest row's identity (:func:`twostream.batch.manifest.match`);
+    returns the match (rows no input matched, for the summary)."""
+    entries = [e for s in plan.shards for e in s.entries]
+    found = match(table, [e.key for e in entries], [e.uri for e in entries])
+    if table is not None:
+        columns = [table.column(name).to_pylist() for name in ("image_id", "source", "timestamp")]
+        for entry, row in zip(entries, found.rows):
+            if row >= 0:
+                entry.ident = [column[row] for column in columns]
+    return found
+
+
+def work_units(shards: Sequence[Shard], rows_per_task: int) -> list[Shard]:
+    """The shards cut into read tasks of at most ``rows_per_task`` entries (``first``/``total``
+    say where each sits in its shard)."""
+    units = []
     for shard in shards:
-        h.update(shard.to_json().encode())
-        h.update(b"\n")
-    return h.hexdigest()
+        total = len(shard.entries)
+        for start in range(0, max(total, 1), rows_per_task):
+            units.append(Shard(shard.shard_id, shard.kind, shard.uri, shard.stamp,
+                               shard.entries[start : start + rows_per_task], first=start, total=total))
+    return units
 
 
-def _parse_sidecar(data: bytes) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def _parse_sidecar(data: bytes, name: str) -> tuple[dict[str, Any], str | None]:
     try:
         meta = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {}, f"sidecar {name} is not valid JSON: {exc}"
+    if not isinstance(meta, dict):
+        return {}, f"sidecar {name} is not a JSON object"
+    return meta, None
 
 
-def _raw_row(key: str, uri: str, data: bytes | None, meta: dict, error: str | None) -> dict:
-    return {"key": key, "uri": uri, "data": data or b"", "meta": json.dumps(meta) if meta else "",
-            "read_error": error}
+def _read_range(handle, offset: int, size: int) -> bytes:
+    handle.seek(offset)
+    data = handle.read(size)
+    if len(data) != size:
+        raise OSError(f"truncated: {len(data)} of {size} bytes")
+    return data
 
 
-def _group_members(members: Iterable[tuple[str, bytes | None, str | None]]) -> Iterator[tuple[str, list]]:
-    groups: dict[str, list] = {}
-    for name, data, error in members:
-        groups.setdefault(_strip_ext(name), []).append((name, data, error))
-    yield from groups.items()
-
-
-def _rows_from_group(key: str, entries: list, uri_of) -> list[dict]:
-    meta: dict = {}
-    inputs = []
-    for name, data, error in entries:
-        if name.lower().endswith(SIDECAR_SUFFIX) and error is None:
-            meta = _parse_sidecar(data or b"")
-        else:
-            inputs.append((name, data, error))
-    if not inputs:  # a sidecar without its image: the image is missing, say so
-        return [_raw_row(key, uri_of(entries[0][0]), None, meta, "sidecar without an image file")]
-    images = [e for e in inputs if e[0].lower().endswith(IMAGE_SUFFIXES)]
-    primary = images[0] if images else inputs[0]
-    rows = [_raw_row(key, uri_of(primary[0]), primary[1], meta, primary[2])]
-    # Several image files under one key (e.g. key.jpg and key.png): each is an input of its own.
-    for name, data, error in images[1:]:
-        rows.append(_raw_row(_strip_ext(name) + "." + name.rsplit(".", 1)[-1], uri_of(name), data, meta, error))
-    return rows
-
-
-def read_shard(shard: Shard, input_uri: str, max_bytes: int | None = None) -> list[dict]:
-    """Raw rows (key, uri, data, meta, read_error) of one shard, in a stable order."""
-    if shard.kind == "tar":
-        return _read_tar(shard.uris[0], max_bytes)
-    members = []
-    for uri in shard.uris:
-        rel = _relative(input_uri, uri)
-        try:
-            fs, path = storage.filesystem(uri)
-            if max_bytes is not None and fs.get_file_info(path).size > max_bytes:
-                size = fs.get_file_info(path).size
-                members.append((rel, None, f"file too large: {size} bytes > limit {max_bytes}"))
-                continue
-            members.append((rel, storage.read_bytes(uri), None))
-        except OSError as exc:
-            members.append((rel, None, f"cannot read: {exc}"))
-    rows = []
-    for key, entries in _group_members(members):
-        rows.extend(_rows_from_group(key, entries, lambda name: storage.join(input_uri, name)))
-    return rows
-
-
-def _read_tar(uri: str, max_bytes: int | None) -> list[dict]:
-    members: list[tuple[str, bytes | None, str | None]] = []
-    failure = None
+def read_unit(unit: Shard, max_bytes: int) -> Iterator[dict]:
+    """One raw row per entry of a work unit, in order: ``key``, ``uri``, ``row`` (in its shard),
+    ``data``, ``meta`` (the sidecar's dict), ``ident``, ``read_error``."""
+    tar = None
     try:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = info.name.rsplit("/", 1)[-1]
-                if base.startswith((".", "_")):
-                    continue
-                if max_bytes is not None and info.size > max_bytes:
-                    members.append((info.name, None, f"file too large: {info.size} bytes > limit {max_bytes}"))
-                    continue
-                try:
-                    handle = tar.extractfile(info)
-                    data = handle.read() if handle else b""
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"member truncated ({len(data)} of {info.size} bytes)")
-                    members.append((info.name, data, None))
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    members.append((info.name, None, f"cannot read tar member: {exc}"))
-                    failure = exc
-                    break
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        failure = exc
-    rows = []
-    for key, entries in _group_members(members):
-        rows.extend(_rows_from_group(key, entries, lambda name: f"{uri}#{name}"))
-    if failure is not None and not any(r["read_error"] for r in rows):
-        # The tar itself is damaged beyond its last good member: one row says so.
-        rows.append(_raw_row(f"{_strip_ext(uri.rsplit('/', 1)[-1])}#damaged", uri, None, {},
-                             f"corrupt or truncated tar shard: {failure}"))
-    return rows
+        if unit.kind == "tar" and any(e.error is None for e in unit.entries):
+            fs, path = storage.filesystem(unit.uri)
+            tar = fs.open_input_file(path)
+        for k, entry in enumerate(unit.entries):
+            row = {"key": entry.key, "uri": entry.uri, "row": unit.first + k, "data": b"", "meta": {},
+                   "ident": entry.ident, "read_error": entry.error}
+            if entry.error is None:
+                row["data"], row["meta"], row["read_error"] = _read_entry(entry, tar, max_bytes)
+            yield row
+    finally:
+        if tar is not None:
+            tar.close()
 
 
-def attach_identity(rows: list[dict], manifest: ManifestIndex) -> list[dict]:
-    """Set image_id, source and timestamp: manifest first, then the sidecar, then defaults."""
-    ids, sources, stamps, matched = manifest.lookup([r["key"] for r in rows], [r["uri"] for r in rows])
-    for row, image_id, source, stamp, hit in zip(rows, ids, sources, stamps, matched):
-        meta = json.loads(row["meta"]) if row.get("meta") else {}
-        if hit:
-            row.update(image_id=image_id, source=source, timestamp=stamp)
-            continue
-        row["image_id"] = str(meta.get("image_id") or meta.get("id") or row["key"])
-        row["source"] = str(meta.get("source") or meta.get("source_id") or UNKNOWN_SOURCE)
+def _read_entry(entry: Entry, tar, max_bytes: int) -> tuple[bytes, dict, str | None]:
+    if entry.size > max_bytes:
+        return b"", {}, f"file too large: {entry.size} bytes > limit {max_bytes}"
+    try:
+        if tar is not None:
+            data = _read_range(tar, entry.offset, entry.size)
+        else:
+            data = storage.read_bytes(entry.uri)
+            if len(data) != entry.size:
+                return b"", {}, f"changed since planning: {len(data)} bytes, listed with {entry.size}"
+    except OSError as exc:
+        return b"", {}, f"cannot read: {exc}"
+    meta: dict = {}
+    if entry.sidecar is not None and entry.ident is None:  # the manifest, when it matched, wins
+        name, uri, offset, size = entry.sidecar
         try:
-            row["timestamp"] = float(meta.get("timestamp") or 0.0)
-        except (TypeError, ValueError):
-            row["timestamp"] = 0.0
-    return rows
+            raw = _read_range(tar, offset, size) if tar is not None else storage.read_bytes(uri)
+        except OSError as exc:
+            return b"", {}, f"cannot read sidecar {name}: {exc}"
+        meta, error = _parse_sidecar(raw, name)
+        if error:
+            return b"", {}, error
+    return data, meta, None
+
+
+def attach_identity(row: dict) -> dict:
+    """Set ``image_id``, ``source`` and ``timestamp``: the manifest's, else the sidecar's, else
+    key/``unknown``/0. A sidecar timestamp that does not parse makes the row an error."""
+    if row["ident"] is not None:
+        row["image_id"], row["source"], row["timestamp"] = row["ident"][0], row["ident"][1], float(row["ident"][2])
+        return row
+    meta = row["meta"]
+    row["image_id"] = str(meta.get("image_id") or meta.get("id") or row["key"])
+    row["source"] = str(meta.get("source") or meta.get("source_id") or UNKNOWN_SOURCE)
+    row["timestamp"] = 0.0
+    stamp = meta.get("timestamp")
+    if stamp not in (None, ""):
+        try:
+            row["timestamp"] = parse_timestamp(stamp)
+        except ValueError as exc:
+            row["read_error"] = row["read_error"] or f"sidecar: {exc}"
+    return row

@@ -1,10 +1,15 @@
 """The batch job's phase-1 stages, Ray-free, each taking and returning a pyarrow table:
 
-1. :func:`read_decode` - shards -> one row per input: identity columns, decoded pixels or the
-   error (:data:`DECODED_SCHEMA`).
+1. :func:`read_decode` - a work unit (part of a shard) -> one row per entry: identity columns and
+   each stream's *prepared input* (:func:`~twostream.core.scoring.prepare`, the function the
+   library's ``Scorer`` uses: the H-Net's resized tensor at its input size, the L-Net's 32x32),
+   or the error (:data:`DECODED_SCHEMA`). Images are decoded one at a time and only their
+   prepared inputs are kept, so a task holds one full-resolution image at most; it yields a
+   block whenever ``job.decode_batch_size`` rows or ``job.decode_bytes_per_batch`` bytes of
+   prepared input are ready. Full-resolution pixels never leave the task.
 2. :class:`StreamStage` - one stream (built in ``__init__`` through
-   :class:`~twostream.core.scoring.StreamScorer``) adds its top-k columns for every row, zeros
-   where the row has an error; the low stage drops the pixels.
+   :class:`~twostream.core.scoring.StreamScorer``) adds its top-k columns for every row from its
+   prepared input (dropped after), zeros where the row has an error.
 3. :func:`compare` - Algorithm 1 through :func:`~twostream.core.results.score_rows` into
    staging rows (:data:`~twostream.batch.outputs.STAGING_SCHEMA`).
 
@@ -17,21 +22,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from twostream.batch.manifest import ManifestIndex
 from twostream.batch.outputs import staging_table
-from twostream.batch.planning import Shard, attach_identity, read_shard
-from twostream.core.config import LimitsConfig, TwoStreamConfig
+from twostream.batch.planning import Shard, attach_identity, read_unit
+from twostream.core.config import TwoStreamConfig
 from twostream.core.results import score_rows
-from twostream.core.scoring import StreamScorer, decode_many, scatter_topk, use_threads
+from twostream.core.scoring import StreamScorer, decode_many, input_spec, prepare, scatter_topk, use_threads
 
 FAULT_CRASH_ACTOR = "TWOSTREAM_FAULT_CRASH_ACTOR_ONCE"  # dir: first high-stream batch kills its actor
+KINDS = ("high", "low")
 
 DECODED_SCHEMA = pa.schema([
     ("shard", pa.string()),
@@ -45,55 +50,54 @@ DECODED_SCHEMA = pa.schema([
     ("error", pa.string()),  # why the input cannot be scored, else null
     ("height", pa.int32()),  # decoded size, null on error
     ("width", pa.int32()),
-    ("pixels", pa.large_binary()),  # (height, width, 3) uint8 RGB, empty on error
+    ("high_input", pa.large_binary()),  # prepared H-Net input, (3, h, w) float32; empty on error
+    ("low_input", pa.large_binary()),  # prepared L-Net input, (3, h, w) float32; empty on error
     ("t_read_ms", pa.float64()),
     ("t_decode_ms", pa.float64()),
 ])
-_IDENTITY = ("image_id", "key", "uri", "source", "timestamp")
+_IDENTITY = ("row", "image_id", "key", "uri", "source", "timestamp")
 _PASSED_ON = ("shard_total", "t_read_ms", "t_decode_ms", "t_high_ms", "t_low_ms")  # kept by compare
 
 
-def read_decode(shards: Sequence[Shard], input_uri: str, index: ManifestIndex, limits: LimitsConfig) -> pa.Table:
-    """Read each shard, give its rows their identity and decode them (:data:`DECODED_SCHEMA`)."""
+def read_decode(unit: Shard, config: TwoStreamConfig) -> Iterator[pa.Table]:
+    """Read a work unit's entries, give them their identity, decode and prepare them one by one;
+    yields :data:`DECODED_SCHEMA` blocks bounded by rows and by prepared bytes."""
+    specs = {kind: input_spec(config, kind) for kind in KINDS}
+    rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
-    for shard in shards:
-        t0 = time.perf_counter()
-        rows = attach_identity(read_shard(shard, input_uri, limits.max_bytes), index)
+    held = 0
+    t0 = time.perf_counter()
+    for row in read_unit(unit, config.limits.max_bytes):
+        attach_identity(row)
         t1 = time.perf_counter()
-        readable = [k for k, r in enumerate(rows) if r["read_error"] is None]
-        images, errors = decode_many([rows[k]["data"] for k in readable], limits)
+        error, size, prepared = row["read_error"], (None, None), {kind: b"" for kind in KINDS}
+        if error is None:
+            images, errors = decode_many([row.pop("data")], config.limits)
+            error = errors[0]
+            if images[0] is not None:
+                size = images[0].shape[:2]
+                prepared = {kind: prepare(specs[kind], images).numpy().tobytes() for kind in KINDS}
+            del images
         t2 = time.perf_counter()
-        decoded: list[np.ndarray | None] = [None] * len(rows)
-        reason = [r["read_error"] for r in rows]
-        for k, image, error in zip(readable, images, errors):
-            decoded[k], reason[k] = image, error
-        n = max(len(rows), 1)
-        for k, (row, image) in enumerate(zip(rows, decoded)):
-            out["shard"].append(shard.shard_id)
-            out["shard_total"].append(len(rows))
-            out["row"].append(k)
-            for name in _IDENTITY:
-                out[name].append(row[name])
-            out["error"].append(reason[k])
-            out["height"].append(int(image.shape[0]) if image is not None else None)
-            out["width"].append(int(image.shape[1]) if image is not None else None)
-            out["pixels"].append(image.tobytes() if image is not None else b"")
-            out["t_read_ms"].append((t1 - t0) * 1e3 / n)
-            out["t_decode_ms"].append((t2 - t1) * 1e3 / n)
-    return pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
-
-
-def _images(table: pa.Table) -> tuple[list[int], list[np.ndarray]]:
-    """The rows with decoded pixels, and their (H, W, 3) arrays."""
-    heights = table.column("height").to_pylist()
-    widths = table.column("width").to_pylist()
-    pixels = table.column("pixels")
-    good, images = [], []
-    for k, (h, w) in enumerate(zip(heights, widths)):
-        if h is not None:
-            good.append(k)
-            images.append(np.frombuffer(pixels[k].as_buffer(), np.uint8).reshape(h, w, 3).copy())
-    return good, images
+        out["shard"].append(unit.shard_id)
+        out["shard_total"].append(unit.total)
+        for name in _IDENTITY:
+            out[name].append(row[name])
+        out["error"].append(error)
+        out["height"].append(size[0])
+        out["width"].append(size[1])
+        for kind in KINDS:
+            out[f"{kind}_input"].append(prepared[kind])
+        out["t_read_ms"].append((t1 - t0) * 1e3)
+        out["t_decode_ms"].append((t2 - t1) * 1e3)
+        held += sum(len(v) for v in prepared.values())
+        if len(out["row"]) >= rows_cap or held >= bytes_cap:
+            yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+            out = {name: [] for name in DECODED_SCHEMA.names}
+            held = 0
+        t0 = time.perf_counter()
+    if out["row"]:
+        yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
 
 
 def _topk_column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -108,7 +112,7 @@ def _topk_matrix(table: pa.Table, name: str, k: int) -> np.ndarray:
 
 
 class StreamStage:
-    """One stream's actor: its own resize + forward + top-k for the decoded rows of a table."""
+    """One stream's actor: forward + top-k of the prepared inputs of a table's rows."""
 
     def __init__(self, config: TwoStreamConfig, kind: Literal["high", "low"]) -> None:
         self.config = config
@@ -117,6 +121,14 @@ class StreamStage:
         torch.manual_seed(0)  # `random` weights (tests, benchmarks): the same in every actor
         self.scorer = StreamScorer(config, kind)
         self.calls = 0
+
+    def _prepared(self, table: pa.Table) -> tuple[list[int], torch.Tensor]:
+        """The rows with a prepared input for this stream, and those inputs as one (N, 3, h, w) batch."""
+        h, w = self.scorer.stream.spec.size
+        column = table.column(f"{self.kind}_input")
+        good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
+        flat = np.frombuffer(b"".join(column[k].as_py() for k in good), np.float32)
+        return good, torch.from_numpy(flat.copy()).view(len(good), 3, h, w)
 
     def _maybe_crash(self) -> None:
         """Fault injection (tests): with ``$TWOSTREAM_FAULT_CRASH_ACTOR_ONCE`` set, the high
@@ -133,14 +145,13 @@ class StreamStage:
         self.calls += 1
         self._maybe_crash()
         t0 = time.perf_counter()
-        good, images = _images(table)
-        idx, prob = scatter_topk(table.num_rows, good, *self.scorer.topk(images))
+        good, batch = self._prepared(table)
+        idx, prob = scatter_topk(table.num_rows, good, *self.scorer.topk_prepared(batch))
         elapsed = (time.perf_counter() - t0) * 1e3 / max(table.num_rows, 1)
+        table = table.drop_columns([f"{self.kind}_input"])
         table = table.append_column(f"{self.kind}_idx", _topk_column(idx, pa.int32()))
         table = table.append_column(f"{self.kind}_prob", _topk_column(prob, pa.float32()))
         table = table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))
-        if self.kind == "low":
-            table = table.drop_columns(["pixels"])
         if self.config.job.shuffle_stream_output:
             order = np.random.default_rng(self.calls + os.getpid()).permutation(table.num_rows)
             table = table.take(pa.array(order))

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from jobs.ray_cluster import connect
-    from jobs.score import run_job
+    from jobs.score import USER_ERRORS, run_job
     from twostream.batch.outputs import format_summary
     from twostream.cli import config_from_args
 
@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
             input_uri, manifest = "s3://twostream-demo/uploads", "s3://twostream-demo/manifest.csv"
             output = args.output or os.path.join("out", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
         connect(args.address)
-        summary = run_job(cfg, input_uri, output, manifest, progress=not args.no_progress)
+        try:
+            summary = run_job(cfg, input_uri, output, manifest, progress=not args.no_progress)
+        except USER_ERRORS as exc:
+            print(f"twostream score: {exc}", file=sys.stderr)
+            return 2
         print(format_summary(summary))
         return 0
     finally:

@@ -98,7 +98,9 @@ class LimitsConfig(_Strict):
     """Input limits against oversized files and decompression bombs."""
 
     max_bytes: int = Field(50 * 1024 * 1024, gt=0, description="largest accepted file")
-    max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height")
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="largest accepted width*height (the only pixel limit: Pillow's own is off)")
+    min_side: int = Field(8, gt=0, description="smallest accepted width and height, px (smaller: an error row)")
 
 
 class ServeSettings(_Strict):
@@ -173,7 +175,11 @@ class JobSettings(_Strict):
     """Settings of the batch job itself (the ``job:`` section of the config)."""
 
     files_per_shard: int = Field(256, gt=0, description="loose files per input shard (unit of resume)")
-    decode_batch_size: int = Field(32, gt=0, description="rows per read/decode task batch")
+    decode_batch_size: int = Field(32, gt=0, description="most rows per block a read/decode task emits")
+    decode_bytes_per_batch: int = Field(
+        64 << 20, gt=0, description="most bytes of prepared stream input per block a read/decode task emits")
+    rows_per_task: int = Field(256, gt=0, description="most inputs one read/decode task reads (a big tar "
+                                                      "shard is split into tasks of this many members)")
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/decode task")
     compare_num_cpus: float = Field(0.25, gt=0, description="CPUs per comparator task")
     reputation_shards: int = Field(4, gt=0, description="stateful reputation actors (by crc32(source))")

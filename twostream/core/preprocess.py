@@ -3,7 +3,10 @@
 Accepts JPEG, PNG, WebP, GIF (first frame), BMP and TIFF. Grayscale, palette, CMYK, alpha
 (composited on white) and 16-bit images become 8-bit RGB; EXIF orientation is applied. The
 file size and pixel count are checked before any pixel is decoded, so a decompression bomb is
-refused cheaply. Every failure is an :class:`ImageDecodeError` whose message says why.
+refused cheaply. ``limits.max_pixels`` is the one pixel limit: Pillow's own
+``Image.MAX_IMAGE_PIXELS`` (a warning above 89M pixels, an error above twice that) is switched off
+when this module is imported, so Pillow neither warns nor refuses an image our limit accepts.
+Every failure is an :class:`ImageDecodeError` whose message says why.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from twostream.core.config import LimitsConfig
+
+# limits.max_pixels, checked in _open_checked before any pixel is decoded, replaces Pillow's limit.
+Image.MAX_IMAGE_PIXELS = None
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}

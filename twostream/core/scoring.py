@@ -2,8 +2,10 @@
 
 Stages, each a plain function so that the Ray job and the Serve app can place them apart:
 
-1. :func:`decode_many` - bytes -> RGB arrays (errors kept per image).
-2. :func:`prepare` - a stream's own differentiable resize, stacked into a batch.
+1. :func:`decode_many` - bytes -> RGB arrays (errors kept per image, ``limits.min_side`` checked).
+2. :func:`prepare` - a stream's own differentiable resize, stacked into a batch: the stream's
+   *prepared input*, the one function for every path (the batch job computes it in its decode
+   tasks with :func:`input_spec` and ships only it to the stream actors, never the pixels).
 3. :func:`stream_topk` - forward pass, softmax, top-k.
 4. :func:`twostream.core.results.score_rows` - Algorithm 1 into a :class:`ScoredBatch`.
 
@@ -13,6 +15,7 @@ from the config); :class:`Scorer` chains all four: ``Scorer(config).score(images
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from twostream.core.config import LimitsConfig, StreamConfig, TwoStreamConfig
-from twostream.core.models import Stream, build_stream
+from twostream.core.models import InputSpec, Stream, build_stream, resize_image
 from twostream.core.preprocess import ImageDecodeError, decode_image, to_tensor01
 from twostream.core.results import ScoredBatch, ScoreResult, score_rows
 
@@ -50,7 +53,8 @@ def decode_many(
 ) -> tuple[list[np.ndarray | None], list[str | None]]:
     """Decode each item (bytes, or an already decoded (H, W, 3) uint8 array, checked).
 
-    A failure becomes ``None`` with its reason instead of an exception.
+    A failure becomes ``None`` with its reason instead of an exception. An image narrower or
+    lower than ``limits.min_side`` is a failure too (nothing to classify; not a reputation event).
     """
     images: list[np.ndarray | None] = []
     errors: list[str | None] = []
@@ -59,9 +63,13 @@ def decode_many(
             if isinstance(item, np.ndarray):
                 if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
                     raise ImageDecodeError(f"expected (H, W, 3) uint8, got {item.shape} {item.dtype}")
-                images.append(item)
+                image = item
             else:
-                images.append(decode_image(bytes(item), limits))
+                image = decode_image(bytes(item), limits)
+            height, width = image.shape[:2]
+            if min(height, width) < limits.min_side:
+                raise ImageDecodeError(f"image too small: {width}x{height} px (limits.min_side = {limits.min_side})")
+            images.append(image)
             errors.append(None)
         except ImageDecodeError as exc:
             images.append(None)
@@ -69,10 +77,26 @@ def decode_many(
     return images, errors
 
 
-def prepare(stream: Stream, images: Sequence[np.ndarray]) -> torch.Tensor:
-    """Resize each RGB image with the stream's own resize and stack: (N, 3, h, w) in [0, 1]."""
+def prepare(spec: InputSpec | Stream, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """A stream's prepared input: each RGB image resized as the stream's :class:`InputSpec` says
+    (``Stream.resize``), stacked: (N, 3, h, w) float32 in [0, 1]."""
+    spec = spec.spec if isinstance(spec, Stream) else spec
     with torch.no_grad():
-        return torch.cat([stream.resize(to_tensor01(image)) for image in images])
+        return torch.cat([resize_image(to_tensor01(image), spec) for image in images])
+
+
+@functools.lru_cache(maxsize=8)
+def _input_spec(kind: str, model: str) -> InputSpec:
+    from twostream.core.config import HighStreamConfig, LowStreamConfig
+
+    section = HighStreamConfig if kind == "high" else LowStreamConfig
+    return build_stream(section(model=model, weights="random"), kind).spec  # the spec is the model's, not its weights'
+
+
+def input_spec(config: TwoStreamConfig, kind: Literal["high", "low"]) -> InputSpec:
+    """The :class:`InputSpec` of a stream's model (what :func:`prepare` needs), without loading
+    its weights; cached per process."""
+    return _input_spec(kind, getattr(config, kind).model)
 
 
 def stream_topk(
@@ -106,7 +130,11 @@ class StreamScorer:
         """(N, k) class indices and probabilities; (0, k) arrays for no image."""
         if not images:
             return np.zeros((0, self.k), np.int64), np.zeros((0, self.k), np.float32)
-        return stream_topk(self.stream, prepare(self.stream, images), self.k, self.config.batch_size, self.device)
+        return self.topk_prepared(prepare(self.stream, images))
+
+    def topk_prepared(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`topk` of images already through :func:`prepare`: (N, 3, h, w) at the stream's size."""
+        return stream_topk(self.stream, batch, self.k, self.config.batch_size, self.device)
 
 
 def scatter_topk(

@@ -1,0 +1,258 @@
+"""Hostile inputs through the batch job's Ray-free input path (planning, reading, decoding):
+damaged and truncated tars, links and loops, colliding names, orphan and ambiguous sidecars,
+names that are not UTF-8, special files, large compressible images, tiny images. Each case checks
+one row per listed object (against a listing written out by hand), each error's reason, the
+accounting, and that nothing crashes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from twostream.batch import outputs, planning, stages
+from twostream.core.config import LimitsConfig, load_config
+
+SMALL = ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
+
+
+def _jpeg(size=(20, 24), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _tar_bytes(members) -> bytes:
+    """members: (name, bytes) regular files, or (name, TarInfo-type, linkname) for the rest."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for member in members:
+            info = tarfile.TarInfo(member[0])
+            if len(member) == 2:
+                info.size = len(member[1])
+                tar.addfile(info, io.BytesIO(member[1]))
+            else:
+                info.type, info.linkname = member[1], member[2]
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def _offsets(data: bytes) -> dict[str, tuple[int, int]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: (m.offset, m.offset_data) for m in tar}
+
+
+def _read(plan, max_bytes=10**9) -> list[dict]:
+    return [planning.attach_identity(r) for u in planning.work_units(plan.shards, 2)
+            for r in planning.read_unit(u, max_bytes)]
+
+
+def _errors(rows) -> dict[str, str | None]:
+    return {r["key"]: r["read_error"] for r in rows}
+
+
+def test_damaged_tar_keeps_the_members_after_the_damage(tmp_path):
+    good = _jpeg()
+    data = _tar_bytes([("k1.jpg", good), ("k1.json", b'{"source": "s1"}'), ("k2.jpg", b"2" * 700),
+                       ("k3.jpg", good), ("k4.jpg", b"4" * 3000)])
+    where = _offsets(data)
+    damaged = bytearray(data)
+    damaged[where["k2.jpg"][0] : where["k2.jpg"][0] + 100] = b"\xff" * 100  # k2's header destroyed
+    cut = where["k4.jpg"][1] + 1000  # k4's data cut off after 1000 of 3000 bytes
+    (tmp_path / "s.tar").write_bytes(bytes(damaged[:cut]))
+    plan = planning.plan_input(str(tmp_path))
+    rows = _read(plan)
+    k2_start, k3_header = where["k2.jpg"][0], where["k3.jpg"][0]
+    assert _errors(rows) == {
+        "k1.jpg": None,  # (k1.json travels with it)
+        f"s.tar#damaged@{k2_start}": f"damaged tar: bytes {k2_start}-{k3_header} hold no valid member header; "
+                                     "any member stored there is lost",
+        "k3.jpg": None,  # after the damage, read as usual
+        "k4.jpg": "truncated tar member: 1000 of 3000 bytes present",
+    }
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["k3.jpg"]["data"] == good and by_key["k1.jpg"]["source"] == "s1"
+    (shard,) = plan.shards
+    # listed: k1.jpg, k1.json, the damaged region, k3.jpg, k4.jpg; k1.json is no row of its own
+    assert (shard.listed, shard.sidecars, len(shard.entries)) == (5, 1, 4)
+
+
+def test_tar_member_types_names_and_junk(tmp_path):
+    bad_name = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")  # Latin-1 bytes, not UTF-8
+    (tmp_path / "t.tar").write_bytes(_tar_bytes([
+        ("dir/", tarfile.DIRTYPE, ""),
+        ("dir/a.jpg", _jpeg()),
+        ("dir/up.jpg", tarfile.SYMTYPE, "../../etc/passwd"),
+        ("dir/hard.jpg", tarfile.LNKTYPE, "dir/a.jpg"),
+        ("dir/dev", tarfile.CHRTYPE, ""),
+        ("dir/pipe", tarfile.FIFOTYPE, ""),
+        (bad_name, b"x"),
+    ]))
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all " * 64)  # 1088 bytes
+    (tmp_path / "empty.tar").write_bytes(b"")
+    plan = planning.plan_input(str(tmp_path))
+    errors = _errors(_read(plan))
+    assert errors == {
+        "dir/a.jpg": None,
+        "dir/up.jpg": "symbolic link member (to '../../etc/passwd'): links are not followed",
+        "dir/hard.jpg": "hard link member (to 'dir/a.jpg'): links are not followed",
+        "dir/dev": "not a regular file (character device member)",
+        "dir/pipe": "not a regular file (FIFO member)",
+        "caf%E9.jpg": "file name is not valid UTF-8 (shown %XX-escaped): b'caf\\xe9.jpg'",
+        "junk.tar#damaged@0": "damaged tar: bytes 0-1088 hold no valid member header; any member stored there is lost",
+        "empty.tar": "empty file (0 bytes), not a tar",
+    }
+    t = next(s for s in plan.shards if s.uri.endswith("t.tar"))
+    assert (t.listed, t.directories, len(t.entries)) == (7, 1, 6)  # the folder entry is no row
+
+
+def test_links_loops_special_files_and_bad_names(tmp_path):
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.jpg").write_bytes(_jpeg())
+    (tmp_path / "outside.jpg").write_bytes(_jpeg())
+    os.symlink(tmp_path / "outside.jpg", root / "escape.jpg")
+    os.symlink("..", root / "sub" / "loop")  # a directory loop
+    os.symlink("ok.jpg", root / "sub" / "inside.jpg")  # even inside the tree: not followed
+    os.mkfifo(root / "pipe")
+    with open(os.path.join(os.fsencode(root), b"bad\xff.jpg"), "wb") as handle:
+        handle.write(_jpeg())
+    (root / "bad%FF.jpg").write_bytes(_jpeg())  # a real name equal to the escaped one
+    plan = planning.plan_input(str(root))
+    errors = _errors(_read(plan))
+    assert errors == {
+        "bad%FF.jpg": None,
+        "bad%FF.jpg~2": "file name is not valid UTF-8 (shown %XX-escaped): b'bad\\xff.jpg'",
+        "escape.jpg": f"symbolic link to '{tmp_path / 'outside.jpg'}': links are not followed",
+        "pipe": "not a regular file (FIFO)",
+        "sub/inside.jpg": "symbolic link to 'ok.jpg': links are not followed",
+        "sub/loop": "symbolic link to '..': links are not followed",
+        "sub/ok.jpg": None,
+    }
+    assert plan.folders == 1 and plan.rows == 7
+
+
+def test_colliding_names_and_sidecars(tmp_path):
+    for name in ("a.jpg", "a.png", "a.b.jpg", "c.jpg", "d.jpg", "e.jpg", "noext"):
+        (tmp_path / name).write_bytes(_jpeg())
+    sidecars = {
+        "a.json": {"source": "ambiguous"},  # a.jpg and a.png would both take it
+        "a.b.jpg.json": {"source": "sb", "timestamp": "2024-01-01T00:00:00"},  # full-name sidecar
+        "c.json": {"source": "sc", "image_id": "C"},  # stem sidecar of exactly one file
+        "c.jpg.json": {"source": "full wins"},  # ... but c.jpg's full-name sidecar wins: c.json orphaned
+        "orphan.json": {"source": "nobody"},
+        "noext.json": {"source": "sn"},
+    }
+    for name, meta in sidecars.items():
+        (tmp_path / name).write_text(json.dumps(meta))
+    (tmp_path / "d.json").write_text("{not json")
+    (tmp_path / "e.json").write_text(json.dumps({"timestamp": "yesterday"}))
+    plan = planning.plan_input(str(tmp_path), files_per_shard=3)
+    rows = _read(plan)
+    assert len(rows) == len({r["key"] for r in rows}) == plan.rows
+    errors = _errors(rows)
+    orphan = "sidecar without its file (orphan): no file named like it without .json or .<ext>.json"
+    assert errors == {
+        "a.b.jpg": None, "a.jpg": None, "a.png": None,
+        "a.json": "ambiguous sidecar: 2 files could take it (a.jpg, a.png); name it <file>.json",
+        "c.jpg": None, "c.json": orphan, "orphan.json": orphan,
+        "d.jpg": "sidecar d.json is not valid JSON: Expecting property name enclosed in double quotes: "
+                 "line 1 column 2 (char 1)",
+        "e.jpg": "sidecar: timestamp 'yesterday' is neither seconds nor ISO-8601",
+        "noext": None,
+    }
+    by_key = {r["key"]: r for r in rows}
+    assert (by_key["a.b.jpg"]["source"], by_key["a.b.jpg"]["timestamp"]) == ("sb", 1704067200.0)  # naive = UTC
+    assert (by_key["c.jpg"]["source"], by_key["c.jpg"]["image_id"]) == ("full wins", "c.jpg")
+    assert by_key["noext"]["source"] == "sn" and by_key["a.jpg"]["source"] == "unknown"
+    # 7 files + 8 sidecars listed; a.b.jpg.json, c.jpg.json, noext.json, d.json, e.json travel with their file
+    assert sum(s.listed for s in plan.shards) == 15 and sum(s.sidecars for s in plan.shards) == 5
+    assert plan.rows == 10
+
+
+def test_missing_and_empty_input(tmp_path):
+    with pytest.raises(planning.InputError, match="input not found: .*nothing"):
+        planning.plan_input(str(tmp_path / "nothing"))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(planning.InputError, match="input holds no files"):
+        planning.plan_input(str(tmp_path / "empty"))
+
+
+def test_accounting_compares_listed_objects_with_rows_written(tmp_path):
+    for name in ("x.jpg", "y.jpg", "y.jpg.json"):
+        (tmp_path / name).write_bytes(b"1")
+    (tmp_path / "t.tar").write_bytes(_tar_bytes([("m.jpg", b"1"), ("d/", tarfile.DIRTYPE, "")]))
+    plan = planning.plan_input(str(tmp_path))
+    tar, files = plan.shards
+    summary = outputs.account(plan, {tar.shard_id: 1, files.shard_id: 2})
+    assert summary == {"objects_listed": 5, "folders": 0, "tar_directories": 1, "sidecars_attached": 1,
+                       "planned_errors": 0, "rows_expected": 3, "rows_written": 3}
+    with pytest.raises(RuntimeError, match=f"{files.shard_id}: 1 rows for 2 objects"):
+        outputs.account(plan, {tar.shard_id: 1, files.shard_id: 1})
+    with pytest.raises(RuntimeError, match="shards not in the plan: \\['ghost'\\]"):
+        outputs.account(plan, {tar.shard_id: 1, files.shard_id: 2, "ghost": 1})
+
+
+def test_commit_refuses_duplicated_or_missing_rows(tmp_path):
+    part = pa.table({name: pa.nulls(2, f.type) for name, f in zip(outputs.STAGING_SCHEMA.names,
+                                                                 outputs.STAGING_SCHEMA)})
+    part = part.set_column(part.schema.get_field_index("row"), "row", pa.array([0, 0], pa.int32()))
+    with pytest.raises(RuntimeError, match=r"rows twice: \[0\], missing: \[1\]"):
+        outputs.commit_shard(str(tmp_path), "s", [part], 2)
+    assert not (tmp_path / "_progress").exists()
+
+
+def test_large_compressible_images_travel_as_prepared_inputs(tmp_path):
+    """6000x6000 flat PNGs (tiny files, 108 MB of pixels each): blocks bounded by prepared bytes,
+    the prepared inputs equal the scoring path's, no full-resolution pixels in any block."""
+    from twostream.core.preprocess import decode_image
+    from twostream.core.scoring import input_spec, prepare
+
+    flat = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (200, 30, 90)).save(flat, "PNG")
+    for k in range(3):
+        (tmp_path / f"big{k}.png").write_bytes(flat.getvalue())
+    (tmp_path / "tiny.png").write_bytes(_png(4, 4))
+    cfg = load_config(None, SMALL)
+    spec = input_spec(cfg, "high")
+    high_bytes = 3 * spec.size[0] * spec.size[1] * 4  # one prepared H-Net input, float32
+    low_bytes = 3 * 32 * 32 * 4
+    cfg.job.decode_bytes_per_batch = high_bytes + low_bytes  # a block is full after one image
+    (unit,) = planning.work_units(planning.plan_input(str(tmp_path)).shards, 256)
+    blocks = list(stages.read_decode(unit, cfg))
+    assert [b.num_rows for b in blocks] == [1, 1, 1, 1]
+    assert all("pixels" not in b.column_names for b in blocks)
+    table = pa.concat_tables(blocks)
+    assert table.column("key").to_pylist() == ["big0.png", "big1.png", "big2.png", "tiny.png"]
+    assert table.column("error").to_pylist()[3] == "image too small: 4x4 px (limits.min_side = 8)"
+    assert [len(v) for v in table.column("high_input").to_pylist()] == [high_bytes] * 3 + [0]
+    assert [len(v) for v in table.column("low_input").to_pylist()] == [low_bytes] * 3 + [0]
+    want = prepare(spec, [decode_image(flat.getvalue(), cfg.limits)]).numpy().tobytes()
+    assert table.column("high_input")[0].as_py() == want
+
+
+def _png(w: int, h: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_max_pixels_is_the_only_pixel_limit():
+    """Pillow's own bomb limit (89M px warns, 179M px refuses) does not apply: ours does."""
+    import warnings
+
+    from twostream.core.preprocess import ImageDecodeError, check_image_header
+
+    data = _png(10_000, 9_500, "1")  # 95M pixels, a 1-bit flat image: a small file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_image_header(data, LimitsConfig(max_pixels=100_000_000))
+    with pytest.raises(ImageDecodeError, match="too many pixels: 10000x9500 = 95000000 > limit 90000000"):
+        check_image_header(data, LimitsConfig(max_pixels=90_000_000))
