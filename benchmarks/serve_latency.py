@@ -1,15 +1,17 @@
-"""Latency and throughput of the Serve endpoint over loopback HTTP, batched vs unbatched.
+"""Latency and throughput of the Serve endpoint over loopback HTTP: fused vs split topology,
+batched vs unbatched, against the bare forward.
 
-    python benchmarks/serve_latency.py                 # default models (CPU: slow-ish)
+    python benchmarks/serve_latency.py                 # default models (CPU: several minutes)
     python benchmarks/serve_latency.py --small         # tiny random-init models, quick
-    python benchmarks/serve_latency.py --requests 40 --clients 1 8 --set serve.max_batch_size=8
+    python benchmarks/serve_latency.py --topologies fused --clients 1 8 --set serve.max_batch_size=8
 
-Prints, for 1 and 8 concurrent clients, p50/p95/p99 latency and requests/s with
-``serve.max_batch_size`` as configured (batched) and with ``max_batch_size=1``; and the
-model-only forward time of both streams in-process (high + low, batch of 1, resized input,
-the same torch thread count as each stream replica) for comparison, taken before each
-single-client request so that both see the same machine state. Bounded: ``--requests``
-per scenario and ``--max-seconds`` per scenario; loopback (127.0.0.1) only.
+Prints, for each topology (``serve.topology``), batching (``serve.max_batch_size`` as configured,
+and 1) and number of concurrent clients (1, 8, 32), p50/p95/p99 latency and requests/s; and
+the model-only forward time of both streams in-process (high + low, batch of 1, resized input,
+the same torch thread count as the replicas) for comparison, taken before each single-client
+request so that both see the same machine state. The reputation state is in an embedded
+redis-server (``appendfsync everysec``, the default) in a temporary directory. Bounded:
+``--requests`` per scenario and ``--max-seconds`` per scenario; loopback (127.0.0.1) only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io
 import json
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -142,9 +145,10 @@ def drive(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=48, help="requests per scenario (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=6, help="warm-up requests per deployment")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients")
+    parser.add_argument("--requests", type=int, default=64, help="requests per scenario (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=8, help="warm-up requests per deployment")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients")
+    parser.add_argument("--topologies", nargs="+", default=["fused", "split"], choices=["fused", "split"])
     parser.add_argument("--max-seconds", type=float, default=120.0, help="cap per scenario")
     parser.add_argument("--small", action="store_true", help="tiny random-init models (resnet10t, cifar_resnet20)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.ray_cluster import connect
     from jobs.serve import build_app
     from twostream.core.config import load_config
+    from twostream.online.redis_server import EmbeddedRedis
 
     base = ["high.threads=1", "low.threads=1", "high.num_cpus=1", "low.num_cpus=1", "high.device=cpu", "low.device=cpu"]
     if args.small:
@@ -167,42 +172,53 @@ def main(argv: list[str] | None = None) -> int:
     batch = config.serve.max_batch_size
     image = sample_jpeg()
     print(f"models: high={config.high.model} ({config.high.weights}), low={config.low.model} ({config.low.weights}); "
-          f"image {len(image)} bytes JPEG; torch threads per stream {config.high.threads}", flush=True)
+          f"image {len(image)} bytes JPEG; torch threads {config.high.threads}", flush=True)
 
     bare = BareForward(config, image)
-    results: dict = {"config": {"max_batch_size": batch, "batch_wait_timeout_s": config.serve.batch_wait_timeout_s}}
-    connect(num_cpus=args.num_cpus, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}/v1/classify"
-        for label, size in ((f"batched (max_batch_size={batch})", batch), ("unbatched (max_batch_size=1)", 1)):
-            cfg = config.model_copy(deep=True)
-            cfg.serve.max_batch_size = size
-            serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
-            warm = drive(url, image, 1, args.warmup, args.max_seconds)
-            assert warm["statuses"].keys() <= {200, 403}, warm
-            for clients in args.clients:
-                row = drive(url, image, clients, args.requests, args.max_seconds, bare if clients == 1 else None)
-                results.setdefault(label, []).append(row)
-                paired = f"  (bare forward {row['bare_forward_ms']:.1f} ms)" if "bare_forward_ms" in row else ""
-                print(f"{label:32s} clients={clients}  n={row['requests']:3d}  p50={row['p50']:7.1f} ms  "
-                      f"p95={row['p95']:7.1f} ms  p99={row['p99']:7.1f} ms  {row['rps']:6.2f} req/s{paired}",
-                      flush=True)
-            serve.delete(cfg.serve.app_name)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    results: dict = {"config": {"max_batch_size": batch, "batch_wait_timeout_s": config.serve.batch_wait_timeout_s},
+                     "scenarios": []}
+    with tempfile.TemporaryDirectory() as state, EmbeddedRedis(state) as redis:
+        config.serve.redis_url = redis.url
+        connect(num_cpus=args.num_cpus, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            url = f"http://127.0.0.1:{port}/v1/classify"
+            for topology in args.topologies:
+                for size in (batch, 1):
+                    cfg = config.model_copy(deep=True)
+                    cfg.serve.topology = topology
+                    cfg.serve.max_batch_size = size
+                    serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/")
+                    warm = drive(url, image, 1, args.warmup, args.max_seconds)
+                    assert warm["statuses"].keys() <= {200, 403}, warm
+                    for clients in args.clients:
+                        row = drive(url, image, clients, args.requests, args.max_seconds,
+                                    bare if clients == 1 else None)
+                        row.update(topology=topology, max_batch_size=size)
+                        results["scenarios"].append(row)
+                        paired = f"  (bare forward {row['bare_forward_ms']:.1f} ms)" if "bare_forward_ms" in row else ""
+                        print(f"{topology:5s} max_batch_size={size:<3d} clients={clients:<3d} n={row['requests']:3d}  "
+                              f"p50={row['p50']:7.1f} ms  p95={row['p95']:7.1f} ms  p99={row['p99']:7.1f} ms  "
+                              f"{row['rps']:6.2f} req/s  {row['statuses']}{paired}", flush=True)
+                    serve.delete(cfg.serve.app_name)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
-    batched = results[f"batched (max_batch_size={batch})"]
-    unbatched = results["unbatched (max_batch_size=1)"]
-    one = next((r for r in batched if r["clients"] == 1), None)
-    if one:
-        print(f"p50 at 1 client / bare model-only forward (high+low, interleaved with the requests) = "
-              f"{one['p50'] / one['bare_forward_ms']:.2f}x (target <= 1.3x)")
+    def find(topology: str, size: int, clients: int) -> dict | None:
+        return next((r for r in results["scenarios"] if (r["topology"], r["max_batch_size"], r["clients"])
+                     == (topology, size, clients)), None)
+
     many = max(args.clients)
-    b = next(r for r in batched if r["clients"] == many)
-    u = next(r for r in unbatched if r["clients"] == many)
-    print(f"throughput at {many} clients, batched / unbatched = {b['rps'] / u['rps']:.2f}x (target >= 1.5x)")
+    for topology in args.topologies:
+        one = find(topology, batch, 1)
+        if one:
+            print(f"{topology}: p50 at 1 client / bare forward (high+low, interleaved with the requests) = "
+                  f"{one['p50'] / one['bare_forward_ms']:.2f}x (target <= 1.3x, fused)")
+        b, u = find(topology, batch, many), find(topology, 1, many)
+        if b and u:
+            print(f"{topology}: throughput at {many} clients, batched / unbatched = {b['rps'] / u['rps']:.2f}x "
+                  f"(target on a GPU >= 1.5x)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

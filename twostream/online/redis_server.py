@@ -2,10 +2,12 @@
 on a free loopback port, with its append-only file in a state directory, and stops it.
 
 Durability is Redis's append-only file (``appendonly yes``; no RDB snapshots). With
-``appendfsync everysec`` (the default) a crash of the machine, or a ``kill -9`` of Redis, loses
-at most the last second of reputation steps; ``always`` fsyncs each step before it is answered
-(nothing answered is lost, at a cost per request). A graceful stop (SIGTERM, SHUTDOWN) loses
-nothing either way. The next start on the same directory reloads the file.
+``appendfsync everysec`` (the default) Redis writes each step to the file before answering and
+fsyncs once a second: a kill of Redis loses nothing answered, a crash of the machine (power,
+kernel) at most the last second or two (Redis postpones writes up to 2 s while a slow disk is
+still syncing). ``always`` fsyncs each step before it is answered: nothing answered is lost, at
+a cost per request (the tests use it). A graceful stop (SIGTERM) loses nothing. The next start
+on the same directory reloads the file.
 """
 
 from __future__ import annotations
