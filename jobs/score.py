@@ -15,12 +15,17 @@ Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure
   Each row carries its image id and its own columns through both pools, so nothing is
   matched by position: pools may return rows in any order (``job.shuffle_stream_output``
   makes them do so on purpose in the tests).
-Phase 2, reputation: small (source, timestamp, image_id, verdict) tuples are sent to
-  ``job.reputation_shards`` stateful actors, sharded by crc32(source); each replays its
-  sources in (timestamp, image_id) order (``twostream.core.reputation.replay``) and writes
-  ``sources/part-*.parquet``.
-Phase 3, final: each shard's staging rows get their Algorithm-2 response by (shard, row)
-  and are written to ``images/<shard>.parquet``; then ``summary.json``.
+Phase 2, reputation: a map/reduce of Ray tasks over columnar events (source, timestamp,
+  image_id, rejected, shard, row): map tasks read the staging files and partition the events,
+  and the starting state (``--state``: a previous run's ``sources/``), by crc32(source); one
+  reduce task per partition runs Algorithm 2 for all its sources at once
+  (``twostream.batch.reputation.reduce_partition``, equal to a sequential replay in
+  (timestamp, image_id) order) and writes ``sources/part-*.parquet``. Intermediate tables live
+  in Ray's object store, which spills to disk; partitions are added to keep one reduce task
+  within ``job.reputation_memory_mb``.
+Phase 3, final: each shard's staging rows get their Algorithm-2 standing by (shard, row)
+  from the reduce tasks' outputs and are written to ``images/<shard>.parquet``; then
+  ``summary.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from jobs.ray_cluster import connect
@@ -49,29 +56,15 @@ log = logging.getLogger("twostream.jobs.score")
 
 FAULT_STOP_AFTER = "TWOSTREAM_FAULT_STOP_AFTER_SHARDS"  # driver fails after K committed shards
 # What a user can fix (input, manifest, config, a refused resume): one line, no traceback.
-USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused)
+USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused, reputation.StateError)
+EVENTS_PER_MAP_TASK = 100_000  # staging rows one reputation map task reads (about 5 MB of events)
+REDUCE_BYTES_FACTOR = 8  # a reduce task's peak memory / its events' Arrow bytes (benchmarks/scale.py)
 
 def read_decode_batch(batch: dict, *, config: TwoStreamConfig) -> Iterator[pa.Table]:
     """Ray Data task: work units (parts of shards) -> :func:`twostream.batch.stages.read_decode`
     blocks, bounded by rows and prepared bytes."""
     for spec in batch["unit"]:
         yield from stages.read_decode(Shard.from_json(str(spec)), config)
-
-
-def _feed(staging: str, shard: str, actors: list, parts: int) -> int:
-    """Ray task: one shard's staging rows -> the reputation actors of their sources."""
-    table = storage.read_parquet(staging)
-    split = reputation.split_staging(table, parts)
-    ray.get([actors[p].add.remote(shard, *events) for p, events in split.items()])
-    return table.num_rows
-
-
-def _finalize(staging: str, output: str, shard: str, actors: list) -> dict:
-    """Ray task: one shard's responses from the actors -> its images table."""
-    responses: dict[int, tuple] = {}
-    for part in ray.get([a.responses_for.remote(shard) for a in actors]):
-        responses.update(part)
-    return reputation.respond(storage.read_parquet(staging), responses, output, shard)
 
 
 def _fit_resources(cfg: TwoStreamConfig, total_cpus: float) -> dict[str, float]:
@@ -183,28 +176,51 @@ def _partitions(cfg: TwoStreamConfig, nbytes: int) -> int:
     return max(cfg.job.reputation_shards, -(-nbytes * REDUCE_BYTES_FACTOR // budget))
 
 
-def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str) -> tuple[list, list[dict]]:
-    """Phase 2: every shard's events to the reputation actors, which replay them; returns the
-    actors (holding the responses) and their stats."""
-    parts = cfg.job.reputation_shards
-    actor = ray.remote(num_cpus=0)(reputation.ReputationShard)
-    actors = [actor.remote(p, cfg.reputation) for p in range(parts)]
-    feed = ray.remote(num_cpus=0.25)(_feed)
-    order = list(shards)
+def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, state: Sequence[str]
+                ) -> tuple[list, list[dict]]:
+    """Phase 2: every shard's events, and the starting state, are partitioned by source; each
+    partition is reduced (Algorithm 2) and writes ``sources/part-N``. Returns, per partition, the
+    responses of each shard group (object refs, for phase 3) and the partitions' stats."""
+    order = list(range(len(shards)))
     if cfg.job.shard_order_seed is not None:
         random.Random(cfg.job.shard_order_seed + 1).shuffle(order)
-    ray.get([feed.remote(outputs.staging_uri(output, s.shard_id), s.shard_id, actors, parts) for s in order])
-    return actors, ray.get([a.finish.remote(output) for a in actors])
+    per_task = max(1, EVENTS_PER_MAP_TASK // max(cfg.job.files_per_shard, 1))
+    chunks = [order[i:i + per_task] for i in range(0, len(order), per_task)]
+    events = ray.remote(num_cpus=0.25, num_returns=2)(_events)
+    made = [events.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c) for c in chunks]
+    sizes = ray.get([m[0] for m in made])
+    parts = _partitions(cfg, sum(b for _, b in sizes))
+    log.info("reputation: %d events in %d partitions, state from %d file(s)", sum(r for r, _ in sizes),
+             parts, len(state))
+    split = ray.remote(num_cpus=0.25, num_returns=parts)(_split)
+    state_parts = [split.remote(uri, parts) for uri in state]
+    event_parts = [split.remote(m[1], parts) for m in made]
+    if parts == 1:
+        state_parts, event_parts = [[r] for r in state_parts], [[r] for r in event_parts]
+    reduce = ray.remote(num_cpus=1, num_returns=parts + 1)(_reduce)
+    reduced = [reduce.remote(p, len(state), parts, cfg, output,
+                             *[s[p] for s in state_parts], *[e[p] for e in event_parts]) for p in range(parts)]
+    try:
+        stats = ray.get([r[-1] for r in reduced])
+    except ray.exceptions.RayTaskError as exc:  # a refused state: the user's error, in one line
+        if isinstance(exc.cause, reputation.StateError):
+            raise exc.cause from None
+        raise
+    written = {outputs.sources_uri(output, p) for p in range(parts)}
+    for uri in storage.list_files(storage.join(output, "sources"), (".parquet",)):
+        if uri not in written:  # a part of an earlier run over the same output with more partitions
+            storage.remove(uri)
+    return [r[:-1] for r in reduced], stats
 
 
-def _final(shards: Sequence[Shard], output: str, actors: list) -> list[dict]:
-    """Phase 3: the images tables, then the reputation actors are released."""
+def _final(shards: Sequence[Shard], output: str, reduced: list) -> list[dict]:
+    """Phase 3: each shard group's images tables, from the responses of every partition."""
+    groups = len(reduced)
     final = ray.remote(num_cpus=0.25)(_finalize)
-    results = ray.get([final.remote(outputs.staging_uri(output, s.shard_id), output, s.shard_id, actors)
-                       for s in shards])
-    for a in actors:
-        ray.kill(a)
-    return results
+    tasks = [final.remote(output, [(k, s.shard_id) for k, s in enumerate(shards) if k % groups == g],
+                          *[r[g] for r in reduced]) for g in range(groups)]
+    by_shard = {k: res for group in ray.get(tasks) for k, res in group}
+    return [by_shard[k] for k in range(len(shards))]  # in the order of ``shards``
 
 
 def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str | None = None,
@@ -217,6 +233,7 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     matched = attach_manifest(plan, manifest_table)
     resume.check_or_record(output, *resume.fingerprint(plan, input_uri, manifest_sha256, cfg))
     shards = plan.shards
+    state = _state_files(cfg.job.state, output)
 
     connect(log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
@@ -235,9 +252,9 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     t0 = time.perf_counter()
     sink = _score(cfg, todo, output, res)
     t1 = time.perf_counter()
-    actors, rep_stats = _reputation(cfg, shards, output)
+    reduced, rep_stats = _reputation(cfg, shards, output, state)
     t2 = time.perf_counter()
-    finals = _final(shards, output, actors)
+    finals = _final(shards, output, reduced)
     t3 = time.perf_counter()
 
     accounting = outputs.account(plan, {s.shard_id: f["rows"] for s, f in zip(shards, finals)})
@@ -254,18 +271,25 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     return summary
 
 
+def with_state(cfg: TwoStreamConfig, state: str | None) -> TwoStreamConfig:
+    """``cfg`` with ``job.state`` set to ``state`` (a ``--state`` flag), when given."""
+    return cfg.model_copy(update={"job": cfg.job.model_copy(update={"state": state})}) if state else cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="s3:// prefix or local folder of images/tars")
     parser.add_argument("--manifest", help="CSV, JSON Lines or Parquet upload manifest")
     parser.add_argument("--output", required=True, help="s3:// prefix or local folder for results")
+    parser.add_argument("--state", help="start reputation from a previous run's output (its sources/) "
+                                        "or a sources table (default: job.state, else from zero)")
     parser.add_argument("--config", help="YAML/JSON config (TwoStreamConfig, job: section included)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = with_state(load_config(args.config, args.overrides), args.state)
         summary = run_job(cfg, args.input, args.output, args.manifest, progress=not args.no_progress)
     except USER_ERRORS as exc:
         print(f"python -m jobs.score: {exc}", file=sys.stderr)

@@ -1,29 +1,65 @@
 """The batch job's reputation reduce (phase 2) and responses (phase 3), without Ray.
 
-Sources are split over shards by :func:`reputation_shard` (crc32, stable across processes and
-runs). :func:`split_staging` turns a staging table into each shard's Algorithm-2 events (error
-rows are not events, only counted); a :class:`ReputationShard` (the state of one Ray actor)
-collects them, replays its sources in (timestamp, image_id) order (:func:`replay_source_rows`)
-and keeps each event's response by (shard, row) for :func:`respond`, which gives every staging
-row its response and writes the images table.
+Algorithm 2 over columnar events. :func:`staging_events` turns a staging table into compact
+:data:`EVENTS_SCHEMA` rows (source, timestamp, image_id, rejected, error, shard, row);
+:func:`partition` splits events, or the rows of a previous run's sources table (the state), by
+``crc32(source) % parts`` (:func:`reputation_shard`, stable across processes and runs), so one
+partition holds every event of its sources. :func:`reduce_partition` replays a partition:
+one Arrow sort on (source, timestamp, image_id), then Algorithm 2 for all sources at once in
+NumPy (no Python loop per event or per source, see :func:`_scan`), starting from each source's
+state when one is given; it returns the partition's new :data:`SOURCES_SCHEMA` rows and each
+event's (shard, row, cc, blacklisted). :func:`respond` writes a shard's images table from them.
+
+The result equals :func:`twostream.core.reputation.replay` (tests/test_batch_reputation.py),
+also when a run starts from the state of a run over the earlier uploads. An event older than
+its source's ``last_seen`` in the state cannot be ordered before the state's events: by
+default (``late="refuse"``) the reduce fails naming it; ``late="after"`` applies it after them,
+as the online endpoint would have.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections import Counter
+from typing import Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from twostream import storage
-from twostream.batch.outputs import images_table, images_uri, source_table, sources_uri
+from twostream.batch.outputs import images_table, images_uri
 from twostream.core.config import ReputationConfig
 from twostream.core.labels import Response, Verdict
-from twostream.core.reputation import Upload, replay
+from twostream.core.sources import SOURCES_SCHEMA
 
-# One shard's events for one reputation shard: (staging rows, their uploads, sources of error rows).
-Events = tuple[list[int], list[Upload], list[str]]
+LatePolicy = Literal["refuse", "after"]
+
+# One row per staging row: an Algorithm-2 event, or (``error``) an unreadable input, only counted.
+EVENTS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("timestamp", pa.float64()),
+        ("image_id", pa.string()),
+        ("rejected", pa.bool_()),
+        ("error", pa.bool_()),
+        ("shard", pa.int32()),  # the shard's index in the plan
+        ("row", pa.int32()),  # the row's position in its shard's staging table
+    ]
+)
+# Each event's standing after it, by (shard, row): what phase 3 needs to answer it.
+RESPONSES_SCHEMA = pa.schema(
+    [("shard", pa.int32()), ("row", pa.int32()), ("cc", pa.int32()), ("blacklisted", pa.bool_())]
+)
+_INTERVAL = SOURCES_SCHEMA.field("blacklist_intervals").type
+
+
+class StateError(ValueError):
+    """A starting state that cannot be used: not a consistent sources table, or not found."""
+
+
+class LateEventError(StateError):
+    """Events older than their source's ``last_seen`` in the starting state."""
 
 
 def reputation_shard(source: str, shards: int) -> int:
@@ -31,101 +67,274 @@ def reputation_shard(source: str, shards: int) -> int:
     return zlib.crc32(source.encode("utf-8")) % shards
 
 
-def uploads_from_staging(table: pa.Table) -> tuple[list[int], list[Upload]]:
-    """The Algorithm-2 events of a staging table (error rows are not events): (rows, uploads)."""
-    cols = table.select(["row", "source", "timestamp", "image_id", "verdict", "label"]).to_pydict()
-    rows, uploads = [], []
-    for k in range(table.num_rows):
-        verdict = cols["verdict"][k]
-        if verdict == Verdict.ERROR:
-            continue
-        rejected = verdict != Verdict.ACCEPTED
-        rows.append(cols["row"][k])
-        uploads.append(
-            Upload(
-                source=cols["source"][k],
-                timestamp=float(cols["timestamp"][k]),
-                image_id=cols["image_id"][k],
-                rejected=rejected,
-                verdict=str(Response.ADVERSARIAL) if rejected else cols["label"][k],
-            )
-        )
-    return rows, uploads
-
-
-def split_staging(table: pa.Table, parts: int) -> dict[int, Events]:
-    """A staging table's events and error sources, grouped by reputation shard."""
-    by_part: dict[int, Events] = defaultdict(lambda: ([], [], []))
-    for row, upload in zip(*uploads_from_staging(table)):
-        events = by_part[reputation_shard(upload.source, parts)]
-        events[0].append(row)
-        events[1].append(upload)
-    for source, verdict in zip(table.column("source").to_pylist(), table.column("verdict").to_pylist()):
-        if verdict == Verdict.ERROR:
-            by_part[reputation_shard(source, parts)][2].append(source)
-    return dict(by_part)
-
-
-def replay_source_rows(
-    uploads: Sequence[Upload], errors_by_source: dict[str, int], config: ReputationConfig
-) -> tuple[list, pa.Table]:
-    """Replay (Algorithm 2 in (timestamp, image_id) order per source): responses and source rows."""
-    responses, ledger = replay(uploads, config)
-    names = sorted(set(s for s, _ in ledger.items()) | set(errors_by_source))
-    table = source_table(
-        [(name, ledger.get(name), errors_by_source.get(name, 0)) for name in names]
+def staging_events(staging: pa.Table, shard_index: int) -> pa.Table:
+    """A staging table's rows as :data:`EVENTS_SCHEMA` rows (error rows flagged, not dropped)."""
+    verdict = staging.column("verdict")
+    return pa.table(
+        {
+            "source": staging.column("source"),
+            "timestamp": staging.column("timestamp"),
+            "image_id": staging.column("image_id"),
+            "rejected": pc.not_equal(verdict, str(Verdict.ACCEPTED)),
+            "error": pc.equal(verdict, str(Verdict.ERROR)),
+            "shard": pa.array(np.full(staging.num_rows, shard_index, np.int32)),
+            "row": staging.column("row"),
+        },
+        schema=EVENTS_SCHEMA,
     )
-    return responses, table
 
 
-class ReputationShard:
-    """Holds the Algorithm-2 events of the sources that hash to it; replays them at the end."""
-
-    def __init__(self, part: int, config: ReputationConfig) -> None:
-        self.part = part
-        self.config = config
-        self.refs: list[tuple[str, int]] = []
-        self.uploads: list[Upload] = []
-        self.errors: Counter = Counter()
-        self.responses: dict[str, dict[int, tuple]] = {}
-
-    def add(self, shard: str, rows: list[int], uploads: list[Upload], error_sources: list[str]) -> int:
-        """Take one input shard's events (and its error rows' sources); returns the event count."""
-        self.refs.extend((shard, r) for r in rows)
-        self.uploads.extend(uploads)
-        self.errors.update(error_sources)
-        return len(rows)
-
-    def finish(self, output: str) -> dict:
-        """Replay, keep each event's response and write this shard's ``sources`` part."""
-        responses, table = replay_source_rows(self.uploads, dict(self.errors), self.config)
-        for (shard, row), resp in zip(self.refs, responses):
-            self.responses.setdefault(shard, {})[row] = (resp.response, resp.cc, resp.blacklisted)
-        storage.write_parquet(table, sources_uri(output, self.part))
-        return {
-            "sources": table.num_rows,
-            "blacklisted": int(sum(table.column("blacklisted").to_pylist())),
-            "events": len(self.uploads),
-        }
-
-    def responses_for(self, shard: str) -> dict[int, tuple]:
-        """(response, cc, blacklisted) by staging row of one input shard, after :meth:`finish`."""
-        return self.responses.get(shard, {})
+def partition(table: pa.Table, parts: int) -> list[pa.Table]:
+    """``table``'s rows split by :func:`reputation_shard` of their ``source`` into ``parts`` tables."""
+    encoded = table.column("source").combine_chunks().dictionary_encode()
+    by_value = np.array([reputation_shard(s, parts) for s in encoded.dictionary.to_pylist()], np.int64)
+    part = by_value[encoded.indices.to_numpy(zero_copy_only=False)] if len(by_value) else np.zeros(0, np.int64)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    return [table.take(order[bounds[p]:bounds[p + 1]]) for p in range(parts)]
 
 
-def respond(staging: pa.Table, responses: dict[int, tuple], output: str, shard: str) -> dict:
-    """Write a shard's images table: each staging row with its (response, cc, blacklisted) from
-    ``responses`` (by row; error rows answer ``error``). Returns the shard's counts."""
-    verdicts = staging.column("verdict").to_pylist()
-    response, cc, blacklisted = [], [], []
-    for row, verdict in zip(staging.column("row").to_pylist(), verdicts):
-        if verdict == Verdict.ERROR:
-            answer = (Response.ERROR, None, None)
-        else:
-            answer = responses[row]  # KeyError = a lost event: fail loudly rather than drop it
-        response.append(str(answer[0]))
-        cc.append(answer[1])
-        blacklisted.append(answer[2])
-    images = images_table(staging, response, cc, blacklisted)
+def _scan(pos: np.ndarray, step: np.ndarray, cc0: np.ndarray, listed0: np.ndarray,
+          config: ReputationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 2 over sorted events of many sources at once: (cc, blacklisted) after each event.
+
+    ``pos``: the event's position in its source's sequence (0 = first); ``step``: +step_up or
+    -step_down; ``cc0``/``listed0``: the source's standing before its first event, per event.
+
+    The counter is a walk clamped to [0, cap]. Each event is the map x -> clip(x + a, lo, hi);
+    such maps compose into maps of the same form, so a segmented prefix scan (Hillis-Steele,
+    log2(longest sequence) vector passes) gives every event's composed map from its source's
+    start. The blacklist is hysteresis: on when cc >= threshold (> 0), off when cc == 0,
+    otherwise unchanged, i.e. the value of the last such decisive event (a forward fill),
+    else the source's starting standing.
+    """
+    n = len(pos)
+    a = step.astype(np.int64)
+    lo = np.zeros(n, np.int64)
+    hi = np.full(n, config.cap, np.int64)
+    d = 1
+    longest = int(pos.max()) if n else 0
+    while d <= longest:
+        later = np.nonzero(pos >= d)[0]
+        earlier = later - d
+        a_g, lo_g, hi_g = a[later], lo[later], hi[later]
+        lo[later] = np.clip(lo[earlier] + a_g, lo_g, hi_g)
+        hi[later] = np.clip(hi[earlier] + a_g, lo_g, hi_g)
+        a[later] = a[earlier] + a_g
+        d *= 2
+    cc = np.clip(cc0 + a, lo, hi)
+    index = np.arange(n)
+    decisive = (cc >= config.threshold) | (cc == 0)
+    last = np.maximum.accumulate(np.where(decisive, index, -1))
+    settled = last >= index - pos  # a decisive event of this source so far
+    listed = np.where(settled, cc[np.maximum(last, 0)] >= config.threshold, listed0)
+    return cc, listed
+
+
+def _intervals(
+    src: np.ndarray, ts: np.ndarray, listed: np.ndarray, before: np.ndarray, n_sources: int, carried: pa.ListArray
+) -> pa.ListArray:
+    """Blacklist intervals per source: the carried ones (the state's, the last one closed when
+    this run's first change of a listed source is leaving) followed by this run's joins."""
+    changes = np.nonzero(listed != before)[0]
+    joins = changes[listed[changes]]
+    # the change after each join, when it is in the same source, is the join's leave
+    k = np.searchsorted(changes, joins) + 1
+    has_left = k < len(changes)
+    has_left[has_left] = src[changes[k[has_left]]] == src[joins[has_left]]
+    left = np.full(len(joins), np.nan)
+    left[has_left] = ts[changes[k[has_left]]]
+    # a leave that is its source's first change closes the carried open interval
+    leaves = changes[~listed[changes]]
+    first = np.ones(len(leaves), bool)
+    prev = np.searchsorted(changes, leaves) - 1
+    first[prev >= 0] = src[changes[prev[prev >= 0]]] != src[leaves[prev >= 0]]
+    closing = leaves[first]
+
+    c_offsets = carried.offsets.to_numpy() - carried.offsets[0].as_py()
+    c_flat = carried.flatten()
+    c_joined = c_flat.field("joined").to_numpy(zero_copy_only=False).copy()
+    c_left = c_flat.field("left").fill_null(np.nan).to_numpy(zero_copy_only=False).copy()
+    c_src = np.repeat(np.arange(n_sources), np.diff(c_offsets))
+    c_left[c_offsets[src[closing] + 1] - 1] = ts[closing]
+
+    owner = np.concatenate([c_src, src[joins]])
+    order = np.argsort(owner, kind="stable")  # carried first, then this run's in time order
+    joined = np.concatenate([c_joined, ts[joins]])[order]
+    left_all = np.concatenate([c_left, left])[order]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n_sources))]).astype(np.int32)
+    values = pa.StructArray.from_arrays(
+        [pa.array(joined, pa.float64()), pa.array(left_all, pa.float64(), mask=np.isnan(left_all))],
+        fields=list(_INTERVAL.value_type),
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets), values, type=_INTERVAL)
+
+
+def _fresh_state(sources: pa.Array) -> pa.Table:
+    """Never-seen sources as :data:`SOURCES_SCHEMA` rows."""
+    n = len(sources)
+    zeros = pa.array(np.zeros(n, np.int64))
+    return pa.table(
+        {
+            "source": sources, "images": zeros, "rejected": zeros, "blocked": zeros, "errors": zeros,
+            "cc": pa.array(np.zeros(n, np.int32)), "blacklisted": pa.array(np.zeros(n, bool)),
+            "first_seen": pa.nulls(n, pa.float64()), "last_seen": pa.nulls(n, pa.float64()),
+            "blacklist_intervals": pa.array([[]] * n, _INTERVAL),
+            "times_blacklisted": pa.array(np.zeros(n, np.int32)),
+        },
+        schema=SOURCES_SCHEMA,
+    )
+
+
+def _col(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy()
+
+
+def _sums(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per-segment sums of ``values`` (segments begin at ``starts``)."""
+    return np.add.reduceat(values.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+
+
+def check_state(state: pa.Table) -> pa.Table:
+    """A starting state as a :data:`SOURCES_SCHEMA` table; StateError for a missing column, a null
+    or duplicate source, or a standing that contradicts its intervals (listed = last one open)."""
+    missing = [n for n in SOURCES_SCHEMA.names if n not in state.column_names]
+    if missing:
+        raise StateError(f"not a sources table: missing column(s) {', '.join(missing)}")
+    state = state.select(SOURCES_SCHEMA.names).cast(SOURCES_SCHEMA).combine_chunks()
+    source = state.column("source")
+    if source.null_count or pc.count_distinct(source).as_py() != state.num_rows:
+        raise StateError("sources table: null or duplicate source ids")
+    intervals = state.column("blacklist_intervals").chunk(0) if state.num_rows else pa.array([], _INTERVAL)
+    ends = intervals.offsets.to_numpy()[1:] - intervals.offsets[0].as_py()
+    lengths = np.diff(np.r_[0, ends])
+    open_last = np.zeros(state.num_rows, bool)
+    has = lengths > 0
+    open_last[has] = intervals.flatten().field("left").is_null().to_numpy(zero_copy_only=False)[ends[has] - 1]
+    bad = np.flatnonzero(open_last != _col(state, "blacklisted"))
+    if len(bad):
+        raise StateError(f"sources table: {len(bad)} source(s) whose blacklisted flag contradicts their "
+                         f"intervals, e.g. {source[int(bad[0])].as_py()!r}")
+    return state
+
+
+def reduce_partition(
+    events: pa.Table, state: pa.Table | None, config: ReputationConfig, late: LatePolicy = "refuse"
+) -> tuple[pa.Table, pa.Table]:
+    """Algorithm 2 for every source of a partition, from its ``state`` (a :data:`SOURCES_SCHEMA`
+    table, rows of other sources ignored) or from zero.
+
+    Returns the partition's sources (every source with an event, an error row or a state row;
+    sorted by source) and each event's (shard, row, cc, blacklisted) (:data:`RESPONSES_SCHEMA`).
+    """
+    events = events.select(EVENTS_SCHEMA.names).cast(EVENTS_SCHEMA)
+    state = check_state(state if state is not None else SOURCES_SCHEMA.empty_table())
+    is_error = _col(events, "error")
+    errors = events.filter(pa.array(is_error)).group_by("source").aggregate([("source", "count")])
+    scored = events.filter(pa.array(~is_error))
+
+    # sort: source (as a dictionary code), then (timestamp, image_id); segments = sources
+    encoded = scored.column("source").combine_chunks().dictionary_encode()
+    keyed = pa.table({"c": encoded.indices, "t": scored.column("timestamp"), "i": scored.column("image_id")})
+    order = pc.sort_indices(keyed, sort_keys=[("c", "ascending"), ("t", "ascending"), ("i", "ascending")])
+    code = encoded.indices.to_numpy()[order.to_numpy()]
+    ts = _col(scored, "timestamp")[order.to_numpy()]
+    rejected = _col(scored, "rejected")[order.to_numpy()]
+    n = len(code)
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if n else np.zeros(0, np.int64)
+    src = np.cumsum(np.r_[False, code[1:] != code[:-1]]) if n else np.zeros(0, np.int64)  # 0..S-1
+    pos = np.arange(n) - starts[src]
+    names = encoded.dictionary.take(pa.array(code[starts]))
+
+    # each event source's starting state (a fresh one when the state does not know it)
+    at = pc.fill_null(pc.index_in(names, value_set=state.column("source")), -1).to_numpy()
+    known = at >= 0
+    start_state = pa.concat_tables([state.take(pa.array(at[known])), _fresh_state(names.filter(pa.array(~known)))])
+    start_state = start_state.take(pa.array(np.argsort(np.r_[np.flatnonzero(known), np.flatnonzero(~known)])))
+    start_state = start_state.combine_chunks()
+
+    last_seen = start_state.column("last_seen").fill_null(-np.inf).to_numpy()
+    too_old = ts < last_seen[src]
+    if late == "refuse" and too_old.any():
+        k = int(np.flatnonzero(too_old)[0])
+        raise LateEventError(
+            f"{int(too_old.sum())} event(s) of {len(np.unique(src[too_old]))} source(s) are older than "
+            f"the state's last_seen, e.g. source {names[src[k]].as_py()!r} at {ts[k]} < {last_seen[src[k]]}; "
+            "rerun without --state, or set job.late_events=after to apply them after the state")
+
+    step = np.where(rejected, config.step_up, -config.step_down)
+    listed0 = _col(start_state, "blacklisted")
+    cc, listed = _scan(pos, step, _col(start_state, "cc")[src].astype(np.int64), listed0[src], config)
+    before = np.empty(n, bool)
+    before[1:] = listed[:-1]
+    before[starts] = listed0
+
+    ends = np.r_[starts[1:], n] - 1 if n else starts
+    count = np.diff(np.r_[starts, n])
+    intervals = _intervals(src, ts, listed, before, len(starts), start_state.column("blacklist_intervals").chunk(0)
+                           if start_state.num_rows else pa.array([], _INTERVAL))
+    first_seen = pc.coalesce(start_state.column("first_seen"), pa.array(ts[starts]))
+    updated = pa.table(
+        {
+            "source": names,
+            "images": _col(start_state, "images") + count,
+            "rejected": _col(start_state, "rejected") + _sums(rejected, starts),
+            "blocked": _col(start_state, "blocked") + _sums(listed, starts),
+            "errors": start_state.column("errors"),
+            "cc": cc[ends].astype(np.int32),
+            "blacklisted": listed[ends],
+            "first_seen": first_seen,
+            "last_seen": pa.array(ts[ends], pa.float64()),
+            "blacklist_intervals": intervals,
+            "times_blacklisted": pc.list_value_length(intervals).cast(pa.int32()),
+        },
+        schema=SOURCES_SCHEMA,
+    )
+    # sources without events this run: the state's as they were, and new ones with only errors
+    rest = state.filter(pc.invert(pc.is_in(state.column("source"), value_set=names)))
+    seen = pa.concat_arrays([names, rest.column("source").combine_chunks()])
+    new = errors.column("source").filter(pc.invert(pc.is_in(errors.column("source"), value_set=seen)))
+    table = pa.concat_tables([updated, rest, _fresh_state(new.combine_chunks())]).combine_chunks()
+    found = pc.index_in(table.column("source"), value_set=errors.column("source"))
+    extra = pc.fill_null(pc.take(errors.column("source_count"), found), 0)
+    table = table.set_column(4, "errors", pc.add(table.column("errors"), extra))
+    table = table.sort_by("source")
+
+    responses = pa.table(
+        {
+            "shard": pa.array(_col(scored, "shard")[order.to_numpy()]),
+            "row": pa.array(_col(scored, "row")[order.to_numpy()]),
+            "cc": pa.array(cc.astype(np.int32)),
+            "blacklisted": pa.array(listed),
+        },
+        schema=RESPONSES_SCHEMA,
+    )
+    return table, responses
+
+
+def respond(staging: pa.Table, responses: pa.Table, output: str, shard: str) -> dict:
+    """Write a shard's images table: each staging row with the (cc, blacklisted) of its event in
+    ``responses`` (the shard's :data:`RESPONSES_SCHEMA` rows; error rows answer ``error``).
+    Returns the shard's counts; fails when an event is missing or answered twice."""
+    verdict = staging.column("verdict")
+    is_error = pc.equal(verdict, str(Verdict.ERROR)).to_numpy(zero_copy_only=False)
+    staged = _col(staging, "row")
+    rows = _col(responses, "row")
+    size = int(max(staged.max(initial=-1), rows.max(initial=-1))) + 1
+    expected = np.zeros(size, np.int64)
+    expected[staged[~is_error]] = 1
+    if not np.array_equal(np.bincount(rows, minlength=size), expected):
+        raise RuntimeError(f"shard {shard}: reputation answers do not match its {staging.num_rows} staging rows")
+    cc = np.zeros(size, np.int32)
+    listed = np.zeros(size, bool)
+    cc[rows] = _col(responses, "cc")
+    listed[rows] = _col(responses, "blacklisted")
+    cc, listed = cc[staged], listed[staged]
+    answer = pc.if_else(
+        pa.array(listed), str(Response.BLOCKED),
+        pc.if_else(pc.equal(verdict, str(Verdict.ACCEPTED)), staging.column("label"), str(Response.ADVERSARIAL)))
+    answer = pc.if_else(pa.array(is_error), str(Response.ERROR), answer).to_pylist()
+    images = images_table(staging, answer, pa.array(cc, mask=is_error).to_pylist(),
+                          pa.array(listed, mask=is_error).to_pylist())
     storage.write_parquet(images, images_uri(output, shard))
-    return {"rows": images.num_rows, "verdict": Counter(verdicts), "response": Counter(response)}
+    return {"rows": staging.num_rows, "verdict": Counter(verdict.to_pylist()), "response": Counter(answer)}

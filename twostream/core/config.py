@@ -182,7 +182,14 @@ class JobSettings(_Strict):
                                                       "shard is split into tasks of this many members)")
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/decode task")
     compare_num_cpus: float = Field(0.25, gt=0, description="CPUs per comparator task")
-    reputation_shards: int = Field(4, gt=0, description="stateful reputation actors (by crc32(source))")
+    reputation_shards: int = Field(4, gt=0, description="fewest reputation partitions (by crc32(source))")
+    reputation_memory_mb: int = Field(
+        1024, gt=0, description="memory budget of one reputation reduce task: more partitions when exceeded")
+    state: str | None = Field(
+        None, description="a previous run's output (its sources/) or a sources table to start reputation from")
+    late_events: Literal["refuse", "after"] = Field(
+        "refuse", description="events older than their source's last_seen in the state: refuse the run, "
+                              "or apply them after the state's events")
     fit_cpus: bool = Field(True, description="scale actor CPU requests down to fit a small cluster")
     shuffle_stream_output: bool = Field(False, description="testing: pools permute their output rows")
     shard_order_seed: int | None = Field(None, description="testing: shuffle shard order with this seed")
