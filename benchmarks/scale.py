@@ -1,0 +1,209 @@
+"""The batch job at scale: N small JPEGs in tar shards (WebDataset layout, sidecars with image id,
+source and timestamp) spread over S sources, tiny random models, on a fresh local Ray.
+
+Prints and writes (``--report``) wall time per phase, images/s, peak RSS per process kind and
+the object store's spill; run it at 100k and at 1M images and compare (targets: every kind's
+peak at 1M within 1.25x of its peak at 100k; reputation and final phases under 15% of the wall).
+
+    nice python benchmarks/scale.py --n 100000 --report out/scale-100k.json
+    nice python benchmarks/scale.py --n 1000000 --report out/scale-1m.json   # over an hour here
+    python benchmarks/scale.py --reduce-only --n 1000000   # the reputation reduce alone, events/s
+
+Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
+process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
+both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peaks are listed per
+process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
+(phase 3 tasks), ``ray`` (raylet, GCS and other Ray daemons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import resource
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("benchmarks.scale")
+TINY = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=cifar_resnet20",
+        "low.weights=random", "thresholds.p1=0.0", "thresholds.p2=0.3"]
+KINDS = {  # process title fragment -> kind, first match wins
+    "read_decode": "decode", "StreamStage": "stream", "compare": "compare",
+    "_events": "reputation", "_split": "reputation", "_reduce": "reputation", "_finalize": "final",
+    "raylet": "ray", "gcs_server": "ray", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",
+}
+
+
+def write_shards(root: Path, n: int, sources: int, per_tar: int, seed: int = 0) -> None:
+    """``n`` uploads in tars of ``per_tar``: 64 distinct 48x48 JPEGs (so verdicts vary), sources
+    drawn from ``sources`` addresses, timestamps over a day."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for k in range(64):
+        buf = io.BytesIO()
+        tile = np.random.default_rng(k).integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(tile).resize((48, 48), Image.BILINEAR).save(buf, "JPEG", quality=85)
+        blobs.append(buf.getvalue())
+    root.mkdir(parents=True, exist_ok=True)
+    src = rng.integers(0, sources, n)
+    ts = np.round(rng.random(n) * 86400, 3)
+    pick = rng.integers(0, len(blobs), n)
+    for t, start in enumerate(range(0, n, per_tar)):
+        with tarfile.open(root / f"shard-{t:06d}.tar", "w") as tar:
+            for i in range(start, min(start + per_tar, n)):
+                s = int(src[i])
+                meta = json.dumps({"image_id": f"u{i:08d}", "source": f"10.{s >> 16}.{(s >> 8) & 255}.{s & 255}",
+                                   "timestamp": float(ts[i])}).encode()
+                for name, blob in ((f"u{i:08d}.jpg", blobs[pick[i]]), (f"u{i:08d}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+
+
+class Sampler(threading.Thread):
+    """Peak RSS per process kind (and per stream actor process), from /proc every ``period`` s."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.period = period
+        self.peak: dict[str, int] = defaultdict(int)
+        self.stream: dict[int, int] = defaultdict(int)
+        self.stop = threading.Event()
+
+    def sample(self) -> None:
+        me = os.getpid()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                rss = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status")
+                           if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                continue
+            if int(pid) == me:
+                kind = "driver"
+            elif "ray::" in cmd or "ray/" in cmd:
+                kind = next((k for frag, k in KINDS.items() if frag in cmd), "other ray workers")
+            else:
+                continue
+            self.peak[kind] = max(self.peak[kind], rss)
+            if kind == "stream":
+                self.stream[int(pid)] = max(self.stream[int(pid)], rss)
+
+    def run(self) -> None:
+        while not self.stop.wait(self.period):
+            self.sample()
+
+
+def spilled() -> str:
+    """The object store's spill and restore totals (Ray's memory summary, stats only)."""
+    from ray._private.internal_api import memory_summary
+
+    lines = memory_summary(stats_only=True).splitlines()
+    return "; ".join(line.strip() for line in lines if "pill" in line or "estor" in line) or "none"
+
+
+def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[str]) -> dict:
+    import ray
+
+    from jobs.ray_cluster import connect
+    from jobs.score import run_job as job
+    from twostream.core.config import load_config
+
+    t0 = time.perf_counter()
+    write_shards(workdir / "in", n, sources, per_tar)
+    log.info("wrote %d images in %.0fs", n, time.perf_counter() - t0)
+    connect(num_cpus=os.cpu_count())
+    sampler = Sampler()
+    sampler.start()
+    try:
+        summary = job(load_config(None, TINY + overrides), str(workdir / "in"), str(workdir / "out"), progress=False)
+        spill = spilled()
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        ray.shutdown()
+    wall = summary["wall_s"]
+    mb = 1 << 20
+    return {
+        "images": summary["inputs"], "sources": summary["sources"], "blacklisted": summary["blacklisted_sources"],
+        "wall_s": {k: round(v, 1) for k, v in wall.items()},
+        "reputation_and_final_share": round((wall["reputation"] + wall["final"]) / wall["total"], 4),
+        "images_per_s_end_to_end": round(summary["inputs"] / wall["total"], 1),
+        "images_per_s_scoring": round(summary["inputs"] / wall["scoring"], 1),
+        "peak_rss_mb": {k: round(v / mb) for k, v in sorted(sampler.peak.items())},
+        "driver_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "stream_actor_peaks_mb": sorted(round(v / mb) for v in sampler.stream.values()),
+        "object_store_spill": spill,
+        "overrides": overrides,
+    }
+
+
+def reduce_only(n: int, sources: int) -> dict:
+    """The phase-2 reduce alone on ``n`` events of ``sources`` sources: events/s and peak RSS."""
+    import pyarrow as pa
+
+    from twostream.batch import reputation
+    from twostream.core.config import ReputationConfig
+
+    rng = np.random.default_rng(0)
+    names = np.array([f"10.{s >> 16}.{(s >> 8) & 255}.{s & 255}" for s in range(sources)])
+    events = pa.table({
+        "source": names[rng.integers(0, sources, n)], "timestamp": np.round(rng.random(n) * 86400, 3),
+        "image_id": pa.array(np.char.add("u", np.arange(n).astype(str))), "rejected": rng.random(n) < 0.3,
+        "error": np.zeros(n, bool), "shard": (np.arange(n) // 1000).astype(np.int32),
+        "row": (np.arange(n) % 1000).astype(np.int32),
+    }, schema=reputation.EVENTS_SCHEMA)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    table, _ = reputation.reduce_partition(events, None, ReputationConfig())
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reputation.reduce_partition(events, table, ReputationConfig(), late="after")  # from a state
+    with_state = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"events": n, "sources": table.num_rows, "events_per_s": round(n / first),
+            "events_per_s_with_state": round(n / with_state), "events_mb": round(events.nbytes / 2**20, 1),
+            "maxrss_growth_mb": round((peak - before) / 1024)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=100_000, help="images (or events with --reduce-only)")
+    parser.add_argument("--sources", type=int, default=100_000)
+    parser.add_argument("--per-tar", type=int, default=1000, help="images per tar shard")
+    parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed afterwards")
+    parser.add_argument("--report", type=Path, help="write the figures here (JSON)")
+    parser.add_argument("--reduce-only", action="store_true", help="time the reputation reduce alone")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.reduce_only:
+        figures = reduce_only(args.n, args.sources)
+    elif args.workdir:
+        figures = run_job(args.n, args.sources, args.per_tar, args.workdir, args.overrides)
+    else:
+        with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+            figures = run_job(args.n, args.sources, args.per_tar, Path(tmp), args.overrides)
+    text = json.dumps(figures, indent=2)
+    log.info("figures:\n%s", text)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
