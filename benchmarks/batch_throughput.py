@@ -25,15 +25,15 @@ SMALL = ["high.model=mobilenetv3_small_050", "high.weights=random",
 
 
 def make_images(root: Path, n: int) -> list[Path]:
-    from twostream import samples
+    from twostream.demo import photos as demo_photos
     from PIL import Image
 
-    photos = list(samples.photographs().values())
+    photos = list(demo_photos.photographs().values())
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(n):
         p = root / f"img{k:06d}.jpg"
-        Image.fromarray(samples.variant(photos[k % len(photos)], k // len(photos), 256)).save(p, quality=90)
+        Image.fromarray(demo_photos.variant(photos[k % len(photos)], k // len(photos), 256)).save(p, quality=90)
         paths.append(p)
     return paths
 

@@ -602,20 +602,20 @@ def test_sample_log_known_attacker(tmp_path: Path) -> None:
       p=5: R R R R A -> 1 2 3 4 3  joins at upload 3, final CC 3
     and it is never released (CC never returns to 0 once listed).
     """
-    from twostream import samples
-
-    pytest.importorskip("skimage")
     import csv
 
+    from twostream.demo.sample import Sender, generate
+
     config = _cfg(["high.model=resnet10t", "high.weights=random"], report=False)
-    info = samples.generate(tmp_path / "sample", n=8, adversarial_fraction=0.5, sources=4, attackers=1,
-                            shards=0, config=config)
+    senders = [Sender("src-00", "attacker", "aacaa", "t1-fgsm"),
+               *(Sender(f"src-0{k}", "honest", "c") for k in (1, 2, 3))]
+    info = generate(tmp_path / "sample", senders, shards=0, config=config, progress=False)
     with open(info.manifest) as handle:
         manifest = list(csv.DictReader(handle))
     assert len(manifest) == 8
     pq.write_table(pa.table({
         "image_id": [r["image_id"] for r in manifest],
-        "verdict": [R if r["adversarial"] == "1" else A for r in manifest],
+        "verdict": [R if r["attack"] else A for r in manifest],
     }), tmp_path / "scores.parquet")
     with open(tmp_path / "uploads.csv", "w") as handle:
         handle.write("timestamp,ip,key\n")
@@ -629,7 +629,7 @@ def test_sample_log_known_attacker(tmp_path: Path) -> None:
     for clean in ("src-01", "src-02", "src-03"):
         assert got[clean]["rejected"] == 0 and got[clean]["blacklist_intervals"] == []
         assert got[clean]["final_standing"] == "clean"
-    attacker = sorted(((float(r["timestamp"]), r["image_id"], r["adversarial"]) for r in manifest
+    attacker = sorted(((float(r["timestamp"]), r["image_id"], "1" if r["attack"] else "0") for r in manifest
                        if r["source"] == "src-00"))
     assert [a for _, _, a in attacker].count("1") == 4 and len(attacker) == 5
     p = [a for _, _, a in attacker].index("0") + 1

@@ -2,8 +2,9 @@
 
 With ``--input``: runs the job on the Ray cluster at ``--address``/$RAY_ADDRESS, or on a local
 Ray started for the run. Without ``--input`` (the embedded default, ``make demo``): starts the
-local S3 server (moto), generates or reuses the cached sample (``twostream sample``), uploads it
-to a bucket, runs the job from ``s3://`` on a local Ray and prints the one-screen summary.
+local S3 server (moto), generates or reuses the cached demo sample (``twostream sample``: honest
+senders and attackers, their roles in its manifest), uploads it to a bucket, runs the job from
+``s3://`` on a local Ray and prints the one-screen summary with the ground truth beside the outcome.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--state", help="start reputation from a previous run's output (its sources/) "
                                         "or a sources table (default: job.state)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--n", type=int, default=64, help="demo: sample size")
-    parser.add_argument("--adversarial-fraction", type=float, default=0.25, help="demo")
     parser.add_argument("--no-progress", action="store_true")
     add_config_args(parser)
     parser.set_defaults(run=run)
@@ -48,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
                 print("twostream score: --output is required with --input", file=sys.stderr)
                 return 2
         else:
-            from twostream import samples
+            from twostream.demo import sample
             from twostream.storage.local_s3 import LocalStore, create_bucket, upload_tree
 
-            print("embedded demo: local S3 server (moto) + local Ray + the cached sample", file=sys.stderr)
-            info = samples.cached(args.n, args.adversarial_fraction, config=cfg)
+            print("embedded demo: local S3 server (moto) + local Ray + the cached demo sample", file=sys.stderr)
+            info = sample.cached(config=cfg, progress=not args.no_progress)
             store = LocalStore().start()
             store.apply_env()
             create_bucket("twostream-demo")
