@@ -85,11 +85,13 @@ def batch_rows(images, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def serve_answers(images) -> dict[str, tuple[int, dict]]:
+def serve_answers(images, tmp_path_factory) -> dict[str, tuple[int, dict]]:
     _, files = images
     port = free_port()
+    redis_dir = tmp_path_factory.mktemp("identity-redis")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twostream.cli", "serve", "--port", str(port), "--num-cpus", "2"],
+        [sys.executable, "-m", "twostream.cli", "serve", "--port", str(port), "--num-cpus", "2",
+         "--set", f"serve.redis_dir={redis_dir}"],
         cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
