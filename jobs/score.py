@@ -206,9 +206,10 @@ def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, stat
         if isinstance(exc.cause, reputation.StateError):
             raise exc.cause from None
         raise
-    written = {outputs.sources_uri(output, p) for p in range(parts)}
+    # by file name: list_files gives absolute paths where a relative --output was given (make demo)
+    written = {outputs.sources_uri(output, p).rsplit("/", 1)[-1] for p in range(parts)}
     for uri in storage.list_files(storage.join(output, "sources"), (".parquet",)):
-        if uri not in written:  # a part of an earlier run over the same output with more partitions
+        if uri.rsplit("/", 1)[-1] not in written:  # an earlier run's part (that run had more partitions)
             storage.remove(uri)
     return [r[:-1] for r in reduced], stats
 
