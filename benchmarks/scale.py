@@ -13,7 +13,8 @@ Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
 both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peaks are listed per
 process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
-(phase 3 tasks), ``ray`` (raylet, GCS and other Ray daemons).
+(phase 3 tasks), ``ray`` (raylet, GCS and other Ray daemons), ``other`` (idle Ray workers).
+Only this process's descendants count (the local Ray it starts), not other Ray instances.
 """
 
 from __future__ import annotations
@@ -84,24 +85,37 @@ class Sampler(threading.Thread):
         self.stream: dict[int, int] = defaultdict(int)
         self.stop = threading.Event()
 
+    @staticmethod
+    def ours() -> list[int]:
+        """This process and its descendants: the local Ray it started (GCS, raylet, workers), not
+        other Ray instances on the machine."""
+        children: dict[int, list[int]] = defaultdict(list)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(pid))
+        found, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
     def sample(self) -> None:
         me = os.getpid()
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for pid in self.ours():
             try:
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
                 rss = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status")
                            if line.startswith("VmRSS:"))
             except (OSError, StopIteration):
                 continue
-            if int(pid) == me:
-                kind = "driver"
-            elif "ray::" in cmd or "ray/" in cmd:
-                kind = next((k for frag, k in KINDS.items() if frag in cmd), "other ray workers")
-            else:
-                continue
+            kind = "driver" if pid == me else next((k for frag, k in KINDS.items() if frag in cmd), "other")
             self.peak[kind] = max(self.peak[kind], rss)
             if kind == "stream":
-                self.stream[int(pid)] = max(self.stream[int(pid)], rss)
+                self.stream[pid] = max(self.stream[pid], rss)
 
     def run(self) -> None:
         while not self.stop.wait(self.period):
@@ -110,9 +124,10 @@ class Sampler(threading.Thread):
 
 def spilled() -> str:
     """The object store's spill and restore totals (Ray's memory summary, stats only)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    lines = memory_summary(stats_only=True).splitlines()
+    lines = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True).splitlines()
     return "; ".join(line.strip() for line in lines if "pill" in line or "estor" in line) or "none"
 
 
