@@ -7,8 +7,9 @@ under 3 GB in all for 30 of them).
     python benchmarks/memory_scaling.py --sizes 2000 10000
     python benchmarks/memory_scaling.py --large 30
 
-Each size runs the job on a fresh local Ray; a sampler thread records the summed RSS of the Ray
-worker processes (/proc) and the driver's peak RSS every 0.5 s.
+Each size runs the job on a fresh local Ray; a sampler thread records the summed RSS of the
+processes the driver started (the local Ray: GCS, raylet, workers; from /proc) and the driver's
+peak RSS every 0.5 s.
 """
 
 from __future__ import annotations
@@ -46,19 +47,27 @@ def write_images(root: Path, n: int, large: bool = False) -> None:
 
 
 def worker_rss() -> int:
-    """Summed RSS of the Ray processes on this machine (from /proc; no psutil needed)."""
+    """Summed RSS of this driver's descendants: the local Ray it started (GCS, raylet, workers),
+    not another Ray on the same machine (from /proc; no psutil needed)."""
     import os
 
-    total = 0
+    parent, rss = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
-            if b"ray::" in cmd or b"default_worker.py" in cmd or b"raylet" in cmd:
-                for line in open(f"/proc/{pid}/status"):
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
+            with open(f"/proc/{pid}/stat") as handle:
+                parent[int(pid)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/status") as handle:
+                rss[int(pid)] = next((int(line.split()[1]) * 1024 for line in handle
+                                      if line.startswith("VmRSS:")), 0)
+        except (OSError, ValueError):
             pass
+    me, total = os.getpid(), 0
+    for pid in rss:
+        up = parent.get(pid)
+        while up and up != me:
+            up = parent.get(up)
+        if up == me:
+            total += rss[pid]
     return total
 
 

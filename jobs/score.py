@@ -97,7 +97,8 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
     for kind in ("high", "low"):
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(
-            stages.StreamStage, batch_size=scfg.batch_size, batch_format="pyarrow",
+            # at most a work unit per call: a shard commits at most that many rows after its last row
+            stages.StreamStage, batch_size=min(scfg.batch_size, cfg.job.rows_per_task), batch_format="pyarrow",
             fn_constructor_kwargs={"config": cfg, "kind": kind},
             compute=ray.data.ActorPoolStrategy(size=scfg.pool_size),
             num_cpus=res[kind], num_gpus=scfg.num_gpus or None, **fault_env,
