@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream import storage
+from twostream.batch import ground_truth
 from twostream.batch.planning import Plan, Shard
 from twostream.core.labels import Verdict
 from twostream.core.results import SCORE_FIELDS
@@ -258,6 +259,9 @@ def build_summary(
     }
     if not summary["counts_add_up"]:
         raise RuntimeError(f"counts do not add up: {summary}")
+    truth = ground_truth.from_output(manifest_uri, output)  # None unless the manifest names roles
+    if truth:
+        summary["ground_truth"] = truth
     return summary
 
 
