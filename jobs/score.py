@@ -158,7 +158,7 @@ def _state_files(state: str | None, output: str) -> list[str]:
     else ``STATE`` itself (a folder or file of sources tables)."""
     if not state:
         return []
-    if storage.join(state, "") == storage.join(output, ""):
+    if storage.is_s3(state) == storage.is_s3(output) and storage.filesystem(state)[1] == storage.filesystem(output)[1]:
         raise reputation.StateError("--state must not be the run's own --output (its sources/ are rewritten)")
     folder = storage.join(state, "sources")
     try:
