@@ -6,7 +6,7 @@ of reputation thresholds (:mod:`twostream.evaluation.calibration`). Writes under
 ``calibration.parquet`` (every ``(p1, p2, attack)``), ``operating_points.parquet``,
 ``blacklisting.parquet``, ``calibration.png``, ``calibration.md`` and, with
 ``--target-clean-reject``, ``thresholds.yaml`` (``thresholds:`` and ``reputation:`` sections, for
-``--config``).
+``--config``). Exit code 1 when no swept point meets the target (the sweep is still written).
 """
 
 from __future__ import annotations
@@ -77,12 +77,15 @@ def run(args: argparse.Namespace) -> int:
         counts = {a: int((rows.attack == a).sum()) for a in rows.attacks}
         blacklist = cal.blacklisting(points, counts["clean"], counts, args.reputation_threshold,
                                      root.simulation, root.reputation)
-        choice = None
-        if args.target_clean_reject is not None:
-            choice = cal.choose(points, blacklist, args.target_clean_reject, args.max_honest_blacklisted)
     except (ValueError, OSError) as exc:
         sys.stderr.write(f"twostream calibrate: {exc}\n")
         return 2
+    choice, missed = None, None
+    if args.target_clean_reject is not None:
+        try:
+            choice = cal.choose(points, blacklist, args.target_clean_reject, args.max_honest_blacklisted)
+        except ValueError as exc:  # the sweep is still written; no thresholds.yaml
+            missed = str(exc)
     files = {name: storage.join(args.output, name) for name in
              ("calibration.parquet", "operating_points.parquet", "blacklisting.parquet", "calibration.png",
               "calibration.md")}
@@ -97,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{choice.point['clean_reject']:.4f}, worst wrong-accept {choice.point['worst_wrong']:.4f} "
                 f"({choice.point['worst_attack']}), honest senders blacklisted {choice.honest_blacklisted:.4f}")
         storage.write_bytes(files["thresholds.yaml"], cal.config_yaml(choice, root.reputation, note).encode())
+    if missed:
+        text += f"\nTarget not met: {missed}.\n"
     storage.write_bytes(files["calibration.md"], text.encode())
     sys.stdout.write(text + "\n" + "\n".join(f"- {name}: {uri}" for name, uri in files.items()) + "\n")
+    if missed:
+        sys.stderr.write(f"twostream calibrate: {missed}\n")
+        return 1
     return 0

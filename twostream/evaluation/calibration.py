@@ -208,8 +208,9 @@ def config_yaml(choice: Choice, reputation: ReputationConfig, note: str) -> str:
 
 
 def pareto(points: pa.Table) -> list[dict[str, Any]]:
-    """The points no other point beats on both clean reject and worst wrong-accept, by clean reject."""
-    rows = sorted(points.to_pylist(), key=lambda r: (r["clean_reject"], r["worst_wrong"]))
+    """The points no other point beats on both clean reject and worst wrong-accept, by clean reject
+    (of equal points the one :func:`choose` would take: larger p1, then larger p2)."""
+    rows = sorted(points.to_pylist(), key=lambda r: (r["clean_reject"], r["worst_wrong"], -r["p1"], -r["p2"]))
     front, best = [], float("inf")
     for r in rows:
         if r["worst_wrong"] < best - 1e-12:
