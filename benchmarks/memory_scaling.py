@@ -7,9 +7,11 @@ under 3 GB in all for 30 of them).
     python benchmarks/memory_scaling.py --sizes 2000 10000
     python benchmarks/memory_scaling.py --large 30
 
-Each size runs the job on a fresh local Ray; a sampler thread records the summed RSS of the
-processes the driver started (the local Ray: GCS, raylet, workers; from /proc) and the driver's
-peak RSS every 0.5 s.
+Each size runs the job on a fresh local Ray; every 0.5 s a sampler thread reads the memory of
+the driver and the processes it started (the local Ray: GCS, raylet, workers; /proc smaps_rollup):
+``peak_in_all_pss_mb`` is the peak of their summed PSS (the memory in use, shared pages split),
+``workers_peak_rss_sum_mb`` the peak of the workers' summed RSS (counts the object store's shared
+pages once per process that maps them), with the largest processes at the peak.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import resource
 import sys
 import tempfile
@@ -46,32 +49,45 @@ def write_images(root: Path, n: int, large: bool = False) -> None:
         (root / f"{k:07d}{suffix}").write_bytes(blob)
 
 
-def worker_rss() -> int:
-    """Summed RSS of this driver's descendants: the local Ray it started (GCS, raylet, workers),
-    not another Ray on the same machine (from /proc; no psutil needed)."""
+def tree_memory() -> dict[int, tuple[str, int, int]]:
+    """pid -> (command, RSS, PSS) in bytes for this driver and its descendants: the local Ray it
+    started (GCS, raylet, workers), not another Ray on the same machine. PSS splits shared pages
+    (the object store's shared memory, libraries) among the processes that map them, so the sum
+    of PSS is the memory in use; the sum of RSS counts shared pages once per process."""
     import os
 
-    parent, rss = {}, {}
+    parent = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as handle:
                 parent[int(pid)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/status") as handle:
-                rss[int(pid)] = next((int(line.split()[1]) * 1024 for line in handle
-                                      if line.startswith("VmRSS:")), 0)
         except (OSError, ValueError):
             pass
-    me, total = os.getpid(), 0
-    for pid in rss:
-        up = parent.get(pid)
+    me, out = os.getpid(), {}
+    for pid in parent:
+        up = pid
         while up and up != me:
             up = parent.get(up)
-        if up == me:
-            total += rss[pid]
-    return total
+        if up != me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmd = handle.read().replace(b"\0", b" ").decode(errors="replace")[:60]
+            fields = {}
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    name, _, rest = line.partition(":")
+                    if name in ("Rss", "Pss"):
+                        fields[name] = int(rest.split()[0]) * 1024
+            out[pid] = (cmd, fields.get("Rss", 0), fields.get("Pss", 0))
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def run(n: int, overrides: list[str], large: bool = False) -> dict:
+    import os
+
     import ray
 
     from jobs.ray_cluster import connect
@@ -79,13 +95,22 @@ def run(n: int, overrides: list[str], large: bool = False) -> dict:
     from twostream.core.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_images(Path(tmp) / "in", n, large)
-        peak = {"workers": 0}
+        # in a child process: the images' memory is not the driver's (the job's driver never holds one)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(write_images, (Path(tmp) / "in", n, large))
+        peak = {"pss": 0, "workers_rss": 0, "top": []}
         stop = threading.Event()
 
         def sample():
             while not stop.is_set():
-                peak["workers"] = max(peak["workers"], worker_rss())
+                tree = tree_memory()
+                pss = sum(p for _, _, p in tree.values())
+                peak["workers_rss"] = max(peak["workers_rss"],
+                                          sum(r for pid, (_, r, _) in tree.items() if pid != os.getpid()))
+                if pss > peak["pss"]:
+                    peak["pss"] = pss
+                    top = sorted(tree.values(), key=lambda t: -t[2])[:6]
+                    peak["top"] = [f"{cmd.strip()}: {p / 2**20:.0f} MB" for cmd, _, p in top]
                 time.sleep(0.5)
 
         connect(log_to_driver=False, object_store_memory=1 << 30)
@@ -99,11 +124,11 @@ def run(n: int, overrides: list[str], large: bool = False) -> dict:
             thread.join()
             ray.shutdown()
     return {"images": n, "size": "6000x6000" if large else "48x48",
-            "scoring_images_per_s": round(summary["throughput"]["scoring_images_per_s"], 1),
+            "scoring_images_per_s": round(summary["throughput"]["scoring_images_per_s"], 2),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "workers_peak_rss_mb": round(peak["workers"] / 2**20),
-            "peak_in_all_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                                    + peak["workers"] / 2**20)}
+            "workers_peak_rss_sum_mb": round(peak["workers_rss"] / 2**20),
+            "peak_in_all_pss_mb": round(peak["pss"] / 2**20),
+            "at_peak": peak["top"]}
 
 
 def main() -> None:

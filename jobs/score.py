@@ -243,6 +243,9 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     # Ray Data's default (0) fails the job on the first actor that dies before its constructor
     # ran, which a crash elsewhere in the pool can cause; a replacement is started instead.
     ctx.max_consecutive_actor_init_deaths = cfg.job.actor_init_deaths
+    # Ray Data merges a task's small outputs up to this size (128 MiB by default) before storing
+    # them: the decode tasks' bound on bytes per block is the one that applies.
+    ctx.target_max_block_size = cfg.job.decode_bytes_per_batch
     done = outputs.done_shards(output, shards) if cfg.job.resume else set()
     todo = [s for s in shards if s.shard_id not in done]
     if cfg.job.shard_order_seed is not None:

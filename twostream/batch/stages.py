@@ -16,6 +16,10 @@
 Every row carries its own identity and all earlier columns, so a stage may reorder rows. Each
 stage adds ``t_<stage>_ms`` (its time per row); the read stage adds ``shard_total`` (rows of the
 row's shard), which tells the driver when a shard is complete.
+
+torch (and the scoring core on it) is imported by the stages that run models or resizes, not
+when this module is imported: the job's driver and the compare tasks never load it (a CUDA build
+of torch costs ~400 MB of private memory per process).
 """
 
 from __future__ import annotations
@@ -23,17 +27,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from twostream.batch.outputs import staging_table
 from twostream.batch.planning import Shard, attach_identity, read_unit
 from twostream.core.config import TwoStreamConfig
 from twostream.core.results import score_rows
-from twostream.core.scoring import StreamScorer, decode_many, input_spec, prepare, scatter_topk, use_threads
+
+if TYPE_CHECKING:
+    import torch
 
 FAULT_CRASH_ACTOR = "TWOSTREAM_FAULT_CRASH_ACTOR_ONCE"  # dir: first high-stream batch kills its actor
 KINDS = ("high", "low")
@@ -62,6 +67,8 @@ _PASSED_ON = ("shard_total", "t_read_ms", "t_decode_ms", "t_high_ms", "t_low_ms"
 def read_decode(unit: Shard, config: TwoStreamConfig) -> Iterator[pa.Table]:
     """Read a work unit's entries, give them their identity, decode and prepare them one by one;
     yields :data:`DECODED_SCHEMA` blocks bounded by rows and by prepared bytes."""
+    from twostream.core.scoring import decode_many, input_spec, prepare
+
     specs = {kind: input_spec(config, kind) for kind in KINDS}
     rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
@@ -115,6 +122,10 @@ class StreamStage:
     """One stream's actor: forward + top-k of the prepared inputs of a table's rows."""
 
     def __init__(self, config: TwoStreamConfig, kind: Literal["high", "low"]) -> None:
+        import torch
+
+        from twostream.core.scoring import StreamScorer, use_threads
+
         self.config = config
         self.kind = kind
         use_threads(getattr(config, kind))
@@ -122,8 +133,10 @@ class StreamStage:
         self.scorer = StreamScorer(config, kind)
         self.calls = 0
 
-    def _prepared(self, table: pa.Table) -> tuple[list[int], torch.Tensor]:
+    def _prepared(self, table: pa.Table) -> tuple[list[int], "torch.Tensor"]:
         """The rows with a prepared input for this stream, and those inputs as one (N, 3, h, w) batch."""
+        import torch
+
         h, w = self.scorer.stream.spec.size
         column = table.column(f"{self.kind}_input")
         good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
@@ -142,6 +155,8 @@ class StreamStage:
                 os._exit(1)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        from twostream.core.scoring import scatter_topk
+
         self.calls += 1
         self._maybe_crash()
         t0 = time.perf_counter()

@@ -177,7 +177,8 @@ class JobSettings(_Strict):
     files_per_shard: int = Field(256, gt=0, description="loose files per input shard (unit of resume)")
     decode_batch_size: int = Field(32, gt=0, description="most rows per block a read/decode task emits")
     decode_bytes_per_batch: int = Field(
-        64 << 20, gt=0, description="most bytes of prepared stream input per block a read/decode task emits")
+        16 << 20, gt=0, description="most bytes of prepared stream input per block a read/decode task emits "
+                                    "(also Ray Data's target_max_block_size)")
     rows_per_task: int = Field(256, gt=0, description="most inputs one read/decode task reads (a big tar "
                                                       "shard is split into tasks of this many members)")
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/decode task")

@@ -50,7 +50,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
 def _open_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
@@ -96,7 +96,7 @@ def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
         image = _open_checked(data, limits or LimitsConfig())
         image.seek(0)
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a large image
         return np.ascontiguousarray(_to_rgb(image))
 
 
