@@ -17,3 +17,66 @@ def assets_dir() -> Path:
     if not ASSETS.is_dir():
         pytest.skip(f"offline assets not found at {ASSETS} (set TWOSTREAM_ASSETS)")
     return ASSETS
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules marked ``own_process`` run in a pytest process of their own. A Ray Data job driven from
+# a process that has already connected to (and left) another Ray cluster gets its actors
+# cancelled before they start ("The actor never ran"): Ray's process state does not reset. Each
+# such module is run once, whole, in a child pytest; its results are reported here, test by test.
+# ---------------------------------------------------------------------------------------------
+CHILD_ENV = "TWOSTREAM_PYTEST_CHILD"
+_CHILD_RESULTS: dict[str, dict[str, tuple[str, str, float]]] = {}
+
+
+def _run_module_in_child(item: pytest.Item) -> dict[str, tuple[str, str, float]]:
+    import subprocess
+    import sys
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    path = str(item.path)
+    if path not in _CHILD_RESULTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            junit = Path(tmp) / "junit.xml"
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                 "--rootdir", str(REPO), path],
+                cwd=REPO, env={**os.environ, CHILD_ENV: "1"}, capture_output=True, text=True,
+            )
+            results: dict[str, tuple[str, str, float]] = {}
+            if junit.exists():
+                for case in ET.parse(junit).getroot().iter("testcase"):
+                    name = f"{item.path.relative_to(REPO).as_posix()}::{case.get('name')}"
+                    outcome, text = "passed", ""
+                    for tag in ("failure", "error", "skipped"):
+                        node = case.find(tag)
+                        if node is not None:
+                            outcome = "skipped" if tag == "skipped" else "failed"
+                            text = (node.get("message") or "") if tag == "skipped" else (node.text or node.get("message") or "")
+                    results[name] = (outcome, text, float(case.get("time") or 0.0))
+            results["__output__"] = ("failed", done.stdout[-6000:] + done.stderr[-3000:], 0.0)
+            _CHILD_RESULTS[path] = results
+    return _CHILD_RESULTS[path]
+
+
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    if os.environ.get(CHILD_ENV) or item.get_closest_marker("own_process") is None:
+        return None
+    from _pytest.reports import TestReport
+
+    results = _run_module_in_child(item)
+    outcome, text, duration = results.get(
+        item.nodeid, ("failed", "no result from the child pytest:\n" + results["__output__"][1], 0.0))
+    keywords = {k: 1 for k in item.keywords}
+    if outcome == "skipped":  # pytest reports a skip at setup, with (path, line, reason)
+        phases = [("setup", "skipped", (str(item.path), 0, text.strip()), 0.0)]
+    else:
+        phases = [("setup", "passed", None, 0.0), ("call", outcome, text or None, duration)]
+    phases.append(("teardown", "passed", None, 0.0))
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    for when, result, longrepr, seconds in phases:
+        report = TestReport(item.nodeid, item.location, keywords, result, longrepr, when, duration=seconds)
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True

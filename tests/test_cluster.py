@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from test_score_job import SMALL, check_output, expected, make_dataset
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
 
 # Fits on the head alone (2 CPUs) once the worker node is gone: 2 + 2 stream actors at 0.25 CPU,
 # decode 0.5, compare 0.25; pools of 2 so that Ray Data spreads them over both nodes.

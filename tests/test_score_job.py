@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
