@@ -163,9 +163,10 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, settings: RobustnessSettings
             robust = autoattack_robust(model, x[aa_idx], y[aa_idx], eps, iters=s.aa_iters,
                                        restarts=s.aa_restarts, square_queries=s.aa_square_queries,
                                        seed=s.seed, batch_size=s.batch_size)
+            attacks = ["APGD-CE", "APGD-DLR"] + (["Square"] if s.aa_square_queries else [])
             row("autoattack", eps, robust, started,
-                {"library": "ART AutoAttack", "attacks": ["APGD-CE", "APGD-DLR"] + (["Square"] if s.aa_square_queries else []),
-                 "apgd_iters": s.aa_iters, "apgd_restarts": s.aa_restarts, "square_queries": s.aa_square_queries})
+                {"library": "ART AutoAttack", "attacks": attacks, "apgd_iters": s.aa_iters,
+                 "apgd_restarts": s.aa_restarts, "square_queries": s.aa_square_queries})
     return pa.Table.from_pylist(rows, schema=ROBUSTNESS_SCHEMA)
 
 
