@@ -50,7 +50,7 @@ from twostream.batch import outputs, reputation, resume, stages
 from twostream.batch.manifest import ManifestError, read_manifest
 from twostream.batch.planning import InputError, Shard, attach_manifest, plan_input, work_units
 from twostream.batch.report import write_batch_report
-from twostream.core.config import ConfigError, TwoStreamConfig, load_config
+from twostream.core.config import ConfigError, TwoStreamConfig, add_config_args, config_from_args
 
 log = logging.getLogger("twostream.jobs.score")
 
@@ -288,13 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="s3:// prefix or local folder for results")
     parser.add_argument("--state", help="start reputation from a previous run's output (its sources/) "
                                         "or a sources table (default: job.state, else from zero)")
-    parser.add_argument("--config", help="YAML/JSON config (TwoStreamConfig, job: section included)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(parser, "job.files_per_shard=64")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = with_state(load_config(args.config, args.overrides), args.state)
+        cfg = with_state(config_from_args(args), args.state)
         summary = run_job(cfg, args.input, args.output, args.manifest, progress=not args.no_progress)
     except USER_ERRORS as exc:
         print(f"python -m jobs.score: {exc}", file=sys.stderr)

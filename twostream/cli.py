@@ -13,7 +13,7 @@ import logging
 import sys
 
 from twostream import __version__
-from twostream.core.config import ConfigError, add_config_args, config_from_args  # noqa: F401 (used by commands)
+from twostream.core.config import ConfigError
 
 # Module names under twostream.commands, in the order shown by --help.
 COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "reputation", "eval", "simulate", "train_low",

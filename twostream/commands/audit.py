@@ -15,7 +15,7 @@ import sys
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from twostream.audit.flags import add_audit_args
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
 
     parser = subparsers.add_parser("audit", help="audit an upload log: which sources sent adversarial images")
     add_audit_args(parser)
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from twostream.audit.flags import audit_section, print_summary
     from twostream.audit.logread import AuditError
     from twostream.audit.run import run_audit
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
 
     config = config_from_args(args, audit_section(args))
     try:

@@ -27,7 +27,7 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
     from twostream.evaluation.calibration import P1_GRID, P2_GRID, REPUTATION_GRID
 
     def grid(values) -> str:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
     from twostream import storage
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
     from twostream.evaluation import calibration as cal
 
     try:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
 
     parser = subparsers.add_parser("classify", help="score local image files")
     parser.add_argument("images", nargs="+", type=Path, help="image files")
@@ -41,7 +41,7 @@ def _format(result, path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
     from twostream.core.labels import Verdict
     from twostream.core.scoring import Scorer
 

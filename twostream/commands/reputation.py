@@ -23,7 +23,7 @@ log = logging.getLogger("twostream.reputation")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
 
     parser = subparsers.add_parser(
         "reputation", help="export/import the endpoint's reputation state (Parquet, the sources schema)"
@@ -63,7 +63,7 @@ async def _import(store, uri: str, replace: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
     from twostream.online.redis_server import EmbeddedRedis
     from twostream.online.redis_store import RedisReputation
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
 
     parser = subparsers.add_parser("sample", help="generate the demo upload set (roles in its manifest)")
     parser.add_argument("--out", type=Path, help="folder (default: cached under ~/.cache/twostream)")
@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
     from twostream.demo import sample
 
     config = config_from_args(args)

@@ -16,7 +16,7 @@ import time
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
 
     parser = subparsers.add_parser("score", help="batch-score images on Ray (Parquet out)")
     parser.add_argument("--input", help="s3:// prefix or local folder (default: the embedded demo)")
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from jobs.ray_cluster import connect
     from jobs.score import USER_ERRORS, run_job, with_state
     from twostream.batch.outputs import format_summary
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
 
     cfg = with_state(config_from_args(args), args.state)
     store = None

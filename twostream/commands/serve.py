@@ -9,7 +9,7 @@ import threading
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
 
     parser = subparsers.add_parser(
         "serve",
@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
 
     config = config_from_args(args, {"serve": {"host": args.host, "port": args.port}})
     if args.print_config:

@@ -23,7 +23,7 @@ ROW_COLUMNS = ("dataset", "attack", "truth", "verdict")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.cli import add_config_args
+    from twostream.core.config import add_config_args
 
     parser = subparsers.add_parser("simulate", help="simulate users under Algorithm 2 (the paper's Fig. 5)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -87,7 +87,7 @@ def read_rows(uri: str) -> "pa.Table":
 
 def run(args: argparse.Namespace) -> int:
     from twostream import storage
-    from twostream.cli import config_from_args
+    from twostream.core.config import config_from_args
     from twostream.evaluation import simulation
 
     sizes = {"normal_users": args.normal_users, "adversarial_users": args.adversarial_users,
