@@ -22,8 +22,10 @@ all replicas), then answers (:func:`twostream.online.api.build_classify_response
 """
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -240,43 +242,39 @@ class Ingress:
         status = 403 if isinstance(body, BlockedResponse) else 200
         return JSONResponse(body.model_dump(mode="json"), status_code=status)
 
-    async def _lookup(self, source: str) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def _observed(self, route: str) -> AsyncIterator[None]:
+        """Time a lookup/admin route into the metrics: 200, its ApiError's status, or 503 when the
+        reputation store is unavailable."""
         started = time.perf_counter()
         status = 500
         try:
+            yield
+            status = 200
+        except StoreUnavailable as exc:
+            status = 503
+            raise unavailable(exc) from None
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._done(route, status, started)
+
+    async def _lookup(self, source: str) -> dict[str, Any]:
+        async with self._observed("source"):
             check_source_id(source)
             state = await self.store.get(source)
             if state is None:
                 raise ApiError(404, "unknown_source", f"source {source!r} has no scored images")
-            status = 200
             return SourceInfo.of(source, state).model_dump()
-        except StoreUnavailable as exc:
-            status = 503
-            raise unavailable(exc) from None
-        except ApiError as exc:
-            status = exc.status
-            raise
-        finally:
-            self._done("source", status, started)
 
     async def _reset(self, source: str, request: Request) -> dict[str, Any]:
-        started = time.perf_counter()
-        status = 500
-        try:
+        async with self._observed("reset"):
             check_bearer(request.headers.get("authorization"), self.admin_token)
             check_source_id(source)
             previous = await self.store.reset(source)
-            status = 200
             return {"source": source, "existed": previous is not None,
                     "previous": None if previous is None else SourceInfo.of(source, previous).model_dump()}
-        except StoreUnavailable as exc:
-            status = 503
-            raise unavailable(exc) from None
-        except ApiError as exc:
-            status = exc.status
-            raise
-        finally:
-            self._done("reset", status, started)
 
     @api.get("/v1/source", response_model=SourceInfo, responses={404: {"model": ErrorResponse}},
              summary="Standing of one source given as the query parameter `id` (any id)")
