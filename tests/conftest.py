@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,33 @@ def assets_dir() -> Path:
         pytest.skip(f"offline assets not found at {ASSETS} (set TWOSTREAM_ASSETS)")
     return ASSETS
 
+
+
+@contextmanager
+def local_s3_env(bucket: str) -> Iterator:
+    """The local S3 server, this process's environment pointed at it (and restored after), and one
+    bucket: ``with local_s3_env("b") as store: ...``."""
+    from twostream import storage
+    from twostream.storage.local_s3 import LocalStore, create_bucket
+
+    def forget_clients() -> None:
+        storage._s3_filesystem.cache_clear()
+        storage._s3_client.cache_clear()
+
+    with LocalStore() as store:
+        old = {k: os.environ.get(k) for k in store.env}
+        os.environ.update(store.env)
+        forget_clients()
+        try:
+            create_bucket(bucket, store.endpoint)
+            yield store
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            forget_clients()
 
 # ---------------------------------------------------------------------------------------------
 # Modules marked ``own_process`` run in a pytest process of their own. A Ray Data job driven from

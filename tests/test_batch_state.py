@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import tarfile
 from pathlib import Path
@@ -18,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+from conftest import local_s3_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
 
@@ -73,27 +74,13 @@ def cluster():
     import ray
 
     from jobs.ray_cluster import connect
-    from twostream import storage
-    from twostream.storage.local_s3 import LocalStore, create_bucket
 
-    with LocalStore() as store:
-        old = {k: os.environ.get(k) for k in store.env}
-        os.environ.update(store.env)
-        storage._s3_filesystem.cache_clear()
-        storage._s3_client.cache_clear()
-        create_bucket("state-test", store.endpoint)
+    with local_s3_env("state-test") as store:
         connect(num_cpus=2)
         try:
             yield store
         finally:
             ray.shutdown()
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            storage._s3_filesystem.cache_clear()
-            storage._s3_client.cache_clear()
 
 
 def _run(input_dir: Path, output: str, overrides: list[str], state: str | None = None) -> dict:

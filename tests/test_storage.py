@@ -7,26 +7,14 @@ import os
 import pyarrow as pa
 import pytest
 
+from conftest import local_s3_env
 from twostream import storage
-from twostream.storage.local_s3 import LocalStore, create_bucket
 
 
 @pytest.fixture(scope="module")
 def s3():
-    with LocalStore() as store:
-        old = {k: os.environ.get(k) for k in store.env}
-        os.environ.update(store.env)
-        storage._s3_filesystem.cache_clear()
-        storage._s3_client.cache_clear()
-        create_bucket("storage-test", store.endpoint)
+    with local_s3_env("storage-test") as store:
         yield store
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage._s3_filesystem.cache_clear()
-        storage._s3_client.cache_clear()
 
 
 def test_read_list_exists(s3):
