@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +51,33 @@ def local_s3_env(bucket: str) -> Iterator:
                 else:
                     os.environ[k] = v
             forget_clients()
+
+def ray_start_node(args: list[str], temp_dir: str, env: dict, ip: str = "127.0.0.1") -> None:
+    """``ray start`` with its own free port for every service (nothing left by another test can
+    hold a default port: the dashboard agent then never registers and ``ray job submit`` answers
+    "No available agent"), and wait until that node's dashboard agent listens."""
+    from twostream.storage.local_s3 import free_port
+
+    agent = free_port()
+    ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
+             "--dashboard-agent-listen-port": agent, "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", *args, "--node-ip-address", ip,
+           "--temp-dir", temp_dir, "--disable-usage-stats"]
+    for flag, port in ports.items():
+        cmd += [flag, str(port)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection((ip, agent), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the dashboard agent of the node at {ip} never listened on {agent}")
+            time.sleep(0.5)
+
 
 # ---------------------------------------------------------------------------------------------
 # Modules marked ``own_process`` run in a pytest process of their own. A Ray Data job driven from

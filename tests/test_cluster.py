@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ray_start_node
 from test_score_job import SMALL, check_output, expected, make_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
@@ -31,6 +32,9 @@ OVERRIDES = SMALL + [
     "low.num_cpus=0.25", "job.decode_num_cpus=0.5", "job.compare_num_cpus=0.25", "high.batch_size=2",
     "low.batch_size=2", "job.files_per_shard=2",
 ]
+
+
+STORE = ["--object-store-memory", str(300 << 20)]
 
 
 def _free_port() -> int:
@@ -62,18 +66,6 @@ def _kill_node(temp_dir: str) -> int:
     return len(pids)
 
 
-def _start(args: list[str], ip: str, temp_dir: str, env: dict) -> None:
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-    cmd = [ray_bin, "start", *args, "--node-ip-address", ip, "--temp-dir", temp_dir,
-           "--object-store-memory", str(300 << 20), "--disable-usage-stats"]
-    for flag in ports:
-        cmd += [flag, str(_free_port())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-
-
 @pytest.fixture(scope="module")
 def two_nodes():
     """A head (127.0.0.1, 2 CPUs, {"head_node": 1}) and a worker node (127.0.0.2, 2 CPUs,
@@ -84,11 +76,11 @@ def two_nodes():
            "RAY_health_check_failure_threshold": "3"}
     port = _free_port()
     try:
-        _start(["--head", "--port", str(port), "--num-cpus", "2", "--resources", '{"head_node": 1}',
-                "--include-dashboard", "false", "--ray-client-server-port", str(_free_port())],
-               "127.0.0.1", head_tmp, env)
-        _start(["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--resources", '{"worker_node": 1}'],
-               "127.0.0.2", worker_tmp, env)
+        ray_start_node(["--head", "--port", str(port), "--num-cpus", "2", "--resources", '{"head_node": 1}',
+                        "--include-dashboard", "false", "--ray-client-server-port", str(_free_port()),
+                        *STORE], head_tmp, env)
+        ray_start_node(["--address", f"127.0.0.1:{port}", "--num-cpus", "2",
+                        "--resources", '{"worker_node": 1}', *STORE], worker_tmp, env, ip="127.0.0.2")
         yield {"address": f"127.0.0.1:{port}", "worker_tmp": worker_tmp}
     finally:
         import ray

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import ray_start_node
 from PIL import Image
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(600)]
@@ -166,12 +167,9 @@ def ray_head(tmp_path_factory, s3):
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "disabled"}
-    subprocess.run(
-        [str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-         "--temp-dir", str(temp), "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=180,
-    )
+    ray_start_node(["--head", "--num-cpus", "2", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                    "--dashboard-port", str(dash), "--include-dashboard", "true",
+                    "--ray-client-server-port", str(_free_port())], str(temp), env)
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     try:
         yield info
