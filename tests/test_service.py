@@ -236,3 +236,43 @@ def test_metrics_render_prometheus_text():
     assert "twostream_requests_total{" not in ServiceMetrics().render().decode()
 
 
+
+
+# -- fused models ----------------------------------------------------------------------------
+
+
+def test_fused_models_run_both_streams_at_once_and_equal_the_scorer():
+    """The fused replica's model work (low stream in its own thread) gives the rows the
+    library's sequential Scorer gives, an undecodable upload keeping its row and reason."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from twostream.core.scoring import Scorer
+    from twostream.online.models import FusedModels
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["high.model=mobilenetv3_small_050", "high.weights=random",
+                             "low.model=cifar_resnet20", "low.weights=random",
+                             "thresholds.p1=0.0", "thresholds.p2=0.0"])
+    models = FusedModels(cfg)
+    rng = np.random.default_rng(3)
+    uploads = []
+    for k in range(5):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40 + k, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+        uploads.append(buf.getvalue())
+    uploads.insert(2, b"not an image")
+    ids = [f"u{k}" for k in range(len(uploads))]
+    got = models.score(list(zip(uploads, ids)))
+    reference = Scorer(cfg, high=models.high.stream, low=models.low.stream).score(uploads, ids)
+    assert [s.row for s in got] == list(range(len(uploads)))
+    batch = got[0].batch
+    assert list(batch.image_id) == ids and batch.error[2] is not None and batch.error[2] == reference.error[2]
+    np.testing.assert_array_equal(batch.high_idx, reference.high_idx)
+    np.testing.assert_array_equal(batch.low_idx, reference.low_idx)
+    np.testing.assert_allclose(batch.low_prob, reference.low_prob, rtol=1e-6)
+    assert list(batch.verdict) == list(reference.verdict) and list(batch.label) == list(reference.label)
+    assert {"decode", "high_model", "low_model", "compare"} <= set(got[0].timings_ms)
