@@ -101,6 +101,13 @@ def test_weights_file_contents_changed(run, tmp_path):
         f"Changed: high.weights_file: 3 bytes, mtime {before} -> 4 bytes, mtime {after}")
 
 
+def test_prior_state_and_late_event_rule_changed(run, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    assert _refusal(run, [f"job.state={state}", "job.late_events=after"]) == (
+        f"job.late_events: refuse -> after; job.state: None -> {state}")
+
+
 def test_limits_and_reputation_changed(run):
     assert _refusal(run, ["limits.min_side=16", "reputation.threshold=5"]) == (
         "limits.min_side: 8 -> 16; reputation.threshold: 3 -> 5")

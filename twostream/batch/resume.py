@@ -4,7 +4,7 @@ The fingerprint covers what the rows depend on: the input (every listed object's
 modification time; a tar's own size and time beside its members' offsets and sizes), the manifest
 (sha256 of its bytes) and every setting that changes results (:func:`result_settings`: models,
 weights (a local weights file's size and time too), thresholds, limits, reputation, the shard
-size). The first run records it in ``_progress/plan.json`` and the listing in
+size, the prior state the sources start from and the rule for late events). The first run records it in ``_progress/plan.json`` and the listing in
 ``_progress/listing.parquet``; a rerun on the same output with any difference is refused by
 :class:`ResumeRefused`, whose message says what changed (``thresholds.p1: 0.1 -> 0.2``,
 ``input: 1 object changed (a.jpg: size 10 -> 12)``, ``manifest changed``). Settings that do not
@@ -54,7 +54,8 @@ def result_settings(cfg: TwoStreamConfig) -> dict[str, Any]:
     for section in ("thresholds", "limits", "reputation"):
         for name, value in getattr(cfg, section).model_dump(mode="json").items():
             out[f"{section}.{name}"] = value
-    out["job.files_per_shard"] = cfg.job.files_per_shard
+    for name in ("files_per_shard", "state", "late_events"):  # the sources also start from the state
+        out[f"job.{name}"] = getattr(cfg.job, name)
     return out
 
 
@@ -87,14 +88,12 @@ def _digest(table: pa.Table) -> str:
     return h.hexdigest()
 
 
-def fingerprint(plan: Plan, input_uri: str, manifest_sha256: str | None, cfg: TwoStreamConfig,
-                extra: dict[str, Any] | None = None) -> tuple[dict, pa.Table]:
-    """The run's fingerprint and the listing behind it. ``extra``: more result-changing settings
-    (flattened names) that other parts of the job contribute."""
+def fingerprint(plan: Plan, input_uri: str, manifest_sha256: str | None,
+                cfg: TwoStreamConfig) -> tuple[dict, pa.Table]:
+    """The run's fingerprint and the listing behind it."""
     listing = listing_table(plan)
-    settings = {**result_settings(cfg), **(extra or {})}
     return {"input": input_uri, "listing_sha256": _digest(listing), "objects": listing.num_rows,
-            "manifest_sha256": manifest_sha256, "settings": settings}, listing
+            "manifest_sha256": manifest_sha256, "settings": result_settings(cfg)}, listing
 
 
 def _listing_uri(output: str) -> str:
