@@ -4,7 +4,7 @@
 an ``nn.Module`` that owns its input geometry (:class:`InputSpec`) and normalisation, with its
 weights loaded, in eval mode, on CPU. The package, in the manner of timm:
 
-* :mod:`.stream`: :class:`Stream`, :class:`InputSpec`, :func:`resize_image`;
+* :mod:`.stream`: :class:`Stream`, :class:`InputSpec`, :func:`resize_image`, :func:`resize_strips`;
 * :mod:`.registry`: :func:`build_stream`, :func:`available_models`, ``register_model``;
 * :mod:`.cifar_resnet`: the CIFAR-10 ResNets (low stream), one registered builder per depth;
 * :mod:`.efficientnet_lite`: efficientnet-lite-pytorch weights mapped onto timm's
@@ -19,7 +19,7 @@ from __future__ import annotations
 from twostream.core.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD, CifarResNet
 from twostream.core.models.efficientnet_lite import efficientnet_lite_key_map
 from twostream.core.models.registry import UnknownModelError, available_models, build_stream
-from twostream.core.models.stream import InputSpec, Stream, resize_image
+from twostream.core.models.stream import SEPARABLE, InputSpec, Stream, resize_image, resize_strips
 from twostream.core.models.weights import (
     WEIGHTS_DIR,
     WeightsError,
@@ -46,6 +46,8 @@ __all__ = [
     "load_state_dict_file",
     "load_weights_file",
     "resize_image",
+    "resize_strips",
+    "SEPARABLE",
     "resolve_weights_file",
     "verify_hash_prefix",
 ]

@@ -13,13 +13,14 @@ A :class:`Stream` wraps a network and its :class:`InputSpec`:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["InputSpec", "Stream", "resize_image"]
+__all__ = ["SEPARABLE", "InputSpec", "Stream", "resize_image", "resize_strips"]
 
 
 @dataclass(frozen=True)
@@ -58,22 +59,46 @@ def resize_image(x01: Tensor, spec: InputSpec) -> Tensor:
         raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x01.shape)}")
     if not x01.is_floating_point():
         raise ValueError(f"expected a float tensor in [0, 1], got {x01.dtype}")
+    new = _resized_size(int(x01.shape[-2]), int(x01.shape[-1]), spec)
+    return _crop(_interpolate(x01, new, spec.interpolation), spec)
+
+
+SEPARABLE = ("bilinear", "bicubic")  # antialiased: a width pass, then a height pass
+
+
+def resize_strips(strips: Iterable[Tensor], height: int, width: int, spec: InputSpec) -> Tensor:
+    """:func:`resize_image` of the image whose rows come as ``strips`` (``(1, 3, r, width)`` in
+    [0, 1], top to bottom, ``height`` rows in all), holding one strip at full width at a time.
+
+    The antialiased resize is separable and torch makes its width pass first, so resizing each
+    strip's width and then the whole height gives the same tensor bit for bit
+    (``tests/test_preprocess.py``); for ``spec.interpolation`` in :data:`SEPARABLE` only."""
+    if spec.interpolation not in SEPARABLE:
+        raise ValueError(f"strip-wise resizing needs a separable interpolation, not {spec.interpolation!r}")
+    new = _resized_size(height, width, spec)
+    narrow = torch.cat([_interpolate(s, (int(s.shape[-2]), new[1]), spec.interpolation) for s in strips], dim=2)
+    if narrow.shape[-2] != height:
+        raise ValueError(f"the strips hold {narrow.shape[-2]} rows, not {height}")
+    return _crop(_interpolate(narrow, new, spec.interpolation), spec)
+
+
+def _resized_size(H: int, W: int, spec: InputSpec) -> tuple[int, int]:
+    """The size an ``H`` x ``W`` image is resized to before the centre crop."""
     h, w = spec.size
-    H, W = int(x01.shape[-2]), int(x01.shape[-1])
     sh, sw = math.floor(h / spec.crop_pct), math.floor(w / spec.crop_pct)
     if spec.squash:
-        new = (sh, sw)
-    elif sh == sw:
+        return (sh, sw)
+    if sh == sw:
         # torchvision Resize(int): shorter side to sh, longer side truncated proportionally
-        if H <= W:
-            new = (sh, int(sh * W / H))
-        else:
-            new = (int(sh * H / W), sh)
-    else:
-        # timm ResizeKeepRatio: the shorter side (relative to the target) matches
-        scale = max(sh / H, sw / W)
-        new = (round(H * scale), round(W * scale))
-    y = _interpolate(x01, new, spec.interpolation)
+        return (sh, int(sh * W / H)) if H <= W else (int(sh * H / W), sh)
+    # timm ResizeKeepRatio: the shorter side (relative to the target) matches
+    scale = max(sh / H, sw / W)
+    return (round(H * scale), round(W * scale))
+
+
+def _crop(y: Tensor, spec: InputSpec) -> Tensor:
+    """The centre ``spec.size`` of a resized batch (zero-padded where smaller), clamped to [0, 1]."""
+    h, w = spec.size
     Y, X = int(y.shape[-2]), int(y.shape[-1])
     if Y < h or X < w:  # torchvision CenterCrop pads with zeros when the image is smaller
         pad_h, pad_w = max(h - Y, 0), max(w - X, 0)
