@@ -19,7 +19,7 @@ from twostream.core.models import CIFAR10_MEAN, CIFAR10_STD, WeightsError, build
 from twostream.core.models.weights import check_metadata
 from twostream.training.adversarial import fgsm_rs, parse_eps, pgd
 from twostream.training.data import holdout_split
-from twostream.training.loop import train
+from twostream.training.loop import select_epoch, train
 from twostream.training.options import TrainOptions
 
 CLASSES = ("airplane", "cat", "frog")
@@ -160,6 +160,39 @@ def test_resume_equals_uninterrupted_run(tiny_folder: Path, tmp_path: Path,
 
     with pytest.raises(ValueError, match="other options.*'lr'"):
         train(_opts(tiny_folder, tmp_path, lr=0.01, checkpoint_dir=str(ckpt), resume=True))
+
+
+def _history(*pairs: tuple[float, float]) -> list[dict]:
+    return [{"epoch": k + 1, "holdout_clean": c, "holdout_pgd": r} for k, (c, r) in enumerate(pairs)]
+
+
+def test_select_epoch_by_held_out_figures_and_collapse() -> None:
+    # the run of docs/results.md that overfit: PGD 0.219, 0.285, then 0.023 at epoch 3
+    run = _history((0.766, 0.219), (0.723, 0.285), (0.561, 0.023))
+    assert select_epoch(run[:2], adversarial=True) == (2, False)
+    assert select_epoch(run, adversarial=True) == (2, True)  # 0.023 < 0.5 * 0.285
+    assert select_epoch(_history((0.7, 0.30), (0.7, 0.16)), adversarial=True) == (1, False)  # 0.16 >= 0.15
+    assert select_epoch(_history((0.7, 0.30), (0.7, 0.14)), adversarial=True) == (1, True)
+    assert select_epoch(_history((0.6, 0.2), (0.6, 0.2)), adversarial=True) == (2, False)  # ties: later
+    assert select_epoch(run, adversarial=False) == (1, False)  # plain training: best clean, no collapse
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_written_weights_are_the_kept_epoch(tiny_folder: Path, tmp_path: Path, keep: str) -> None:
+    """--keep best writes the checkpoint of the selected epoch, --keep last the last one (at this
+    seed and a far too high learning rate the held-out PGD accuracy peaks at epoch 2 of 3)."""
+    ckpt = tmp_path / "ckpt"
+    meta = train(_opts(tiny_folder, tmp_path, epochs=3, lr=0.5, keep=keep, checkpoint_dir=str(ckpt)))
+    history = meta["history"]
+    assert len(history) == 3 and meta["stopped_after_epoch"] is None
+    best = select_epoch(history, adversarial=True)[0]
+    assert best < 3  # so that the two choices differ
+    want = best if keep == "best" else 3
+    assert meta["selected_epoch"] == want
+    written = torch.load(tmp_path / "w.th", weights_only=True)["state_dict"]
+    kept = torch.load(ckpt / f"epoch-{want:03d}.pt", weights_only=True)["state_dict"]
+    for key in written:
+        assert torch.equal(written[key], kept[key]), key
 
 
 def test_clear_errors(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

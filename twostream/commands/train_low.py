@@ -51,6 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"PGD steps of the held-out robust accuracy; default {d.eval_pgd_steps}")
     parser.add_argument("--eval-restarts", type=int, default=d.eval_restarts,
                         help=f"PGD restarts of the held-out robust accuracy; default {d.eval_restarts}")
+    parser.add_argument("--keep", default=d.keep, choices=("best", "last"),
+                        help="weights written: the epoch with the best quick held-out accuracy (PGD "
+                             "when adversarial; stops early on catastrophic overfitting), or the last; "
+                             f"default {d.keep}")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="write epoch-NNN.pt after every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),
@@ -65,7 +69,7 @@ def command_line(opts: "TrainOptions", eps_text: str) -> str:
              "--eps", eps_text, "--lr", str(opts.lr), "--batch-size", str(opts.batch_size),
              "--holdout", str(opts.holdout), "--seed", str(opts.seed),
              "--eval-pgd-steps", str(opts.eval_pgd_steps), "--eval-restarts", str(opts.eval_restarts),
-             "--device", opts.device]
+             "--keep", opts.keep, "--device", opts.device]
     if opts.attack == "pgd":
         words += ["--pgd-steps", str(opts.pgd_steps)]
     if opts.limit is not None:
@@ -90,13 +94,13 @@ def run(args: argparse.Namespace) -> int:
             attack=args.attack, eps=parse_eps(args.eps), pgd_steps=args.pgd_steps, lr=args.lr,
             batch_size=args.batch_size, holdout=args.holdout, seed=args.seed, limit=args.limit,
             augment=args.augment, eval_pgd_steps=args.eval_pgd_steps,
-            eval_restarts=args.eval_restarts, checkpoint_dir=args.checkpoint_dir,
+            eval_restarts=args.eval_restarts, keep=args.keep, checkpoint_dir=args.checkpoint_dir,
             resume=args.resume, device=args.device)
         meta = train(opts, command=command_line(opts, args.eps))
     except (ValueError, OSError, WeightsError, DatasetError) as exc:
         sys.stderr.write(f"twostream train-low: {exc}\n")
         return 2
-    summary = {k: meta[k] for k in ("architecture", "epochs", "attack", "epsilon",
+    summary = {k: meta[k] for k in ("architecture", "epochs", "selected_epoch", "attack", "epsilon",
                                     "holdout_clean_accuracy", "holdout_pgd_accuracy")}
     sys.stdout.write(json.dumps({"out": args.out, **summary}, indent=2) + "\n")
     return 0

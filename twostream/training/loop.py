@@ -10,6 +10,12 @@ held-out split's clean accuracy (and PGD accuracy on its first ``quick_eval`` im
 and a checkpoint ``epoch-NNN.pt`` written; at the end, clean and PGD accuracy on the whole
 held-out split go into the weight file's metadata.
 
+With ``keep="best"`` (the default) the file holds the epoch with the best of those quick held-out
+figures (PGD accuracy for adversarial training, clean accuracy otherwise), and adversarial
+training stops once the quick PGD accuracy falls below half its best: FGSM training's
+*catastrophic overfitting* (Wong et al. 2020, who stop early for the same reason), after which
+robustness does not come back. ``keep="last"`` keeps the last epoch and never stops early.
+
 The weight file is ``{"state_dict": <the network's tensors>, "meta": {...}}``, readable with
 ``torch.load(weights_only=True)`` and loaded strictly by ``low.weights=PATH``.
 """
@@ -33,10 +39,11 @@ from twostream.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "train"]
+__all__ = ["evaluate", "select_epoch", "train"]
 
 FORMAT = "twostream-train-low/1"
 WARMUP = 0.4  # share of the steps over which the learning rate rises to its peak
+COLLAPSE = 0.5  # quick PGD accuracy below this share of its best: catastrophic overfitting
 
 
 def _device(choice: str) -> torch.device:
@@ -78,16 +85,27 @@ def evaluate(stream: Stream, data: LabelledImages, idx: torch.Tensor, *, eps: fl
     return clean / len(idx), robust / len(idx)
 
 
+def select_epoch(history: list[dict], adversarial: bool) -> tuple[int, bool]:
+    """(the best epoch so far, whether training has collapsed) from the per-epoch held-out
+    figures: best by ``holdout_pgd`` (adversarial) or ``holdout_clean``, the later epoch on a tie;
+    collapsed when the last epoch's PGD accuracy is under :data:`COLLAPSE` of the best one's."""
+    key = "holdout_pgd" if adversarial else "holdout_clean"
+    best = max(history, key=lambda h: (h[key], h["epoch"]))
+    collapsed = adversarial and history[-1]["holdout_pgd"] < COLLAPSE * best["holdout_pgd"]
+    return int(best["epoch"]), collapsed
+
+
 def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("epoch-[0-9][0-9][0-9].pt"))
 
 
-def _resume(opts: TrainOptions, stream: Stream, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
-    """Load the latest checkpoint of ``opts.checkpoint_dir``: (epochs done, history)."""
+def _resume(opts: TrainOptions, stream: Stream, optimizer: torch.optim.Optimizer) -> tuple[int, list, dict]:
+    """Load the latest checkpoint of ``opts.checkpoint_dir``: (epochs done, history, the best
+    epoch's weights)."""
     found = _checkpoints(Path(opts.checkpoint_dir))
     if not found:
         log.warning("--resume: no checkpoint in %s, starting from epoch 1", opts.checkpoint_dir)
-        return 0, []
+        return 0, [], {}
     ckpt = torch.load(found[-1], map_location="cpu", weights_only=True)
     if ckpt["options"] != opts.run_signature():
         diff = {k: (ckpt["options"].get(k), v) for k, v in opts.run_signature().items()
@@ -97,7 +115,7 @@ def _resume(opts: TrainOptions, stream: Stream, optimizer: torch.optim.Optimizer
     stream.net.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     log.info("resumed from %s (epoch %d of %d)", found[-1], ckpt["epoch"], opts.epochs)
-    return int(ckpt["epoch"]), list(ckpt["history"])
+    return int(ckpt["epoch"]), list(ckpt["history"]), ckpt["best_state_dict"]
 
 
 def train(opts: TrainOptions, command: str = "") -> dict:
@@ -116,7 +134,9 @@ def train(opts: TrainOptions, command: str = "") -> dict:
     optimizer = torch.optim.SGD(stream.parameters(), lr=0.0, momentum=opts.momentum,
                                 weight_decay=opts.weight_decay)
     attack = make_attack(opts.attack, opts.eps, opts.pgd_steps)
-    start, history = _resume(opts, stream, optimizer) if opts.resume else (0, [])
+    start, history, best_state = _resume(opts, stream, optimizer) if opts.resume else (0, [], {})
+    adversarial = opts.attack != "none" and opts.eps > 0
+    stopped = None
     steps_per_epoch = -(-len(train_idx) // opts.batch_size)
     total = steps_per_epoch * opts.epochs
     eval_kw = dict(eps=opts.eps, steps=opts.eval_pgd_steps, restarts=opts.eval_restarts,
@@ -151,23 +171,38 @@ def train(opts: TrainOptions, command: str = "") -> dict:
         log.info("epoch %d/%d: train loss %.4f acc %.4f; held-out (first %d) clean %.4f PGD %.4f",
                  epoch + 1, opts.epochs, loss_sum / seen, correct / seen,
                  min(len(held_idx), opts.quick_eval), clean, robust)
+        best, collapsed = select_epoch(history, adversarial)
+        if best == epoch + 1:
+            best_state = _cpu_state(stream)
         if opts.checkpoint_dir:
             folder = Path(opts.checkpoint_dir)
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"epoch": epoch + 1, "options": opts.run_signature(), "history": history,
-                        "state_dict": _cpu_state(stream), "optimizer": optimizer.state_dict()},
-                       folder / f"epoch-{epoch + 1:03d}.pt")
+                        "state_dict": _cpu_state(stream), "optimizer": optimizer.state_dict(),
+                        "best_state_dict": best_state}, folder / f"epoch-{epoch + 1:03d}.pt")
+        if opts.keep == "best" and collapsed:
+            stopped = epoch + 1
+            log.warning("epoch %d: held-out PGD accuracy fell to %.4f from %.4f at epoch %d: catastrophic "
+                        "overfitting; stopping, keeping epoch %d", epoch + 1, history[-1]["holdout_pgd"],
+                        history[best - 1]["holdout_pgd"], best, best)
+            break
+    selected = select_epoch(history, adversarial)[0] if opts.keep == "best" and history else len(history)
+    if selected != len(history):
+        stream.net.load_state_dict(best_state)
     clean, robust = evaluate(stream, data, held_idx, **eval_kw)
     meta = _metadata(opts, stream, data, len(train_idx), len(held_idx), clean, robust, history, command)
+    meta.update(keep=opts.keep, selected_epoch=selected, stopped_after_epoch=stopped)
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": _cpu_state(stream), "meta": meta}, out)
-    log.info("wrote %s: held-out clean %.4f, PGD-%d %.4f", out, clean, opts.eval_pgd_steps, robust)
+    log.info("wrote %s (epoch %d): held-out clean %.4f, PGD-%d %.4f", out, selected, clean,
+             opts.eval_pgd_steps, robust)
     return meta
 
 
 def _cpu_state(stream: Stream) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in stream.net.state_dict().items()}
+    """A copy of the network's tensors on the CPU (never views of the live ones)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in stream.net.state_dict().items()}
 
 
 def _metadata(opts: TrainOptions, stream: Stream, data: LabelledImages, n_train: int, n_held: int,

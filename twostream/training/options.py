@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["ATTACKS", "TrainOptions"]
+__all__ = ["ATTACKS", "KEEP", "TrainOptions"]
 
 ATTACKS = ("none", "fgsm-rs", "pgd")
+KEEP = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TrainOptions:
     eval_pgd_steps: int = 10
     eval_restarts: int = 1
     quick_eval: int = 512
+    keep: str = "best"
     checkpoint_dir: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -48,6 +50,8 @@ class TrainOptions:
                              f"(available: {', '.join(available_models('low'))})")
         if self.attack not in ATTACKS:
             raise ValueError(f"--attack {self.attack!r}: choose one of {', '.join(ATTACKS)}")
+        if self.keep not in KEEP:
+            raise ValueError(f"--keep {self.keep!r}: choose one of {', '.join(KEEP)}")
         positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--lr": self.lr,
                     "--pgd-steps": self.pgd_steps, "--eval-pgd-steps": self.eval_pgd_steps,
                     "--eval-restarts": self.eval_restarts}
