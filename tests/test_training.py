@@ -167,14 +167,21 @@ def _history(*pairs: tuple[float, float]) -> list[dict]:
 
 
 def test_select_epoch_by_held_out_figures_and_collapse() -> None:
-    # the run of docs/results.md that overfit: PGD 0.219, 0.285, then 0.023 at epoch 3
+    # the run that overfit: PGD 0.219, 0.285, then 0.023; one standard error of 0.285 on 512
+    # images is sqrt(0.285 * 0.715 / 512) = 0.020, so only epoch 2 is within it
     run = _history((0.766, 0.219), (0.723, 0.285), (0.561, 0.023))
-    assert select_epoch(run[:2], adversarial=True) == (2, False)
-    assert select_epoch(run, adversarial=True) == (2, True)  # 0.023 < 0.5 * 0.285
-    assert select_epoch(_history((0.7, 0.30), (0.7, 0.16)), adversarial=True) == (1, False)  # 0.16 >= 0.15
-    assert select_epoch(_history((0.7, 0.30), (0.7, 0.14)), adversarial=True) == (1, True)
-    assert select_epoch(_history((0.6, 0.2), (0.6, 0.2)), adversarial=True) == (2, False)  # ties: later
-    assert select_epoch(run, adversarial=False) == (1, False)  # plain training: best clean, no collapse
+    assert select_epoch(run[:2], adversarial=True, n=512) == (2, False)
+    assert select_epoch(run, adversarial=True, n=512) == (2, True)  # 0.023 < 0.5 * 0.285
+    # the shipped run: 0.3652 at epoch 3, 0.3633 at epoch 4, within sqrt(.3652 * .6348 / 512) = 0.021
+    shipped = _history((0.691, 0.1465), (0.732, 0.2715), (0.822, 0.3652), (0.842, 0.3633))
+    assert select_epoch(shipped, adversarial=True, n=512) == (4, False)
+    assert select_epoch(shipped, adversarial=True, n=10**9) == (3, False)  # exact figures: the best
+    assert select_epoch(_history((0.7, 0.30), (0.7, 0.16)), adversarial=True, n=512) == (1, False)
+    assert select_epoch(_history((0.7, 0.30), (0.7, 0.14)), adversarial=True, n=512) == (1, True)
+    assert select_epoch(_history((0.6, 0.2), (0.6, 0.2)), adversarial=True, n=512) == (2, False)
+    assert select_epoch(_history((0.7, float("nan")), (0.6, float("nan"))), adversarial=True, n=0) == (2, False)
+    # plain training: clean accuracy (0.766 - 0.723 > sqrt(.766 * .234 / 512) = 0.019), no collapse
+    assert select_epoch(run, adversarial=False, n=512) == (1, False)
 
 
 @pytest.mark.parametrize("keep", ["best", "last"])
@@ -185,7 +192,7 @@ def test_written_weights_are_the_kept_epoch(tiny_folder: Path, tmp_path: Path, k
     meta = train(_opts(tiny_folder, tmp_path, epochs=3, lr=0.5, keep=keep, checkpoint_dir=str(ckpt)))
     history = meta["history"]
     assert len(history) == 3 and meta["stopped_after_epoch"] is None
-    best = select_epoch(history, adversarial=True)[0]
+    best = select_epoch(history, adversarial=True, n=8)[0]
     assert best < 3  # so that the two choices differ
     want = best if keep == "best" else 3
     assert meta["selected_epoch"] == want

@@ -10,8 +10,9 @@ held-out split's clean accuracy (and PGD accuracy on its first ``quick_eval`` im
 and a checkpoint ``epoch-NNN.pt`` written; at the end, clean and PGD accuracy on the whole
 held-out split go into the weight file's metadata.
 
-With ``keep="best"`` (the default) the file holds the epoch with the best of those quick held-out
-figures (PGD accuracy for adversarial training, clean accuracy otherwise), and adversarial
+With ``keep="best"`` (the default) the file holds the latest epoch within one standard error of
+the best of those quick held-out figures (PGD accuracy for adversarial training, clean accuracy
+otherwise; :func:`select_epoch`), and adversarial
 training stops once the quick PGD accuracy falls below half its best: FGSM training's
 *catastrophic overfitting* (Wong et al. 2020, who stop early for the same reason), after which
 robustness does not come back. ``keep="last"`` keeps the last epoch and never stops early.
@@ -23,6 +24,7 @@ The weight file is ``{"state_dict": <the network's tensors>, "meta": {...}}``, r
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -85,14 +87,20 @@ def evaluate(stream: Stream, data: LabelledImages, idx: torch.Tensor, *, eps: fl
     return clean / len(idx), robust / len(idx)
 
 
-def select_epoch(history: list[dict], adversarial: bool) -> tuple[int, bool]:
-    """(the best epoch so far, whether training has collapsed) from the per-epoch held-out
-    figures: best by ``holdout_pgd`` (adversarial) or ``holdout_clean``, the later epoch on a tie;
-    collapsed when the last epoch's PGD accuracy is under :data:`COLLAPSE` of the best one's."""
+def select_epoch(history: list[dict], adversarial: bool, n: int) -> tuple[int, bool]:
+    """(the epoch to keep, whether training has collapsed) from the per-epoch held-out figures on
+    ``n`` images: ``holdout_pgd`` (adversarial) or ``holdout_clean``. The latest epoch within one
+    standard error (``sqrt(p (1 - p) / n)``) of the best figure ``p`` is kept: a quick estimate
+    cannot tell such epochs apart, and the later one has seen more of the schedule. Collapsed:
+    the last epoch's PGD accuracy is under :data:`COLLAPSE` of the best one's."""
     key = "holdout_pgd" if adversarial else "holdout_clean"
-    best = max(history, key=lambda h: (h[key], h["epoch"]))
-    collapsed = adversarial and history[-1]["holdout_pgd"] < COLLAPSE * best["holdout_pgd"]
-    return int(best["epoch"]), collapsed
+    if any(math.isnan(h[key]) for h in history):  # nothing held out: nothing to choose by
+        return int(history[-1]["epoch"]), False
+    best = max(h[key] for h in history)
+    tolerance = math.sqrt(best * (1.0 - best) / max(n, 1))
+    keep = max(h["epoch"] for h in history if h[key] >= best - tolerance)
+    collapsed = adversarial and history[-1]["holdout_pgd"] < COLLAPSE * best
+    return int(keep), collapsed
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -136,6 +144,7 @@ def train(opts: TrainOptions, command: str = "") -> dict:
     attack = make_attack(opts.attack, opts.eps, opts.pgd_steps)
     start, history, best_state = _resume(opts, stream, optimizer) if opts.resume else (0, [], {})
     adversarial = opts.attack != "none" and opts.eps > 0
+    quick_n = min(len(held_idx), opts.quick_eval)
     stopped = None
     steps_per_epoch = -(-len(train_idx) // opts.batch_size)
     total = steps_per_epoch * opts.epochs
@@ -171,7 +180,7 @@ def train(opts: TrainOptions, command: str = "") -> dict:
         log.info("epoch %d/%d: train loss %.4f acc %.4f; held-out (first %d) clean %.4f PGD %.4f",
                  epoch + 1, opts.epochs, loss_sum / seen, correct / seen,
                  min(len(held_idx), opts.quick_eval), clean, robust)
-        best, collapsed = select_epoch(history, adversarial)
+        best, collapsed = select_epoch(history, adversarial, quick_n)
         if best == epoch + 1:
             best_state = _cpu_state(stream)
         if opts.checkpoint_dir:
@@ -186,7 +195,7 @@ def train(opts: TrainOptions, command: str = "") -> dict:
                         "overfitting; stopping, keeping epoch %d", epoch + 1, history[-1]["holdout_pgd"],
                         history[best - 1]["holdout_pgd"], best, best)
             break
-    selected = select_epoch(history, adversarial)[0] if opts.keep == "best" and history else len(history)
+    selected = select_epoch(history, adversarial, quick_n)[0] if opts.keep == "best" and history else len(history)
     if selected != len(history):
         stream.net.load_state_dict(best_state)
     clean, robust = evaluate(stream, data, held_idx, **eval_kw)
