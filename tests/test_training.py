@@ -162,6 +162,16 @@ def test_resume_equals_uninterrupted_run(tiny_folder: Path, tmp_path: Path,
         train(_opts(tiny_folder, tmp_path, lr=0.01, checkpoint_dir=str(ckpt), resume=True))
 
 
+def test_holdout_split_is_a_partition_and_its_prefixes_are_random_samples() -> None:
+    labels = torch.arange(1000) // 100  # a folder read class by class: 10 classes of 100
+    train_idx, held = holdout_split(1000, 0.2, seed=0)
+    assert len(held) == 200 and len(train_idx) == 800
+    assert sorted(train_idx.tolist() + held.tolist()) == list(range(1000))
+    # the first 50 held-out images span the classes (sorted indices would give 2-3 classes)
+    assert len(set(labels[held[:50]].tolist())) >= 7
+    assert torch.equal(holdout_split(1000, 0.2, seed=0)[1], held)  # seeded
+
+
 def _history(*pairs: tuple[float, float]) -> list[dict]:
     return [{"epoch": k + 1, "holdout_clean": c, "holdout_pgd": r} for k, (c, r) in enumerate(pairs)]
 
@@ -187,13 +197,14 @@ def test_select_epoch_by_held_out_figures_and_collapse() -> None:
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_written_weights_are_the_kept_epoch(tiny_folder: Path, tmp_path: Path, keep: str) -> None:
     """--keep best writes the checkpoint of the selected epoch, --keep last the last one (at this
-    seed and a far too high learning rate the held-out PGD accuracy peaks at epoch 2 of 3)."""
+    seed and a far too high learning rate the held-out PGD accuracy goes 4/8, 3/8, 1/8: a
+    collapse at epoch 3, so --keep best keeps epoch 2 and records the stop)."""
     ckpt = tmp_path / "ckpt"
     meta = train(_opts(tiny_folder, tmp_path, epochs=3, lr=0.5, keep=keep, checkpoint_dir=str(ckpt)))
     history = meta["history"]
-    assert len(history) == 3 and meta["stopped_after_epoch"] is None
-    best = select_epoch(history, adversarial=True, n=8)[0]
-    assert best < 3  # so that the two choices differ
+    best, collapsed = select_epoch(history, adversarial=True, n=8)
+    assert len(history) == 3 and best < 3 and collapsed  # so that the two choices differ
+    assert meta["stopped_after_epoch"] == (3 if keep == "best" else None)
     want = best if keep == "best" else 3
     assert meta["selected_epoch"] == want
     written = torch.load(tmp_path / "w.th", weights_only=True)["state_dict"]
