@@ -228,3 +228,40 @@ def test_clear_errors(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureF
     for extra, message in cases:
         assert main(["train-low", "--out", str(tmp_path / "x.th"), *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_shipped_robust_weights_load_with_their_metadata() -> None:
+    from twostream.core.models import WEIGHTS_DIR, load_weights_file, resolve_weights_file
+
+    path = resolve_weights_file("bundled:cifar10_resnet32_robust")
+    assert path.parent == WEIGHTS_DIR and path.name == "cifar10_resnet32_robust-1561d5bf.th"
+    assert (WEIGHTS_DIR / "LICENSE.cifar10_resnet32_robust").is_file()
+    _, meta = load_weights_file(path)  # also checks the sha256 prefix in the name
+    assert meta["architecture"] == "cifar_resnet32" and meta["init"] == "bundled:cifar10_resnet32"
+    assert (meta["attack"], meta["epochs"], meta["selected_epoch"]) == ("fgsm-rs", 4, 4)
+    assert meta["data"]["images"] == 50_000 and meta["data"]["holdout_images"] == 2_500
+    assert meta["epsilon"] == pytest.approx(8 / 255)
+    stream = build_stream(LowStreamConfig(weights="bundled:cifar10_resnet32_robust"), "low")
+    assert stream.name == "cifar_resnet32"
+    with pytest.raises(WeightsError, match="architecture 'cifar_resnet32'"):
+        build_stream(LowStreamConfig(model="cifar_resnet20", weights="bundled:cifar10_resnet32_robust"), "low")
+    assert LowStreamConfig().weights == "bundled:cifar10_resnet32"  # the standard weights stay the default
+
+
+def test_shipped_robust_weights_score_their_held_out_split(assets_dir: Path) -> None:
+    """The file's held-out clean accuracy, recomputed: its 2,500 held-out CIFAR-10 training JPEGs
+    (the seeded split of the command in its metadata), decoded with PIL, at 32x32 already."""
+    from twostream.core.models import load_weights_file, resolve_weights_file
+
+    _, meta = load_weights_file(resolve_weights_file("bundled:cifar10_resnet32_robust"))
+    root = assets_dir / "cifar10-jpeg" / "train"
+    files = sorted(root.glob("*/*.jpg"), key=lambda f: (CIFAR10_LABELS.index(f.parent.name), f.name))
+    assert len(files) == meta["data"]["images"]
+    _, held = holdout_split(len(files), meta["data"]["holdout_fraction"], meta["seed"])
+    x = torch.stack([torch.from_numpy(np.array(Image.open(files[k]).convert("RGB"))).permute(2, 0, 1)
+                     for k in held.tolist()]).float() / 255
+    y = torch.tensor([CIFAR10_LABELS.index(files[k].parent.name) for k in held.tolist()])
+    stream = build_stream(LowStreamConfig(weights="bundled:cifar10_resnet32_robust"), "low").eval()
+    with torch.no_grad():
+        clean = float((stream(x).argmax(1) == y).float().mean())
+    assert clean == pytest.approx(meta["holdout_clean_accuracy"], abs=1e-4)
