@@ -270,4 +270,5 @@ def test_shipped_robust_weights_score_their_held_out_split(assets_dir: Path) -> 
     stream = build_stream(LowStreamConfig(weights="bundled:cifar10_resnet32_robust"), "low").eval()
     with torch.no_grad():
         clean = float((stream(x).argmax(1) == y).float().mean())
-    assert clean == pytest.approx(meta["holdout_clean_accuracy"], abs=1e-4)
+    # to one image of 2,500: another thread count may round a near-tie's logits the other way
+    assert clean == pytest.approx(meta["holdout_clean_accuracy"], abs=1.5 / len(held))
