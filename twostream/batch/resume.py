@@ -4,7 +4,8 @@ The fingerprint covers what the rows depend on: the input (every listed object's
 modification time; a tar's own size and time beside its members' offsets and sizes), the manifest
 (sha256 of its bytes) and every setting that changes results (:func:`result_settings`: models,
 weights (a local weights file's size and time too), thresholds, limits, reputation, the shard
-size, the prior state the sources start from and the rule for late events). The first run records it in ``_progress/plan.json`` and the listing in
+size, the prior state the sources start from and the rule for late events). The first run
+records it in ``_progress/plan.json`` and the listing in
 ``_progress/listing.parquet``; a rerun on the same output with any difference is refused by
 :class:`ResumeRefused`, whose message says what changed (``thresholds.p1: 0.1 -> 0.2``,
 ``input: 1 object changed (a.jpg: size 10 -> 12)``, ``manifest changed``). Settings that do not

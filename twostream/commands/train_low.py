@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from twostream.training.options import ATTACKS, TrainOptions
+    from twostream.training.options import ATTACKS, KEEP, TrainOptions
 
     d = TrainOptions(data="", out="")
     parser = subparsers.add_parser(
@@ -51,10 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help=f"PGD steps of the held-out robust accuracy; default {d.eval_pgd_steps}")
     parser.add_argument("--eval-restarts", type=int, default=d.eval_restarts,
                         help=f"PGD restarts of the held-out robust accuracy; default {d.eval_restarts}")
-    parser.add_argument("--keep", default=d.keep, choices=("best", "last"),
-                        help="weights written: the epoch with the best quick held-out accuracy (PGD "
-                             "when adversarial; stops early on catastrophic overfitting), or the last; "
-                             f"default {d.keep}")
+    parser.add_argument("--keep", default=d.keep, choices=KEEP,
+                        help="weights written: the latest epoch within one standard error of the best "
+                             "quick held-out accuracy (PGD when adversarial; stops early on catastrophic "
+                             f"overfitting), or the last; default {d.keep}")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="write epoch-NNN.pt after every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"),

@@ -86,7 +86,7 @@ def prepare(spec: InputSpec | Stream, images: Sequence[np.ndarray]) -> torch.Ten
 
     An image of more than :data:`STRIP_ROWS` rows is converted to float and narrowed a strip at
     a time (:func:`~twostream.core.models.resize_strips`, the same tensor bit for bit), so a
-    6000x6000 upload costs a 18 MB float strip instead of a 432 MB float copy."""
+    6000x6000 upload costs an 18 MB float strip instead of a 432 MB float copy."""
     spec = spec.spec if isinstance(spec, Stream) else spec
     with torch.no_grad():
         return torch.cat([_prepare_one(image, spec) for image in images])

@@ -12,8 +12,8 @@ held-out split go into the weight file's metadata.
 
 With ``keep="best"`` (the default) the file holds the latest epoch within one standard error of
 the best of those quick held-out figures (PGD accuracy for adversarial training, clean accuracy
-otherwise; :func:`select_epoch`), and adversarial
-training stops once the quick PGD accuracy falls below half its best: FGSM training's
+otherwise; :func:`select_epoch`), and adversarial training stops once the quick PGD accuracy
+falls below half its best: FGSM training's
 *catastrophic overfitting* (Wong et al. 2020, who stop early for the same reason), after which
 robustness does not come back. ``keep="last"`` keeps the last epoch and never stops early.
 
