@@ -5,8 +5,9 @@ through ``twostream score`` (which starts a local Ray when none is running). Des
 schema and resume rules: docs/batch.md. This module is only the Ray wiring of the Ray-free
 parts in :mod:`twostream.batch` (planning, stages, reputation, outputs). In short:
 
-Planning, before Ray starts: every input object listed (``plan_input``), the manifest read,
-  checked and matched, the run's fingerprint recorded or a changed rerun refused (``resume``).
+Planning, before Ray starts: the manifest read and checked, every input object listed and
+  matched (``plan_input``; each shard's entries spooled to ``_progress/entries/``, so the driver
+  holds counts, not entries), the run's fingerprint recorded or a changed rerun refused (``resume``).
 Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure and by bytes
   per block): work units -> read+decode+prepare (CPU tasks; only each stream's prepared input
   travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
@@ -48,7 +49,7 @@ from jobs.ray_cluster import connect
 from twostream import storage
 from twostream.batch import outputs, reputation, resume, stages
 from twostream.batch.manifest import ManifestError, read_manifest
-from twostream.batch.planning import InputError, Shard, attach_manifest, plan_input, work_units
+from twostream.batch.planning import InputError, Shard, plan_input, work_units
 from twostream.batch.report import write_batch_report
 from twostream.core.config import ConfigError, TwoStreamConfig, add_config_args, config_from_args
 
@@ -230,10 +231,10 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     """Run the three phases against the current Ray cluster; returns the summary dict."""
     started = time.perf_counter()
     # Planning first: a bad input, manifest or refused resume fails before Ray is touched.
-    plan = plan_input(input_uri, cfg.job.files_per_shard)
     manifest_table, manifest_sha256 = read_manifest(manifest_uri) if manifest_uri else (None, None)
-    matched = attach_manifest(plan, manifest_table)
-    resume.check_or_record(output, *resume.fingerprint(plan, input_uri, manifest_sha256, cfg))
+    plan = plan_input(input_uri, cfg.job.files_per_shard, manifest_table, spool=outputs.entries_folder(output))
+    del manifest_table  # matched: each entry carries its identity
+    resume.check_or_record(output, resume.fingerprint(plan, input_uri, manifest_sha256, cfg), plan)
     shards = plan.shards
     state = _state_files(cfg.job.state, output)
 
@@ -269,7 +270,7 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
         finals=finals, sources=rep_stats, scored_now=sink.rows, stage_ms=sink.stage_ms,
         wall_s={"total": t3 - started, "scoring": t1 - t0, "reputation": t2 - t1, "final": t3 - t2},
         resources=res, config=cfg.model_dump(mode="json"),
-        accounting=accounting, manifest=matched.summary() if manifest_table is not None else None,
+        accounting=accounting, manifest=plan.match.summary() if plan.match is not None else None,
     )
     storage.write_bytes(outputs.summary_uri(output), json.dumps(summary, indent=2).encode())
     write_batch_report(output)  # report.html, from the files just written

@@ -256,3 +256,53 @@ def test_max_pixels_is_the_only_pixel_limit():
         check_image_header(data, LimitsConfig(max_pixels=100_000_000))
     with pytest.raises(ImageDecodeError, match="too many pixels: 10000x9500 = 95000000 > limit 90000000"):
         check_image_header(data, LimitsConfig(max_pixels=90_000_000))
+
+
+def test_spooled_plan_reads_the_same_rows_as_a_held_plan(tmp_path):
+    """A tar of 2,600 members (more than two spool row groups) with sidecars, errors and a manifest,
+    plus loose files: spooled, the plan holds no entries, and work units that straddle the row
+    groups read exactly the rows (keys, row numbers, identities, errors) of the same plan held in
+    memory, with the same fingerprint."""
+    from twostream.batch import resume
+    from twostream.batch.manifest import read_manifest
+
+    root = tmp_path / "in"
+    root.mkdir()
+    members = []
+    for i in range(2600):
+        members.append((f"m{i:05d}.jpg", b"x" * (i % 7 + 1)))
+        if i % 3 == 0:
+            members.append((f"m{i:05d}.json", json.dumps({"source": f"s{i % 11}", "timestamp": i}).encode()))
+    members.append(("link.jpg", tarfile.SYMTYPE, "m00001.jpg"))
+    members.append(("orphan.json", b"{}"))
+    (root / "big.tar").write_bytes(_tar_bytes(members))
+    for i in range(5):
+        (root / f"loose{i}.png").write_bytes(b"p" * (i + 1))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_id,key,source,timestamp\nID5,m00005.jpg,man,5\nIDL,loose2.png,man2,7\n")
+    table, _ = read_manifest(str(manifest))
+    cfg = load_config(None, SMALL)
+
+    held = planning.plan_input(str(root), files_per_shard=2, manifest=table)
+    spooled = planning.plan_input(str(root), files_per_shard=2, manifest=table, spool=str(tmp_path / "spool"))
+    assert all(s.entries == [] and s.spool for s in spooled.shards)
+    assert [(s.shard_id, s.rows, s.planned_errors, s.listed) for s in spooled.shards] == \
+           [(s.shard_id, len(s.entries), sum(e.error is not None for e in s.entries), s.listed) for s in held.shards]
+    assert spooled.rows == 2600 + 2 + 5
+    assert spooled.match.summary() == held.match.summary() == {"rows": 2, "matched": 2, "unmatched": 0,
+                                                               "unmatched_first": []}
+
+    def rows(plan):
+        return [planning.attach_identity(r) for u in planning.work_units(plan.shards, 300)
+                for r in planning.read_unit(u, 10**6)]
+
+    got, want = rows(spooled), rows(held)
+    assert len(got) == len(want) == 2607
+    assert got == want
+    by_key = {r["key"]: r for r in got}
+    assert (by_key["m00005.jpg"]["image_id"], by_key["m00005.jpg"]["source"]) == ("ID5", "man")
+    assert (by_key["m00003.jpg"]["source"], by_key["m00003.jpg"]["timestamp"]) == ("s3", 3.0)
+    assert by_key["link.jpg"]["read_error"].startswith("symbolic link member")
+    assert by_key["orphan.json"]["read_error"].startswith("sidecar without its file")
+    assert [r["row"] for r in got if r["key"].startswith("m")] == list(range(2600))
+    assert resume.fingerprint(spooled, str(root), None, cfg) == resume.fingerprint(held, str(root), None, cfg)

@@ -75,8 +75,8 @@ def test_identity_from_the_manifest_wins_over_the_sidecar(tmp_path):
     (root / "b.jpg").write_bytes(b"2")
     (root / "b.jpg.json").write_text(json.dumps({"source": "sidecar-b", "timestamp": 6}))
     table, _ = read_manifest(_csv(tmp_path, ["image_id,key,source,timestamp", "A,a.jpg,man,7"]))
-    plan = planning.plan_input(str(root))
-    found = planning.attach_manifest(plan, table)
+    plan = planning.plan_input(str(root), manifest=table)
+    found = plan.match
     rows = {r["key"]: planning.attach_identity(r) for u in planning.work_units(plan.shards, 10)
             for r in planning.read_unit(u, 100)}
     assert (rows["a.jpg"]["image_id"], rows["a.jpg"]["source"], rows["a.jpg"]["timestamp"]) == ("A", "man", 7.0)

@@ -33,7 +33,7 @@ def run(tmp_path):
     cfg = load_config(None, BASE)
     plan = planning.plan_input(str(root), cfg.job.files_per_shard)
     _, digest = read_manifest(str(manifest))
-    resume.check_or_record(str(out), *resume.fingerprint(plan, str(root), digest, cfg))
+    resume.check_or_record(str(out), resume.fingerprint(plan, str(root), digest, cfg), plan)
     return {"root": root, "manifest": manifest, "out": out, "weights": weights}
 
 
@@ -48,7 +48,7 @@ def test_same_run_is_accepted_and_other_batch_sizes_too(run):
     cfg = load_config(None, BASE + ["high.batch_size=3", "low.pool_size=2", "job.decode_batch_size=7"])
     plan = planning.plan_input(str(run["root"]), cfg.job.files_per_shard)
     _, digest = read_manifest(str(run["manifest"]))
-    resume.check_or_record(str(run["out"]), *resume.fingerprint(plan, str(run["root"]), digest, cfg))
+    resume.check_or_record(str(run["out"]), resume.fingerprint(plan, str(run["root"]), digest, cfg), plan)
 
 
 def test_input_file_changed(run):
@@ -91,12 +91,12 @@ def test_weights_file_contents_changed(run, tmp_path):
     out = tmp_path / "out-file"
     plan = planning.plan_input(str(run["root"]), cfg.job.files_per_shard)
     _, digest = read_manifest(str(run["manifest"]))
-    resume.check_or_record(str(out), *resume.fingerprint(plan, str(run["root"]), digest, cfg))
+    resume.check_or_record(str(out), resume.fingerprint(plan, str(run["root"]), digest, cfg), plan)
     before = os.stat(path).st_mtime_ns
     path.write_bytes(b"abcd")
     after = os.stat(path).st_mtime_ns
     with pytest.raises(resume.ResumeRefused) as info:
-        resume.check_or_record(str(out), *resume.fingerprint(plan, str(run["root"]), digest, cfg))
+        resume.check_or_record(str(out), resume.fingerprint(plan, str(run["root"]), digest, cfg), plan)
     assert str(info.value).endswith(
         f"Changed: high.weights_file: 3 bytes, mtime {before} -> 4 bytes, mtime {after}")
 

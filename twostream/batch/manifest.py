@@ -237,37 +237,57 @@ class Match:
                 "unmatched": self.unmatched, "unmatched_first": self.unmatched_first}
 
 
+class Matcher:
+    """Matches inputs to manifest rows a group (a shard) at a time, so that the inputs never need
+    to be held at once: :meth:`rows` per group, then :meth:`result` checks that no row matched
+    two inputs and counts the rows no input matched."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.mode = match_mode(table)
+        self.unit = (table.schema.metadata or {}).get(b"unit", b"line").decode()
+        self.values = table.column(self.mode).to_pylist()
+        self.by_value = {v: k for k, v in enumerate(self.values) if v is not None}
+        self.owner: dict[int, str] = {}  # manifest row -> the first input that matched it
+        self.shared: dict[int, list[str]] = {}  # manifest row -> every input that matched it (2+)
+
+    def rows(self, keys: Sequence[str], uris: Sequence[str]) -> list[int]:
+        """Each input's manifest row (by key, its stem, URI or image id, see the module docstring)."""
+        found = []
+        for key, uri in zip(keys, uris):
+            if self.mode == "uri":
+                row = self.by_value.get(uri, self.by_value.get(key, -1))
+            else:
+                row = self.by_value.get(key, -1)
+                if row < 0 and stem(key) is not None:
+                    row = self.by_value.get(stem(key), -1)
+            if row >= 0:
+                if row in self.owner:
+                    self.shared.setdefault(row, [self.owner[row]]).append(key)
+                else:
+                    self.owner[row] = key
+            found.append(row)
+        return found
+
+    def result(self, rows: list[int] | None = None) -> Match:
+        """The match so far; raises :class:`ManifestError` when one row matched two inputs."""
+        lines = self.table.column("line")
+        if self.shared:
+            row, keys = next(iter(self.shared.items()))
+            more = len(self.shared) - 1
+            raise ManifestError(f"manifest {self.unit} {lines[row].as_py()}: {self.mode} {self.values[row]!r} matches "
+                                f"{len(keys)} inputs ({', '.join(keys[:5])}); give each input's full name "
+                                "(extension included)" + (f"; {more} more such rows" if more else ""))
+        unmatched = [k for k in range(self.table.num_rows) if k not in self.owner]
+        return Match(rows or [], self.table.num_rows, len(unmatched),
+                     [f"{self.unit} {lines[k].as_py()}: {self.mode} {self.values[k]!r}"
+                      for k in unmatched[:UNMATCHED_LISTED]])
+
+
 def match(table: pa.Table | None, keys: Sequence[str], uris: Sequence[str]) -> Match:
-    """Each input's manifest row (by key, its stem, URI or image id, see the module docstring);
-    raises :class:`ManifestError` when one row would match two inputs."""
+    """Each input's manifest row, all inputs at once (:class:`Matcher`); raises
+    :class:`ManifestError` when one row would match two inputs."""
     if table is None:
         return Match([-1] * len(keys))
-    mode = match_mode(table)
-    unit = (table.schema.metadata or {}).get(b"unit", b"line").decode()
-    values = table.column(mode).to_pylist()
-    lines = table.column("line").to_pylist()
-    by_value = {v: k for k, v in enumerate(values) if v is not None}
-    rows = []
-    for key, uri in zip(keys, uris):
-        if mode == "uri":
-            row = by_value.get(uri, by_value.get(key, -1))
-        else:
-            row = by_value.get(key, -1)
-            if row < 0 and stem(key) is not None:
-                row = by_value.get(stem(key), -1)
-        rows.append(row)
-    owners: dict[int, list[int]] = {}
-    for k, row in enumerate(rows):
-        if row >= 0:
-            owners.setdefault(row, []).append(k)
-    shared = [(row, ks) for row, ks in owners.items() if len(ks) > 1]
-    if shared:
-        row, ks = shared[0]
-        names = ", ".join(keys[k] for k in ks[:5])
-        raise ManifestError(f"manifest {unit} {lines[row]}: {mode} {values[row]!r} matches {len(ks)} inputs "
-                            f"({names}); give each input's full name (extension included)"
-                            + (f"; {len(shared) - 1} more such rows" if len(shared) > 1 else ""))
-    unmatched = [k for k in range(table.num_rows) if k not in owners]
-    return Match(rows, table.num_rows, len(unmatched),
-                 [f"{unit} {lines[k]}: {mode} {values[k]!r}" for k in unmatched[:UNMATCHED_LISTED]])
-
+    matcher = Matcher(table)
+    return matcher.result(matcher.rows(keys, uris))

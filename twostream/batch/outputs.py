@@ -3,7 +3,8 @@ output layout, the staging/images/sources tables, committing a shard (staging ro
 progress marker), the accounting of rows against the plan, and the run's summary.
 
 Layout under the output prefix: ``_progress/plan.json`` + ``_progress/listing.parquet`` (the
-run's fingerprint, :mod:`twostream.batch.resume`),
+run's fingerprint, :mod:`twostream.batch.resume`), ``_progress/entries/<shard>.parquet`` (each
+shard's planned entries, :func:`twostream.batch.planning.spool_entries`),
 ``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1), ``sources/part-N.parquet``
 (phase 2), ``images/<shard>.parquet`` and ``summary.json`` (phase 3).
 """
@@ -60,6 +61,11 @@ def progress_uri(output: str, shard_id: str) -> str:
 
 def plan_uri(output: str) -> str:
     return storage.join(output, "_progress", "plan.json")
+
+
+def entries_folder(output: str) -> str:
+    """Where planning spools each shard's entries (rewritten by every run's planning)."""
+    return storage.join(output, "_progress", "entries")
 
 
 def images_uri(output: str, shard_id: str) -> str:
@@ -159,23 +165,23 @@ class ShardSink:
             raise RuntimeError(f"incomplete shards after the scan: {sorted(self.pending)}")
         for shard in shards:
             if not storage.exists(progress_uri(self.output, shard.shard_id)):
-                if shard.entries:
-                    raise RuntimeError(f"shard {shard.shard_id}: none of its {len(shard.entries)} rows arrived")
+                if shard.rows:
+                    raise RuntimeError(f"shard {shard.shard_id}: none of its {shard.rows} rows arrived")
                 commit_shard(self.output, shard.shard_id, [], 0)
 
 
 def account(plan: Plan, written: dict[str, int]) -> dict:
     """The objects listed at planning against the rows written (``written``: rows per shard id);
     raises, naming the shards, when any shard's rows differ from its listed objects."""
-    differ = [f"{s.shard_id}: {written.get(s.shard_id, 0)} rows for {len(s.entries)} objects"
-              for s in plan.shards if written.get(s.shard_id, 0) != len(s.entries)]
+    differ = [f"{s.shard_id}: {written.get(s.shard_id, 0)} rows for {s.rows} objects"
+              for s in plan.shards if written.get(s.shard_id, 0) != s.rows]
     unknown = sorted(set(written) - {s.shard_id for s in plan.shards})
     summary = {
         "objects_listed": sum(s.listed for s in plan.shards),
         "folders": plan.folders,
         "tar_directories": sum(s.directories for s in plan.shards),
         "sidecars_attached": sum(s.sidecars for s in plan.shards),
-        "planned_errors": sum(e.error is not None for s in plan.shards for e in s.entries),
+        "planned_errors": sum(s.planned_errors for s in plan.shards),
         "rows_expected": plan.rows,
         "rows_written": sum(written.values()),
     }

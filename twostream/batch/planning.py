@@ -22,10 +22,13 @@ Planning (:func:`plan_input`) lists every object under the input prefix (local f
 
 A :class:`Shard` (a tar, or ``files_per_shard`` loose files in name order) is the unit of
 resume; it is read in :func:`work_units` of at most ``rows_per_task`` entries (a big tar is read
-by several tasks, each seeking to its members). :func:`read_unit` yields one raw row per entry
-(bytes, sidecar metadata, or the reason it cannot be read); :func:`attach_identity` gives each
-row its image id, source and timestamp: the manifest row matched at planning
-(:func:`twostream.batch.manifest.match`), else the sidecar, else key/``unknown``/0.
+by several tasks, each seeking to its members). The job spools each shard's entries to a
+Parquet file as soon as its tar is listed, so that the driver holds counts, not entries, however
+many objects the input has; a work unit then carries only where its entries are.
+:func:`read_unit` yields one raw row per entry (bytes, sidecar metadata, or the reason it cannot
+be read); :func:`attach_identity` gives each row its image id, source and timestamp: the
+manifest row matched at planning (:class:`twostream.batch.manifest.Matcher`), else the sidecar,
+else key/``unknown``/0.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from twostream import storage
-from twostream.batch.manifest import UNKNOWN_SOURCE, Match, match, parse_timestamp
+from twostream.batch.manifest import UNKNOWN_SOURCE, Match, Matcher, parse_timestamp
 
 TAR_SUFFIXES = (".tar",)
 SIDECAR_SUFFIX = ".json"
@@ -72,7 +76,8 @@ class Entry:
 
 @dataclass
 class Shard:
-    """One unit of resume: a tar, or a group of loose files; ``entries`` are its rows in order."""
+    """One unit of resume: a tar, or a group of loose files; ``entries`` are its rows in order,
+    held, or (``spool``) in a Parquet file of :data:`ENTRY_SCHEMA` (:func:`spool_entries`)."""
 
     shard_id: str
     kind: str  # "tar" | "files"
@@ -84,6 +89,9 @@ class Shard:
     sidecars: int = 0  # sidecars travelling with their file (no row of their own)
     first: int = 0  # a work unit: row number of entries[0] in its shard
     total: int = -1  # a work unit: rows of its whole shard
+    rows: int = 0  # entries (rows owed) of this shard or work unit
+    planned_errors: int = 0  # entries known at planning to be errors
+    spool: str = ""  # where the whole shard's entries are, when not held
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -93,6 +101,62 @@ class Shard:
         data = json.loads(text)
         data["entries"] = [Entry(**e) for e in data["entries"]]
         return cls(**data)
+
+    def load_entries(self) -> list[Entry]:
+        """The entries: held, else rows ``first .. first + rows`` of the spool file."""
+        if self.entries or not self.spool:
+            return self.entries
+        return read_entries(self.spool, self.first, self.rows)
+
+
+def _shard(shard: Shard) -> Shard:
+    """``shard`` with its counts of entries set."""
+    shard.rows = len(shard.entries)
+    shard.planned_errors = sum(e.error is not None for e in shard.entries)
+    return shard
+
+
+# ---------------------------------------------------------------------------------------------
+# Spooled entries: the plan of millions of objects without holding them
+# ---------------------------------------------------------------------------------------------
+ENTRY_SCHEMA = pa.schema([
+    ("key", pa.string()), ("uri", pa.string()), ("size", pa.int64()), ("stamp", pa.string()),
+    ("offset", pa.int64()), ("sidecar_name", pa.string()), ("sidecar_uri", pa.string()),
+    ("sidecar_offset", pa.int64()), ("sidecar_size", pa.int64()), ("error", pa.string()),
+    ("image_id", pa.string()), ("source", pa.string()), ("timestamp", pa.float64()),
+])
+ENTRY_ROW_GROUP = 1024  # rows per Parquet row group: a work unit reads only the groups it needs
+
+
+def spool_entries(shard: Shard, uri: str) -> None:
+    """Write a shard's entries to ``uri`` (:data:`ENTRY_SCHEMA`) and let go of them."""
+    sidecars = [e.sidecar or [None] * 4 for e in shard.entries]
+    idents = [e.ident or [None] * 3 for e in shard.entries]
+    columns = [[getattr(e, name) for e in shard.entries] for name in ("key", "uri", "size", "stamp", "offset")]
+    columns += [list(c) for c in zip(*sidecars)] or [[]] * 4
+    columns += [[e.error for e in shard.entries]]
+    columns += [list(c) for c in zip(*idents)] or [[]] * 3
+    table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, ENTRY_SCHEMA)], schema=ENTRY_SCHEMA)
+    storage.write_parquet(table, uri, row_group_size=ENTRY_ROW_GROUP)
+    shard.spool, shard.entries = uri, []
+
+
+def read_entries(uri: str, first: int, count: int) -> list[Entry]:
+    """Entries ``first .. first + count`` of a spool file, reading only their row groups."""
+    if count <= 0:
+        return []
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as handle:
+        groups = range(first // ENTRY_ROW_GROUP, (first + count - 1) // ENTRY_ROW_GROUP + 1)
+        table = pq.ParquetFile(handle).read_row_groups(list(groups))
+    rows = table.slice(first - groups[0] * ENTRY_ROW_GROUP, count).to_pylist()
+    if len(rows) != count:
+        raise RuntimeError(f"{uri}: {len(rows)} entries from row {first}, {count} planned")
+    return [Entry(r["key"], r["uri"], r["size"], r["stamp"], r["offset"],
+                  None if r["sidecar_name"] is None else
+                  [r["sidecar_name"], r["sidecar_uri"], r["sidecar_offset"], r["sidecar_size"]],
+                  r["error"], None if r["image_id"] is None else [r["image_id"], r["source"], r["timestamp"]])
+            for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +430,7 @@ def _tar_shard(obj: _Object) -> Shard:
         members, lambda m: m.uri, lambda m: [m.key, m.uri, m.offset, m.size])
     _unique(shard.entries)
     shard.listed = len(members) + shard.directories
-    return shard
+    return _shard(shard)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,58 +438,80 @@ def _tar_shard(obj: _Object) -> Shard:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    """The shards of an input, plus the folders listed on the way (not objects, no rows)."""
+    """The shards of an input, plus the folders listed on the way (not objects, no rows) and,
+    when a manifest was given, how its rows matched."""
 
     shards: list[Shard]
     folders: int = 0
+    match: Match | None = None
 
     @property
     def rows(self) -> int:
         """Rows the job owes: one per entry."""
-        return sum(len(s.entries) for s in self.shards)
+        return sum(s.rows for s in self.shards)
 
 
-def plan_input(input_uri: str, files_per_shard: int = 256) -> Plan:
+def _identities(table: pa.Table) -> list[list]:
+    return [table.column(name).to_pylist() for name in ("image_id", "source", "timestamp")]
+
+
+def _attach(matcher: Matcher, identities: list[list], entries: Sequence[Entry]) -> None:
+    rows = matcher.rows([e.key for e in entries], [e.uri for e in entries])
+    for entry, row in zip(entries, rows):
+        if row >= 0:
+            entry.ident = [column[row] for column in identities]
+
+
+def plan_input(input_uri: str, files_per_shard: int = 256, manifest: pa.Table | None = None,
+               spool: str | None = None) -> Plan:
     """Every object of the input in shards, in a stable order (same input, same plan); raises
-    :class:`InputError` for a missing or empty input."""
+    :class:`InputError` for a missing or empty input.
+
+    ``manifest``: each entry gets its matched row's identity, shard by shard (``plan.match``
+    says how the rows matched; :class:`ManifestError` when one row matches two inputs).
+    ``spool``: a folder where each shard's entries are written as soon as it is listed
+    (:func:`spool_entries`), so that planning holds one tar's entries at a time, not the
+    input's; loose files' names are listed together in any case (sidecars pair across them)."""
     objects, folders = _list_objects(input_uri)
     if not objects:
         raise InputError(f"input holds no files: {input_uri}")
+    matcher = Matcher(manifest) if manifest is not None else None
+    identities = _identities(manifest) if manifest is not None else []
+    shards: list[Shard] = []
+
+    def add(shard: Shard) -> None:
+        if matcher is not None:
+            _attach(matcher, identities, shard.entries)
+        if spool is not None:
+            spool_entries(shard, storage.join(spool, f"{shard.shard_id}.parquet"))
+        shards.append(shard)
+
     is_tar = [o.error is None and o.key.lower().endswith(TAR_SUFFIXES) for o in objects]
-    shards = [_tar_shard(o) for o, t in zip(objects, is_tar) if t]
+    for obj in (o for o, t in zip(objects, is_tar) if t):
+        add(_tar_shard(obj))
     entries, _ = _entries([o for o, t in zip(objects, is_tar) if not t],
                           lambda o: o.uri, lambda o: [o.key, o.uri, -1, o.size])
+    del objects
     _unique(entries)
     for start in range(0, len(entries), files_per_shard):
         chunk = entries[start : start + files_per_shard]
         attached = sum(e.sidecar is not None for e in chunk)
-        shards.append(Shard(f"files-{start // files_per_shard:06d}", "files", entries=chunk,
-                            listed=len(chunk) + attached, sidecars=attached))
-    return Plan(shards, folders)
-
-
-def attach_manifest(plan: Plan, table: pa.Table | None) -> Match:
-    """Give each entry its manifest row's identity (:func:`twostream.batch.manifest.match`);
-    returns the match (rows no input matched, for the summary)."""
-    entries = [e for s in plan.shards for e in s.entries]
-    found = match(table, [e.key for e in entries], [e.uri for e in entries])
-    if table is not None:
-        columns = [table.column(name).to_pylist() for name in ("image_id", "source", "timestamp")]
-        for entry, row in zip(entries, found.rows):
-            if row >= 0:
-                entry.ident = [column[row] for column in columns]
-    return found
+        add(_shard(Shard(f"files-{start // files_per_shard:06d}", "files", entries=chunk,
+                         listed=len(chunk) + attached, sidecars=attached)))
+    return Plan(shards, folders, matcher.result() if matcher is not None else None)
 
 
 def work_units(shards: Sequence[Shard], rows_per_task: int) -> list[Shard]:
     """The shards cut into read tasks of at most ``rows_per_task`` entries (``first``/``total``
-    say where each sits in its shard)."""
+    say where each sits in its shard; a spooled shard's units carry no entries, only where to
+    read them)."""
     units = []
     for shard in shards:
-        total = len(shard.entries)
-        for start in range(0, max(total, 1), rows_per_task):
+        for start in range(0, max(shard.rows, 1), rows_per_task):
+            count = min(rows_per_task, shard.rows - start) if shard.rows else 0
             units.append(Shard(shard.shard_id, shard.kind, shard.uri, shard.stamp,
-                               shard.entries[start : start + rows_per_task], first=start, total=total))
+                               shard.entries[start : start + rows_per_task], first=start, total=shard.rows,
+                               rows=count, spool=shard.spool))
     return units
 
 
@@ -455,10 +541,11 @@ def read_unit(unit: Shard, max_bytes: int) -> Iterator[dict]:
     ``data``, ``meta`` (the sidecar's dict), ``ident``, ``read_error``."""
     tar = None
     try:
-        if unit.kind == "tar" and any(e.error is None for e in unit.entries):
+        entries = unit.load_entries()
+        if unit.kind == "tar" and any(e.error is None for e in entries):
             fs, path = storage.filesystem(unit.uri)
             tar = fs.open_input_file(path)
-        for k, entry in enumerate(unit.entries):
+        for k, entry in enumerate(entries):
             row = {"key": entry.key, "uri": entry.uri, "row": unit.first + k, "data": b"", "meta": {},
                    "ident": entry.ident, "read_error": entry.error}
             if entry.error is None:

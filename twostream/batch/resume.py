@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from twostream import storage
 from twostream.batch.outputs import plan_uri
-from twostream.batch.planning import Plan
+from twostream.batch.planning import Plan, Shard
 from twostream.core.config import TwoStreamConfig
 
 LISTING_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("size", pa.int64()),
@@ -60,41 +60,43 @@ def result_settings(cfg: TwoStreamConfig) -> dict[str, Any]:
     return out
 
 
-def listing_table(plan: Plan) -> pa.Table:
-    """One row per listed object (and per tar): what the input fingerprint is made of."""
+def shard_listing(shard: Shard) -> pa.Table:
+    """One row per listed object of a shard (and one for a tar itself): what the input
+    fingerprint is made of."""
     cols: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
-    for shard in plan.shards:
-        if shard.kind == "tar":
-            size, _, stamp = shard.stamp.partition(":")
-            for name, value in (("shard", shard.shard_id), ("key", shard.uri), ("size", int(size or 0)),
-                                ("stamp", stamp)):
-                cols[name].append(value)
-        for entry in shard.entries:
-            stamp = entry.stamp if shard.kind == "files" else f"@{entry.offset}"
-            if entry.sidecar is not None:
-                stamp += f"+{entry.sidecar[0]}:{entry.sidecar[3]}"
-            cols["shard"].append(shard.shard_id)
-            cols["key"].append(entry.key)
-            cols["size"].append(entry.size)
-            cols["stamp"].append(stamp + (f"!{entry.error}" if entry.error else ""))
+    if shard.kind == "tar":
+        size, _, stamp = shard.stamp.partition(":")
+        for name, value in (("shard", shard.shard_id), ("key", shard.uri), ("size", int(size or 0)),
+                            ("stamp", stamp)):
+            cols[name].append(value)
+    for entry in shard.load_entries():
+        stamp = entry.stamp if shard.kind == "files" else f"@{entry.offset}"
+        if entry.sidecar is not None:
+            stamp += f"+{entry.sidecar[0]}:{entry.sidecar[3]}"
+        cols["shard"].append(shard.shard_id)
+        cols["key"].append(entry.key)
+        cols["size"].append(entry.size)
+        cols["stamp"].append(stamp + (f"!{entry.error}" if entry.error else ""))
     return pa.table(cols, schema=LISTING_SCHEMA)
 
 
-def _digest(table: pa.Table) -> str:
+def listing_table(plan: Plan) -> pa.Table:
+    """The whole input's listing (:func:`shard_listing` of every shard)."""
+    return pa.concat_tables([shard_listing(s) for s in plan.shards] or [LISTING_SCHEMA.empty_table()])
+
+
+def fingerprint(plan: Plan, input_uri: str, manifest_sha256: str | None, cfg: TwoStreamConfig) -> dict:
+    """The run's fingerprint; the listing is hashed a shard at a time."""
     h = hashlib.sha256()
-    for batch in table.to_batches(max_chunksize=65536):
-        for column in batch.columns:
+    objects = 0
+    for shard in plan.shards:
+        table = shard_listing(shard)
+        objects += table.num_rows
+        for column in table.columns:
             h.update(b"\0".join(str(v).encode() for v in column.to_pylist()))
             h.update(b"\1")
-    return h.hexdigest()
-
-
-def fingerprint(plan: Plan, input_uri: str, manifest_sha256: str | None,
-                cfg: TwoStreamConfig) -> tuple[dict, pa.Table]:
-    """The run's fingerprint and the listing behind it."""
-    listing = listing_table(plan)
-    return {"input": input_uri, "listing_sha256": _digest(listing), "objects": listing.num_rows,
-            "manifest_sha256": manifest_sha256, "settings": result_settings(cfg)}, listing
+    return {"input": input_uri, "listing_sha256": h.hexdigest(), "objects": objects,
+            "manifest_sha256": manifest_sha256, "settings": result_settings(cfg)}
 
 
 def _listing_uri(output: str) -> str:
@@ -130,12 +132,12 @@ def listing_changes(old: pa.Table, new: pa.Table) -> list[str]:
     return lines
 
 
-def check_or_record(output: str, fp: dict, listing: pa.Table) -> None:
+def check_or_record(output: str, fp: dict, plan: Plan) -> None:
     """Record the fingerprint in a fresh output, or check a rerun's equals the recorded one;
     raises :class:`ResumeRefused` listing every difference."""
     uri = plan_uri(output)
     if not storage.exists(uri):
-        storage.write_parquet(listing, _listing_uri(output))
+        storage.write_parquet_parts(map(shard_listing, plan.shards), LISTING_SCHEMA, _listing_uri(output))
         storage.write_bytes(uri, json.dumps(fp, indent=1, sort_keys=True).encode())
         return
     old = json.loads(storage.read_bytes(uri))
@@ -154,7 +156,7 @@ def check_or_record(output: str, fp: dict, listing: pa.Table) -> None:
     if old.get("listing_sha256") != fp["listing_sha256"]:
         previous = storage.read_parquet(_listing_uri(output)) if storage.exists(_listing_uri(output)) else \
             LISTING_SCHEMA.empty_table()
-        changes.extend(listing_changes(previous, listing) or ["input listing changed"])
+        changes.extend(listing_changes(previous, listing_table(plan)) or ["input listing changed"])
     if changes:
         raise ResumeRefused(f"{output} holds a run over other inputs or settings; use a new --output or "
                             f"delete it. Changed: " + "; ".join(changes))

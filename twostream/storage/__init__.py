@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -138,10 +139,20 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     return sorted(found)
 
 
-def write_parquet(table: pa.Table, uri: str, compression: str = "snappy") -> None:
+def write_parquet(table: pa.Table, uri: str, compression: str = "snappy", row_group_size: int | None = None) -> None:
     """Write ``table`` as one Parquet object at ``uri`` (whole-object write, see :func:`write_bytes`)."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
+    write_bytes(uri, sink.getvalue())
+
+
+def write_parquet_parts(tables: Iterable[pa.Table], schema: pa.Schema, uri: str) -> None:
+    """Write ``tables`` one after another as one Parquet object, without holding them at once
+    (the encoded file is what is held, for the whole-object write of :func:`write_bytes`)."""
+    sink = io.BytesIO()
+    with pq.ParquetWriter(sink, schema) as writer:
+        for table in tables:
+            writer.write_table(table)
     write_bytes(uri, sink.getvalue())
 
 
