@@ -8,6 +8,7 @@ peak at 1M within 1.25x of its peak at 100k; reputation and final phases under 1
     nice python benchmarks/scale.py --n 100000 --report out/scale-100k.json
     nice python benchmarks/scale.py --n 1000000 --report out/scale-1m.json   # over an hour here
     python benchmarks/scale.py --reduce-only --n 1000000   # the reputation reduce alone, events/s
+    python benchmarks/scale.py --plan-only --n 1000000     # the driver's planning alone, peak RSS
 
 Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
@@ -197,6 +198,28 @@ def reduce_only(n: int, sources: int) -> dict:
             "peak_growth_mb": round(growth), "peak_growth_per_event_byte": round(growth * 2**20 / events.nbytes, 1)}
 
 
+def plan_only(n: int, sources: int, per_tar: int, workdir: Path) -> dict:
+    """The job's planning alone, in this process as in the driver (list and spool every tar's
+    entries, fingerprint, record, work units): wall time and peak RSS."""
+    from jobs.score import run_job  # noqa: F401  (the driver's imports, counted in its baseline)
+    from twostream.batch import outputs, resume
+    from twostream.batch.planning import plan_input, work_units
+    from twostream.core.config import load_config
+
+    write_shards(workdir / "in", n, sources, per_tar)
+    cfg = load_config(None, TINY)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:  # reset the peak (VmHWM) to the current RSS
+        handle.write("5")
+    t0 = time.perf_counter()
+    out = str(workdir / "out")
+    plan = plan_input(str(workdir / "in"), cfg.job.files_per_shard, spool=outputs.entries_folder(out))
+    resume.check_or_record(out, resume.fingerprint(plan, str(workdir / "in"), None, cfg), plan)
+    units = [u.to_json() for u in work_units(plan.shards, cfg.job.rows_per_task)]
+    return {"images": n, "objects": plan.rows, "work_units": len(units), "wall_s": round(time.perf_counter() - t0, 1),
+            "rss_before_mb": round(before / 1024), "peak_rss_mb": round(_status_kb("VmHWM") / 1024)}
+
+
 def _status_kb(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
@@ -209,11 +232,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder, removed afterwards")
     parser.add_argument("--report", type=Path, help="write the figures here (JSON)")
     parser.add_argument("--reduce-only", action="store_true", help="time the reputation reduce alone")
+    parser.add_argument("--plan-only", action="store_true", help="the driver's planning alone: time, peak RSS")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.reduce_only:
         figures = reduce_only(args.n, args.sources)
+    elif args.plan_only:
+        with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+            figures = plan_only(args.n, args.sources, args.per_tar, args.workdir or Path(tmp))
     elif args.workdir:
         figures = run_job(args.n, args.sources, args.per_tar, args.workdir, args.overrides)
     else:

@@ -101,6 +101,7 @@ def drive(
 
     latencies: list[float] = []
     bare_ms: list[float] = []
+    server_ms: list[dict] = []  # the replica's own timings_ms (total: the rest is Serve's path)
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     remaining = [requests_total]
@@ -121,9 +122,12 @@ def drive(
             t0 = time.perf_counter()
             answer = session.post(url, data=image, headers=headers, timeout=120)
             elapsed = time.perf_counter() - t0
+            timings = answer.json().get("timings_ms") if answer.status_code in (200, 403) else None
             with lock:
                 latencies.append(elapsed)
                 statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+                if timings:
+                    server_ms.append(timings)
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
@@ -137,6 +141,9 @@ def drive(
         "clients": clients,
         "requests": len(latencies),
         **({"bare_forward_ms": float(np.median(bare_ms))} if bare_ms else {}),
+        **({"replica_p50_ms": float(np.median([t["total"] for t in server_ms])),
+            "replica_stage_p50_ms": {k: round(float(np.median([t[k] for t in server_ms])), 2) for k in server_ms[0]}}
+           if server_ms else {}),
         "statuses": statuses,
         "rps": len(latencies) / wall if wall > 0 else 0.0,
         **percentiles(latencies),
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                                     bare if clients == 1 else None)
                         row.update(topology=topology, max_batch_size=size)
                         results["scenarios"].append(row)
-                        paired = f"  (bare forward {row['bare_forward_ms']:.1f} ms)" if "bare_forward_ms" in row else ""
+                        paired = (f"  (bare forward {row['bare_forward_ms']:.1f} ms, in the replica "
+                                  f"{row.get('replica_p50_ms', float('nan')):.1f} ms)" if "bare_forward_ms" in row else "")
                         print(f"{topology:5s} max_batch_size={size:<3d} clients={clients:<3d} n={row['requests']:3d}  "
                               f"p50={row['p50']:7.1f} ms  p95={row['p95']:7.1f} ms  p99={row['p99']:7.1f} ms  "
                               f"{row['rps']:6.2f} req/s  {row['statuses']}{paired}", flush=True)
