@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from jobs.ray_cluster import connect
+    from jobs.ray_cluster import connect, serve_cluster_env
     from jobs.serve import build_app
     from twostream.core.config import load_config
     from twostream.online.redis_server import EmbeddedRedis
@@ -179,14 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = config.serve.max_batch_size
     image = sample_jpeg()
     print(f"models: high={config.high.model} ({config.high.weights}), low={config.low.model} ({config.low.weights}); "
-          f"image {len(image)} bytes JPEG; torch threads {config.high.threads}", flush=True)
+          f"image {len(image)} bytes JPEG; torch threads {config.high.threads}; HTTP proxy {config.serve.http_proxy}",
+          flush=True)
 
     bare = BareForward(config, image)
-    results: dict = {"config": {"max_batch_size": batch, "batch_wait_timeout_s": config.serve.batch_wait_timeout_s},
+    results: dict = {"config": {"max_batch_size": batch, "batch_wait_timeout_s": config.serve.batch_wait_timeout_s,
+                                "http_proxy": config.serve.http_proxy},
                      "scenarios": []}
     with tempfile.TemporaryDirectory() as state, EmbeddedRedis(state) as redis:
         config.serve.redis_url = redis.url
-        connect(num_cpus=args.num_cpus, log_to_driver=False)
+        connect(num_cpus=args.num_cpus, log_to_driver=False, cluster_env=serve_cluster_env(config.serve.http_proxy))
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}/v1/classify"

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import requests
     from ray import serve
 
-    from jobs.ray_cluster import connect
+    from jobs.ray_cluster import connect, serve_cluster_env
     from jobs.serve import build_app
     from twostream.core.config import load_config
     from twostream.online.redis_server import EmbeddedRedis
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as state_dir, EmbeddedRedis(state_dir) as redis:
         config.serve.redis_url = redis.url
-        connect(num_cpus=args.num_cpus, log_to_driver=False)
+        connect(num_cpus=args.num_cpus, log_to_driver=False, cluster_env=serve_cluster_env(config.serve.http_proxy))
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app(config), name=config.serve.app_name, route_prefix="/")

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
 
 log = logging.getLogger("twostream.jobs")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Serve's HAProxy ingress, read by Serve's processes at start
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_cluster_env(http_proxy: str) -> dict[str, str]:
+    """The environment a Ray cluster must start with for ``serve.http_proxy`` (Serve reads it
+    when its processes start): ``haproxy``: Serve's HAProxy ingress, its own metrics and stats
+    on free ports (the fixed defaults would clash between two clusters on one machine). Either
+    way X-Forwarded-For is trusted from no peer (uvicorn trusts loopback by default, and behind
+    HAProxy every peer is loopback: a client would name its own address)."""
+    env = {"FORWARDED_ALLOW_IPS": ""}
+    if http_proxy == "haproxy":
+        env.update({HAPROXY_ENV: "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())})
+    return env
 
 
 def connect(
@@ -17,17 +38,25 @@ def connect(
     *,
     num_cpus: int | None = None,
     env_prefixes: tuple[str, ...] = ("AWS_", "TWOSTREAM_"),
+    cluster_env: dict[str, str] | None = None,
     **init_kwargs: Any,
 ) -> bool:
     """Connect to ``address`` (else ``$RAY_ADDRESS``), or start a local Ray when neither is set.
 
     Environment variables with one of ``env_prefixes`` (S3 endpoint and credentials, twostream
-    settings) travel to the workers in the runtime environment. A process already connected is
-    left as it is. Returns True when this call started or joined Ray (the caller shuts it down).
+    settings) travel to the workers in the runtime environment. ``cluster_env`` (e.g.
+    :func:`serve_cluster_env`) is set in this process before a local Ray starts, so that all of
+    its processes have it; a cluster joined keeps its own. A process already connected is left as
+    it is. Returns True when this call started or joined Ray (the caller shuts it down).
     """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if cluster_env and address is None:
+        os.environ.update(cluster_env)
+    elif cluster_env:
+        log.info("joining %s: its Serve settings are the ones it was started with (%s)", address,
+                 ", ".join(f"{k}={v}" for k, v in cluster_env.items() if not k.endswith("_PORT")))
     env = {k: v for k, v in os.environ.items() if k.startswith(env_prefixes)}
     if _JOB_CONFIG_ENV in os.environ:  # a `ray job submit` driver: the job's runtime env applies,
         env = {}  # and Ray refuses env vars given again (a conflict)

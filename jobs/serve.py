@@ -24,6 +24,7 @@ all replicas), then answers (:func:`twostream.online.api.build_classify_response
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +36,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from jobs.ray_cluster import HAPROXY_ENV
 from twostream import __version__
 from twostream.core.config import TwoStreamConfig, build_config, merge_sections, read_config_file
 from twostream.core.labels import Response as Answer
@@ -133,6 +135,8 @@ class Ingress:
             self._fused.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.metrics = ServiceMetrics()
         self.admin_token = settings.resolved_admin_token()
+        # Behind HAProxy every peer is HAProxy: the client's address is not known here.
+        self.client_address_known = os.environ.get(HAPROXY_ENV) != "1"
         self._store: RedisReputation | None = None
 
     @property
@@ -201,7 +205,7 @@ class Ingress:
             self._done("classify", status, started)
 
     async def _classify(self, request: Request, started: float) -> JSONResponse:
-        client = request.client.host if request.client else None
+        client = request.client.host if request.client and self.client_address_known else None
         data, source = await read_upload(request.headers, request.stream(), client, self.config.serve)
         t0 = time.perf_counter()
         try:  # format and size before anything else; the models decode the pixels

@@ -10,6 +10,7 @@ clients, and kills of a replica and of Redis mid-stream (last: they reset the re
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import time
@@ -71,6 +72,7 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
     """Redis, Ray and both topologies of the application; returns what the tests need."""
     from ray import serve
 
+    from jobs.ray_cluster import connect, serve_cluster_env
     from jobs.serve import build_app
     from twostream.core.config import load_config
     from twostream.core.scoring import Scorer
@@ -94,7 +96,9 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
     config = load_config(None, overrides)
     split = config.model_copy(deep=True)
     split.serve.topology = "split"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    env = serve_cluster_env(config.serve.http_proxy)  # the default: HAProxy in front of the replicas
+    saved = {k: os.environ.get(k) for k in env}
+    connect(num_cpus=2, log_to_driver=False, cluster_env=env)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=config.serve.app_name, route_prefix="/")
@@ -102,9 +106,9 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz")
         wait_http(base + "/split/healthz")
-        return {"base": base, "config": config, "scorer": Scorer(config), "tmp": tmp, "redis": redis}
+        return {"base": base, "config": config, "scorer": Scorer(config), "tmp": tmp, "redis": redis, "env": saved}
     except BaseException:
-        stop_app({"redis": redis})
+        stop_app({"redis": redis, "env": saved})
         raise
 
 
@@ -117,6 +121,11 @@ def stop_app(setup: dict) -> None:
     finally:
         ray.shutdown()
         setup["redis"].stop()
+        for key, value in setup["env"].items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +253,7 @@ def test_concurrent_requests_from_one_source_lose_no_increment(setup, verdict_po
     assert info["cc"] == ledger.get("burst-src").cc
 
 
-def test_source_from_form_field_or_client_address(setup, verdict_pool):
+def test_source_from_header_or_form_field_never_from_a_forwarded_address(setup, verdict_pool):
     base = setup["base"]
     data = verdict_pool["accepted"][0]
     answer = requests.post(base + "/v1/classify", files={"image": ("a.png", data, "image/png")},
@@ -254,8 +263,12 @@ def test_source_from_form_field_or_client_address(setup, verdict_pool):
     answer = requests.post(base + "/v1/classify", files={"image": ("a.png", data, "image/png")},
                            data={"source": "form-src"}, headers={"X-Source-Id": "header-wins"}, timeout=60)
     assert answer.json()["source"] == "header-wins"
-    answer = classify(base, data)  # no header: the client address
-    assert answer.status_code == 200 and answer.json()["source"] == "127.0.0.1"
+    # No source id: behind HAProxy (the default serve.http_proxy) the replicas never see the client's
+    # address, so the request is refused, also when it names an address of its own.
+    for spoof in ({}, {"X-Forwarded-For": "203.0.113.9"}):
+        answer = requests.post(base + "/v1/classify", data=data, headers={"Content-Type": "image/png", **spoof},
+                               timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"] == "missing_source", answer.text
 
 
 def test_error_codes(setup):

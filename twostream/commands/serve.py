@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from jobs.ray_cluster import connect
+    from jobs.ray_cluster import connect, serve_cluster_env
     from jobs.serve import build_app
     from twostream.online.redis_server import EmbeddedRedis
     from twostream.online.redis_store import redact
@@ -73,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"reputation state: {redact(settings.redis_url)}", flush=True)
     started = False
     try:
-        started = connect(args.address, num_cpus=args.num_cpus)
+        started = connect(args.address, num_cpus=args.num_cpus, cluster_env=serve_cluster_env(settings.http_proxy))
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
         url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
         token = "configured" if settings.resolved_admin_token() else "disabled (no token)"
         print(f"twostream serving at {url}  (POST {url}/v1/classify; docs {url}/docs; admin {token}; "
-              f"topology {settings.topology})", flush=True)
+              f"topology {settings.topology}; HTTP proxy {settings.http_proxy})", flush=True)
 
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):

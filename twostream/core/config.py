@@ -119,6 +119,16 @@ class ServeSettings(_Strict):
             "replicas each, for GPU scaling)"
         ),
     )
+    http_proxy: Literal["haproxy", "ray"] = Field(
+        "haproxy",
+        description=(
+            "haproxy: Serve's HAProxy ingress (the binary Ray bundles) sends HTTP straight to each "
+            "ingress replica's own server; the replicas then never see the client's address, so every "
+            "request must carry its source id (header or field). ray: Serve's Python proxy, one actor "
+            "call per request more; a request without a source id is the client address's. Applies "
+            "to a Ray that `twostream serve` starts (a cluster's own: RAY_SERVE_ENABLE_HA_PROXY=1)"
+        ),
+    )
     ingress_replicas: int = Field(1, gt=0, description="replicas of the FastAPI ingress (fused: of the models too)")
     ingress_num_cpus: float = Field(
         0.0, ge=0.0, description="CPUs reserved per ingress replica (fused: beside high.num_cpus + low.num_cpus)"
@@ -141,7 +151,7 @@ class ServeSettings(_Strict):
     max_part_header_bytes: int = Field(4096, ge=64, description="longest header line of a form part (else 400)")
     source_header: str = Field("X-Source-Id", min_length=1, description="header carrying the source id")
     trust_source_header: bool = Field(
-        True, description="honour the source header/field; false: always the client address"
+        True, description="honour the source header/field; false: always the client address (http_proxy: ray)"
     )
     admin_token: str | None = Field(
         None, description=f"bearer token of the admin routes (else ${ADMIN_TOKEN_ENV}; none: disabled)"
@@ -165,6 +175,13 @@ class ServeSettings(_Strict):
         5.0, ge=0.0, description="how long a reputation step is retried while Redis is unreachable (then 503)"
     )
     max_sources_listed: int = Field(1000, gt=0, description="cap of GET /v1/sources")
+
+    @model_validator(mode="after")
+    def _source_known(self) -> "ServeSettings":
+        if self.http_proxy == "haproxy" and not self.trust_source_header:
+            raise ValueError("serve.trust_source_header=false takes the client address as the source, which "
+                             "the replicas do not see behind HAProxy: set serve.http_proxy=ray with it")
+        return self
 
     def resolved_admin_token(self) -> str | None:
         """The admin bearer token: this section's, else ``$TWOSTREAM_ADMIN_TOKEN``, else None (disabled)."""

@@ -244,7 +244,8 @@ def resolve_source(
         return given
     if client_host:
         return client_host
-    raise ApiError(400, "missing_source", "no source id given and the client address is unknown")
+    raise ApiError(400, "missing_source", "no source id given (the source header or the form field "
+                   "'source') and the client address is not known here (behind HAProxy it never is)")
 
 
 async def read_upload(
