@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -141,6 +142,7 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
 
     t0 = time.perf_counter()
     write_shards(workdir / "in", n, sources, per_tar)
+    shutil.rmtree(workdir / "out", ignore_errors=True)  # an earlier run's output: a rerun would be refused
     log.info("wrote %d images in %.0fs", n, time.perf_counter() - t0)
     connect(num_cpus=os.cpu_count())
     sampler = Sampler()

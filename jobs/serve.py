@@ -137,6 +137,9 @@ class Ingress:
         self.admin_token = settings.resolved_admin_token()
         # Behind HAProxy every peer is HAProxy: the client's address is not known here.
         self.client_address_known = os.environ.get(HAPROXY_ENV) != "1"
+        if not (self.client_address_known or settings.trust_source_header):
+            raise ValueError("serve.trust_source_header=false takes the client address as the source, which the "
+                             f"replicas do not see behind HAProxy: start the cluster without {HAPROXY_ENV}=1")
         self._store: RedisReputation | None = None
 
     @property
