@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from twostream.batch import reputation
@@ -68,6 +68,9 @@ def _uploads(rnd: random.Random, n: int, sources: int, times: int, p: float = 0.
 @given(seed=st.integers(0, 10**6), n=st.integers(0, 300), sources=st.integers(1, 12),
        parts=st.integers(1, 4), threshold=st.integers(1, 5), extra=st.integers(0, 6),
        up=st.integers(1, 3), down=st.integers(1, 3), p=st.floats(0.0, 1.0))
+# Found by CI: one source sends the same image id twice at one time; the replay takes them in
+# input order, the reduce must too, however the partition's events are shuffled.
+@example(seed=0, n=113, sources=1, parts=1, threshold=1, extra=1, up=1, down=2, p=0.5)
 def test_reduce_equals_replay(seed, n, sources, parts, threshold, extra, up, down, p):
     rnd = random.Random(seed)
     config = ReputationConfig(threshold=threshold, cap=threshold + extra, step_up=up, step_down=down)

@@ -5,7 +5,7 @@ Algorithm 2 over columnar events. :func:`staging_events` turns a staging table i
 :func:`partition` splits events, or the rows of a previous run's sources table (the state), by
 ``crc32(source) % parts`` (:func:`reputation_shard`, stable across processes and runs), so one
 partition holds every event of its sources. :func:`reduce_partition` replays a partition:
-one Arrow sort on (source, timestamp, image_id), then Algorithm 2 for all sources at once in
+one Arrow sort on (source, timestamp, image_id; ties by shard and row), then Algorithm 2 for all sources at once in
 NumPy (no Python loop per event or per source, see :func:`_scan`), starting from each source's
 state when one is given; it returns the partition's new :data:`SOURCES_SCHEMA` rows and each
 event's (shard, row, cc, blacklisted). :func:`respond` writes a shard's images table from them.
@@ -233,10 +233,13 @@ def reduce_partition(
     errors = events.filter(pa.array(is_error)).group_by("source").aggregate([("source", "count")])
     scored = events.filter(pa.array(~is_error))
 
-    # sort: source (as a dictionary code), then (timestamp, image_id); segments = sources
+    # sort: source (as a dictionary code), then (timestamp, image_id), ties (one image id sent
+    # twice at one time) in input order, (shard, row): whatever order the events arrive in
     encoded = scored.column("source").combine_chunks().dictionary_encode()
-    keyed = pa.table({"c": encoded.indices, "t": scored.column("timestamp"), "i": scored.column("image_id")})
-    order = pc.sort_indices(keyed, sort_keys=[("c", "ascending"), ("t", "ascending"), ("i", "ascending")])
+    keyed = pa.table({"c": encoded.indices, "t": scored.column("timestamp"), "i": scored.column("image_id"),
+                      "s": scored.column("shard"), "r": scored.column("row")})
+    order = pc.sort_indices(keyed, sort_keys=[("c", "ascending"), ("t", "ascending"), ("i", "ascending"),
+                                              ("s", "ascending"), ("r", "ascending")])
     code = encoded.indices.to_numpy()[order.to_numpy()]
     ts = _col(scored, "timestamp")[order.to_numpy()]
     rejected = _col(scored, "rejected")[order.to_numpy()]
