@@ -1,9 +1,11 @@
 """The batch job at scale: N small JPEGs in tar shards (WebDataset layout, sidecars with image id,
 source and timestamp) spread over S sources, tiny random models, on a fresh local Ray.
 
-Prints and writes (``--report``) wall time per phase, images/s, peak RSS per process kind and
-the object store's spill; run it at 100k and at 1M images and compare (targets: every kind's
-peak at 1M within 1.25x of its peak at 100k; reputation and final phases under 15% of the wall).
+Prints and writes (``--report``) wall time per phase, images/s, peak memory per process kind
+(RSS, and private memory: RSS without the object store's shared pages and mapped files, see
+:class:`Sampler`), the peak of ``/dev/shm`` in use and the object store's spill; run it at 100k
+and at 1M images and compare (targets: every kind's peak at 1M within 1.25x of its peak at 100k;
+reputation and final phases under 15% of the wall).
 
     nice python benchmarks/scale.py --n 100000 --report out/scale-100k.json
     nice python benchmarks/scale.py --n 1000000 --report out/scale-1m.json   # over an hour here
@@ -21,6 +23,7 @@ Only this process's descendants count (the local Ray it starts), not other Ray i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -78,13 +81,19 @@ def write_shards(root: Path, n: int, sources: int, per_tar: int, seed: int = 0) 
 
 
 class Sampler(threading.Thread):
-    """Peak RSS per process kind (and per stream actor process), from /proc every ``period`` s."""
+    """Peak memory per process kind (and per stream actor process), from /proc every ``period`` s:
+    ``rss`` (VmRSS) and ``private`` (RssAnon: the process's own heap and stacks). RSS also counts
+    the pages of Ray's object store that a process has touched (RssShmem, shared by every process
+    that reads the same blocks, and bounded by the store's size) and its mapped libraries
+    (RssFile); ``private`` is what grows when a process holds on to memory. The shared memory in
+    use on ``/dev/shm`` (the object store's arena) is sampled beside them."""
 
     def __init__(self, period: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.period = period
-        self.peak: dict[str, int] = defaultdict(int)
-        self.stream: dict[int, int] = defaultdict(int)
+        self.peak: dict[str, dict[str, int]] = {"rss": defaultdict(int), "private": defaultdict(int)}
+        self.stream: dict[str, dict[int, int]] = {"rss": defaultdict(int), "private": defaultdict(int)}
+        self.shm_peak = 0
         self.stop = threading.Event()
 
     @staticmethod
@@ -110,14 +119,18 @@ class Sampler(threading.Thread):
         for pid in self.ours():
             try:
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-                rss = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status")
-                           if line.startswith("VmRSS:"))
-            except (OSError, StopIteration):
+                status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status")
+                          if line.startswith(("VmRSS:", "RssAnon:"))}
+                sizes = {"rss": status["VmRSS"], "private": status["RssAnon"]}
+            except (OSError, KeyError):
                 continue
             kind = "driver" if pid == me else next((k for frag, k in KINDS.items() if frag in cmd), "other")
-            self.peak[kind] = max(self.peak[kind], rss)
-            if kind == "stream":
-                self.stream[pid] = max(self.stream[pid], rss)
+            for measure, size in sizes.items():
+                self.peak[measure][kind] = max(self.peak[measure][kind], size)
+                if kind == "stream":
+                    self.stream[measure][pid] = max(self.stream[measure][pid], size)
+        with contextlib.suppress(OSError):
+            self.shm_peak = max(self.shm_peak, shutil.disk_usage("/dev/shm").used)
 
     def run(self) -> None:
         while not self.stop.wait(self.period):
@@ -162,9 +175,12 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
         "reputation_and_final_share": round((wall["reputation"] + wall["final"]) / wall["total"], 4),
         "images_per_s_end_to_end": round(summary["inputs"] / wall["total"], 1),
         "images_per_s_scoring": round(summary["inputs"] / wall["scoring"], 1),
-        "peak_rss_mb": {k: round(v / mb) for k, v in sorted(sampler.peak.items())},
+        "peak_rss_mb": {k: round(v / mb) for k, v in sorted(sampler.peak["rss"].items())},
+        "peak_private_mb": {k: round(v / mb) for k, v in sorted(sampler.peak["private"].items())},
         "driver_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "stream_actor_peaks_mb": sorted(round(v / mb) for v in sampler.stream.values()),
+        "stream_actor_peaks_mb": sorted(round(v / mb) for v in sampler.stream["rss"].values()),
+        "stream_actor_private_peaks_mb": sorted(round(v / mb) for v in sampler.stream["private"].values()),
+        "dev_shm_peak_mb": round(sampler.shm_peak / mb),
         "object_store_spill": spill,
         "overrides": overrides,
     }

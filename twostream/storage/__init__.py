@@ -141,18 +141,17 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
 
 def write_parquet(table: pa.Table, uri: str, compression: str = "snappy", row_group_size: int | None = None) -> None:
     """Write ``table`` as one Parquet object at ``uri`` (whole-object write, see :func:`write_bytes`)."""
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
-    write_bytes(uri, sink.getvalue())
+    write_parquet_parts([table], table.schema, uri, compression, row_group_size)
 
 
-def write_parquet_parts(tables: Iterable[pa.Table], schema: pa.Schema, uri: str) -> None:
+def write_parquet_parts(tables: Iterable[pa.Table], schema: pa.Schema, uri: str, compression: str = "snappy",
+                        row_group_size: int | None = None) -> None:
     """Write ``tables`` one after another as one Parquet object, without holding them at once
     (the encoded file is what is held, for the whole-object write of :func:`write_bytes`)."""
     sink = io.BytesIO()
-    with pq.ParquetWriter(sink, schema) as writer:
+    with pq.ParquetWriter(sink, schema, compression=compression) as writer:
         for table in tables:
-            writer.write_table(table)
+            writer.write_table(table, row_group_size=row_group_size)
     write_bytes(uri, sink.getvalue())
 
 
