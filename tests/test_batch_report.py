@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -185,6 +186,20 @@ def test_report_tables_match_the_output_files(run_dir: Path) -> None:
     assert '"p1"' in html.unescape(re.search(r'<pre id="config">(.*?)</pre>', doc, re.S).group(1))
     assert not re.search(r'(src|href)="(?!data:)', doc) and "<script" not in doc and "<link" not in doc
     assert EVIL not in doc and html.escape(EVIL) in doc
+
+
+def test_report_lists_the_first_sources_of_many(run_dir: Path, tmp_path: Path) -> None:
+    """With more sources ever blacklisted than it lists, the table holds the first ones (listed at
+    the end first, then most rejected, then by id) and says how many there are in all."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    exp = expected(out)
+    order = sorted(exp["ever"].values(), key=lambda r: (not r["blacklisted"], -r["rejected"], r["source"]))
+    assert len(order) >= 3
+    doc = Path(write_batch_report(str(out), listed_rows=2)).read_text()
+    assert [r[0] for r in table_rows(doc, "blacklisted")] == [r["source"] for r in order[:2]]
+    assert f"the first 2 of {len(order)}" in doc
+    assert f"<b>{len(order):,}</b>ever blacklisted" in doc
 
 
 def test_report_without_ground_truth_errors_or_blacklisting(tmp_path: Path) -> None:

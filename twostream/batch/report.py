@@ -40,6 +40,7 @@ from twostream.reporting import (
 REPORT = "report.html"
 IMAGE_COLUMNS = ["image_id", "source", "timestamp", "verdict", "response", "error", "cc"]
 ERROR_REASONS_SHOWN = 30  # distinct error texts listed (the rest summed in one row)
+LISTED_ROWS = 500  # sources ever blacklisted listed in the report's table (all are in sources/)
 
 
 @dataclass
@@ -77,38 +78,51 @@ def report_uri(output: str) -> str:
     return storage.join(output, REPORT)
 
 
-def write_batch_report(output_uri: str, top: int = 12) -> str:
+def write_batch_report(output_uri: str, top: int = 12, listed_rows: int = LISTED_ROWS) -> str:
     """Build ``report.html`` from a finished run's output folder; returns its URI.
 
-    ``top``: how many of the sources ever blacklisted get a CC plot (all are in the table).
+    ``top``: how many of the sources ever blacklisted get a CC plot; ``listed_rows``: how many
+    of them the table lists (all are in ``sources/``). Memory follows one output file at a time
+    and ``listed_rows``, not the number of images or sources.
     """
     summary = json.loads(storage.read_bytes(storage.join(output_uri, "summary.json")))
-    files = storage.list_files(storage.join(output_uri, "sources"), (".parquet",))
-    sources = pa.concat_tables([storage.read_parquet(f) for f in files]) if files else None
-    listed = _ever_blacklisted(sources)
-    tally = _Tally(RateBins.over(*_time_span(sources)), {r["source"] for r in listed[:top]})
+    ever = _EverBlacklisted(listed_rows)
+    for uri in storage.list_files(storage.join(output_uri, "sources"), (".parquet",)):
+        ever.add(storage.read_parquet(uri))
+    listed = ever.rows()
+    tally = _Tally(RateBins.over(ever.first, ever.last), {r["source"] for r in listed[:top]})
     for uri in storage.list_files(storage.join(output_uri, "images"), (".parquet",)):
         tally.add(storage.read_parquet(uri).select(IMAGE_COLUMNS))
-    html = render(summary, tally, listed, top)
+    html = render(summary, tally, listed, ever.count, top)
     uri = report_uri(output_uri)
     storage.write_bytes(uri, html.encode())
     return uri
 
 
-def _time_span(sources: pa.Table | None) -> tuple[float, float]:
-    """First and last scored image of the run (inf, -inf when there is none)."""
-    if sources is None:
-        return np.inf, -np.inf
-    first, last = pc.min(sources.column("first_seen")).as_py(), pc.max(sources.column("last_seen")).as_py()
-    return (np.inf, -np.inf) if first is None else (first, last)
+class _EverBlacklisted:
+    """One pass over ``sources/``: the run's first and last scored image, how many sources were
+    blacklisted at some point, and the first ``limit`` of them: listed at the end first, then by
+    rejected images, then by source id."""
 
+    ORDER = [("blacklisted", "descending"), ("rejected", "descending"), ("source", "ascending")]
 
-def _ever_blacklisted(sources: pa.Table | None) -> list[dict[str, Any]]:
-    """Sources blacklisted at some point: listed at the end first, then by rejected images."""
-    if sources is None:
-        return []
-    rows = [r for r in sources.to_pylist() if r["times_blacklisted"] > 0]
-    return sorted(rows, key=lambda r: (not r["blacklisted"], -r["rejected"], r["source"]))
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.first, self.last = np.inf, -np.inf
+        self.best: pa.Table | None = None
+
+    def add(self, sources: pa.Table) -> None:
+        first, last = pc.min(sources.column("first_seen")).as_py(), pc.max(sources.column("last_seen")).as_py()
+        if first is not None:
+            self.first, self.last = min(self.first, first), max(self.last, last)
+        ever = sources.filter(pc.greater(sources.column("times_blacklisted"), 0))
+        self.count += ever.num_rows
+        merged = ever if self.best is None else pa.concat_tables([self.best, ever])
+        self.best = merged.sort_by(self.ORDER).slice(0, self.limit)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [] if self.best is None else self.best.to_pylist()
 
 
 def _series(tally: _Tally, listed: list[dict[str, Any]], top: int, threshold: int) -> list[SourceSeries]:
@@ -125,17 +139,17 @@ def _series(tally: _Tally, listed: list[dict[str, Any]], top: int, threshold: in
     return out
 
 
-def render(summary: dict[str, Any], tally: _Tally, listed: list[dict[str, Any]], top: int) -> str:
+def render(summary: dict[str, Any], tally: _Tally, listed: list[dict[str, Any]], ever: int, top: int) -> str:
     """The whole report as one HTML string."""
     config = summary.get("config", {})
     rep = config.get("reputation", {})
     cap = int(rep.get("cap", 15))
-    parts = _header(summary, tally, len(listed))
+    parts = _header(summary, tally, ever)
     if summary.get("ground_truth"):
         parts += _ground_truth_section(summary["ground_truth"])
     parts += _counts_section(tally)
     parts += _errors_section(tally.errors)
-    parts += _blacklisted_section(listed, _series(tally, listed, top, int(rep.get("threshold", 3))), cap)
+    parts += _blacklisted_section(listed, ever, _series(tally, listed, top, int(rep.get("threshold", 3))), cap)
     parts += ["<h2>Rejection rate over time</h2>", img(rate_plot(tally.rates, "images"), "rejection rate over time",
                                                        "rate-plot")]
     parts += _throughput_section(summary)
@@ -201,7 +215,7 @@ def _intervals(intervals: list[dict]) -> str:
                      for iv in intervals)
 
 
-def _blacklisted_section(listed: list[dict[str, Any]], series: list[SourceSeries], cap: int) -> list[str]:
+def _blacklisted_section(listed: list[dict[str, Any]], ever: int, series: list[SourceSeries], cap: int) -> list[str]:
     parts = ["<h2>Blacklisted sources</h2>"]
     if not listed:
         return parts + ["<p id=no-blacklisted>No source was blacklisted.</p>"]
@@ -219,8 +233,11 @@ def _blacklisted_section(listed: list[dict[str, Any]], series: list[SourceSeries
         *(f"<figure>{img(cc_plot(s, cap), f'CC of {s.source}')}</figure>" for s in series),
         "</div>",
     ]
-    if len(listed) > len(series):
-        parts.append(f"<p class=muted>CC plotted for the first {len(series)} of {len(listed)}.</p>")
+    if len(listed) < ever:
+        parts.append(f"<p class=muted id=listed-first>Listed: the first {len(listed)} of {ever}; every one is in "
+                     "<code>sources/</code> (<code>times_blacklisted &gt; 0</code>).</p>")
+    if ever > len(series):
+        parts.append(f"<p class=muted>CC plotted for the first {len(series)} of {ever}.</p>")
     return parts
 
 
