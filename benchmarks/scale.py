@@ -86,7 +86,7 @@ class Sampler(threading.Thread):
     the pages of Ray's object store that a process has touched (RssShmem, shared by every process
     that reads the same blocks, and bounded by the store's size) and its mapped libraries
     (RssFile); ``private`` is what grows when a process holds on to memory. The shared memory in
-    use on ``/dev/shm`` (the object store's arena) is sampled beside them."""
+    use on ``/dev/shm`` (the object store's arena; machine-wide) is sampled beside them."""
 
     def __init__(self, period: float = 0.5) -> None:
         super().__init__(daemon=True)

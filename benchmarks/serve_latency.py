@@ -106,7 +106,7 @@ def drive(
     latencies: list[float] = []
     bare_ms: list[float] = []
     server_ms: list[dict] = []  # the replica's own timings_ms (total: the rest is Serve's path)
-    statuses: dict[int, int] = {}
+    statuses: dict[int | str, int] = {}  # HTTP status, or the exception of a request without an answer
     lock = threading.Lock()
     remaining = [requests_total]
     deadline = time.monotonic() + max_seconds
@@ -126,9 +126,15 @@ def drive(
             if bare is not None:
                 bare_ms.append(bare())
             t0 = time.perf_counter()
-            connection.request("POST", parts.path, body=image, headers=headers)
-            answer = connection.getresponse()
-            body = answer.read()
+            try:
+                connection.request("POST", parts.path, body=image, headers=headers)
+                answer = connection.getresponse()
+                body = answer.read()
+            except (OSError, http.client.HTTPException) as exc:  # counted by kind, then a new connection
+                connection.close()
+                with lock:
+                    statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
+                continue
             elapsed = time.perf_counter() - t0
             timings = json.loads(body).get("timings_ms") if answer.status in (200, 403) else None
             with lock:
