@@ -73,8 +73,9 @@ def plain_loop(cfg, paths: list[Path]) -> tuple[float, float]:
     return len(paths) / (time.perf_counter() - t0), t0 - t_build
 
 
-def ray_jobs(folder: Path, out: Path, overrides: list[str]) -> dict[str, dict]:
-    """``summary.json`` of a cold and a warm job (module docstring) on one fresh local cluster."""
+def ray_jobs(folder: Path, out: Path, overrides: list[str], timeline: Path | None = None) -> dict[str, dict]:
+    """``summary.json`` of a cold and a warm job (module docstring) on one fresh local cluster;
+    ``timeline``: the cluster's Ray timeline of both (Chrome trace JSON, chrome://tracing)."""
     import ray
 
     from jobs.ray_cluster import connect
@@ -91,6 +92,8 @@ def ray_jobs(folder: Path, out: Path, overrides: list[str]) -> dict[str, dict]:
             if done.returncode:
                 sys.exit(f"the {run} job failed ({done.returncode}):\n" + (out / f"{run}.log").read_text()[-4000:])
             summaries[run] = json.loads((out / run / "summary.json").read_text())
+        if timeline:
+            ray.timeline(str(timeline))
         return summaries
     finally:
         ray.shutdown()
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--small", action="store_true", help="tiny random models (overhead-bound)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--timeline", type=Path, help="write the jobs' Ray timeline here (Chrome trace JSON)")
     args = parser.parse_args()
     from twostream.core.config import load_config
 
@@ -109,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "in", args.n)
         plain, build_s = plain_loop(cfg, paths)
-        summaries = ray_jobs(Path(tmp) / "in", Path(tmp), overrides)
+        summaries = ray_jobs(Path(tmp) / "in", Path(tmp), overrides, args.timeline)
     result = {"images": args.n, "models": "small" if args.small else "default",
               "high": cfg.high.model, "low": cfg.low.model,
               "plain_loop_images_per_s": round(plain, 2), "plain_loop_model_build_s": round(build_s, 2)}

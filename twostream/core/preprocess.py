@@ -108,8 +108,18 @@ def check_image_header(data: bytes, limits: LimitsConfig | None = None) -> None:
         _open_checked(data, limits or LimitsConfig())
 
 
-def to_tensor01(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, H, W) float32 tensor in [0, 1]."""
+def check_min_side(height: int, width: int, limits: LimitsConfig) -> None:
+    """Raise :class:`ImageDecodeError` for a decoded image narrower or lower than
+    ``limits.min_side`` (nothing to classify)."""
+    if min(height, width) < limits.min_side:
+        raise ImageDecodeError(f"image too small: {width}x{height} px (limits.min_side = {limits.min_side})")
+
+
+def to_tensor01(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB array, or (3, H, W) uint8 tensor on any device -> (1, 3, H, W)
+    float32 tensor in [0, 1] (on the tensor's device)."""
+    if isinstance(image, torch.Tensor):
+        return image[None].float().div_(255.0)
     image = np.ascontiguousarray(image)
     if not image.flags.writeable:  # torch wants writable memory; float() copies anyway
         image = image.copy()

@@ -26,7 +26,7 @@ import torch
 
 from twostream.core.config import LimitsConfig, StreamConfig, TwoStreamConfig
 from twostream.core.models import SEPARABLE, InputSpec, Stream, build_stream, resize_image, resize_strips
-from twostream.core.preprocess import ImageDecodeError, decode_image, to_tensor01
+from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_image, to_tensor01
 from twostream.core.results import ScoredBatch, ScoreResult, score_rows
 
 
@@ -66,9 +66,7 @@ def decode_many(
                 image = item
             else:
                 image = decode_image(bytes(item), limits)
-            height, width = image.shape[:2]
-            if min(height, width) < limits.min_side:
-                raise ImageDecodeError(f"image too small: {width}x{height} px (limits.min_side = {limits.min_side})")
+            check_min_side(*image.shape[:2], limits)
             images.append(image)
             errors.append(None)
         except ImageDecodeError as exc:
@@ -80,9 +78,11 @@ def decode_many(
 STRIP_ROWS = 256  # rows of a large image converted to float at a time (see prepare)
 
 
-def prepare(spec: InputSpec | Stream, images: Sequence[np.ndarray]) -> torch.Tensor:
+def prepare(spec: InputSpec | Stream, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
     """A stream's prepared input: each RGB image resized as the stream's :class:`InputSpec` says
-    (``Stream.resize``), stacked: (N, 3, h, w) float32 in [0, 1].
+    (``Stream.resize``), stacked: (N, 3, h, w) float32 in [0, 1]. Images are (H, W, 3) uint8
+    arrays (the CPU decoder's), or (3, H, W) uint8 tensors (the device decoder's,
+    :mod:`twostream.core.device_decode`), prepared on their own device.
 
     An image of more than :data:`STRIP_ROWS` rows is converted to float and narrowed a strip at
     a time (:func:`~twostream.core.models.resize_strips`, the same tensor bit for bit), so a
@@ -92,11 +92,13 @@ def prepare(spec: InputSpec | Stream, images: Sequence[np.ndarray]) -> torch.Ten
         return torch.cat([_prepare_one(image, spec) for image in images])
 
 
-def _prepare_one(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    height, width = image.shape[:2]
+def _prepare_one(image: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    channels_first = isinstance(image, torch.Tensor)
+    height, width = image.shape[1:] if channels_first else image.shape[:2]
     if height <= STRIP_ROWS or spec.interpolation not in SEPARABLE:
         return resize_image(to_tensor01(image), spec)
-    strips = (to_tensor01(image[top : top + STRIP_ROWS]) for top in range(0, height, STRIP_ROWS))
+    strips = (to_tensor01(image[:, top : top + STRIP_ROWS] if channels_first else image[top : top + STRIP_ROWS])
+              for top in range(0, height, STRIP_ROWS))
     return resize_strips(strips, height, width, spec)
 
 
