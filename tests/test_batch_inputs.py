@@ -306,3 +306,54 @@ def test_spooled_plan_reads_the_same_rows_as_a_held_plan(tmp_path):
     assert by_key["orphan.json"]["read_error"].startswith("sidecar without its file")
     assert [r["row"] for r in got if r["key"].startswith("m")] == list(range(2600))
     assert resume.fingerprint(spooled, str(root), None, cfg) == resume.fingerprint(held, str(root), None, cfg)
+
+
+def _stages(folder, cfg) -> tuple[list[pa.Table], pa.Table]:
+    """The phase-1 stages in one process: (read/decode blocks, staging rows in row order)."""
+    (unit,) = planning.work_units(planning.plan_input(str(folder)).shards, 256)
+    blocks = list(stages.read_decode(unit, cfg))
+    table = pa.concat_tables(blocks)
+    for kind in stages.KINDS:
+        table = stages.StreamStage(cfg, kind)(table)
+    staging = stages.compare(table, cfg)
+    return blocks, staging.take(pa.compute.sort_indices(staging.column("row")))
+
+
+def test_jpegs_decoded_by_the_high_stream_give_the_same_rows(tmp_path):
+    """job.decode=device (the high stream's actor decodes JPEGs, here with the CPU device's
+    libjpeg-turbo, Pillow's own): the same staging rows, errors included, as job.decode=cpu; JPEGs
+    travel as their bytes, other formats and CMYK as prepared inputs."""
+    def saved(mode="RGB", fmt="JPEG", size=(40, 52), orientation=None):
+        buf, options = io.BytesIO(), {}
+        if orientation:
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            options["exif"] = exif.tobytes()
+        Image.open(io.BytesIO(_jpeg(size, seed=len(files)))).convert(mode).save(buf, fmt, **options)
+        return buf.getvalue()
+
+    files: dict[str, bytes] = {}
+    files["a-plain.jpg"] = saved()
+    files["b-rotated.jpg"] = saved(orientation=6)
+    files["c-gray.jpg"] = saved("L")
+    files["d-cmyk.jpg"] = saved("CMYK")
+    files["e-photo.png"] = saved(fmt="PNG")
+    files["f-truncated.jpg"] = files["a-plain.jpg"][: len(files["a-plain.jpg"]) * 2 // 3]  # cut in its scan
+    files["g-tiny.jpg"] = saved(size=(4, 30))
+    files["h-garbage.jpg"] = b"\xff\xd8\xff\xe0" + bytes(100)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    on_cpu = load_config(None, SMALL + ["job.decode=cpu"])
+    on_device = load_config(None, SMALL + ["job.decode=device"])
+    _, want = _stages(tmp_path, on_cpu)
+    blocks, got = _stages(tmp_path, on_device)
+    read = pa.concat_tables(blocks)
+    assert read.column("key").to_pylist() == sorted(files)
+    encoded = [len(v) > 0 for v in read.column("encoded").to_pylist()]
+    assert encoded == [True, True, True, False, False, True, False, False]  # the tiny and garbage fail at the header
+    assert [len(v) for v, e in zip(read.column("high_input").to_pylist(), encoded) if e] == [0] * 4
+    assert read.column("height").to_pylist()[1] == 52  # orientation 6 swaps the axes
+    timings = [n for n in want.column_names if n.startswith("t_")]
+    assert got.drop_columns(timings).to_pylist() == want.drop_columns(timings).to_pylist()
+    errors = dict(zip(want.column("key").to_pylist(), want.column("error").to_pylist()))
+    assert [k for k, e in errors.items() if e] == ["f-truncated.jpg", "g-tiny.jpg", "h-garbage.jpg"]

@@ -111,3 +111,10 @@ def test_prior_state_and_late_event_rule_changed(run, tmp_path):
 def test_limits_and_reputation_changed(run):
     assert _refusal(run, ["limits.min_side=16", "reputation.threshold=5"]) == (
         "limits.min_side: 8 -> 16; reputation.threshold: 3 -> 5")
+
+
+def test_jpeg_decoder_changed(run):
+    """The device's JPEG decoder (nvJPEG on CUDA) may differ from Pillow by a level or two: a
+    rerun with the other decoder is refused, whether named or chosen by ``auto`` from the GPUs."""
+    assert _refusal(run, ["job.decode=device"]) == "job.decode: cpu -> device"
+    assert _refusal(run, ["high.num_gpus=0.5"]) == "job.decode: cpu -> device"

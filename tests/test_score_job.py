@@ -239,10 +239,12 @@ def test_ray_job_submit_matches_in_process(ray_head, data, tmp_path):
 
 def test_order_independent_and_actor_crash(ray_head, data, tmp_path):
     """Other pool sizes, shard order, reputation sharding, rows permuted by every stream actor,
-    and the first high-stream batch crashes its actor: the same rows and source states."""
+    JPEGs decoded by the high stream's actors (job.decode=device; the CPU device's decoder gives
+    Pillow's pixels), and the first high-stream batch crashes its actor: the same rows and source
+    states."""
     overrides = data["overrides"] + [
         "high.pool_size=2", "low.pool_size=2", "job.reputation_shards=3", "job.shard_order_seed=7",
-        "job.shuffle_stream_output=true", "high.batch_size=4", "job.files_per_shard=4",
+        "job.shuffle_stream_output=true", "high.batch_size=4", "job.files_per_shard=4", "job.decode=device",
     ]
     marker = tmp_path / "crash"
     summary = _run_in_cluster(ray_head, tmp_path / "out", overrides,

@@ -57,6 +57,7 @@ def result_settings(cfg: TwoStreamConfig) -> dict[str, Any]:
             out[f"{section}.{name}"] = value
     for name in ("files_per_shard", "state", "late_events"):  # the sources also start from the state
         out[f"job.{name}"] = getattr(cfg.job, name)
+    out["job.decode"] = "device" if cfg.decodes_jpeg_on_device() else "cpu"  # nvJPEG's pixels differ by a level or two
     return out
 
 

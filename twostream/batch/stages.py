@@ -7,9 +7,15 @@
    prepared inputs are kept, so a task holds one full-resolution image at most; it yields a
    block whenever ``job.decode_batch_size`` rows or ``job.decode_bytes_per_batch`` bytes of
    prepared input are ready. Full-resolution pixels never leave the task.
+   With JPEGs decoded on the device (``job.decode``), a JPEG that passes the header checks
+   travels as its bytes (``encoded``) instead, with the size its header gives.
 2. :class:`StreamStage` - one stream (built in ``__init__`` through
    :class:`~twostream.core.scoring.StreamScorer``) adds its top-k columns for every row from its
-   prepared input (dropped after), zeros where the row has an error.
+   prepared input (dropped after), zeros where the row has an error. With JPEGs decoded on the
+   device, the high stream's actor first decodes the ``encoded`` rows there
+   (:func:`~twostream.core.device_decode.decode_on_device`, in calls bounded by decoded bytes)
+   and prepares both streams' inputs from the same pixels; only the L-Net's 32x32 comes back to
+   the CPU, and a row that fails to decode gets its error.
 3. :func:`compare` - Algorithm 1 through :func:`~twostream.core.results.score_rows` into
    staging rows (:data:`~twostream.batch.outputs.STAGING_SCHEMA`).
 
@@ -31,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from twostream.batch.outputs import staging_table
 from twostream.batch.planning import Shard, attach_identity, read_unit
@@ -57,6 +64,7 @@ DECODED_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("high_input", pa.large_binary()),  # prepared H-Net input, (3, h, w) float32; empty on error
     ("low_input", pa.large_binary()),  # prepared L-Net input, (3, h, w) float32; empty on error
+    ("encoded", pa.large_binary()),  # a JPEG for the high stream to decode on its device; else empty
     ("t_read_ms", pa.float64()),
     ("t_decode_ms", pa.float64()),
 ])
@@ -65,11 +73,13 @@ _PASSED_ON = ("shard_total", "t_read_ms", "t_decode_ms", "t_high_ms", "t_low_ms"
 
 
 def read_decode(unit: Shard, config: TwoStreamConfig) -> Iterator[pa.Table]:
-    """Read a work unit's entries, give them their identity, decode and prepare them one by one;
-    yields :data:`DECODED_SCHEMA` blocks bounded by rows and by prepared bytes."""
+    """Read a work unit's entries, give them their identity, decode and prepare them one by one
+    (or, for the device, check JPEGs' headers and pass them on encoded); yields
+    :data:`DECODED_SCHEMA` blocks bounded by rows and by bytes held."""
     from twostream.core.scoring import decode_many, input_spec, prepare
 
     specs = {kind: input_spec(config, kind) for kind in KINDS}
+    on_device = config.decodes_jpeg_on_device()
     rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     held = 0
@@ -77,14 +87,19 @@ def read_decode(unit: Shard, config: TwoStreamConfig) -> Iterator[pa.Table]:
     for row in read_unit(unit, config.limits.max_bytes):
         attach_identity(row)
         t1 = time.perf_counter()
-        error, size, prepared = row["read_error"], (None, None), {kind: b"" for kind in KINDS}
+        error, size, prepared, encoded = row["read_error"], (None, None), {kind: b"" for kind in KINDS}, b""
         if error is None:
-            images, errors = decode_many([row.pop("data")], config.limits)
-            error = errors[0]
-            if images[0] is not None:
-                size = images[0].shape[:2]
-                prepared = {kind: prepare(specs[kind], images).numpy().tobytes() for kind in KINDS}
-            del images
+            data = row.pop("data")
+            error, size = _device_header(data, config) if on_device else (None, (None, None))
+            if size[0] is not None:
+                encoded = data
+            elif error is None:
+                images, errors = decode_many([data], config.limits)
+                error = errors[0]
+                if images[0] is not None:
+                    size = images[0].shape[:2]
+                    prepared = {kind: prepare(specs[kind], images).numpy().tobytes() for kind in KINDS}
+                del images
         t2 = time.perf_counter()
         out["shard"].append(unit.shard_id)
         out["shard_total"].append(unit.total)
@@ -95,9 +110,10 @@ def read_decode(unit: Shard, config: TwoStreamConfig) -> Iterator[pa.Table]:
         out["width"].append(size[1])
         for kind in KINDS:
             out[f"{kind}_input"].append(prepared[kind])
+        out["encoded"].append(encoded)
         out["t_read_ms"].append((t1 - t0) * 1e3)
         out["t_decode_ms"].append((t2 - t1) * 1e3)
-        held += sum(len(v) for v in prepared.values())
+        held += sum(len(v) for v in prepared.values()) + len(encoded)
         if len(out["row"]) >= rows_cap or held >= bytes_cap:
             yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
             out = {name: [] for name in DECODED_SCHEMA.names}
@@ -105,6 +121,22 @@ def read_decode(unit: Shard, config: TwoStreamConfig) -> Iterator[pa.Table]:
         t0 = time.perf_counter()
     if out["row"]:
         yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+
+
+def _device_header(data: bytes, config: TwoStreamConfig) -> tuple[str | None, tuple[int | None, int | None]]:
+    """(error, (height, width)) of an upload for the device decoder: the size of a JPEG it takes,
+    the reason for one the header checks refuse, (None, (None, None)) for the CPU decoder."""
+    from twostream.core.device_decode import jpeg_header
+    from twostream.core.preprocess import ImageDecodeError, check_min_side
+
+    try:
+        header = jpeg_header(data, config.limits)
+        if header is None:
+            return None, (None, None)
+        check_min_side(header.height, header.width, config.limits)
+    except ImageDecodeError as exc:
+        return str(exc), (None, None)
+    return None, (header.height, header.width)
 
 
 def _topk_column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -124,24 +156,59 @@ class StreamStage:
     def __init__(self, config: TwoStreamConfig, kind: Literal["high", "low"]) -> None:
         import torch
 
-        from twostream.core.scoring import StreamScorer, use_threads
+        from twostream.core.scoring import StreamScorer, input_spec, use_threads
 
         self.config = config
         self.kind = kind
         use_threads(getattr(config, kind))
         torch.manual_seed(0)  # `random` weights (tests, benchmarks): the same in every actor
         self.scorer = StreamScorer(config, kind)
+        self.decodes = kind == "high" and config.decodes_jpeg_on_device()
+        self.low_spec = input_spec(config, "low") if self.decodes else None
         self.calls = 0
 
-    def _prepared(self, table: pa.Table) -> tuple[list[int], "torch.Tensor"]:
-        """The rows with a prepared input for this stream, and those inputs as one (N, 3, h, w) batch."""
+    def _decode(self, table: pa.Table) -> tuple[pa.Table, dict[int, "torch.Tensor"]]:
+        """The ``encoded`` rows decoded on this actor's device, both streams' inputs prepared from
+        the same pixels: returns the table (``low_input`` filled, a failed row's error set and its
+        size cleared) and each decoded row's prepared high input, on the device."""
+        from twostream.core.device_decode import decode_on_device
+        from twostream.core.scoring import prepare
+
+        encoded = table.column("encoded")
+        rows = [k for k, n in enumerate(pc.binary_length(encoded).to_pylist()) if n]
+        if not rows:
+            return table, {}
+        images, errors = decode_on_device([encoded[k].as_py() for k in rows], self.config.limits, self.scorer.device)
+        ok = [i for i, image in enumerate(images) if image is not None]
+        high = prepare(self.scorer.stream, [images[i] for i in ok]) if ok else None
+        low = prepare(self.low_spec, [images[i] for i in ok]).cpu().numpy() if ok else None
+        columns = {name: table.column(name).to_pylist() for name in ("error", "height", "width", "low_input")}
+        for i, k in enumerate(rows):
+            if errors[i] is not None:
+                columns["error"][k], columns["height"][k], columns["width"][k] = errors[i], None, None
+        for j, i in enumerate(ok):
+            columns["low_input"][rows[i]] = low[j].tobytes()
+        for name, values in columns.items():
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pa.array(values, table.schema.field(name).type))
+        return table, {rows[i]: high[j : j + 1] for j, i in enumerate(ok)}
+
+    def _prepared(self, table: pa.Table, decoded: dict[int, "torch.Tensor"]) -> tuple[list[int], "torch.Tensor"]:
+        """The rows with a prepared input for this stream, and those inputs as one (N, 3, h, w)
+        batch (from the ``<kind>_input`` bytes, or ``decoded`` on the device, in row order)."""
         import torch
 
         h, w = self.scorer.stream.spec.size
         column = table.column(f"{self.kind}_input")
         good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
-        flat = np.frombuffer(b"".join(column[k].as_py() for k in good), np.float32)
-        return good, torch.from_numpy(flat.copy()).view(len(good), 3, h, w)
+        from_bytes = [k for k in good if k not in decoded]
+        flat = np.frombuffer(b"".join(column[k].as_py() for k in from_bytes), np.float32)
+        batch = torch.from_numpy(flat.copy()).view(len(from_bytes), 3, h, w)
+        if not decoded:
+            return good, batch
+        at = {k: i for i, k in enumerate(from_bytes)}
+        device = self.scorer.device
+        return good, torch.cat([decoded[k] if k in decoded else batch[at[k] : at[k] + 1].to(device) for k in good])
 
     def _maybe_crash(self) -> None:
         """Fault injection (tests): with ``$TWOSTREAM_FAULT_CRASH_ACTOR_ONCE`` set, the high
@@ -160,10 +227,11 @@ class StreamStage:
         self.calls += 1
         self._maybe_crash()
         t0 = time.perf_counter()
-        good, batch = self._prepared(table)
+        table, decoded = self._decode(table) if self.decodes else (table, {})
+        good, batch = self._prepared(table, decoded)
         idx, prob = scatter_topk(table.num_rows, good, *self.scorer.topk_prepared(batch))
         elapsed = (time.perf_counter() - t0) * 1e3 / max(table.num_rows, 1)
-        table = table.drop_columns([f"{self.kind}_input"])
+        table = table.drop_columns([f"{self.kind}_input"] + (["encoded"] if self.kind == "high" else []))
         table = table.append_column(f"{self.kind}_idx", _topk_column(idx, pa.int32()))
         table = table.append_column(f"{self.kind}_prob", _topk_column(prob, pa.float32()))
         table = table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))

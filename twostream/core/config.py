@@ -199,6 +199,10 @@ class JobSettings(_Strict):
     rows_per_task: int = Field(256, gt=0, description="most inputs one read/decode task reads (a big tar "
                                                       "shard is split into tasks of this many members)")
     decode_num_cpus: float = Field(1.0, gt=0, description="CPUs per read/decode task")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="where JPEGs are decoded: cpu (the read/decode tasks), device (the high stream's "
+                            "actors, on their device: nvJPEG on CUDA; other formats stay on the CPU), auto "
+                            "(device when high.num_gpus > 0)")
     compare_num_cpus: float = Field(0.25, gt=0, description="CPUs per comparator task")
     reputation_shards: int = Field(4, gt=0, description="fewest reputation partitions (by crc32(source))")
     reputation_memory_mb: int = Field(
@@ -289,6 +293,10 @@ class TwoStreamConfig(_Strict):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     audit: AuditSettings = AuditSettings()
     simulation: SimulationSettings = SimulationSettings()
+
+    def decodes_jpeg_on_device(self) -> bool:
+        """Whether the batch job decodes JPEGs in the high stream's actors (``job.decode``)."""
+        return self.job.decode == "device" or (self.job.decode == "auto" and self.high.num_gpus > 0)
 
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
