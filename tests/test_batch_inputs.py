@@ -14,6 +14,7 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from twostream.batch import outputs, planning, stages
@@ -319,10 +320,9 @@ def _stages(folder, cfg) -> tuple[list[pa.Table], pa.Table]:
     return blocks, staging.take(pa.compute.sort_indices(staging.column("row")))
 
 
-def test_jpegs_decoded_by_the_high_stream_give_the_same_rows(tmp_path):
-    """job.decode=device (the high stream's actor decodes JPEGs, here with the CPU device's
-    libjpeg-turbo, Pillow's own): the same staging rows, errors included, as job.decode=cpu; JPEGs
-    travel as their bytes, other formats and CMYK as prepared inputs."""
+def _decoder_files(folder) -> dict[str, bytes]:
+    """JPEGs the device takes (plain, rotated by EXIF, gray), ones it leaves to Pillow (CMYK, PNG),
+    and failures (truncated, tiny, garbage), written to ``folder``."""
     def saved(mode="RGB", fmt="JPEG", size=(40, 52), orientation=None):
         buf, options = io.BytesIO(), {}
         if orientation:
@@ -342,11 +342,17 @@ def test_jpegs_decoded_by_the_high_stream_give_the_same_rows(tmp_path):
     files["g-tiny.jpg"] = saved(size=(4, 30))
     files["h-garbage.jpg"] = b"\xff\xd8\xff\xe0" + bytes(100)
     for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    on_cpu = load_config(None, SMALL + ["job.decode=cpu"])
-    on_device = load_config(None, SMALL + ["job.decode=device"])
-    _, want = _stages(tmp_path, on_cpu)
-    blocks, got = _stages(tmp_path, on_device)
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_jpegs_decoded_by_the_high_stream_give_the_same_rows(tmp_path):
+    """job.decode=device (the high stream's actor decodes JPEGs, here with the CPU device's
+    libjpeg-turbo, Pillow's own): the same staging rows, errors included, as job.decode=cpu; JPEGs
+    travel as their bytes, other formats and CMYK as prepared inputs."""
+    files = _decoder_files(tmp_path)
+    _, want = _stages(tmp_path, load_config(None, SMALL + ["job.decode=cpu"]))
+    blocks, got = _stages(tmp_path, load_config(None, SMALL + ["job.decode=device"]))
     read = pa.concat_tables(blocks)
     assert read.column("key").to_pylist() == sorted(files)
     encoded = [len(v) > 0 for v in read.column("encoded").to_pylist()]
@@ -357,3 +363,19 @@ def test_jpegs_decoded_by_the_high_stream_give_the_same_rows(tmp_path):
     assert got.drop_columns(timings).to_pylist() == want.drop_columns(timings).to_pylist()
     errors = dict(zip(want.column("key").to_pylist(), want.column("error").to_pylist()))
     assert [k for k, e in errors.items() if e] == ["f-truncated.jpg", "g-tiny.jpg", "h-garbage.jpg"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (benchmarks/gpu_check.sh runs this)")
+def test_jpegs_decoded_on_cuda_give_the_cpu_rows(tmp_path):
+    """Both streams on CUDA, JPEGs through nvJPEG: the same rows, errors and sizes as Pillow and
+    the CPU, probabilities within nvJPEG's and the GPU's rounding."""
+    _decoder_files(tmp_path)
+    _, want = _stages(tmp_path, load_config(None, SMALL + ["job.decode=cpu", "high.device=cpu", "low.device=cpu"]))
+    _, got = _stages(tmp_path, load_config(None, SMALL + ["job.decode=device", "high.device=cuda", "low.device=cuda"]))
+    for name in ("key", "error", "height", "width"):
+        assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
+    for name in ("high_prob", "low_prob"):
+        for g, w in zip(got.column(name).to_pylist(), want.column(name).to_pylist()):
+            if w is not None:
+                np.testing.assert_allclose(g, w, atol=0.02)
