@@ -14,14 +14,12 @@ the device, which :func:`~twostream.core.scoring.prepare` takes as it takes (H, 
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from twostream.core.config import LimitsConfig
 from twostream.core.preprocess import ImageDecodeError, check_image_header, check_min_side, decode_image
@@ -46,9 +44,8 @@ def jpeg_header(data: bytes, limits: LimitsConfig) -> JpegHeader | None:
 
     Raises :class:`ImageDecodeError` for an upload the CPU decoder would refuse before decoding
     (empty, too large, unsupported format, too many pixels), with the same reason."""
-    check_image_header(data, limits)
+    image = check_image_header(data, limits)
     try:
-        image = Image.open(io.BytesIO(data))
         if image.format != "JPEG" or image.mode not in DEVICE_MODES:
             return None
         orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))

@@ -100,12 +100,13 @@ def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
         return np.ascontiguousarray(_to_rgb(image))
 
 
-def check_image_header(data: bytes, limits: LimitsConfig | None = None) -> None:
+def check_image_header(data: bytes, limits: LimitsConfig | None = None) -> Image.Image:
     """The checks :func:`decode_image` makes before decoding any pixel (size, format, pixel
-    count), cheaply; raises :class:`ImageDecodeError`. A file that passes can still turn out
-    truncated or corrupt when decoded."""
+    count), cheaply; raises :class:`ImageDecodeError`, else returns the image opened lazily (its
+    header read, no pixel decoded). A file that passes can still turn out truncated or corrupt
+    when decoded."""
     with _decode_errors():
-        _open_checked(data, limits or LimitsConfig())
+        return _open_checked(data, limits or LimitsConfig())
 
 
 def check_min_side(height: int, width: int, limits: LimitsConfig) -> None:
