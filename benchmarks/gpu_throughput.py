@@ -94,13 +94,12 @@ class Core:
     """Both streams on ``device``, and the scoring of prepared batches."""
 
     def __init__(self, cfg, device) -> None:
-        from twostream.core.scoring import StreamScorer, input_spec
+        from twostream.core.scoring import Scorer
 
         self.cfg = cfg
         self.device = device
-        self.high = StreamScorer(cfg, "high")
-        self.low = StreamScorer(cfg, "low")
-        self.low_spec = input_spec(cfg, "low")
+        scorer = Scorer(cfg)
+        self.high, self.low = scorer.high_scorer, scorer.low_scorer
 
     def sync(self) -> None:
         import torch
@@ -130,7 +129,7 @@ def device_decode_run(core: Core, blobs: list[bytes], batch: int) -> dict:
         t1 = time.perf_counter()
         images, _ = decode_on_device(blobs[start : start + batch], core.cfg.limits, core.device)
         images = [i for i in images if i is not None]
-        high, low = prepare(core.high.stream, images), prepare(core.low_spec, images)
+        high, low = prepare(core.high.stream, images), prepare(core.low.stream, images)
         core.sync()
         decode_s += time.perf_counter() - t1
         rows += core.score(high, low, [tuple(i.shape[1:]) for i in images])
@@ -150,7 +149,7 @@ def cpu_decode_run(core: Core, blobs: list[bytes], batch: int, workers: int) -> 
     def prepared(chunk: list[bytes]):
         images, _ = decode_many(chunk, core.cfg.limits)
         images = [i for i in images if i is not None]
-        return prepare(core.high.stream, images), prepare(core.low_spec, images), [i.shape[:2] for i in images]
+        return prepare(core.high.stream, images), prepare(core.low.stream, images), [i.shape[:2] for i in images]
 
     chunk = max(1, batch // workers)
     starts = deque(range(0, len(blobs), chunk))
