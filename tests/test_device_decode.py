@@ -163,3 +163,12 @@ def test_cuda_prepare_agrees_with_cpu() -> None:
     tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
     torch.testing.assert_close(prepare(spec, [tensor.cuda()]).cpu(), prepare(spec, [image]), rtol=0, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("orientation", [0, 9, 300])
+def test_an_exif_orientation_out_of_range_is_ignored_as_pillow_ignores_it(orientation: int) -> None:
+    data = encode(picture(), orientation=orientation, quality=95)
+    assert jpeg_header(data, LIMITS) == JpegHeader(48, 64, 1)
+    (images, errors), (expected, expected_errors) = decode_both([data])
+    assert errors == expected_errors == [None]
+    np.testing.assert_array_equal(images[0], expected[0])
