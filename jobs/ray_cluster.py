@@ -12,6 +12,10 @@ import ray
 log = logging.getLogger("twostream.jobs")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Serve's HAProxy ingress, read by Serve's processes at start
+# The GCS keeps a record of every task (its state changes and profile events, about 3.8 kB each
+# here) up to 100,000 tasks by default: about 380 MB on a long batch job, which runs some 70 tasks
+# per 1,000 images. The records serve only Ray's task listings; the newest 5,000 are kept.
+GCS_TASK_EVENTS_ENV = {"RAY_task_events_max_num_task_in_gcs": "5000"}
 
 
 def _free_port() -> int:
@@ -47,13 +51,16 @@ def connect(
     settings) travel to the workers in the runtime environment. ``cluster_env`` (e.g.
     :func:`serve_cluster_env`) is set in this process before a local Ray starts, so that all of
     its processes have it; a cluster joined keeps its own. A process already connected is left as
-    it is. Returns True when this call started or joined Ray (the caller shuts it down).
+    it is. A local Ray starts with :data:`GCS_TASK_EVENTS_ENV` unless this process's environment
+    sets the variable. Returns True when this call started or joined Ray (the caller shuts it down).
     """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if cluster_env and address is None:
-        os.environ.update(cluster_env)
+    if address is None:
+        os.environ.update(cluster_env or {})
+        for key, value in GCS_TASK_EVENTS_ENV.items():
+            os.environ.setdefault(key, value)
     elif cluster_env:
         log.info("joining %s: its Serve settings are the ones it was started with (%s)", address,
                  ", ".join(f"{k}={v}" for k, v in cluster_env.items() if not k.endswith("_PORT")))
