@@ -16,8 +16,12 @@ Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
 both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peaks are listed per
 process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
-(phase 3 tasks), ``ray`` (raylet, GCS and other Ray daemons), ``other`` (idle Ray workers).
-Only this process's descendants count (the local Ray it starts), not other Ray instances.
+(phase 3 tasks), ``gcs``, ``raylet``, ``ray`` (Ray's other daemons), ``ray-data`` (Ray Data's
+helper actors: its stats actor, autoscaling coordinator and actor location tracker), ``other``
+(idle Ray workers). Only this process's descendants count (the local Ray it starts), not other Ray
+instances. Every 30 s the sampler also notes each kind's private memory against the shards
+committed so far; the report gives that timeline and each kind's growth per 100 shards over the
+second half of the scoring (a least-squares slope), the figure to extrapolate from.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ TINY = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=ci
 KINDS = {  # process title fragment -> kind, first match wins
     "read_decode": "decode", "StreamStage": "stream", "compare": "compare",
     "_events": "reputation", "_split": "reputation", "_reduce": "reputation", "_finalize": "final",
-    "raylet": "ray", "gcs_server": "ray", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",
+    "_StatsActor": "ray-data", "_AutoscalingCoordinatorActor": "ray-data", "ActorLocationTracker": "ray-data",
+    "raylet": "raylet", "gcs_server": "gcs", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",
 }
 
 
@@ -88,12 +93,13 @@ class Sampler(threading.Thread):
     (RssFile); ``private`` is what grows when a process holds on to memory. The shared memory in
     use on ``/dev/shm`` (the object store's arena; machine-wide) is sampled beside them."""
 
-    def __init__(self, period: float = 0.5) -> None:
+    def __init__(self, progress: Path | None = None, period: float = 0.5, timeline_period: float = 30.0) -> None:
         super().__init__(daemon=True)
-        self.period = period
+        self.period, self.timeline_period, self.progress = period, timeline_period, progress
         self.peak: dict[str, dict[str, int]] = {"rss": defaultdict(int), "private": defaultdict(int)}
         self.stream: dict[str, dict[int, int]] = {"rss": defaultdict(int), "private": defaultdict(int)}
         self.shm_peak = 0
+        self.timeline: list[dict] = []  # {"s", "shards", "private_mb": {kind: MB}} every timeline_period
         self.stop = threading.Event()
 
     @staticmethod
@@ -114,8 +120,10 @@ class Sampler(threading.Thread):
             todo.extend(children.get(pid, []))
         return found
 
-    def sample(self) -> None:
+    def sample(self) -> dict[str, int]:
+        """Update the peaks; returns each kind's largest private memory now."""
         me = os.getpid()
+        now: dict[str, int] = defaultdict(int)
         for pid in self.ours():
             try:
                 cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
@@ -125,16 +133,40 @@ class Sampler(threading.Thread):
             except (OSError, KeyError):
                 continue
             kind = "driver" if pid == me else next((k for frag, k in KINDS.items() if frag in cmd), "other")
+            now[kind] = max(now[kind], sizes["private"])
             for measure, size in sizes.items():
                 self.peak[measure][kind] = max(self.peak[measure][kind], size)
                 if kind == "stream":
                     self.stream[measure][pid] = max(self.stream[measure][pid], size)
         with contextlib.suppress(OSError):
             self.shm_peak = max(self.shm_peak, shutil.disk_usage("/dev/shm").used)
+        return now
+
+    def committed(self) -> int:
+        """Shards committed so far (their markers in the output's ``_progress/``)."""
+        with contextlib.suppress(OSError):
+            return sum(name.endswith(".done") for name in os.listdir(self.progress)) if self.progress else 0
+        return 0
 
     def run(self) -> None:
+        t0 = last = time.monotonic()
         while not self.stop.wait(self.period):
-            self.sample()
+            now = self.sample()
+            if time.monotonic() - last >= self.timeline_period:
+                last = time.monotonic()
+                self.timeline.append({"s": round(last - t0), "shards": self.committed(),
+                                      "private_mb": {k: round(v / (1 << 20)) for k, v in sorted(now.items())}})
+
+    def growth_per_100_shards(self) -> dict[str, float]:
+        """Each kind's private memory growth per 100 shards over the second half of the scoring
+        (least-squares slope over the timeline's samples there)."""
+        total = max((p["shards"] for p in self.timeline), default=0)
+        late = [p for p in self.timeline if total / 2 <= p["shards"] < total]
+        if len({p["shards"] for p in late}) < 2:
+            return {}
+        x = np.array([p["shards"] for p in late], float)
+        kinds = sorted(set.intersection(*(set(p["private_mb"]) for p in late)))
+        return {k: round(float(np.polyfit(x, [p["private_mb"][k] for p in late], 1)[0]) * 100, 1) for k in kinds}
 
 
 def spilled() -> str:
@@ -158,7 +190,7 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
     shutil.rmtree(workdir / "out", ignore_errors=True)  # an earlier run's output: a rerun would be refused
     log.info("wrote %d images in %.0fs", n, time.perf_counter() - t0)
     connect(num_cpus=os.cpu_count())
-    sampler = Sampler()
+    sampler = Sampler(progress=workdir / "out" / "_progress")
     sampler.start()
     try:
         summary = job(load_config(None, TINY + overrides), str(workdir / "in"), str(workdir / "out"), progress=False)
@@ -182,7 +214,9 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
         "stream_actor_private_peaks_mb": sorted(round(v / mb) for v in sampler.stream["private"].values()),
         "dev_shm_peak_mb": round(sampler.shm_peak / mb),
         "object_store_spill": spill,
+        "private_mb_per_100_shards": sampler.growth_per_100_shards(),
         "overrides": overrides,
+        "timeline": sampler.timeline,
     }
 
 
