@@ -14,6 +14,11 @@ its scoring phase (from ``summary.json``; the reputation and final phases are re
   (stats, actor locations, autoscaling coordinator);
 * ``warm``: the next job, which finds them running, as every job after the first does on a
   long-lived cluster. Each job still starts its own worker processes and actor pools.
+
+Where the CPU goes: the plain loop's CPU seconds (all its threads), and each job's CPU seconds per
+process kind (``benchmarks/scale.py``'s sampler over this process's descendants: the job's
+driver, decode tasks, both stream actors, compare tasks, the GCS, raylet and Ray's other daemons,
+Ray Data's helper actors, idle workers), from its start to its end.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SMALL = ["high.model=mobilenetv3_small_050", "high.weights=random",
          "low.model=cifar_resnet20", "low.weights=random"]
@@ -48,8 +55,14 @@ def make_images(root: Path, n: int) -> list[Path]:
     return paths
 
 
-def plain_loop(cfg, paths: list[Path]) -> tuple[float, float]:
-    """(images/s, seconds to build both models before the clock started)."""
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def plain_loop(cfg, paths: list[Path]) -> tuple[float, float, float]:
+    """(images/s, seconds to build both models before the clock started, CPU seconds of the
+    timed loop)."""
     import torch
 
     from twostream.core.models import build_stream
@@ -61,7 +74,7 @@ def plain_loop(cfg, paths: list[Path]) -> tuple[float, float]:
     high = build_stream(cfg.high, "high").eval()
     low = build_stream(cfg.low, "low").eval()
     bs = cfg.high.batch_size
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_s()
     with torch.inference_mode():
         for s in range(0, len(paths), bs):
             images, _ = decode_many([p.read_bytes() for p in paths[s : s + bs]], cfg.limits)
@@ -70,31 +83,40 @@ def plain_loop(cfg, paths: list[Path]) -> tuple[float, float]:
             li, lp = stream_topk(low, prepare(low, images), cfg.low.top_k, cfg.low.batch_size, dev)
             score_rows([str(k) for k in range(len(images))], [None] * len(images),
                        [i.shape[:2] for i in images], hi, hp, li, lp, cfg.thresholds)
-    return len(paths) / (time.perf_counter() - t0), t0 - t_build
+    return len(paths) / (time.perf_counter() - t0), t0 - t_build, _cpu_s() - cpu0
 
 
-def ray_jobs(folder: Path, out: Path, overrides: list[str], timeline: Path | None = None) -> dict[str, dict]:
-    """``summary.json`` of a cold and a warm job (module docstring) on one fresh local cluster;
-    ``timeline``: the cluster's Ray timeline of both (Chrome trace JSON, chrome://tracing)."""
+def ray_jobs(folder: Path, out: Path, overrides: list[str],
+             timeline: Path | None = None) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+    """``summary.json`` and CPU seconds per process kind of a cold and a warm job (module
+    docstring) on one fresh local cluster; ``timeline``: the cluster's Ray timeline of both
+    (Chrome trace JSON, chrome://tracing)."""
     import ray
+    from scale import Sampler
 
     from jobs.ray_cluster import connect
 
     connect(log_to_driver=False)
     try:
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-        summaries = {}
+        summaries, cpu = {}, {}
         for run in ("cold", "warm"):
             command = [sys.executable, "-m", "jobs.score", "--input", str(folder), "--output", str(out / run),
                        "--no-progress", *[a for o in overrides for a in ("--set", o)]]
+            sampler = Sampler()
+            sampler.sample()  # the processes already running count from here
+            sampler.start()
             with open(out / f"{run}.log", "w") as log:
                 done = subprocess.run(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            sampler.stop.set()
+            sampler.join()
+            cpu[run] = sampler.cpu_seconds()
             if done.returncode:
                 sys.exit(f"the {run} job failed ({done.returncode}):\n" + (out / f"{run}.log").read_text()[-4000:])
             summaries[run] = json.loads((out / run / "summary.json").read_text())
         if timeline:
             ray.timeline(str(timeline))
-        return summaries
+        return summaries, cpu
     finally:
         ray.shutdown()
 
@@ -112,16 +134,19 @@ def main() -> None:
     cfg = load_config(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "in", args.n)
-        plain, build_s = plain_loop(cfg, paths)
-        summaries = ray_jobs(Path(tmp) / "in", Path(tmp), overrides, args.timeline)
+        plain, build_s, plain_cpu = plain_loop(cfg, paths)
+        summaries, cpu = ray_jobs(Path(tmp) / "in", Path(tmp), overrides, args.timeline)
     result = {"images": args.n, "models": "small" if args.small else "default",
               "high": cfg.high.model, "low": cfg.low.model,
-              "plain_loop_images_per_s": round(plain, 2), "plain_loop_model_build_s": round(build_s, 2)}
+              "plain_loop_images_per_s": round(plain, 2), "plain_loop_model_build_s": round(build_s, 2),
+              "plain_loop_cpu_s": round(plain_cpu, 1)}
     for run, summary in summaries.items():
         rate = summary["throughput"]["scoring_images_per_s"]
         result[run] = {"scoring_images_per_s": round(rate, 2),
                        "end_to_end_images_per_s": round(summary["throughput"]["end_to_end_images_per_s"], 2),
-                       "ratio_ray_over_plain": round(rate / plain, 3), "wall_s": summary["wall_s"]}
+                       "ratio_ray_over_plain": round(rate / plain, 3), "wall_s": summary["wall_s"],
+                       "cpu_s": cpu[run], "cpu_s_total": round(sum(cpu[run].values()), 1),
+                       "cpu_ratio_ray_over_plain": round(sum(cpu[run].values()) / plain_cpu, 3)}
     print(json.dumps(result, indent=2))
 
 

@@ -20,8 +20,9 @@ process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 
 helper actors: its stats actor, autoscaling coordinator and actor location tracker), ``other``
 (idle Ray workers). Only this process's descendants count (the local Ray it starts), not other Ray
 instances. Every 30 s the sampler also notes each kind's private memory against the shards
-committed so far; the report gives that timeline and each kind's growth per 100 shards over the
-second half of the scoring (a least-squares slope), the figure to extrapolate from.
+committed so far; the report gives that timeline and the growth per 100 shards of each kind that
+is one long-lived process (driver, GCS, raylet, Ray's daemons, Ray Data's actors) over the second
+half of the scoring (a least-squares slope), the figure to extrapolate from.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ log = logging.getLogger("benchmarks.scale")
 TINY = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=cifar_resnet20",
         "low.weights=random", "thresholds.p1=0.0", "thresholds.p2=0.3"]
 KINDS = {  # process title fragment -> kind, first match wins
-    "read_decode": "decode", "StreamStage": "stream", "compare": "compare",
+    "jobs.score": "driver", "read_decode": "decode", "StreamStage": "stream", "compare": "compare",
     "_events": "reputation", "_split": "reputation", "_reduce": "reputation", "_finalize": "final",
     "_StatsActor": "ray-data", "_AutoscalingCoordinatorActor": "ray-data", "ActorLocationTracker": "ray-data",
     "raylet": "raylet", "gcs_server": "gcs", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",
 }
+LONG_LIVED = ("driver", "gcs", "raylet", "ray", "ray-data")  # kinds that are one process for the whole run
 
 
 def write_shards(root: Path, n: int, sources: int, per_tar: int, seed: int = 0) -> None:
@@ -100,6 +102,9 @@ class Sampler(threading.Thread):
         self.stream: dict[str, dict[int, int]] = {"rss": defaultdict(int), "private": defaultdict(int)}
         self.shm_peak = 0
         self.timeline: list[dict] = []  # {"s", "shards", "private_mb": {kind: MB}} every timeline_period
+        self.cpu_ticks: dict[str, int] = defaultdict(int)  # CPU time per kind while sampled
+        self._ticks_seen: dict[int, int] = {}  # per process: its CPU ticks at the last sample
+        self._sampled = False
         self.stop = threading.Event()
 
     @staticmethod
@@ -130,9 +135,17 @@ class Sampler(threading.Thread):
                 status = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status")
                           if line.startswith(("VmRSS:", "RssAnon:"))}
                 sizes = {"rss": status["VmRSS"], "private": status["RssAnon"]}
+                stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
             except (OSError, KeyError):
                 continue
             kind = "driver" if pid == me else next((k for frag, k in KINDS.items() if frag in cmd), "other")
+            # CPU since the last sample goes to the kind the process has now (Ray reuses worker
+            # processes for tasks of other kinds); a process already running at the first sample
+            # counts from there.
+            ticks = int(stat[11]) + int(stat[12])  # utime + stime
+            if self._sampled:
+                self.cpu_ticks[kind] += ticks - self._ticks_seen.get(pid, 0)
+            self._ticks_seen[pid] = ticks
             now[kind] = max(now[kind], sizes["private"])
             for measure, size in sizes.items():
                 self.peak[measure][kind] = max(self.peak[measure][kind], size)
@@ -140,7 +153,14 @@ class Sampler(threading.Thread):
                     self.stream[measure][pid] = max(self.stream[measure][pid], size)
         with contextlib.suppress(OSError):
             self.shm_peak = max(self.shm_peak, shutil.disk_usage("/dev/shm").used)
+        self._sampled = True
         return now
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds per kind while sampled (to the last sample: a process's time after it is
+        lost if it ends between two samples)."""
+        hz = os.sysconf("SC_CLK_TCK")
+        return {k: round(v / hz, 1) for k, v in sorted(self.cpu_ticks.items()) if v}
 
     def committed(self) -> int:
         """Shards committed so far (their markers in the output's ``_progress/``)."""
@@ -158,14 +178,16 @@ class Sampler(threading.Thread):
                                       "private_mb": {k: round(v / (1 << 20)) for k, v in sorted(now.items())}})
 
     def growth_per_100_shards(self) -> dict[str, float]:
-        """Each kind's private memory growth per 100 shards over the second half of the scoring
-        (least-squares slope over the timeline's samples there)."""
+        """The private memory growth per 100 shards of each kind that is one long-lived process
+        (:data:`LONG_LIVED`), over the second half of the scoring (least-squares slope over the
+        timeline's samples there). Ray reuses worker processes for tasks of every kind, so the
+        worker kinds' samples jump between processes and have no slope to speak of."""
         total = max((p["shards"] for p in self.timeline), default=0)
         late = [p for p in self.timeline if total / 2 <= p["shards"] < total]
         if len({p["shards"] for p in late}) < 2:
             return {}
         x = np.array([p["shards"] for p in late], float)
-        kinds = sorted(set.intersection(*(set(p["private_mb"]) for p in late)))
+        kinds = sorted(set.intersection(set(LONG_LIVED), *(set(p["private_mb"]) for p in late)))
         return {k: round(float(np.polyfit(x, [p["private_mb"][k] for p in late], 1)[0]) * 100, 1) for k in kinds}
 
 
@@ -215,6 +237,7 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
         "dev_shm_peak_mb": round(sampler.shm_peak / mb),
         "object_store_spill": spill,
         "private_mb_per_100_shards": sampler.growth_per_100_shards(),
+        "cpu_s": sampler.cpu_seconds(),
         "overrides": overrides,
         "timeline": sampler.timeline,
     }
