@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.block import BlockAccessor
 
 from jobs.ray_cluster import connect
 from twostream import storage
@@ -106,8 +107,13 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
         )
     ds = ds.map_batches(stages.compare, batch_size=None, batch_format="pyarrow",
                         num_cpus=res["compare"], fn_kwargs={"config": cfg})
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        sink.add(batch)
+    # The result blocks are taken by reference, not through ds.iter_batches: Ray Data's batch
+    # iterator sends the dataset's stats, which hold a BlockStats per block so far, to its stats
+    # actor every 5 s, a message that grows with the run and a stats actor that grows with it
+    # (docs/results.md, "Ray Data's stats actor").
+    for bundle in ds.iter_internal_ref_bundles():
+        for block in ray.get(bundle.block_refs):
+            sink.add(BlockAccessor.for_block(block).to_arrow())
     sink.close(todo)
     return sink
 
