@@ -5,7 +5,7 @@ local Ray with Ray's default cap on task records (100,000) and with the cap a lo
     python benchmarks/gcs_task_events.py --tasks 20000 60000
 
 Each measurement runs in a child process of its own (a Ray per process); the GCS is found among
-the child's descendants by its command line, and its private memory is RssAnon from /proc.
+the child's descendants by its command line (``scale.private_mb``), its private memory is RssAnon.
 """
 
 from __future__ import annotations
@@ -20,38 +20,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("benchmarks.gcs_task_events")
 CAP_VAR = "RAY_task_events_max_num_task_in_gcs"
-
-
-def _gcs_private_mb() -> float:
-    """RssAnon of this process's GCS (the one local Ray it started)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if b"gcs_server" not in open(f"/proc/{pid}/cmdline", "rb").read():
-                continue
-            if not _descends_from(int(pid), os.getpid()):
-                continue
-            line = next(x for x in open(f"/proc/{pid}/status") if x.startswith("RssAnon:"))
-            return int(line.split()[1]) / 1024
-        except (OSError, StopIteration):
-            continue
-    raise RuntimeError("no GCS process under this one")
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-    return False
 
 
 def measure(tasks: int) -> dict:
     """In this process: start a local Ray as the job does, run ``tasks`` trivial tasks, and give
     the GCS's private memory before and after (after the workers' task records have been sent)."""
     import ray
+    from scale import private_mb
 
     from jobs.ray_cluster import connect
 
@@ -62,11 +41,12 @@ def measure(tasks: int) -> dict:
     connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.get([noop.remote(i) for i in range(200)])  # workers up
     time.sleep(5)
-    before = _gcs_private_mb()
+    before = private_mb(b"gcs_server")
+    assert before, "no GCS process under this one"
     for start in range(0, tasks, 2000):
         ray.get([noop.remote(i) for i in range(start, min(start + 2000, tasks))])
     time.sleep(5)  # workers report task records every second
-    after = _gcs_private_mb()
+    after = private_mb(b"gcs_server")
     ray.shutdown()
     return {"cap": os.environ.get(CAP_VAR), "tasks": tasks, "gcs_private_before_mb": round(before, 1),
             "gcs_private_after_mb": round(after, 1), "kb_per_task": round((after - before) * 1024 / tasks, 2)}

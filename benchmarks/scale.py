@@ -191,6 +191,19 @@ class Sampler(threading.Thread):
         return {k: round(float(np.polyfit(x, [p["private_mb"][k] for p in late], 1)[0]) * 100, 1) for k in kinds}
 
 
+def private_mb(fragment: bytes) -> float:
+    """Private memory (RssAnon, MB) of the first process under this one (:meth:`Sampler.ours`)
+    whose command line holds ``fragment``; 0 when there is none."""
+    for pid in Sampler.ours():
+        try:
+            if fragment in open(f"/proc/{pid}/cmdline", "rb").read():
+                line = next(x for x in open(f"/proc/{pid}/status") if x.startswith("RssAnon:"))
+                return int(line.split()[1]) / 1024
+        except (OSError, StopIteration):
+            continue
+    return 0.0
+
+
 def spilled() -> str:
     """The object store's spill and restore totals (Ray's memory summary, stats only)."""
     import ray

@@ -27,23 +27,10 @@ log = logging.getLogger("benchmarks.stats_actor")
 WAYS = ("iter_batches", "ref_bundles")
 
 
-def _stats_actor_private_mb() -> float:
-    """RssAnon of the stats actor of the Ray this process started."""
-    from scale import Sampler
-
-    for pid in Sampler.ours():
-        try:
-            if b"_StatsActor" in open(f"/proc/{pid}/cmdline", "rb").read():
-                line = next(x for x in open(f"/proc/{pid}/status") if x.startswith("RssAnon:"))
-                return int(line.split()[1]) / 1024
-        except (OSError, StopIteration):
-            continue
-    return 0.0
-
-
 def measure(way: str, blocks: int) -> dict:
     import ray
     from ray import cloudpickle
+    from scale import private_mb
 
     from jobs.ray_cluster import connect
 
@@ -58,8 +45,8 @@ def measure(way: str, blocks: int) -> dict:
     for _ in taken:
         n += 1
         if before is None:
-            before = _stats_actor_private_mb()  # the stats actor exists once execution started
-    after = _stats_actor_private_mb()
+            before = private_mb(b"_StatsActor")  # the stats actor exists once execution started
+    after = private_mb(b"_StatsActor")
     pickled = len(cloudpickle.dumps(ds._cache.get_stats()))
     ray.shutdown()
     return {"way": way, "blocks": n, "s": round(time.perf_counter() - t0, 1), "stats_actor_before_mb": round(before, 1),

@@ -164,7 +164,6 @@ def test_cuda_prepare_agrees_with_cpu() -> None:
     torch.testing.assert_close(prepare(spec, [tensor.cuda()]).cpu(), prepare(spec, [image]), rtol=0, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("orientation", [0, 9, 300])
 def test_an_exif_orientation_out_of_range_is_ignored_as_pillow_ignores_it(orientation: int) -> None:
     data = encode(picture(), orientation=orientation, quality=95)
