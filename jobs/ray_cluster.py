@@ -16,6 +16,19 @@ HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Serve's HAProxy ingress, read by Se
 # here) up to 100,000 tasks by default: about 380 MB on a long batch job, which runs some 70 tasks
 # per 1,000 images. The records serve only Ray's task listings; the newest 5,000 are kept.
 GCS_TASK_EVENTS_ENV = {"RAY_task_events_max_num_task_in_gcs": "5000"}
+# Idle worker processes a raylet keeps. Ray's default is the node's *available* CPUs: while the
+# stream actors hold nearly all of a node's CPUs that is none, so a decode or compare task whose
+# worker has been idle for a second gets a newly started process (Python, Ray, torch imported
+# again), and most of those started while a busy worker was about to free up run no task at all.
+# With up to the node's CPU count kept, the workers are reused (benchmarks/worker_churn.py).
+WORKER_SOFT_LIMIT_VAR = "RAY_num_workers_soft_limit"
+
+
+def node_env(num_cpus: int) -> dict[str, str]:
+    """The Ray settings a node of the batch job's cluster starts with (``ray start`` reads them
+    from its environment): :data:`GCS_TASK_EVENTS_ENV` (the head's GCS) and up to ``num_cpus``
+    (the node's CPUs) idle workers kept (:data:`WORKER_SOFT_LIMIT_VAR`)."""
+    return {**GCS_TASK_EVENTS_ENV, WORKER_SOFT_LIMIT_VAR: str(num_cpus)}
 
 
 def _free_port() -> int:
@@ -51,15 +64,15 @@ def connect(
     settings) travel to the workers in the runtime environment. ``cluster_env`` (e.g.
     :func:`serve_cluster_env`) is set in this process before a local Ray starts, so that all of
     its processes have it; a cluster joined keeps its own. A process already connected is left as
-    it is. A local Ray starts with :data:`GCS_TASK_EVENTS_ENV` unless this process's environment
-    sets the variable. Returns True when this call started or joined Ray (the caller shuts it down).
+    it is. A local Ray starts with :func:`node_env` for its CPUs, except for a variable this
+    process's environment sets. Returns True when this call started or joined Ray (the caller shuts it down).
     """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         os.environ.update(cluster_env or {})
-        for key, value in GCS_TASK_EVENTS_ENV.items():
+        for key, value in node_env(num_cpus or os.cpu_count() or 1).items():
             os.environ.setdefault(key, value)
     elif cluster_env:
         log.info("joining %s: its Serve settings are the ones it was started with (%s)", address,

@@ -1,7 +1,8 @@
-"""``jobs.ray_cluster.connect`` starting a local Ray: its GCS runs with the cap on task records
-that docs/batch.md and the cluster files give (5,000, not Ray's 100,000), and a value the user set
-in the environment wins. Each start runs in a child process (a Ray per process); the GCS's own
-environment is read from /proc."""
+"""``jobs.ray_cluster.connect`` starting a local Ray with the settings docs/batch.md and the cluster
+files give, a value the user set in the environment winning: the GCS's cap on task records (5,000,
+not Ray's 100,000; the GCS's own environment read from /proc), and idle workers kept (a task
+after a pause runs in the worker the one before used, where Ray's default starts a new process
+when actors hold the node's CPUs). Each start runs in a child process (a Ray per process)."""
 
 from __future__ import annotations
 
@@ -31,16 +32,51 @@ ray.shutdown()
 """
 
 
-def _gcs_setting(env_value: str | None) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k not in (CAP_VAR, "RAY_ADDRESS")}
+SOFT_LIMIT_VAR = "RAY_num_workers_soft_limit"
+PAUSED_TASKS = """
+import os, time
+import ray
+from jobs.ray_cluster import connect
+
+assert connect(num_cpus=2, include_dashboard=False, log_to_driver=False), "did not start or join Ray"
+
+@ray.remote(num_cpus=1.75)  # like the stream actors: nearly all of the node's CPUs held
+class Holder:
+    def pid(self):
+        return os.getpid()
+
+@ray.remote(num_cpus=0.25)  # like a compare task
+def pid():
+    return os.getpid()
+
+holder = Holder.remote()
+ray.get(holder.pid.remote())
+pids = []
+for _ in range(4):
+    pids.append(ray.get(pid.remote()))
+    time.sleep(2.5)  # longer than Ray's 1 s before an idle worker may be stopped
+print(pids)
+ray.shutdown()
+"""
+
+
+def _child(script: str, env_value: str | None, var: str) -> list:
+    env = {k: v for k, v in os.environ.items() if k not in (var, "RAY_ADDRESS")}
     if env_value is not None:
-        env[CAP_VAR] = env_value
-    done = subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+        env[var] = env_value
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
 def test_local_ray_caps_gcs_task_records():
-    assert _gcs_setting(None) == [f"{CAP_VAR}=5000"]
-    assert _gcs_setting("777") == [f"{CAP_VAR}=777"]
+    assert _child(CHILD, None, CAP_VAR) == [f"{CAP_VAR}=5000"]
+    assert _child(CHILD, "777", CAP_VAR) == [f"{CAP_VAR}=777"]
+
+
+def test_local_ray_reuses_idle_workers():
+    assert len(set(_child(PAUSED_TASKS, None, SOFT_LIMIT_VAR))) == 1
+    # Ray's own policy (-1: keep as many idle workers as CPUs are free, here none), which the
+    # user chose: every task after a pause starts a new worker process.
+    assert len(set(_child(PAUSED_TASKS, "-1", SOFT_LIMIT_VAR))) == 4

@@ -1,8 +1,8 @@
 """``twostream cluster up|down|status``: a local Ray head plus the local S3 server.
 
 ``up`` starts moto_server on 127.0.0.1 (default port 9010) and ``ray start --head`` with the
-AWS endpoint variables and the GCS's cap on task records (``jobs.ray_cluster.GCS_TASK_EVENTS_ENV``)
-exported, so that ``ray job submit --working-dir . -- python -m
+AWS endpoint variables and the batch job's Ray settings (``jobs.ray_cluster.node_env``: the GCS's
+cap on task records, idle workers kept) exported, so that ``ray job submit --working-dir . -- python -m
 jobs.score ...`` reads ``s3://`` from it; ``down`` stops both. cluster/local.sh does the same.
 """
 
@@ -31,12 +31,12 @@ def _ray() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.ray_cluster import GCS_TASK_EVENTS_ENV
+    from jobs.ray_cluster import node_env
     from twostream.storage import local_s3 as localstore
 
     if args.action == "up":
         info = localstore.daemon_start(args.s3_port)
-        env = {**GCS_TASK_EVENTS_ENV, **os.environ, **localstore.env_for(info["endpoint"])}
+        env = {**node_env(args.num_cpus or os.cpu_count() or 1), **os.environ, **localstore.env_for(info["endpoint"])}
         cmd = [_ray(), "start", "--head", "--port", str(args.ray_port), "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(args.dashboard_port), "--disable-usage-stats"]
         if args.num_cpus:
