@@ -18,7 +18,7 @@ both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peak
 process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
 (phase 3 tasks), ``gcs``, ``raylet``, ``ray`` (Ray's other daemons), ``ray-data`` (Ray Data's
 helper actors: its stats actor, autoscaling coordinator and actor location tracker), ``other``
-(idle Ray workers). Only this process's descendants count (the local Ray it starts), not other Ray
+(idle Ray workers). The report also counts the worker processes Ray started. Only this process's descendants count (the local Ray it starts), not other Ray
 instances. Every 30 s the sampler also notes each kind's private memory against the shards
 committed so far; the report gives that timeline and the growth per 100 shards of each kind that
 is one long-lived process (driver, GCS, raylet, Ray's daemons, Ray Data's actors) over the second
@@ -213,6 +213,15 @@ def spilled() -> str:
     return "; ".join(line.strip() for line in lines if "pill" in line or "estor" in line) or "none"
 
 
+def workers_started() -> int:
+    """Worker processes the local Ray has started so far (one core-worker log each in its
+    session's logs; the driver's log is apart)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return len(list(logs.glob("python-core-worker-*.log")))
+
+
 def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[str]) -> dict:
     import ray
 
@@ -229,7 +238,7 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
     sampler.start()
     try:
         summary = job(load_config(None, TINY + overrides), str(workdir / "in"), str(workdir / "out"), progress=False)
-        spill = spilled()
+        spill, started = spilled(), workers_started()
     finally:
         sampler.stop.set()
         sampler.join()
@@ -249,6 +258,7 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
         "stream_actor_private_peaks_mb": sorted(round(v / mb) for v in sampler.stream["private"].values()),
         "dev_shm_peak_mb": round(sampler.shm_peak / mb),
         "object_store_spill": spill,
+        "worker_processes_started": started,
         "private_mb_per_100_shards": sampler.growth_per_100_shards(),
         "cpu_s": sampler.cpu_seconds(),
         "overrides": overrides,
