@@ -18,8 +18,8 @@ both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peak
 process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
 (phase 3 tasks), ``gcs``, ``raylet``, ``ray`` (Ray's other daemons), ``ray-data`` (Ray Data's
 helper actors: its stats actor, autoscaling coordinator and actor location tracker), ``other``
-(idle Ray workers). The report also counts the worker processes Ray started. Only this process's descendants count (the local Ray it starts), not other Ray
-instances. Every 30 s the sampler also notes each kind's private memory against the shards
+(idle Ray workers). The report also counts the worker processes Ray started. Only this process's
+descendants count (the local Ray it starts), not other Ray instances. Every 30 s the sampler also notes each kind's private memory against the shards
 committed so far; the report gives that timeline and the growth per 100 shards of each kind that
 is one long-lived process (driver, GCS, raylet, Ray's daemons, Ray Data's actors) over the second
 half of the scoring (a least-squares slope), the figure to extrapolate from.

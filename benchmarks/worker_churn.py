@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VAR = "RAY_num_workers_soft_limit"
+sys.path.insert(0, str(ROOT))
+
+from jobs.ray_cluster import WORKER_SOFT_LIMIT_VAR as VAR  # noqa: E402
 
 
 def run(n: int, value: str | None, report: Path) -> dict:

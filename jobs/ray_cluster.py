@@ -24,11 +24,11 @@ GCS_TASK_EVENTS_ENV = {"RAY_task_events_max_num_task_in_gcs": "5000"}
 WORKER_SOFT_LIMIT_VAR = "RAY_num_workers_soft_limit"
 
 
-def node_env(num_cpus: int) -> dict[str, str]:
+def node_env(num_cpus: int | None = None) -> dict[str, str]:
     """The Ray settings a node of the batch job's cluster starts with (``ray start`` reads them
     from its environment): :data:`GCS_TASK_EVENTS_ENV` (the head's GCS) and up to ``num_cpus``
-    (the node's CPUs) idle workers kept (:data:`WORKER_SOFT_LIMIT_VAR`)."""
-    return {**GCS_TASK_EVENTS_ENV, WORKER_SOFT_LIMIT_VAR: str(num_cpus)}
+    (the node's CPUs; default: this machine's) idle workers kept (:data:`WORKER_SOFT_LIMIT_VAR`)."""
+    return {**GCS_TASK_EVENTS_ENV, WORKER_SOFT_LIMIT_VAR: str(num_cpus or os.cpu_count() or 1)}
 
 
 def _free_port() -> int:
@@ -72,7 +72,7 @@ def connect(
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         os.environ.update(cluster_env or {})
-        for key, value in node_env(num_cpus or os.cpu_count() or 1).items():
+        for key, value in node_env(num_cpus).items():
             os.environ.setdefault(key, value)
     elif cluster_env:
         log.info("joining %s: its Serve settings are the ones it was started with (%s)", address,

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         info = localstore.daemon_start(args.s3_port)
-        env = {**node_env(args.num_cpus or os.cpu_count() or 1), **os.environ, **localstore.env_for(info["endpoint"])}
+        env = {**node_env(args.num_cpus), **os.environ, **localstore.env_for(info["endpoint"])}
         cmd = [_ray(), "start", "--head", "--port", str(args.ray_port), "--dashboard-host", "127.0.0.1",
                "--dashboard-port", str(args.dashboard_port), "--disable-usage-stats"]
         if args.num_cpus:
