@@ -107,15 +107,41 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
         )
     ds = ds.map_batches(stages.compare, batch_size=None, batch_format="pyarrow",
                         num_cpus=res["compare"], fn_kwargs={"config": cfg})
-    # The result blocks are taken by reference, not through ds.iter_batches: Ray Data's batch
-    # iterator sends the dataset's stats, which hold a BlockStats per block so far, to its stats
-    # actor every 5 s, a message that grows with the run and a stats actor that grows with it
-    # (docs/results.md, "Ray Data's stats actor").
-    for bundle in ds.iter_internal_ref_bundles():
-        for block in ray.get(bundle.block_refs):
-            sink.add(BlockAccessor.for_block(block).to_arrow())
+    for block in result_blocks(ds):
+        sink.add(block)
     sink.close(todo)
     return sink
+
+
+def result_blocks(ds: ray.data.Dataset) -> Iterator[pa.Table]:
+    """The dataset's output blocks, as Arrow tables, in a bounded driver.
+
+    Taken by reference, not through ``ds.iter_batches``: Ray Data's batch iterator sends the
+    dataset's stats, which hold a BlockStats per block so far, to its stats actor every 5 s, a
+    message that grows with the run and a stats actor that grows with it (docs/results.md, "Ray
+    Data's stats actor"). And each map operator's list of those BlockStats is emptied as blocks
+    arrive: Ray Data keeps it in the driver until the dataset is done (ray-project/ray#66016),
+    about 0.9 kB per block: 0.9 GB more at 10M images in ``benchmarks/scale.py``. Only the dataset's final stats summary, which
+    the job does not use, loses the blocks' rows; the operators' metrics are untouched.
+    """
+    bundles, _, executor = ds._execute_to_iterator(capture_executor=False)
+    kept = _block_stats_lists(executor)
+    for bundle in bundles:
+        for stats in kept:
+            stats.clear()  # one C call under the GIL: the executor's thread appends whole lists
+        for block in ray.get(bundle.block_refs):
+            yield BlockAccessor.for_block(block).to_arrow()
+
+
+def _block_stats_lists(executor) -> list[list]:
+    """The per-block stats lists of the executor's operators (``_output_blocks_stats`` in Ray
+    2.60); none, with a warning, where this Ray keeps them elsewhere."""
+    operators = getattr(executor, "_topology", None) or {}
+    kept = [op._output_blocks_stats for op in operators if isinstance(getattr(op, "_output_blocks_stats", None), list)]
+    if executor is not None and not kept:
+        log.warning("Ray %s: no per-block stats lists found on Ray Data's operators; the driver may grow "
+                    "by about 93 bytes per image (ray-project/ray#66016)", ray.__version__)
+    return kept
 
 
 def _events(staging: Sequence[str], indices: Sequence[int]) -> tuple[tuple[int, int], pa.Table]:

@@ -268,6 +268,35 @@ def test_resume_after_kill(ray_head, data, tmp_path):
     check_output(out, data["by_id"], data["ledger"])
 
 
+def _block_stats(stats) -> int:
+    """BlockStats held in a dataset's stats (Ray Data's own stats objects), its parents included."""
+    return sum(len(v) for v in stats.metadata.values()) + sum(_block_stats(p) for p in stats.parents)
+
+
+def test_result_blocks_every_row_once_without_per_block_stats(ray_head):
+    """The driver takes every row exactly once, and Ray Data's operators no longer hold a BlockStats
+    per block taken; the same dataset iterated as Ray Data does it holds one per block."""
+    import ray
+
+    from jobs.score import result_blocks
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head["address"], runtime_env={"env_vars": _aws_env()})
+    blocks, rows = 60, 300
+
+    def dataset():
+        return (ray.data.range(rows, override_num_blocks=blocks)
+                .map_batches(lambda b: b, batch_size=None).map_batches(lambda b: {"id": b["id"] * 3}, batch_size=None))
+
+    ours = dataset()
+    taken = [v for table in result_blocks(ours) for v in table.column("id").to_pylist()]
+    assert sorted(taken) == [3 * i for i in range(rows)]
+    plain = dataset()
+    assert sum(len(ray.get(b.block_refs)) for b in plain.iter_internal_ref_bundles()) == blocks
+    assert _block_stats(plain._cache.get_stats()) >= blocks  # Ray Data keeps one per block
+    assert _block_stats(ours._cache.get_stats()) <= 2  # at most the last bundle's
+
+
 def test_hostile_folder_every_object_one_row(ray_head, tmp_path):
     """Links and a loop, colliding names, an orphan sidecar, a name that is not UTF-8, a tiny image,
     a tar with a destroyed header in the middle and a link member: one row per listed object (the
