@@ -1,8 +1,10 @@
-"""Ray Data's stats actor while a driver takes a dataset's blocks, two ways side by side in one
-run: ``ds.iter_batches`` (whose iterator sends the dataset's stats, a BlockStats per block so far,
-to the stats actor every 5 s) and ``ds.iter_internal_ref_bundles`` + ``ray.get`` (what
-``jobs.score`` does). For each: the stats actor's private memory (RssAnon) before and after, its
-growth per 1,000 blocks, and the pickled size of the dataset's stats at the end.
+"""Ray Data's stats actor and the driver while a driver takes a dataset's blocks, three ways side
+by side in one run: ``ds.iter_batches`` (whose iterator sends the dataset's stats, a BlockStats per
+block so far, to the stats actor every 5 s), ``ds.iter_internal_ref_bundles`` + ``ray.get``, and
+``jobs.score.result_blocks`` (what the job does: by reference, and each operator's list of
+BlockStats emptied as blocks arrive, ray-project/ray#66016). For each: the stats actor's and the
+driver's private memory (RssAnon) before and after, their growth per 1,000 blocks, the BlockStats
+the dataset's stats still hold at the end, and their pickled size.
 
     python benchmarks/stats_actor.py --blocks 3000
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("benchmarks.stats_actor")
-WAYS = ("iter_batches", "ref_bundles")
+WAYS = ("iter_batches", "ref_bundles", "result_blocks")
 
 
 def measure(way: str, blocks: int) -> dict:
@@ -33,25 +35,42 @@ def measure(way: str, blocks: int) -> dict:
     from scale import private_mb
 
     from jobs.ray_cluster import connect
+    from jobs.score import result_blocks
 
     connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ds = (ray.data.range(blocks * 4, override_num_blocks=blocks)
           .map_batches(lambda b: b, batch_size=None).map_batches(lambda b: b, batch_size=None))
     if way == "iter_batches":
         taken = ds.iter_batches(batch_size=None)
-    else:
+    elif way == "ref_bundles":
         taken = (block for bundle in ds.iter_internal_ref_bundles() for block in ray.get(bundle.block_refs))
+    else:
+        taken = result_blocks(ds)
     t0, n, before = time.perf_counter(), 0, None
     for _ in taken:
         n += 1
-        if before is None:
-            before = private_mb(b"_StatsActor")  # the stats actor exists once execution started
-    after = private_mb(b"_StatsActor")
-    pickled = len(cloudpickle.dumps(ds._cache.get_stats()))
+        if before is None:  # the stats actor exists once execution started
+            before = private_mb(b"_StatsActor"), own_private_mb()
+    after = private_mb(b"_StatsActor"), own_private_mb()
+    stats = ds._cache.get_stats()
+    pickled = len(cloudpickle.dumps(stats))
     ray.shutdown()
-    return {"way": way, "blocks": n, "s": round(time.perf_counter() - t0, 1), "stats_actor_before_mb": round(before, 1),
-            "stats_actor_after_mb": round(after, 1), "kb_per_block": round((after - before) * 1024 / n, 2),
-            "pickled_stats_mb": round(pickled / 1e6, 2)}
+    row = {"way": way, "blocks": n, "s": round(time.perf_counter() - t0, 1), "block_stats_kept": block_stats(stats),
+           "pickled_stats_mb": round(pickled / 1e6, 2)}
+    for k, who in enumerate(("stats_actor", "driver")):
+        row |= {f"{who}_before_mb": round(before[k], 1), f"{who}_after_mb": round(after[k], 1),
+                f"{who}_kb_per_block": round((after[k] - before[k]) * 1024 / n, 2)}
+    return row
+
+
+def own_private_mb() -> float:
+    """This process's private memory (RssAnon, MB)."""
+    return int(next(x for x in open("/proc/self/status") if x.startswith("RssAnon:")).split()[1]) / 1024
+
+
+def block_stats(stats) -> int:
+    """BlockStats held in a dataset's stats, its parents' included."""
+    return sum(len(v) for v in stats.metadata.values()) + sum(block_stats(p) for p in stats.parents)
 
 
 def main() -> None:
@@ -68,11 +87,15 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", way, "--blocks", str(args.blocks)],
                              check=True, capture_output=True, text=True).stdout
         rows[way] = row = json.loads(out.strip().splitlines()[-1])
-        log.info("%-13s %d blocks in %.0f s: stats actor %.1f -> %.1f MB (%.2f kB per block); the dataset's "
-                 "stats pickle to %.2f MB", way, row["blocks"], row["s"], row["stats_actor_before_mb"],
-                 row["stats_actor_after_mb"], row["kb_per_block"], row["pickled_stats_mb"])
-    ratio = rows["iter_batches"]["kb_per_block"] / max(rows["ref_bundles"]["kb_per_block"], 0.01)
+        log.info("%-13s %d blocks in %.0f s: stats actor %.1f -> %.1f MB (%.2f kB per block), driver %.1f -> "
+                 "%.1f MB (%.2f kB per block); the dataset's stats hold %d BlockStats and pickle to %.2f MB",
+                 way, row["blocks"], row["s"], row["stats_actor_before_mb"], row["stats_actor_after_mb"],
+                 row["stats_actor_kb_per_block"], row["driver_before_mb"], row["driver_after_mb"],
+                 row["driver_kb_per_block"], row["block_stats_kept"], row["pickled_stats_mb"])
+    ratio = rows["iter_batches"]["stats_actor_kb_per_block"] / max(rows["ref_bundles"]["stats_actor_kb_per_block"], 0.01)
     log.info("the stats actor grew %.1fx as much per block under iter_batches as under ref bundles", ratio)
+    log.info("the driver grew %.2f kB per block under ref bundles, %.2f kB under result_blocks",
+             rows["ref_bundles"]["driver_kb_per_block"], rows["result_blocks"]["driver_kb_per_block"])
 
 
 if __name__ == "__main__":
