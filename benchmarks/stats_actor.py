@@ -92,7 +92,8 @@ def main() -> None:
                  way, row["blocks"], row["s"], row["stats_actor_before_mb"], row["stats_actor_after_mb"],
                  row["stats_actor_kb_per_block"], row["driver_before_mb"], row["driver_after_mb"],
                  row["driver_kb_per_block"], row["block_stats_kept"], row["pickled_stats_mb"])
-    ratio = rows["iter_batches"]["stats_actor_kb_per_block"] / max(rows["ref_bundles"]["stats_actor_kb_per_block"], 0.01)
+    per_block = {way: row["stats_actor_kb_per_block"] for way, row in rows.items()}
+    ratio = per_block["iter_batches"] / max(per_block["ref_bundles"], 0.01)
     log.info("the stats actor grew %.1fx as much per block under iter_batches as under ref bundles", ratio)
     log.info("the driver grew %.2f kB per block under ref bundles, %.2f kB under result_blocks",
              rows["ref_bundles"]["driver_kb_per_block"], rows["result_blocks"]["driver_kb_per_block"])

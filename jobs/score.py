@@ -121,8 +121,9 @@ def result_blocks(ds: ray.data.Dataset) -> Iterator[pa.Table]:
     message that grows with the run and a stats actor that grows with it (docs/results.md, "Ray
     Data's stats actor"). And each map operator's list of those BlockStats is emptied as blocks
     arrive: Ray Data keeps it in the driver until the dataset is done (ray-project/ray#66016),
-    about 0.9 kB per block: 0.9 GB more at 10M images in ``benchmarks/scale.py``. Only the dataset's final stats summary, which
-    the job does not use, loses the blocks' rows; the operators' metrics are untouched.
+    about 0.9 kB per block, 0.9 GB more at 10M images in ``benchmarks/scale.py``. Only the
+    dataset's final stats summary, which the job does not use, loses the blocks' rows; the
+    operators' metrics are untouched.
     """
     bundles, _, executor = ds._execute_to_iterator(capture_executor=False)
     kept = _block_stats_lists(executor)
@@ -133,14 +134,14 @@ def result_blocks(ds: ray.data.Dataset) -> Iterator[pa.Table]:
             yield BlockAccessor.for_block(block).to_arrow()
 
 
-def _block_stats_lists(executor) -> list[list]:
+def _block_stats_lists(executor: object | None) -> list[list]:
     """The per-block stats lists of the executor's operators (``_output_blocks_stats`` in Ray
     2.60); none, with a warning, where this Ray keeps them elsewhere."""
     operators = getattr(executor, "_topology", None) or {}
     kept = [op._output_blocks_stats for op in operators if isinstance(getattr(op, "_output_blocks_stats", None), list)]
     if executor is not None and not kept:
         log.warning("Ray %s: no per-block stats lists found on Ray Data's operators; the driver may grow "
-                    "by about 93 bytes per image (ray-project/ray#66016)", ray.__version__)
+                    "by about 0.9 kB per block (ray-project/ray#66016)", ray.__version__)
     return kept
 
 
