@@ -39,6 +39,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +55,9 @@ from twostream.batch.planning import InputError, Shard, plan_input, work_units
 from twostream.batch.report import write_batch_report
 from twostream.core.config import ConfigError, TwoStreamConfig, add_config_args, config_from_args
 
+if TYPE_CHECKING:
+    from twostream.core.models import InputSpec
+
 log = logging.getLogger("twostream.jobs.score")
 
 FAULT_STOP_AFTER = "TWOSTREAM_FAULT_STOP_AFTER_SHARDS"  # driver fails after K committed shards
@@ -62,11 +66,22 @@ USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused, rep
 EVENTS_PER_MAP_TASK = 100_000  # staging rows one reputation map task reads (about 5 MB of events)
 REDUCE_BYTES_FACTOR = 8  # a reduce task's peak memory / its events' Arrow bytes (benchmarks/scale.py)
 
-def read_decode_batch(batch: dict, *, config: TwoStreamConfig) -> Iterator[pa.Table]:
+def read_decode_batch(batch: dict, *, config: TwoStreamConfig, specs: ray.ObjectRef) -> Iterator[pa.Table]:
     """Ray Data task: work units (parts of shards) -> :func:`twostream.batch.stages.read_decode`
-    blocks, bounded by rows and prepared bytes."""
-    for spec in batch["unit"]:
-        yield from stages.read_decode(Shard.from_json(str(spec)), config)
+    blocks, bounded by rows and prepared bytes; ``specs``: :func:`_input_specs`' result."""
+    input_specs = ray.get(specs)
+    for unit in batch["unit"]:
+        yield from stages.read_decode(Shard.from_json(str(unit)), config, input_specs)
+
+
+@ray.remote(num_cpus=0, max_calls=1)
+def _input_specs(config: TwoStreamConfig) -> dict[str, InputSpec]:
+    """Ray task: each stream's input geometry, in a worker process that exits after it. Reading
+    the H-Net's geometry builds it through timm (about 190 MB in a process); the decode tasks
+    take the geometry from here, so they never import timm."""
+    from twostream.core.scoring import input_spec
+
+    return {kind: input_spec(config, kind) for kind in stages.KINDS}
 
 
 def _fit_resources(cfg: TwoStreamConfig, total_cpus: float) -> dict[str, float]:
@@ -94,8 +109,10 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
     if not units:
         return sink
     ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
+    # resolved while the actor pools start; the decode tasks wait for it
+    specs = _input_specs.remote(cfg)
     ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="numpy", num_cpus=res["decode"],
-                        fn_kwargs={"config": cfg})
+                        fn_kwargs={"config": cfg, "specs": specs})
     for kind in ("high", "low"):
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(

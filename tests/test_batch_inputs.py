@@ -19,6 +19,7 @@ from PIL import Image
 
 from twostream.batch import outputs, planning, stages
 from twostream.core.config import LimitsConfig, load_config
+from twostream.core.scoring import input_spec
 
 SMALL = ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
 
@@ -214,7 +215,7 @@ def test_large_compressible_images_travel_as_prepared_inputs(tmp_path):
     """6000x6000 flat PNGs (tiny files, 108 MB of pixels each): blocks bounded by prepared bytes,
     the prepared inputs equal the scoring path's, no full-resolution pixels in any block."""
     from twostream.core.preprocess import decode_image
-    from twostream.core.scoring import input_spec, prepare
+    from twostream.core.scoring import prepare
 
     flat = io.BytesIO()
     Image.new("RGB", (6000, 6000), (200, 30, 90)).save(flat, "PNG")
@@ -227,7 +228,7 @@ def test_large_compressible_images_travel_as_prepared_inputs(tmp_path):
     low_bytes = 3 * 32 * 32 * 4
     cfg.job.decode_bytes_per_batch = high_bytes + low_bytes  # a block is full after one image
     (unit,) = planning.work_units(planning.plan_input(str(tmp_path)).shards, 256)
-    blocks = list(stages.read_decode(unit, cfg))
+    blocks = list(stages.read_decode(unit, cfg, {kind: input_spec(cfg, kind) for kind in stages.KINDS}))
     assert [b.num_rows for b in blocks] == [1, 1, 1, 1]
     assert all("pixels" not in b.column_names for b in blocks)
     table = pa.concat_tables(blocks)
@@ -237,6 +238,34 @@ def test_large_compressible_images_travel_as_prepared_inputs(tmp_path):
     assert [len(v) for v in table.column("low_input").to_pylist()] == [low_bytes] * 3 + [0]
     want = prepare(spec, [decode_image(flat.getvalue(), cfg.limits)]).numpy().tobytes()
     assert table.column("high_input")[0].as_py() == want
+
+
+def test_read_decode_takes_geometry_and_never_imports_timm(tmp_path):
+    """The decode tasks get each stream's input geometry and never build a model: in a fresh
+    process, reading and preparing a unit imports neither timm nor torchvision (about 190 MB a
+    process); resolving the H-Net's geometry there does (the control)."""
+    import pickle
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(_jpeg((40, 48)))
+    cfg = load_config(None, SMALL)
+    (unit,) = planning.work_units(planning.plan_input(str(tmp_path / "in")).shards, 256)
+    specs = {kind: input_spec(cfg, kind) for kind in stages.KINDS}
+    (tmp_path / "args.pkl").write_bytes(pickle.dumps((unit, cfg, specs)))
+    code = (
+        "import pickle, sys\n"
+        "from twostream.batch import stages\n"
+        f"unit, cfg, specs = pickle.loads(open({str(tmp_path / 'args.pkl')!r}, 'rb').read())\n"
+        "rows = sum(b.num_rows for b in stages.read_decode(unit, cfg, specs))\n"
+        "print(rows, [m for m in ('timm', 'torchvision') if m in sys.modules])\n"
+        "from twostream.core.scoring import input_spec\n"
+        "input_spec(cfg, 'high')\n"
+        "print([m for m in ('timm', 'torchvision') if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["1 []", "['timm', 'torchvision']"]
 
 
 def _png(w: int, h: int, mode: str = "RGB") -> bytes:
@@ -312,7 +341,7 @@ def test_spooled_plan_reads_the_same_rows_as_a_held_plan(tmp_path):
 def _stages(folder, cfg) -> tuple[list[pa.Table], pa.Table]:
     """The phase-1 stages in one process: (read/decode blocks, staging rows in row order)."""
     (unit,) = planning.work_units(planning.plan_input(str(folder)).shards, 256)
-    blocks = list(stages.read_decode(unit, cfg))
+    blocks = list(stages.read_decode(unit, cfg, {kind: input_spec(cfg, kind) for kind in stages.KINDS}))
     table = pa.concat_tables(blocks)
     for kind in stages.KINDS:
         table = stages.StreamStage(cfg, kind)(table)

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from twostream.core.config import LimitsConfig
-from twostream.core.preprocess import ImageDecodeError, check_image_header, decode_image, from_tensor01, to_tensor01
+from twostream.core.preprocess import (
+    ROWS_PER_COPY,
+    ImageDecodeError,
+    check_image_header,
+    decode_image,
+    from_tensor01,
+    to_tensor01,
+)
 
 RNG = np.random.default_rng(0)
 PIXELS = RNG.integers(0, 256, size=(12, 17, 3), dtype=np.uint8)
@@ -26,6 +33,16 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
 @pytest.mark.parametrize("fmt, kw", [("PNG", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True})])
 def test_lossless_formats_round_trip_exactly(fmt, kw):
     assert np.array_equal(decode_image(encode(Image.fromarray(PIXELS), fmt, **kw)), PIXELS)
+
+
+def test_tall_images_copied_out_in_strips_keep_every_row():
+    """Over ROWS_PER_COPY rows the pixels leave Pillow a strip at a time: every row, in order,
+    including a last partial strip; grayscale converted strip by strip too."""
+    rows = 2 * ROWS_PER_COPY + 37
+    pixels = RNG.integers(0, 256, size=(rows, 9, 3), dtype=np.uint8)
+    assert np.array_equal(decode_image(encode(Image.fromarray(pixels), "PNG")), pixels)
+    gray = RNG.integers(0, 256, size=(rows, 5), dtype=np.uint8)
+    assert np.array_equal(decode_image(encode(Image.fromarray(gray, "L"), "PNG")), np.repeat(gray[:, :, None], 3, axis=2))
 
 
 def test_jpeg_is_close_and_gif_takes_the_first_frame():

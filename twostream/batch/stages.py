@@ -25,14 +25,16 @@ row's shard), which tells the driver when a shard is complete.
 
 torch (and the scoring core on it) is imported by the stages that run models or resizes, not
 when this module is imported: the job's driver and the compare tasks never load it (a CUDA build
-of torch costs ~400 MB of private memory per process).
+of torch costs ~280 MB of private memory per process). timm, which builds the H-Net, only where
+a model is built: :func:`read_decode` takes the streams' input geometry, not their models (timm
+adds ~190 MB).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -46,6 +48,8 @@ from twostream.core.results import score_rows
 
 if TYPE_CHECKING:
     import torch
+
+    from twostream.core.models import InputSpec
 
 FAULT_CRASH_ACTOR = "TWOSTREAM_FAULT_CRASH_ACTOR_ONCE"  # dir: first high-stream batch kills its actor
 KINDS = ("high", "low")
@@ -72,13 +76,13 @@ _IDENTITY = ("row", "image_id", "key", "uri", "source", "timestamp")
 _PASSED_ON = ("shard_total", "t_read_ms", "t_decode_ms", "t_high_ms", "t_low_ms")  # kept by compare
 
 
-def read_decode(unit: Shard, config: TwoStreamConfig) -> Iterator[pa.Table]:
+def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputSpec]) -> Iterator[pa.Table]:
     """Read a work unit's entries, give them their identity, decode and prepare them one by one
-    (or, for the device, check JPEGs' headers and pass them on encoded); yields
-    :data:`DECODED_SCHEMA` blocks bounded by rows and by bytes held."""
-    from twostream.core.scoring import decode_many, input_spec, prepare
+    for each stream's ``specs[kind]`` (:func:`~twostream.core.scoring.input_spec`; or, for the
+    device, check JPEGs' headers and pass them on encoded); yields :data:`DECODED_SCHEMA` blocks
+    bounded by rows and by bytes held."""
+    from twostream.core.scoring import decode_many, prepare
 
-    specs = {kind: input_spec(config, kind) for kind in KINDS}
     on_device = config.decodes_jpeg_on_device()
     rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
