@@ -6,9 +6,16 @@ under 3 GB in all for 30 of them).
 
     python benchmarks/memory_scaling.py --sizes 2000 10000
     python benchmarks/memory_scaling.py --large 30
+    python benchmarks/memory_scaling.py --one-image
 
-Each size runs the job on a fresh local Ray; every 0.5 s a sampler thread reads the memory of
-the driver and the processes it started (the local Ray: GCS, raylet, workers; /proc smaps_rollup):
+``--one-image``: what a decode task adds to its process for one 6000x6000 PNG (decode, then both
+streams' prepared inputs), each way in a fresh process, side by side: from a Pillow image or from
+a full array, with glibc's default allocation threshold or with the job's
+(``jobs.score._return_large_frees_to_the_os``): the peak (VmHWM) and what stays (VmRSS) above
+the process's size before.
+
+Each size runs the job on a fresh local Ray; every ``--period`` s (0.2) a sampler thread reads
+the memory of the driver and the processes it started (the local Ray: GCS, raylet, workers; /proc smaps_rollup):
 ``peak_in_all_pss_mb`` is the peak of their summed PSS (the memory in use, shared pages split),
 ``workers_peak_rss_sum_mb`` the peak of the workers' summed RSS (counts the object store's shared
 pages once per process that maps them), with the largest processes at the peak.
@@ -85,7 +92,7 @@ def tree_memory() -> dict[int, tuple[str, int, int]]:
     return out
 
 
-def run(n: int, overrides: list[str], large: bool = False) -> dict:
+def run(n: int, overrides: list[str], large: bool = False, period: float = 0.2) -> dict:
     import os
 
     import ray
@@ -111,7 +118,7 @@ def run(n: int, overrides: list[str], large: bool = False) -> dict:
                     peak["pss"] = pss
                     top = sorted(tree.values(), key=lambda t: -t[2])[:6]
                     peak["top"] = [f"{cmd.strip()}: {p / 2**20:.0f} MB" for cmd, _, p in top]
-                time.sleep(0.5)
+                time.sleep(period)  # a sample takes ~20-40 ms: a shorter period catches brief peaks
 
         connect(log_to_driver=False, object_store_memory=1 << 30)
         thread = threading.Thread(target=sample, daemon=True)
@@ -131,16 +138,63 @@ def run(n: int, overrides: list[str], large: bool = False) -> dict:
             "at_peak": peak["top"]}
 
 
+def one_image(from_pillow: bool, job_threshold: bool) -> dict:
+    """In this (fresh) process: MB above the size before of the peak and of what stays after
+    decoding one flat 6000x6000 PNG and preparing both streams' inputs."""
+    import numpy as np
+    from PIL import Image
+
+    from jobs.score import _return_large_frees_to_the_os
+    from twostream.core.config import load_config
+    from twostream.core.preprocess import decode_image, decode_rgb
+    from twostream.core.scoring import input_spec, prepare
+
+    def status() -> dict[str, int]:
+        with open("/proc/self/status") as handle:
+            return {k: int(v.split()[0]) // 1024 for k, _, v in (line.partition(":") for line in handle)
+                    if k in ("VmRSS", "VmHWM")}
+
+    cfg = load_config(None, SMALL)
+    specs = [input_spec(cfg, kind) for kind in ("high", "low")]
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (120, 180, 40)).save(buf, "PNG")
+    data = buf.getvalue()
+    for spec in specs:  # torch's first resize allocates its own once
+        prepare(spec, [np.zeros((300, 300, 3), np.uint8)])
+    if job_threshold:
+        _return_large_frees_to_the_os()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # VmHWM back to VmRSS
+    before = status()["VmRSS"]
+    started = time.perf_counter()
+    image = decode_rgb(data, cfg.limits) if from_pillow else decode_image(data, cfg.limits)
+    prepared = [prepare(spec, [image]) for spec in specs]
+    del image, prepared
+    after = status()
+    return {"from": "pillow" if from_pillow else "array", "threshold": "job" if job_threshold else "glibc default",
+            "peak_mb": after["VmHWM"] - before, "stays_mb": after["VmRSS"] - before,
+            "decode_prepare_s": round(time.perf_counter() - started, 2), "process_mb_before": before}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--large", type=int, default=0, help="N images of 6000x6000 instead of --sizes")
+    parser.add_argument("--period", type=float, default=0.2, help="seconds between memory samples")
+    parser.add_argument("--one-image", action="store_true", help="one 6000x6000 image in one process, four ways")
     args = parser.parse_args()
+    if args.one_image:
+        ctx = multiprocessing.get_context("spawn")
+        for from_pillow in (True, False):
+            for job_threshold in (True, False):
+                with ctx.Pool(1) as pool:
+                    print(json.dumps(pool.apply(one_image, (from_pillow, job_threshold))), flush=True)
+        return
     if args.large:
-        print(json.dumps(run(args.large, SMALL, large=True)), flush=True)
+        print(json.dumps(run(args.large, SMALL, large=True, period=args.period)), flush=True)
         return
     for n in args.sizes:
-        print(json.dumps(run(n, SMALL)), flush=True)
+        print(json.dumps(run(n, SMALL, period=args.period)), flush=True)
 
 
 if __name__ == "__main__":

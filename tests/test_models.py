@@ -269,20 +269,22 @@ def test_high_resize_is_resize_shorter_side_then_centre_crop(high: Stream, chels
 
 @pytest.mark.parametrize("shape", [(700, 530), (1300, 260), (257, 999)])
 def test_large_images_are_prepared_strip_by_strip_bit_for_bit(low: Stream, high: Stream, shape) -> None:
-    """prepare() narrows an image taller than STRIP_ROWS a strip at a time: the same tensor as
-    one antialiased interpolate of the whole float image (then the centre crop)."""
+    """prepare() narrows an image taller than STRIP_ROWS a strip at a time, from an array or from
+    a Pillow image's pixels (read a strip at a time): the same tensor as one antialiased
+    interpolate of the whole float image (then the centre crop)."""
     from twostream.core.scoring import STRIP_ROWS, prepare
 
     assert shape[0] > STRIP_ROWS
     image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
     whole = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     want_low = F.interpolate(whole, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
-    assert torch.equal(prepare(low, [image]), want_low.clamp(0, 1))
     H, W = shape  # shorter side to 256, the other truncated, centre 224x224
     new = (256, int(256 * W / H)) if H <= W else (int(256 * H / W), 256)
     big = F.interpolate(whole, size=new, mode="bicubic", align_corners=False, antialias=True)
     top, left = round((new[0] - 224) / 2), round((new[1] - 224) / 2)
-    assert torch.equal(prepare(high, [image]), big[..., top : top + 224, left : left + 224].clamp(0, 1))
+    for given in (image, Image.fromarray(image)):
+        assert torch.equal(prepare(low, [given]), want_low.clamp(0, 1))
+        assert torch.equal(prepare(high, [given]), big[..., top : top + 224, left : left + 224].clamp(0, 1))
 
 
 def test_resize_rejects_bad_shapes(low: Stream) -> None:

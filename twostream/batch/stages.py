@@ -3,8 +3,9 @@
 1. :func:`read_decode` - a work unit (part of a shard) -> one row per entry: identity columns and
    each stream's *prepared input* (:func:`~twostream.core.scoring.prepare`, the function the
    library's ``Scorer`` uses: the H-Net's resized tensor at its input size, the L-Net's 32x32),
-   or the error (:data:`DECODED_SCHEMA`). Images are decoded one at a time and only their
-   prepared inputs are kept, so a task holds one full-resolution image at most; it yields a
+   or the error (:data:`DECODED_SCHEMA`). Images are decoded one at a time and prepared from
+   Pillow's pixels a strip of rows at a time, with no full-resolution array; only their prepared
+   inputs are kept, so a task holds one decoded image at most; it yields a
    block whenever ``job.decode_batch_size`` rows or ``job.decode_bytes_per_batch`` bytes of
    prepared input are ready. Full-resolution pixels never leave the task.
    With JPEGs decoded on the device (``job.decode``), a JPEG that passes the header checks
@@ -81,7 +82,8 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
     for each stream's ``specs[kind]`` (:func:`~twostream.core.scoring.input_spec`; or, for the
     device, check JPEGs' headers and pass them on encoded); yields :data:`DECODED_SCHEMA` blocks
     bounded by rows and by bytes held."""
-    from twostream.core.scoring import decode_many, prepare
+    from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_rgb
+    from twostream.core.scoring import prepare
 
     on_device = config.decodes_jpeg_on_device()
     rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
@@ -98,12 +100,15 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
             if size[0] is not None:
                 encoded = data
             elif error is None:
-                images, errors = decode_many([data], config.limits)
-                error = errors[0]
-                if images[0] is not None:
-                    size = images[0].shape[:2]
-                    prepared = {kind: prepare(specs[kind], images).numpy().tobytes() for kind in KINDS}
-                del images
+                try:  # prepared from Pillow's pixels a strip at a time: no full-resolution array
+                    image = decode_rgb(data, config.limits)
+                    check_min_side(image.height, image.width, config.limits)
+                except ImageDecodeError as exc:
+                    error = str(exc)
+                else:
+                    size = (image.height, image.width)
+                    prepared = {kind: prepare(specs[kind], [image]).numpy().tobytes() for kind in KINDS}
+                    del image
         t2 = time.perf_counter()
         out["shard"].append(unit.shard_id)
         out["shard_total"].append(unit.total)

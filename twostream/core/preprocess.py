@@ -33,7 +33,7 @@ class ImageDecodeError(ValueError):
     """The bytes are not an acceptable image; the message is the reason."""
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
+def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode in _HIGH_BIT_MODES or mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
@@ -41,7 +41,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         if mode == "F" and values.max() <= 1.0:
             full_scale = 1.0
         gray = np.clip(np.rint(values / full_scale * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
+        return Image.fromarray(gray).convert("RGB")  # uint8 (H, W): mode L
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode == "PA":
@@ -50,22 +50,28 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return _pixels(image if image.mode == "RGB" else image.convert("RGB"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-ROWS_PER_COPY = 256  # rows of a large image's pixels copied out of Pillow at a time (see _pixels)
+ROWS_PER_COPY = 256  # rows of a large image's pixels copied out of Pillow at a time (pixel_rows)
+
+
+def pixel_rows(image: Image.Image, top: int, stop: int) -> np.ndarray:
+    """Rows ``[top, stop)`` of an RGB Pillow image as an (rows, W, 3) uint8 array. Copying a large
+    image's pixels out a strip at a time keeps its peak low: ``np.asarray`` of a whole image goes
+    through ``tobytes``, which holds two more copies at once (a 6000x6000 upload: 216 MB on top
+    of Pillow's 144 MB)."""
+    return np.asarray(image if (top, stop) == (0, image.height) else image.crop((0, top, image.width, stop)))
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
-    """An RGB image's pixels, (H, W, 3) uint8. A large image is copied a strip of rows at a time:
-    ``np.asarray`` of a whole image goes through ``tobytes``, which holds two more copies of the
-    pixels at once (a 6000x6000 upload: 216 MB on top of Pillow's 144 MB and the array's 108 MB)."""
+    """An RGB image's pixels, (H, W, 3) uint8, copied out :data:`ROWS_PER_COPY` rows at a time."""
     width, height = image.size
     if height <= ROWS_PER_COPY:
-        return np.asarray(image, dtype=np.uint8)
+        return pixel_rows(image, 0, height)
     pixels = np.empty((height, width, 3), np.uint8)
     for top in range(0, height, ROWS_PER_COPY):
-        pixels[top : top + ROWS_PER_COPY] = np.asarray(image.crop((0, top, width, min(height, top + ROWS_PER_COPY))))
+        pixels[top : top + ROWS_PER_COPY] = pixel_rows(image, top, min(height, top + ROWS_PER_COPY))
     return pixels
 
 
@@ -106,14 +112,22 @@ def _decode_errors() -> Iterator[None]:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
 
 
-def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
-    """Decode image bytes to an (H, W, 3) uint8 RGB array, or raise :class:`ImageDecodeError`."""
+def decode_rgb(data: bytes, limits: LimitsConfig | None = None) -> Image.Image:
+    """Decode image bytes to an RGB Pillow image (checked, oriented, converted), or raise
+    :class:`ImageDecodeError`. Its pixels: :func:`pixel_rows`; as one array: :func:`decode_image`."""
     with _decode_errors():
         image = _open_checked(data, limits or LimitsConfig())
         image.seek(0)
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a large image
-        return np.ascontiguousarray(_to_rgb(image))
+        return _to_rgb(image)
+
+
+def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array, or raise :class:`ImageDecodeError`."""
+    image = decode_rgb(data, limits)
+    with _decode_errors():
+        return _pixels(image)
 
 
 def check_image_header(data: bytes, limits: LimitsConfig | None = None) -> Image.Image:

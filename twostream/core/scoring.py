@@ -22,11 +22,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import PIL.Image
 import torch
 
 from twostream.core.config import LimitsConfig, StreamConfig, TwoStreamConfig
 from twostream.core.models import SEPARABLE, InputSpec, Stream, build_stream, resize_image, resize_strips
-from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_image, to_tensor01
+from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_image, pixel_rows, to_tensor01
 from twostream.core.results import ScoredBatch, ScoreResult, score_rows
 
 
@@ -78,11 +79,15 @@ def decode_many(
 STRIP_ROWS = 256  # rows of a large image converted to float at a time (see prepare)
 
 
-def prepare(spec: InputSpec | Stream, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+RGBImage = np.ndarray | torch.Tensor | PIL.Image.Image  # what prepare takes (see there)
+
+
+def prepare(spec: InputSpec | Stream, images: Sequence[RGBImage]) -> torch.Tensor:
     """A stream's prepared input: each RGB image resized as the stream's :class:`InputSpec` says
     (``Stream.resize``), stacked: (N, 3, h, w) float32 in [0, 1]. Images are (H, W, 3) uint8
-    arrays (the CPU decoder's), or (3, H, W) uint8 tensors (the device decoder's,
-    :mod:`twostream.core.device_decode`), prepared on their own device.
+    arrays (the CPU decoder's), RGB Pillow images (:func:`~twostream.core.preprocess.decode_rgb`,
+    read a strip at a time without a full array), or (3, H, W) uint8 tensors (the device
+    decoder's, :mod:`twostream.core.device_decode`), prepared on their own device.
 
     An image of more than :data:`STRIP_ROWS` rows is converted to float and narrowed a strip at
     a time (:func:`~twostream.core.models.resize_strips`, the same tensor bit for bit), so a
@@ -92,13 +97,21 @@ def prepare(spec: InputSpec | Stream, images: Sequence[np.ndarray | torch.Tensor
         return torch.cat([_prepare_one(image, spec) for image in images])
 
 
-def _prepare_one(image: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    channels_first = isinstance(image, torch.Tensor)
-    height, width = image.shape[1:] if channels_first else image.shape[:2]
+def _rows(image: RGBImage, top: int, stop: int) -> np.ndarray | torch.Tensor:
+    """Rows ``[top, stop)`` of an image, in its own layout (a tensor's are (3, rows, W))."""
+    if isinstance(image, PIL.Image.Image):
+        return pixel_rows(image, top, stop)
+    return image[:, top:stop] if isinstance(image, torch.Tensor) else image[top:stop]
+
+
+def _prepare_one(image: RGBImage, spec: InputSpec) -> torch.Tensor:
+    if isinstance(image, PIL.Image.Image):
+        width, height = image.size
+    else:
+        height, width = image.shape[1:] if isinstance(image, torch.Tensor) else image.shape[:2]
     if height <= STRIP_ROWS or spec.interpolation not in SEPARABLE:
-        return resize_image(to_tensor01(image), spec)
-    strips = (to_tensor01(image[:, top : top + STRIP_ROWS] if channels_first else image[top : top + STRIP_ROWS])
-              for top in range(0, height, STRIP_ROWS))
+        return resize_image(to_tensor01(_rows(image, 0, height)), spec)
+    strips = (to_tensor01(_rows(image, top, min(height, top + STRIP_ROWS))) for top in range(0, height, STRIP_ROWS))
     return resize_strips(strips, height, width, spec)
 
 
