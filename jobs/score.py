@@ -9,8 +9,8 @@ Planning, before Ray starts: the manifest read and checked, every input object l
   matched (``plan_input``; each shard's entries spooled to ``_progress/entries/``, so the driver
   holds counts, not entries), the run's fingerprint recorded or a changed rerun refused (``resume``).
 Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure and by bytes
-  per block): work units -> read+decode+prepare (CPU tasks; only each stream's prepared input
-  travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
+  per block): work units -> read+decode+prepare (CPU tasks, which take the streams' input
+  geometry from one Ray task and never build a model; only each stream's prepared input travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
   comparator (CPU tasks) -> driver sink that writes one staging Parquet file per completed
   input shard, then its ``_progress/<shard>.done`` marker.
   Each row carries its image id and its own columns through both pools, so nothing is
