@@ -10,7 +10,8 @@ Planning, before Ray starts: the manifest read and checked, every input object l
   holds counts, not entries), the run's fingerprint recorded or a changed rerun refused (``resume``).
 Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure and by bytes
   per block): work units -> read+decode+prepare (CPU tasks, which take the streams' input
-  geometry from one Ray task and never build a model; only each stream's prepared input travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
+  geometry from one Ray task and never build a model; only each stream's prepared input
+  travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
   comparator (CPU tasks) -> driver sink that writes one staging Parquet file per completed
   input shard, then its ``_progress/<shard>.done`` marker.
   Each row carries its image id and its own columns through both pools, so nothing is
@@ -67,6 +68,8 @@ FAULT_STOP_AFTER = "TWOSTREAM_FAULT_STOP_AFTER_SHARDS"  # driver fails after K c
 USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused, reputation.StateError)
 EVENTS_PER_MAP_TASK = 100_000  # staging rows one reputation map task reads (about 5 MB of events)
 REDUCE_BYTES_FACTOR = 8  # a reduce task's peak memory / its events' Arrow bytes (benchmarks/scale.py)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 4 << 20  # decode tasks: larger allocations are mmapped (_return_large_frees_to_the_os)
 
 def read_decode_batch(batch: dict, *, config: TwoStreamConfig, specs: ray.ObjectRef) -> Iterator[pa.Table]:
     """Ray Data task: work units (parts of shards) -> :func:`twostream.batch.stages.read_decode`
@@ -77,16 +80,12 @@ def read_decode_batch(batch: dict, *, config: TwoStreamConfig, specs: ray.Object
         yield from stages.read_decode(Shard.from_json(str(unit)), config, input_specs)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 4 << 20
-
-
 def _return_large_frees_to_the_os() -> None:
     """In this worker process (glibc only): serve allocations over 4 MiB with mmap, so that their
     memory goes back to the OS when freed. glibc raises that threshold after the first such free,
-    and a decode task that prepares a large image a strip at a time then keeps about 100 MB of
-    freed strips in its heap (a 6000x6000 PNG: a peak of +295 MB against +191 MB; ``python
-    benchmarks/memory_scaling.py --large 30``)."""
+    and a decode task that prepares a large image a strip at a time then keeps freed strips in its
+    heap (one 6000x6000 PNG: a peak of +194 MB against up to +281 MB, and 20 MB kept against
+    181-229 MB; ``python benchmarks/memory_scaling.py --one-image``)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 

@@ -42,7 +42,8 @@ def test_tall_images_copied_out_in_strips_keep_every_row():
     pixels = RNG.integers(0, 256, size=(rows, 9, 3), dtype=np.uint8)
     assert np.array_equal(decode_image(encode(Image.fromarray(pixels), "PNG")), pixels)
     gray = RNG.integers(0, 256, size=(rows, 5), dtype=np.uint8)
-    assert np.array_equal(decode_image(encode(Image.fromarray(gray, "L"), "PNG")), np.repeat(gray[:, :, None], 3, axis=2))
+    out = decode_image(encode(Image.fromarray(gray, "L"), "PNG"))
+    assert np.array_equal(out, np.repeat(gray[:, :, None], 3, axis=2))
 
 
 def test_jpeg_is_close_and_gif_takes_the_first_frame():
