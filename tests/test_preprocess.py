@@ -12,7 +12,7 @@ from PIL import Image
 
 from twostream.core.config import LimitsConfig
 from twostream.core.preprocess import (
-    ROWS_PER_COPY,
+    STRIP_ROWS,
     ImageDecodeError,
     check_image_header,
     decode_image,
@@ -36,9 +36,9 @@ def test_lossless_formats_round_trip_exactly(fmt, kw):
 
 
 def test_tall_images_copied_out_in_strips_keep_every_row():
-    """Over ROWS_PER_COPY rows the pixels leave Pillow a strip at a time: every row, in order,
+    """Over STRIP_ROWS rows the pixels leave Pillow a strip at a time: every row, in order,
     including a last partial strip; grayscale converted strip by strip too."""
-    rows = 2 * ROWS_PER_COPY + 37
+    rows = 2 * STRIP_ROWS + 37
     pixels = RNG.integers(0, 256, size=(rows, 9, 3), dtype=np.uint8)
     assert np.array_equal(decode_image(encode(Image.fromarray(pixels), "PNG")), pixels)
     gray = RNG.integers(0, 256, size=(rows, 5), dtype=np.uint8)

@@ -53,7 +53,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-ROWS_PER_COPY = 256  # rows of a large image's pixels copied out of Pillow at a time (pixel_rows)
+STRIP_ROWS = 256  # rows of a large image handled at a time: copied out of Pillow here, made float in prepare
 
 
 def pixel_rows(image: Image.Image, top: int, stop: int) -> np.ndarray:
@@ -65,13 +65,13 @@ def pixel_rows(image: Image.Image, top: int, stop: int) -> np.ndarray:
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
-    """An RGB image's pixels, (H, W, 3) uint8, copied out :data:`ROWS_PER_COPY` rows at a time."""
+    """An RGB image's pixels, (H, W, 3) uint8, copied out :data:`STRIP_ROWS` rows at a time."""
     width, height = image.size
-    if height <= ROWS_PER_COPY:
+    if height <= STRIP_ROWS:
         return pixel_rows(image, 0, height)
     pixels = np.empty((height, width, 3), np.uint8)
-    for top in range(0, height, ROWS_PER_COPY):
-        pixels[top : top + ROWS_PER_COPY] = pixel_rows(image, top, min(height, top + ROWS_PER_COPY))
+    for top in range(0, height, STRIP_ROWS):
+        pixels[top : top + STRIP_ROWS] = pixel_rows(image, top, min(height, top + STRIP_ROWS))
     return pixels
 
 

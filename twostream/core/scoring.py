@@ -27,7 +27,14 @@ import torch
 
 from twostream.core.config import LimitsConfig, StreamConfig, TwoStreamConfig
 from twostream.core.models import SEPARABLE, InputSpec, Stream, build_stream, resize_image, resize_strips
-from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_image, pixel_rows, to_tensor01
+from twostream.core.preprocess import (
+    STRIP_ROWS,
+    ImageDecodeError,
+    check_min_side,
+    decode_image,
+    pixel_rows,
+    to_tensor01,
+)
 from twostream.core.results import ScoredBatch, ScoreResult, score_rows
 
 
@@ -74,9 +81,6 @@ def decode_many(
             images.append(None)
             errors.append(str(exc))
     return images, errors
-
-
-STRIP_ROWS = 256  # rows of a large image converted to float at a time (see prepare)
 
 
 RGBImage = np.ndarray | torch.Tensor | PIL.Image.Image  # what prepare takes (see there)
