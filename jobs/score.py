@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import functools
 import json
 import logging
 import os
@@ -81,7 +80,6 @@ def read_decode_batch(batch: dict, *, config: TwoStreamConfig, specs: ray.Object
         yield from stages.read_decode(Shard.from_json(str(unit)), config, input_specs)
 
 
-@functools.cache  # once per worker process
 def _return_large_frees_to_the_os() -> None:
     """In this worker process (glibc only): serve allocations over 4 MiB with mmap, so that their
     memory goes back to the OS when freed. glibc raises that threshold after the first such free,
