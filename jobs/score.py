@@ -100,6 +100,24 @@ def _input_specs(config: TwoStreamConfig) -> dict[str, InputSpec]:
     return {kind: input_spec(config, kind) for kind in stages.KINDS}
 
 
+@ray.remote(num_cpus=0, max_calls=1)
+def _stream_problem(config: TwoStreamConfig) -> str | None:
+    """Ray task, run once the pipeline has failed: the first error of building each stream as its
+    actors do (an unknown model name, weights missing or made for another model), as
+    ``<kind>.model: ...`` or ``<kind>.weights: ...``; None when both build. Workers report such
+    an error as a Ray traceback (an actor's only as text); this names it in one line."""
+    from twostream.core.models import UnknownModelError, WeightsError, build_stream
+
+    for kind in stages.KINDS:
+        try:
+            build_stream(getattr(config, kind), kind)
+        except UnknownModelError as exc:
+            return f"{kind}.model: {exc}"
+        except WeightsError as exc:
+            return f"{kind}.weights: {exc}"
+    return None
+
+
 def _fit_resources(cfg: TwoStreamConfig, total_cpus: float) -> dict[str, float]:
     """Per-actor/task CPU requests that fit the cluster (so that decode tasks can still run)."""
     high = cfg.high.num_cpus
@@ -140,8 +158,14 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
         )
     ds = ds.map_batches(stages.compare, batch_size=None, batch_format="pyarrow",
                         num_cpus=res["compare"], fn_kwargs={"config": cfg})
-    for block in result_blocks(ds):
-        sink.add(block)
+    try:
+        for block in result_blocks(ds):
+            sink.add(block)
+    except ray.exceptions.RayError:
+        problem = ray.get(_stream_problem.remote(cfg))
+        if problem:
+            raise ConfigError(problem) from None
+        raise
     sink.close(todo)
     return sink
 

@@ -363,3 +363,27 @@ def test_hostile_folder_every_object_one_row(ray_head, tmp_path):
     assert summary["inputs"] == 14 and summary["counts_add_up"]
     assert summary["manifest_rows"] == {"rows": 2, "matched": 1, "unmatched": 1,
                                         "unmatched_first": ["line 3: key 'gone.jpg'"]}
+
+
+@pytest.mark.parametrize(("override", "setting", "extra"), [
+    # fails the geometry task, then the decode tasks that wait for it
+    ("high.model=efficientnet_nonexistent", "high.model", []),
+    # fails the L-Net actors' constructors (the job fails at the first: faster, the same message)
+    ("low.weights=/nonexistent/low.pt", "low.weights", ["job.actor_init_deaths=0"]),
+])
+def test_model_and_weights_errors_are_one_line(ray_head, tmp_path, override, setting, extra):
+    """A wrong model name or weights file fails the job with the builder's own message under its
+    setting's name (main prints it as one line), not with Ray's traceback."""
+    from twostream.core.config import ConfigError, load_config
+    from twostream.core.models import UnknownModelError, WeightsError, build_stream
+
+    kind = setting.split(".")[0]
+    with pytest.raises((UnknownModelError, WeightsError)) as built:  # what the builder says, here
+        build_stream(getattr(load_config(None, SMALL + [override]), kind), kind)
+    root = tmp_path / "in"
+    root.mkdir()
+    for k in range(3):
+        (root / f"{k}.jpg").write_bytes(_jpeg(k))
+    with pytest.raises(ConfigError) as failed:
+        _run_in_cluster(ray_head, tmp_path / "out", SMALL + [override] + extra, input_uri=str(root), manifest=None)
+    assert str(failed.value) == f"{setting}: {built.value}"
