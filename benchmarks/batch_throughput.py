@@ -15,6 +15,16 @@ its scoring phase (from ``summary.json``; the reputation and final phases are re
 * ``warm``: the next job, which finds them running, as every job after the first does on a
   long-lived cluster. Each job still starts its own worker processes and actor pools.
 
+The plain loop runs twice, before the jobs and after them (this VM's speed drifts by up to half
+within minutes): the ratios are against the mean of the two, and both runs are printed.
+
+Two rates per job: ``scoring_images_per_s`` (the scoring phase, which includes starting the actor
+pools and loading the models, as the original target counts it; the plain loop's models are built
+before its clock starts) and ``steady_images_per_s``: the rows of the shards committed after the
+first one over the time from the first commit to the last (the shards' ``_progress`` markers),
+the rate a long job runs at once the pipeline is full; ``first_commit_s``: the first commit, from
+the job's start. The plain loop's rate is its steady rate.
+
 Where the CPU goes: the plain loop's CPU seconds (all its threads), and each job's CPU seconds per
 process kind (``benchmarks/scale.py``'s sampler over this process's descendants: the job's
 driver, decode tasks, both stream actors, compare tasks, the GCS, raylet and Ray's other daemons,
@@ -86,11 +96,23 @@ def plain_loop(cfg, paths: list[Path]) -> tuple[float, float, float]:
     return len(paths) / (time.perf_counter() - t0), t0 - t_build, _cpu_s() - cpu0
 
 
+def steady_rate(output: Path, started: float) -> tuple[float | None, float]:
+    """(images/s from the first shard commit to the last, seconds from ``started`` to the first
+    commit), from the shards' ``_progress/<shard>.done`` markers (their rows and commit time);
+    None with fewer than two commit times."""
+    markers = [json.loads(p.read_text()) for p in (output / "_progress").glob("*.done")]
+    commits = sorted((m["at"], m["rows"]) for m in markers)
+    first = commits[0][0] - started
+    if commits[-1][0] <= commits[0][0]:
+        return None, first
+    return sum(rows for _, rows in commits[1:]) / (commits[-1][0] - commits[0][0]), first
+
+
 def ray_jobs(folder: Path, out: Path, overrides: list[str],
-             timeline: Path | None = None) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
-    """``summary.json`` and CPU seconds per process kind of a cold and a warm job (module
-    docstring) on one fresh local cluster; ``timeline``: the cluster's Ray timeline of both
-    (Chrome trace JSON, chrome://tracing)."""
+             timeline: Path | None = None) -> tuple[dict[str, dict], dict[str, dict[str, float]], dict[str, tuple]]:
+    """``summary.json``, CPU seconds per process kind and :func:`steady_rate` of a cold and a warm
+    job (module docstring) on one fresh local cluster; ``timeline``: the cluster's Ray timeline of
+    both (Chrome trace JSON, chrome://tracing)."""
     import ray
     from scale import Sampler
 
@@ -99,13 +121,14 @@ def ray_jobs(folder: Path, out: Path, overrides: list[str],
     connect(log_to_driver=False)
     try:
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-        summaries, cpu = {}, {}
+        summaries, cpu, steady = {}, {}, {}
         for run in ("cold", "warm"):
             command = [sys.executable, "-m", "jobs.score", "--input", str(folder), "--output", str(out / run),
                        "--no-progress", *[a for o in overrides for a in ("--set", o)]]
             sampler = Sampler()
             sampler.sample()  # the processes already running count from here
             sampler.start()
+            started = time.time()
             with open(out / f"{run}.log", "w") as log:
                 done = subprocess.run(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             sampler.stop.set()
@@ -114,9 +137,10 @@ def ray_jobs(folder: Path, out: Path, overrides: list[str],
             if done.returncode:
                 sys.exit(f"the {run} job failed ({done.returncode}):\n" + (out / f"{run}.log").read_text()[-4000:])
             summaries[run] = json.loads((out / run / "summary.json").read_text())
+            steady[run] = steady_rate(out / run, started)
         if timeline:
             ray.timeline(str(timeline))
-        return summaries, cpu
+        return summaries, cpu, steady
     finally:
         ray.shutdown()
 
@@ -134,17 +158,24 @@ def main() -> None:
     cfg = load_config(None, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "in", args.n)
-        plain, build_s, plain_cpu = plain_loop(cfg, paths)
-        summaries, cpu = ray_jobs(Path(tmp) / "in", Path(tmp), overrides, args.timeline)
+        before = plain_loop(cfg, paths)
+        summaries, cpu, steady = ray_jobs(Path(tmp) / "in", Path(tmp), overrides, args.timeline)
+        after = plain_loop(cfg, paths)
+    plain, plain_cpu = (before[0] + after[0]) / 2, (before[2] + after[2]) / 2
     result = {"images": args.n, "models": "small" if args.small else "default",
-              "high": cfg.high.model, "low": cfg.low.model,
-              "plain_loop_images_per_s": round(plain, 2), "plain_loop_model_build_s": round(build_s, 2),
-              "plain_loop_cpu_s": round(plain_cpu, 1)}
+              "high": cfg.high.model, "low": cfg.low.model, "overrides": overrides,
+              "plain_loop_images_per_s": round(plain, 2),
+              "plain_loop_runs_images_per_s": [round(before[0], 2), round(after[0], 2)],
+              "plain_loop_model_build_s": round(before[1], 2), "plain_loop_cpu_s": round(plain_cpu, 1)}
     for run, summary in summaries.items():
         rate = summary["throughput"]["scoring_images_per_s"]
+        steady_rate_, first_commit = steady[run]
         result[run] = {"scoring_images_per_s": round(rate, 2),
                        "end_to_end_images_per_s": round(summary["throughput"]["end_to_end_images_per_s"], 2),
-                       "ratio_ray_over_plain": round(rate / plain, 3), "wall_s": summary["wall_s"],
+                       "ratio_ray_over_plain": round(rate / plain, 3),
+                       "steady_images_per_s": steady_rate_ and round(steady_rate_, 2),
+                       "steady_ratio_ray_over_plain": steady_rate_ and round(steady_rate_ / plain, 3),
+                       "first_commit_s": round(first_commit, 1), "wall_s": summary["wall_s"],
                        "cpu_s": cpu[run], "cpu_s_total": round(sum(cpu[run].values()), 1),
                        "cpu_ratio_ray_over_plain": round(sum(cpu[run].values()) / plain_cpu, 3)}
     print(json.dumps(result, indent=2))
