@@ -169,12 +169,12 @@ def main() -> None:
               "plain_loop_model_build_s": round(before[1], 2), "plain_loop_cpu_s": round(plain_cpu, 1)}
     for run, summary in summaries.items():
         rate = summary["throughput"]["scoring_images_per_s"]
-        steady_rate_, first_commit = steady[run]
+        steady_ips, first_commit = steady[run]
         result[run] = {"scoring_images_per_s": round(rate, 2),
                        "end_to_end_images_per_s": round(summary["throughput"]["end_to_end_images_per_s"], 2),
                        "ratio_ray_over_plain": round(rate / plain, 3),
-                       "steady_images_per_s": steady_rate_ and round(steady_rate_, 2),
-                       "steady_ratio_ray_over_plain": steady_rate_ and round(steady_rate_ / plain, 3),
+                       "steady_images_per_s": steady_ips and round(steady_ips, 2),
+                       "steady_ratio_ray_over_plain": steady_ips and round(steady_ips / plain, 3),
                        "first_commit_s": round(first_commit, 1), "wall_s": summary["wall_s"],
                        "cpu_s": cpu[run], "cpu_s_total": round(sum(cpu[run].values()), 1),
                        "cpu_ratio_ray_over_plain": round(sum(cpu[run].values()) / plain_cpu, 3)}
