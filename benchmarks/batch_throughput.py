@@ -23,7 +23,9 @@ pools and loading the models, as the original target counts it; the plain loop's
 before its clock starts) and ``steady_images_per_s``: the rows of the shards committed after the
 first one over the time from the first commit to the last (the shards' ``_progress`` markers),
 the rate a long job runs at once the pipeline is full; ``first_commit_s``: the first commit, from
-the job's start. The plain loop's rate is its steady rate.
+the job's start. The plain loop's rate is its steady rate. The steady rate needs shards that
+commit one after another (``--n 4096``: 16 shards of 256); on a few small shards, which all
+commit as the pipeline drains, it means nothing.
 
 Where the CPU goes: the plain loop's CPU seconds (all its threads), and each job's CPU seconds per
 process kind (``benchmarks/scale.py``'s sampler over this process's descendants: the job's
