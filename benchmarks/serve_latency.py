@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                      "scenarios": []}
     with tempfile.TemporaryDirectory() as state, EmbeddedRedis(state) as redis:
         config.serve.redis_url = redis.url
-        connect(num_cpus=args.num_cpus, log_to_driver=False, cluster_env=serve_cluster_env(config.serve.http_proxy))
+        connect(num_cpus=args.num_cpus, log_to_driver=False, cluster_env=serve_cluster_env(config.serve))
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}/v1/classify"

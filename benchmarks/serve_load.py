@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as state_dir, EmbeddedRedis(state_dir) as redis:
         config.serve.redis_url = redis.url
-        connect(num_cpus=args.num_cpus, log_to_driver=False, cluster_env=serve_cluster_env(config.serve.http_proxy))
+        connect(num_cpus=args.num_cpus, log_to_driver=False, cluster_env=serve_cluster_env(config.serve))
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app(config), name=config.serve.app_name, route_prefix="/")

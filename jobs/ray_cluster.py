@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
+
+if TYPE_CHECKING:
+    from twostream.core.config import ServeSettings
 
 log = logging.getLogger("twostream.jobs")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Serve's HAProxy ingress, read by Serve's processes at start
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # serve.drain_s, read likewise
 # The GCS keeps a record of every task (its state changes and profile events, about 3.8 kB each
 # here) up to 100,000 tasks by default: about 380 MB on a long batch job, which runs some 70 tasks
 # per 1,000 images. The records serve only Ray's task listings; the newest 5,000 are kept.
@@ -37,16 +41,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_cluster_env(http_proxy: str) -> dict[str, str]:
+def serve_cluster_env(settings: ServeSettings) -> dict[str, str]:
     """The environment a Ray cluster must start with for ``serve.http_proxy`` (Serve reads it
     when its processes start): ``haproxy``: Serve's HAProxy ingress, its own metrics and stats
-    on free ports (the fixed defaults would clash between two clusters on one machine). Either
-    way X-Forwarded-For is trusted from no peer (uvicorn trusts loopback by default, and behind
-    HAProxy every peer is loopback: a client would name its own address)."""
+    on free ports (the fixed defaults would clash between two clusters on one machine), and
+    ``serve.drain_s`` as the ingress replicas' draining period. Either way X-Forwarded-For is
+    trusted from no peer (uvicorn trusts loopback by default, and behind HAProxy every peer is
+    loopback: a client would name its own address)."""
     env = {"FORWARDED_ALLOW_IPS": ""}
-    if http_proxy == "haproxy":
+    if settings.http_proxy == "haproxy":
         env.update({HAPROXY_ENV: "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-                    "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port())})
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), DRAIN_ENV: str(settings.drain_s)})
     return env
 
 

@@ -80,3 +80,24 @@ def test_local_ray_reuses_idle_workers():
     # Ray's own policy (-1: keep as many idle workers as CPUs are free, here none), which the
     # user chose: every task after a pause starts a new worker process.
     assert len(set(_child(PAUSED_TASKS, "-1", SOFT_LIMIT_VAR))) == 4
+
+
+SERVE_CONSTANTS = """
+from ray.serve._private import constants
+print([constants.RAY_SERVE_ENABLE_HA_PROXY, constants.RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S])
+"""
+
+
+@pytest.mark.parametrize("proxy, drain_s, want", [("haproxy", 2.5, [True, 2.5]), ("ray", 2.5, [False, 30.0])])
+def test_serve_cluster_env_is_what_serve_reads(proxy, drain_s, want):
+    """``serve_cluster_env``'s variables, as Ray Serve's own constants read them in a process that
+    starts with them: HAProxy on, and ``serve.drain_s`` as the ingress draining period (Ray's 30 s
+    default where the Python proxy runs, which has no such period)."""
+    from jobs.ray_cluster import serve_cluster_env
+    from twostream.core.config import ServeSettings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    env.update(serve_cluster_env(ServeSettings(http_proxy=proxy, drain_s=drain_s)))
+    done = subprocess.run([sys.executable, "-c", SERVE_CONSTANTS], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ast.literal_eval(done.stdout.strip().splitlines()[-1]) == want

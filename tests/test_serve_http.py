@@ -91,12 +91,14 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
         "limits.max_pixels=4000000",
         f"serve.port={port}", "serve.max_body_bytes=3000000", f"serve.admin_token={ADMIN}",
         f"serve.redis_url={redis.url}", "serve.redis_retry_s=5", "serve.body_timeout_s=3",
-        "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.01", *extra,
+        "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.01",
+        "serve.drain_s=1",  # no load balancer in front to wait for: the teardown's shutdown takes 1 s, not 30
+        *extra,
     ]
     config = load_config(None, overrides)
     split = config.model_copy(deep=True)
     split.serve.topology = "split"
-    env = serve_cluster_env(config.serve.http_proxy)  # the default: HAProxy in front of the replicas
+    env = serve_cluster_env(config.serve)  # the default: HAProxy in front of the replicas
     saved = {k: os.environ.get(k) for k in env}
     connect(num_cpus=2, log_to_driver=False, cluster_env=env)
     try:

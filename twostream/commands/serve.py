@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reputation state: {redact(settings.redis_url)}", flush=True)
     started = False
     try:
-        started = connect(args.address, num_cpus=args.num_cpus, cluster_env=serve_cluster_env(settings.http_proxy))
+        started = connect(args.address, num_cpus=args.num_cpus, cluster_env=serve_cluster_env(settings))
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
         url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"

@@ -129,6 +129,15 @@ class ServeSettings(_Strict):
             "to a Ray that `twostream serve` starts (a cluster's own: RAY_SERVE_ENABLE_HA_PROXY=1)"
         ),
     )
+    drain_s: float = Field(
+        30.0,
+        ge=0.0,
+        description=(
+            "http_proxy haproxy: how long an ingress replica that is told to stop (shutdown, redeploy, "
+            "scale-down) stays reachable, so that load balancers in front take it out first (Ray's "
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, its default 30); applies as http_proxy does"
+        ),
+    )
     ingress_replicas: int = Field(1, gt=0, description="replicas of the FastAPI ingress (fused: of the models too)")
     ingress_num_cpus: float = Field(
         0.0, ge=0.0, description="CPUs reserved per ingress replica (fused: beside high.num_cpus + low.num_cpus)"
