@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(1.0):
             pass
     finally:
-        print("shutting down", file=sys.stderr, flush=True)
+        draining = started and settings.http_proxy == "haproxy"  # a joined cluster drains as it was started
+        print("shutting down" + (f": the ingress replicas stay reachable for serve.drain_s={settings.drain_s:g} s "
+                                 "first" if draining else ""), file=sys.stderr, flush=True)
         try:
             serve.shutdown()
             if started:
