@@ -1,11 +1,15 @@
-"""Shared fixtures: where the offline assets are, and skipping cleanly without them."""
+"""Shared fixtures and helpers (the offline assets, the local S3 server, Ray nodes), and the run order:
+the ``own_process`` modules in child pytests beside the other tests, the ``timing`` tests last."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,53 +83,145 @@ def ray_start_node(args: list[str], temp_dir: str, env: dict, ip: str = "127.0.0
             time.sleep(0.5)
 
 
+def kill_ray_node(temp_dir: str) -> int:
+    """SIGKILL every process of the Ray node started with ``--temp-dir temp_dir`` (it is in all their
+    command lines); returns how many. Never ``ray stop``: it stops every Ray on the machine, other
+    tests' too."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if temp_dir in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules marked ``own_process`` run in a pytest process of their own. A Ray Data job driven from
 # a process that has already connected to (and left) another Ray cluster gets its actors
-# cancelled before they start ("The actor never ran"): Ray's process state does not reset. Each
-# such module is run once, whole, in a child pytest; its results are reported here, test by test.
+# cancelled before they start ("The actor never ran"): Ray's process state does not reset.
+#
+# Their child pytests (one per module, its selected tests) run one after another in a background
+# thread from the end of collection, beside this process's other tests: most of the suite leaves
+# one of two cores idle (single-threaded tests, waits on servers), and these modules keep both busy.
+# This process runs their tests after all others and reports each child's results test by test,
+# waiting for them where needed. Tests marked ``timing`` (they assert a latency or a rate) run last,
+# once no child runs beside them.
 # ---------------------------------------------------------------------------------------------
 CHILD_ENV = "TWOSTREAM_PYTEST_CHILD"
-_CHILD_RESULTS: dict[str, dict[str, tuple[str, str, float]]] = {}
+Results = dict[str, tuple[str, str, float]]
 
 
-def _run_module_in_child(item: pytest.Item) -> dict[str, tuple[str, str, float]]:
-    import subprocess
-    import sys
-    import tempfile
+def _child_results(path: Path, junit: Path, output: str) -> Results:
+    """A child's junit XML -> (outcome, text, seconds) by node id, and its output under ``__output__``."""
     import xml.etree.ElementTree as ET
 
-    path = str(item.path)
-    if path not in _CHILD_RESULTS:
+    results: Results = {}
+    if junit.exists():
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            name = f"{path.relative_to(REPO).as_posix()}::{case.get('name')}"
+            outcome, text = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                node = case.find(tag)
+                if node is not None:
+                    outcome = "skipped" if tag == "skipped" else "failed"
+                    text = (node.get("message") or "") if tag == "skipped" else (node.text or node.get("message") or "")
+            results[name] = (outcome, text, float(case.get("time") or 0.0))
+    results["__output__"] = ("failed", output, 0.0)
+    return results
+
+
+class _Children(threading.Thread):
+    """Runs each own-process module's child pytest in turn (modules in run order, with the node
+    ids selected in each); ``results(path)`` waits for that module's."""
+
+    def __init__(self, modules: dict[Path, list[str]]) -> None:
+        super().__init__(name="own-process modules", daemon=True)
+        self.modules = modules
+        self._results: dict[Path, Results] = {}
+        self._done = {path: threading.Event() for path in modules}
+        self._proc: subprocess.Popen | None = None
+        self._stopping = False
+
+    def run(self) -> None:
+        for path, nodeids in self.modules.items():
+            if not self._stopping:
+                self._results[path] = self._run(path, nodeids)
+            self._done[path].set()
+
+    def _run(self, path: Path, nodeids: list[str]) -> Results:
         with tempfile.TemporaryDirectory() as tmp:
             junit = Path(tmp) / "junit.xml"
-            done = subprocess.run(
+            self._proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                 "--rootdir", str(REPO), path],
-                cwd=REPO, env={**os.environ, CHILD_ENV: "1"}, capture_output=True, text=True,
+                 "--rootdir", str(REPO), *nodeids],
+                cwd=REPO, env={**os.environ, CHILD_ENV: "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True,
             )
-            results: dict[str, tuple[str, str, float]] = {}
-            if junit.exists():
-                for case in ET.parse(junit).getroot().iter("testcase"):
-                    name = f"{item.path.relative_to(REPO).as_posix()}::{case.get('name')}"
-                    outcome, text = "passed", ""
-                    for tag in ("failure", "error", "skipped"):
-                        node = case.find(tag)
-                        if node is not None:
-                            outcome = "skipped" if tag == "skipped" else "failed"
-                            text = (node.get("message") or "") if tag == "skipped" else (node.text or node.get("message") or "")
-                    results[name] = (outcome, text, float(case.get("time") or 0.0))
-            results["__output__"] = ("failed", done.stdout[-6000:] + done.stderr[-3000:], 0.0)
-            _CHILD_RESULTS[path] = results
-    return _CHILD_RESULTS[path]
+            output, _ = self._proc.communicate()
+            return _child_results(path, junit, output[-9000:])
+
+    def results(self, path: Path) -> Results:
+        self._done[path].wait()
+        return self._results.get(path, {"__output__": ("failed", "not run: the session ended first", 0.0)})
+
+    def stop(self) -> None:
+        """At the session's end: interrupt a child still running (pytest tears its fixtures down)."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+_CHILDREN: _Children | None = None
+
+
+def _rank(item: pytest.Item) -> int:
+    if item.get_closest_marker("own_process"):
+        return 1
+    return 2 if item.get_closest_marker("timing") else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get(CHILD_ENV):
+        items.sort(key=_rank)  # stable: modules stay whole and in their order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _CHILDREN
+    if os.environ.get(CHILD_ENV) or session.config.option.collectonly:
+        return
+    modules: dict[Path, list[str]] = {}
+    for item in session.items:
+        if item.get_closest_marker("own_process"):
+            modules.setdefault(item.path, []).append(item.nodeid)
+    if modules:
+        _CHILDREN = _Children(modules)
+        _CHILDREN.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _CHILDREN is not None:
+        _CHILDREN.stop()
 
 
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if os.environ.get(CHILD_ENV) or item.get_closest_marker("own_process") is None:
+    if os.environ.get(CHILD_ENV) or item.get_closest_marker("own_process") is None or _CHILDREN is None:
         return None
     from _pytest.reports import TestReport
 
-    results = _run_module_in_child(item)
+    results = _CHILDREN.results(item.path)
     outcome, text, duration = results.get(
         item.nodeid, ("failed", "no result from the child pytest:\n" + results["__output__"][1], 0.0))
     keywords = {k: 1 for k in item.keywords}

@@ -139,6 +139,7 @@ def test_inconsistent_state_refused():
         reputation.check_state(ok.drop_columns(["cc"]))
 
 
+@pytest.mark.timing
 def test_reduce_rate():
     """The reduce runs at >= 1M events/s on this machine (1M events, 100k sources); a loose floor
     here (CI machines vary), the figure itself comes from benchmarks/scale.py --reduce-only."""

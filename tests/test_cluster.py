@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -20,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_start_node
+from conftest import kill_ray_node, ray_start_node
 from test_score_job import SMALL, check_output, expected, make_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
@@ -41,29 +39,6 @@ def _free_port() -> int:
     from twostream.storage.local_s3 import free_port
 
     return free_port()
-
-
-def _node_pids(temp_dir: str) -> list[int]:
-    """Processes of the Ray node whose temp dir is ``temp_dir`` (it is in all their command lines)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if temp_dir in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _kill_node(temp_dir: str) -> int:
-    pids = _node_pids(temp_dir)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(pids)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +63,7 @@ def two_nodes():
         if ray.is_initialized():
             ray.shutdown()
         for temp in (worker_tmp, head_tmp):
-            _kill_node(temp)
+            kill_ray_node(temp)
             shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -148,7 +123,7 @@ def test_two_nodes_then_worker_killed_while_scoring(two_nodes, data, tmp_path):
     while job.is_alive() and time.monotonic() - started < 300:
         done = list((out / "_progress").glob("*.done")) if (out / "_progress").exists() else []
         if done and _worker_has_stream_actors(two_nodes["worker_tmp"], since):
-            killed = (len(done), _kill_node(two_nodes["worker_tmp"]))
+            killed = (len(done), kill_ray_node(two_nodes["worker_tmp"]))
             break
         time.sleep(0.2)
     job.join(timeout=600)

@@ -75,6 +75,7 @@ def test_local_ray_caps_gcs_task_records():
     assert _child(CHILD, "777", CAP_VAR) == [f"{CAP_VAR}=777"]
 
 
+@pytest.mark.timing
 def test_local_ray_reuses_idle_workers():
     assert len(set(_child(PAUSED_TASKS, None, SOFT_LIMIT_VAR))) == 1
     # Ray's own policy (-1: keep as many idle workers as CPUs are free, here none), which the

@@ -152,6 +152,7 @@ def test_weird_ids_get_reset_and_list(make_store):
     assert previous.images == 1 and gone is None and counts == (len(WEIRD_IDS) - 1, len(odd))
 
 
+@pytest.mark.timing
 def test_state_survives_a_kill_of_redis(server, make_store):
     """appendfsync always: every answered step is on disk before its answer (SIGKILL, restart)."""
     events = [(f"k{k % 3}", k % 4 != 0) for k in range(60)]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ray_start_node
+from conftest import kill_ray_node, ray_start_node
 from PIL import Image
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(600)]
@@ -162,7 +162,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, s3):
     """A local Ray head (2 CPUs) with a dashboard for `ray job submit`; stopped afterwards."""
-    ray_bin = Path(sys.executable).with_name("ray")
     temp = tmp_path_factory.mktemp("ray")
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -178,7 +177,7 @@ def ray_head(tmp_path_factory, s3):
 
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_ray_node(str(temp))  # not `ray stop`: it would stop every Ray on the machine
 
 
 @pytest.fixture(scope="module")

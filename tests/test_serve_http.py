@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.timing]  # latencies asserted
 
 ray = pytest.importorskip("ray")
 requests = pytest.importorskip("requests")

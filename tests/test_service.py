@@ -129,6 +129,7 @@ def test_multipart_parsing_keeps_binary_bytes():
     assert err.value.status == 400 and "closing boundary" in err.value.detail
 
 
+@pytest.mark.timing
 def test_multipart_limits_refuse_early():
     many = {f"f{k}": (None, b"x") for k in range(300_000)}
     body, ctype = _form({"image": ("x.png", b"img"), **many})
@@ -150,6 +151,7 @@ def test_multipart_limits_refuse_early():
     assert err.value.error == "missing_image"
 
 
+@pytest.mark.timing
 def test_read_upload_deadline_and_streamed_limits():
     settings = ServeSettings(body_timeout_s=0.3, max_body_bytes=1000)
 
