@@ -15,7 +15,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.test_audit import EXPECTED, _cfg, _write_csv_log, _write_scores
 from twostream.audit.run import run_audit
@@ -64,22 +66,25 @@ def test_report_dom_has_tables_and_png_plots(report: Path) -> None:
     assert 'id="rate-plot"' in dom and 'id="cc-plots"' in dom
 
 
-def test_report_screenshot_is_not_blank(report: Path) -> None:
-    import numpy as np
-    from PIL import Image
-
+def screenshot(report: Path, height: int, keep: str | None) -> tuple[np.ndarray, int, int]:
+    """Chromium's 1280 x ``height`` screenshot of ``report`` (copied to ``keep`` when set), checked
+    not blank: many distinct colours, 3-70% non-white. Returns its pixels (N x 3) and how many are
+    the plots' blue (CC lines, bars) and red (thresholds, rejection rates)."""
     shot = report.parent / "report.png"
-    proc = _chromium(report.parent, f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri())
+    proc = _chromium(report.parent, f"--screenshot={shot}", f"--window-size=1280,{height}", report.as_uri())
     assert shot.is_file(), proc.stderr[-2000:]
     image = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("RGB"))
-    assert image.shape[:2] == (2000, 1280)
-    # not blank: many distinct colours, and the plots' colours are there (CC line blue, threshold red)
+    assert image.shape[:2] == (height, 1280)
+    if keep:
+        shutil.copyfile(shot, keep)
     flat = image.reshape(-1, 3)
     assert len(np.unique(flat, axis=0)) > 200
-    white = (flat > 245).all(axis=1).mean()
-    assert 0.3 < white < 0.97
+    assert 0.3 < (flat > 245).all(axis=1).mean() < 0.97
     blue = ((flat[:, 2] > 120) & (flat[:, 0] < 80) & (flat[:, 1] < 120)).sum()
     red = ((flat[:, 0] > 200) & (flat[:, 1] < 110) & (flat[:, 2] < 110)).sum()
+    return flat, int(blue), int(red)
+
+
+def test_report_screenshot_is_not_blank(report: Path) -> None:
+    _, blue, red = screenshot(report, 2000, SCREENSHOT_COPY)
     assert blue > 500 and red > 200
-    if SCREENSHOT_COPY:
-        shutil.copyfile(shot, SCREENSHOT_COPY)

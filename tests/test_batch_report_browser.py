@@ -10,15 +10,14 @@ screenshot (the README shows it).
 from __future__ import annotations
 
 import base64
-import io
 import os
 import re
-import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.test_audit_report_browser import CHROMIUM, _chromium
+from tests.test_audit_report_browser import CHROMIUM, _chromium, screenshot
 from tests.test_batch_report import check_tables, expected, write_run
 from twostream.batch.report import write_batch_report
 
@@ -50,21 +49,7 @@ def test_dom_has_the_tables_and_png_plots(report: Path) -> None:
 
 
 def test_screenshot_is_not_blank(report: Path) -> None:
-    import numpy as np
-    from PIL import Image
-
-    shot = report.parent / "report.png"
-    proc = _chromium(report.parent, f"--screenshot={shot}", "--window-size=1280,2200", report.as_uri())
-    assert shot.is_file(), proc.stderr[-2000:]
-    image = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("RGB"))
-    assert image.shape[:2] == (2200, 1280)
-    flat = image.reshape(-1, 3)
-    assert len(np.unique(flat, axis=0)) > 200
-    assert 0.3 < (flat > 245).all(axis=1).mean() < 0.97
-    # the plots' colours: CC lines and bars blue, threshold and rejection rate red, red table rows
-    blue = ((flat[:, 2] > 120) & (flat[:, 0] < 80) & (flat[:, 1] < 120)).sum()
-    red = ((flat[:, 0] > 200) & (flat[:, 1] < 110) & (flat[:, 2] < 110)).sum()
+    flat, blue, red = screenshot(report, 2200, SCREENSHOT_COPY)
+    # the red table rows' pink, besides the plots' blue and red
     pink = ((flat[:, 0] > 245) & (np.abs(flat[:, 1].astype(int) - 232) < 4) & (np.abs(flat[:, 2].astype(int) - 232) < 4)).sum()
     assert blue > 500 and red > 200 and pink > 500
-    if SCREENSHOT_COPY:
-        shutil.copyfile(shot, SCREENSHOT_COPY)
