@@ -4,6 +4,7 @@ the ``own_process`` modules in child pytests beside the other tests, the ``timin
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,13 +86,14 @@ def ray_start_node(args: list[str], temp_dir: str, env: dict, ip: str = "127.0.0
 
 def kill_ray_node(temp_dir: str) -> int:
     """SIGKILL every process of the Ray node started with ``--temp-dir temp_dir`` (it is in all their
-    command lines); returns how many. Never ``ray stop``: it stops every Ray on the machine, other
-    tests' too."""
+    command lines, as a whole path or a path's folder); returns how many. Never ``ray stop``: it
+    stops every Ray on the machine, other tests' too."""
+    pattern = re.compile(re.escape(os.fsencode(temp_dir)) + rb"(/|\0|$)")  # not /tmp/ray1 for /tmp/ray10
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if temp_dir in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if pattern.search((entry / "cmdline").read_bytes()):
                     pids.append(int(entry.name))
             except OSError:
                 continue
