@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -190,6 +194,60 @@ def test_state_survives_a_kill_of_redis(server, make_store):
 
     assert run(after()) == rows and len(rows) == 3
 
+
+STARTER = """
+import sys, time
+from twostream.online.redis_server import EmbeddedRedis
+redis = EmbeddedRedis(sys.argv[1], appendfsync="always")
+redis.start()
+print(redis.port, redis.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
+    """The process has exited (or is a zombie no one reaped) within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_server_never_outlives_the_process_that_started_it(tmp_path):
+    """SIGKILL of the process that started the server (no cleanup runs): the server stops too,
+    having written what it answered; the next server on the directory finds it."""
+    import redis as redis_py
+
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    port, pid = map(int, starter.stdout.readline().split())
+    redis_py.Redis(port=port).set("kept", "yes")
+    starter.kill()
+    starter.wait()
+    assert _gone(pid, 10), "redis-server outlived the process that started it"
+    with EmbeddedRedis(tmp_path) as again:
+        assert redis_py.Redis(port=again.port).get("kept") == b"yes"
+
+
+def test_the_server_itself_holds_the_directory(tmp_path):
+    """The directory's lock is the server's too: while it runs, a second one is refused, even
+    after the starting process has let go of its own hold."""
+    first = EmbeddedRedis(tmp_path)
+    first.start()
+    try:
+        os.close(first._lock)  # as if the starting process had gone
+        first._lock = None
+        with pytest.raises(RuntimeError, match="in use by another embedded redis-server"):
+            EmbeddedRedis(tmp_path).start()
+    finally:
+        first.stop()
+    with EmbeddedRedis(tmp_path):  # free once the server has stopped
+        pass
 
 def _batch_sources(tmp_path) -> pa.Table:
     """A sources folder as a batch run leaves it: the replay's states (and error counts) through

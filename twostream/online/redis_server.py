@@ -7,24 +7,30 @@ fsyncs once a second: a kill of Redis loses nothing answered, a crash of the mac
 kernel) at most the last second or two (Redis postpones writes up to 2 s while a slow disk is
 still syncing). ``always`` fsyncs each step before it is answered: nothing answered is lost, at
 a cost per request (the tests use it). A graceful stop (SIGTERM) loses nothing. The next start
-on the same directory reloads the file.
+on the same directory reloads the file. The server never outlives the process that started it
+(Linux: it gets SIGTERM when that process dies, even by SIGKILL), and holds the directory's lock
+while it runs, so two servers never share one append-only file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 log = logging.getLogger("twostream.redis")
 
 DEFAULT_DIR = Path("~/.cache/twostream/redis").expanduser()
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def free_port() -> int:
@@ -34,8 +40,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is loaded after fork
+    return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _terminate_with_parent() -> None:
+    """In the forked child, before exec (Linux): SIGTERM when the thread that started it ends,
+    which :class:`EmbeddedRedis` expects to be the process's main thread."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmbeddedRedis:
-    """A ``redis-server`` child process on ``127.0.0.1`` (no password: loopback only)."""
+    """A ``redis-server`` child process on ``127.0.0.1`` (no password: loopback only). Start it from
+    the main thread: the server is stopped when the thread that started it ends."""
 
     def __init__(
         self,
@@ -71,7 +94,10 @@ class EmbeddedRedis:
             "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", self.appendfsync,
             "--save", "", "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # the server holds the directory's lock too, and gets SIGTERM when this process dies, however
+        # it dies: a server left behind would share the append-only file with the next one
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        pass_fds=(self._lock,), preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + timeout_s
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
