@@ -89,11 +89,14 @@ def serve_answers(images, tmp_path_factory) -> dict[str, tuple[int, dict]]:
     _, files = images
     port = free_port()
     redis_dir = tmp_path_factory.mktemp("identity-redis")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twostream.cli", "serve", "--port", str(port), "--num-cpus", "2",
-         "--set", f"serve.redis_dir={redis_dir}", "--set", "serve.drain_s=1"],  # stops in 1 s, not 30
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    # to a file, not a pipe: a pipe nobody reads while serving fills up and blocks the server
+    log = redis_dir.parent / "identity-serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "twostream.cli", "serve", "--port", str(port), "--num-cpus", "2",
+             "--set", f"serve.redis_dir={redis_dir}", "--set", "serve.drain_s=1"],  # stops in 1 s, not 30
+            cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -104,7 +107,7 @@ def serve_answers(images, tmp_path_factory) -> dict[str, tuple[int, dict]]:
             except requests.RequestException:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"twostream serve did not come up: {proc.stdout.read()[-3000:]}")
+                raise RuntimeError(f"twostream serve did not come up: {log.read_text()[-3000:]}")
             time.sleep(0.5)
         answers = {}
         for name, data in files.items():
