@@ -249,6 +249,7 @@ def test_the_server_itself_holds_the_directory(tmp_path):
     with EmbeddedRedis(tmp_path):  # free once the server has stopped
         pass
 
+
 def _batch_sources(tmp_path) -> pa.Table:
     """A sources folder as a batch run leaves it: the replay's states (and error counts) through
     the shared writer, sorted by source, in two parts."""

@@ -14,23 +14,19 @@ while it runs, so two servers never share one append-only file.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fcntl
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 log = logging.getLogger("twostream.redis")
 
 DEFAULT_DIR = Path("~/.cache/twostream/redis").expanduser()
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def free_port() -> int:
@@ -40,20 +36,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _libc_prctl() -> Callable[..., int] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is loaded after fork
-    return None
-
-
-_PRCTL = _libc_prctl()
-
-
-def _terminate_with_parent() -> None:
-    """In the forked child, before exec (Linux): SIGTERM when the thread that started it ends,
-    which :class:`EmbeddedRedis` expects to be the process's main thread."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _terminated_with_parent(args: list[str]) -> list[str]:
+    """``args`` run through util-linux's ``setpriv --pdeathsig TERM`` where it exists (Linux): the
+    server then gets SIGTERM when the thread that started it ends, however it ends. setpriv sets
+    that before it execs the server, so no Python runs between fork and exec (``preexec_fn`` is
+    unsafe in a process with threads). Elsewhere the server runs as it is."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *args] if setpriv else args
 
 
 class EmbeddedRedis:
@@ -96,8 +85,8 @@ class EmbeddedRedis:
         ]
         # the server holds the directory's lock too, and gets SIGTERM when this process dies, however
         # it dies: a server left behind would share the append-only file with the next one
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        pass_fds=(self._lock,), preexec_fn=_terminate_with_parent)
+        self.process = subprocess.Popen(_terminated_with_parent(args), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, pass_fds=(self._lock,))
         deadline = time.monotonic() + timeout_s
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
