@@ -14,12 +14,18 @@ extra ones ignored):
 - ``source`` (or ``source_id``, ``ip``): who sent it (the uploader's IP in the paper); default
   ``unknown``.
 - ``timestamp`` (or ``ts``, ``time``): upload time, seconds (a number) or ISO-8601; an ISO time
-  without a zone is UTC, whatever the host's time zone. Default 0.
+  without a zone is UTC, whatever the host's time zone. Default 0. Read and range-checked by
+  :mod:`twostream.core.timestamps` (1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z; a likely
+  millisecond epoch is said so).
+
+Image ids and sources are text or integers (JSON Lines; Parquet: string or integer columns), at
+most :data:`MAX_TEXT_CHARS` characters, without control characters (:func:`identity_text`); a
+JSON Lines row gives each key once.
 
 An input matches a row by ``key`` when that column has values, else by ``uri``, else by
 ``image_id == key``. Checks, each failure a :class:`ManifestError` naming its rows (``line N``,
-1-based, for CSV and JSON Lines; ``row N`` for Parquet): unreadable rows, an unparseable or
-non-finite timestamp, a row without an image id, the same image id (or key, or URI when rows
+1-based, for CSV and JSON Lines; ``row N`` for Parquet): unreadable rows (invalid JSON or UTF-8, a key given twice), a timestamp
+not read or outside the range, an id or source of the wrong type, a row without an image id, the same image id (or key, or URI when rows
 match by it) on two rows, one row matching two inputs. Rows that match no input are counted and
 listed in the job's summary (:func:`match`). The table stays columnar (pyarrow): millions of
 rows cost tens of MB.
@@ -29,10 +35,9 @@ from __future__ import annotations
 
 import io
 import json
-import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +46,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from twostream import storage
+from twostream.core.timestamps import (TimestampError, accepted, as_text, parse_timestamp, problem, seconds_array,
+                                       show, value_at)
 
 UNKNOWN_SOURCE = "unknown"
 UNMATCHED_LISTED = 20  # unmatched manifest rows named in the summary
@@ -67,40 +74,49 @@ class ManifestError(ValueError):
     """The manifest cannot be read, or a row of it is wrong; the message names the row."""
 
 
-def parse_timestamp(value: object) -> float:
-    """Seconds (a number or numeric text) or ISO-8601 text (no zone = UTC) -> float seconds;
-    raises ``ValueError`` saying why."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+MAX_TEXT_CHARS = 1024  # longest image id or source accepted (a manifest's or a sidecar's)
+_CONTROL = r"[\x00-\x1f\x7f]"  # C0 controls and DEL: refused in image ids and sources
+_CONTROL_RE = re.compile(_CONTROL)
+
+
+def identity_text(name: str, value: object) -> str:
+    """An image id or source (``name``) from a manifest or sidecar -> its text; raises
+    ``ValueError`` saying what is wrong. Text or an integer (as its decimal digits) only; no
+    control characters, no lone surrogates, at most :data:`MAX_TEXT_CHARS` characters."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value) if abs(value) < 10 ** MAX_TEXT_CHARS else "9" * (MAX_TEXT_CHARS + 1)
+    elif isinstance(value, str):
+        text = value
     else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            try:
-                stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
-            except ValueError:
-                raise ValueError(f"timestamp {value!r} is neither seconds nor ISO-8601") from None
-            if stamp.tzinfo is None:
-                stamp = stamp.replace(tzinfo=timezone.utc)
-            seconds = stamp.timestamp()
-    if not math.isfinite(seconds):
-        raise ValueError(f"timestamp {value!r} is not a finite number")
-    return seconds
+        kind = {bool: "a boolean", float: "a number with a fraction", list: "a list", dict: "an object"}
+        raise ValueError(f"{name} {show(value)} is {kind.get(type(value), type(value).__name__)}, "
+                         "not text or an integer")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{name} {show(value)} is {len(text):,} characters long (at most {MAX_TEXT_CHARS:,})")
+    bad = _CONTROL_RE.search(text)
+    if bad:
+        raise ValueError(f"{name} {show(value)} holds the control character U+{ord(bad.group()):04X}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} {show(value)} holds a lone surrogate "
+                         f"U+{ord(text[exc.start]):04X} (not valid Unicode)") from None
+    return text
 
 
 def _to_seconds(column: pa.ChunkedArray, where: list[str]) -> pa.Array:
-    if pa.types.is_timestamp(column.type):  # a naive Arrow timestamp holds UTC wall time
-        return pc.divide(pc.cast(column.cast(pa.timestamp("us")), pa.int64()), 1e6)
-    values = []
-    for k, value in enumerate(column.to_pylist()):
-        if value is None or value == "":
-            values.append(0.0)
-            continue
-        try:
-            values.append(parse_timestamp(value))
-        except ValueError as exc:
-            raise ManifestError(f"manifest {where[k]}: {exc}") from None
+    """A timestamp column -> float seconds (missing: 0); the first refused value raises naming its row."""
+    seconds = seconds_array(column)
+    values = seconds.to_numpy(zero_copy_only=False).astype(np.float64)
+    text = as_text(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+    missing = np.asarray(pc.fill_null(pc.equal(text, ""), True))
+    refused = np.flatnonzero(~accepted(values) & ~missing)
+    if len(refused):
+        k = int(refused[0])
+        chunk = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        more = f" (and {len(refused) - 1} more such rows)" if len(refused) > 1 else ""
+        raise ManifestError(f"manifest {where[k]}: {problem(value_at(chunk, k), seconds[k].as_py())}{more}")
+    values[missing] = 0.0
     return pa.array(values, pa.float64())
 
 
@@ -126,6 +142,11 @@ def normalise(table: pa.Table, lines: Sequence[int] | None = None, unit: str = "
     line = list(lines) if lines is not None else list(range(1, n + 1))
     where = [f"{unit} {k}" for k in line]
     lower = {name.lower().strip(): name for name in table.column_names}
+    known = [name for name in table.column_names if any(name.lower().strip() in a for a in _ALIASES.values())]
+    twice = sorted({name.lower().strip() for name in known if len(table.schema.get_all_field_indices(name)) > 1
+                    or sum(k.lower().strip() == name.lower().strip() for k in known) > 1})
+    if twice:
+        raise ManifestError(f"manifest has the column {twice[0]!r} more than once (columns are {table.column_names})")
     columns = {}
     for target, aliases in _ALIASES.items():
         found = next((lower[a] for a in aliases if a in lower), None)
@@ -136,7 +157,7 @@ def normalise(table: pa.Table, lines: Sequence[int] | None = None, unit: str = "
         columns["image_id"] = columns["key"]
 
     def text(name: str) -> pa.ChunkedArray | pa.Array:
-        return pc.cast(columns[name], pa.string()) if columns[name] is not None else pa.nulls(n, pa.string())
+        return _text_column(name, columns[name], where) if columns[name] is not None else pa.nulls(n, pa.string())
 
     out = {
         "image_id": text("image_id"),
@@ -149,6 +170,8 @@ def normalise(table: pa.Table, lines: Sequence[int] | None = None, unit: str = "
         "line": pa.array(line, pa.int64()),
     }
     result = pa.table(out, schema=SCHEMA.with_metadata({"unit": unit}))
+    for name in ("image_id", "source"):
+        _check_identity(name, result.column(name), where)
     ids = result.column("image_id").to_pylist()
     missing = [where[k] for k, v in enumerate(ids) if v is None or v == ""]
     if missing:
@@ -161,24 +184,112 @@ def normalise(table: pa.Table, lines: Sequence[int] | None = None, unit: str = "
     return result
 
 
+def _text_column(name: str, column: pa.ChunkedArray, where: list[str]) -> pa.Array:
+    """A manifest column of text or integers -> strings; any other type is refused naming a row."""
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind) \
+            or pa.types.is_null(kind):
+        return pc.cast(column, pa.string())
+    valid = np.flatnonzero(np.asarray(pc.is_valid(column)))
+    at = where[int(valid[0])] if len(valid) else where[0] if where else "row 1"
+    raise ManifestError(f"manifest {at}: column {name} holds {kind} values, not text or integers")
+
+
+def _check_identity(name: str, column: pa.ChunkedArray, where: list[str]) -> None:
+    """Refuse, naming the first such row, an image id or source with a control character or
+    longer than :data:`MAX_TEXT_CHARS` (:func:`identity_text` words why)."""
+    bad = pc.or_(pc.match_substring_regex(column, _CONTROL), pc.greater(pc.utf8_length(column), MAX_TEXT_CHARS))
+    rows = np.flatnonzero(np.asarray(pc.fill_null(bad, False)))
+    if len(rows):
+        k = int(rows[0])
+        more = f" (and {len(rows) - 1} more such rows)" if len(rows) > 1 else ""
+        try:
+            identity_text(name, column[k].as_py())
+        except ValueError as exc:
+            raise ManifestError(f"manifest {where[k]}: {exc}{more}") from None
+
+
+class _Object(dict):
+    """A JSON object that remembers keys given twice (json.loads keeps the last silently)."""
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__(pairs)
+        self.repeated = [key for k, (key, _) in enumerate(pairs) if any(key == other for other, _ in pairs[:k])]
+
+
+def load_object(data: bytes | str) -> dict:
+    """JSON text that must be one object, with no key given twice -> the object; raises
+    ``ValueError`` saying what is wrong (invalid JSON or UTF-8, nesting too deep, another type)."""
+    try:
+        value = json.loads(data, object_pairs_hook=_Object)
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object (a JSON {type(value).__name__})")
+    if value.repeated:
+        raise ValueError(f"the key {value.repeated[0]!r} is given more than once")
+    return value
+
+
+_FIELD_OF = {alias: target for target, aliases in _ALIASES.items() for alias in aliases}
+
+
+def _jsonl_value(field: str, value: object) -> object:
+    """One JSON value of a known manifest column -> what its column holds; ValueError if refused."""
+    if value is None or value == "":
+        return None
+    if field == "timestamp":
+        return parse_timestamp(value)
+    if field in ("image_id", "source"):
+        return identity_text(field, value)
+    if not isinstance(value, str):
+        raise ValueError(f"{field} {show(value)} is not text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} {show(value)} holds a lone surrogate U+{ord(value[exc.start]):04X}") from None
+    return value
+
+
 def _read_jsonl(data: bytes) -> tuple[pa.Table, list[int]]:
-    """JSON Lines -> a table of text columns (blank lines skipped) and each row's line number."""
+    """JSON Lines -> a table of the known columns (blank lines skipped; timestamps as seconds,
+    the rest as text) and each row's line number; a refused value names its line."""
     rows, lines = [], []
     for number, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw)
+            obj = load_object(raw)
         except ValueError as exc:
-            raise ManifestError(f"manifest line {number}: not valid JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise ManifestError(f"manifest line {number}: not a JSON object")
+            raise ManifestError(f"manifest line {number}: {exc}") from None
+        keys = [k for k in obj if k.lower().strip() in _FIELD_OF]
+        same = [k for k in keys if sum(o.lower().strip() == k.lower().strip() for o in keys) > 1]
+        if same:
+            raise ManifestError(f"manifest line {number}: the columns {', '.join(map(repr, same))} are one column")
+        row = {}
+        for key in keys:
+            try:
+                row[key] = _jsonl_value(_FIELD_OF[key.lower().strip()], obj[key])
+            except ValueError as exc:
+                raise ManifestError(f"manifest line {number}: {exc}") from None
         rows.append(row)
         lines.append(number)
     names = sorted({k for r in rows for k in r})
-    columns = {name: pa.array([None if r.get(name) is None else str(r[name]) for r in rows], pa.string())
+    columns = {name: pa.array([r.get(name) for r in rows],
+                              pa.float64() if _FIELD_OF[name.lower().strip()] == "timestamp" else pa.string())
                for name in names}
-    return pa.table(columns), lines
+    return pa.table(columns) if columns else pa.table({"_": pa.nulls(len(rows))}), lines
+
+
+def _utf8_line(data: bytes) -> None:
+    """Refuse text that is not UTF-8, naming its first such line."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"manifest line {line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def read_manifest(uri: str) -> tuple[pa.Table, str]:
@@ -192,16 +303,18 @@ def read_manifest(uri: str) -> tuple[pa.Table, str]:
         if name.endswith((".parquet", ".pq")):
             return normalise(pq.read_table(io.BytesIO(data)), unit="row"), digest
         if name.endswith((".jsonl", ".ndjson", ".json")):
+            _utf8_line(data)
             table, lines = _read_jsonl(data)
             return normalise(table, lines), digest
         if name.endswith((".csv", ".tsv")):
+            _utf8_line(data)
             text_columns = [a for aliases in _ALIASES.values() for a in aliases]
             options = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",", ignore_empty_lines=False)
             table = pacsv.read_csv(io.BytesIO(data), parse_options=options,
                                    convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns}))
             # one row per line (a quoted newline is a parse error by default); line 1 is the header
             return normalise(table, range(2, table.num_rows + 2)), digest
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise ManifestError(f"cannot parse manifest {uri}: {exc}") from None
     raise ManifestError(f"unknown manifest format for {uri!r} (use .csv, .jsonl or .parquet)")
 
