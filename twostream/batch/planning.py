@@ -49,7 +49,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from twostream import storage
-from twostream.batch.manifest import UNKNOWN_SOURCE, Match, Matcher, parse_timestamp
+from twostream.batch.manifest import UNKNOWN_SOURCE, Match, Matcher, identity_text, load_object
+from twostream.core.timestamps import parse_timestamp
 
 TAR_SUFFIXES = (".tar",)
 SIDECAR_SUFFIX = ".json"
@@ -519,13 +520,12 @@ def work_units(shards: Sequence[Shard], rows_per_task: int) -> list[Shard]:
 # Reading
 # ---------------------------------------------------------------------------------------------
 def _parse_sidecar(data: bytes, name: str) -> tuple[dict[str, Any], str | None]:
+    """A sidecar's bytes -> (its JSON object, None), or ({}, why not: invalid JSON or UTF-8,
+    nested too deeply, not an object, a key given twice)."""
     try:
-        meta = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return {}, f"sidecar {name} is not valid JSON: {exc}"
-    if not isinstance(meta, dict):
-        return {}, f"sidecar {name} is not a JSON object"
-    return meta, None
+        return load_object(data), None
+    except ValueError as exc:
+        return {}, f"sidecar {name} is {exc}" if str(exc).startswith("not ") else f"sidecar {name}: {exc}"
 
 
 def _read_range(handle, offset: int, size: int) -> bytes:
@@ -581,20 +581,40 @@ def _read_entry(entry: Entry, tar, max_bytes: int) -> tuple[bytes, dict, str | N
     return data, meta, None
 
 
+def _sidecar_text(meta: dict, names: tuple[str, ...], problems: list[str]) -> str | None:
+    """The first of ``names`` the sidecar gives (not null or empty), checked; None if none is
+    given or it is refused (the reason appended to ``problems``)."""
+    for name in names:
+        value = meta.get(name)
+        if value is None or value == "":
+            continue
+        try:
+            return identity_text(name, value)
+        except ValueError as exc:
+            problems.append(str(exc))
+            return None
+    return None
+
+
 def attach_identity(row: dict) -> dict:
     """Set ``image_id``, ``source`` and ``timestamp``: the manifest's, else the sidecar's, else
-    key/``unknown``/0. A sidecar timestamp that does not parse makes the row an error."""
+    key/``unknown``/0. A sidecar value refused (:func:`~twostream.batch.manifest.identity_text`,
+    :func:`~twostream.core.timestamps.parse_timestamp`) makes the row an error saying why; the
+    other fields keep their values. Never raises, whatever the sidecar holds."""
     if row["ident"] is not None:
         row["image_id"], row["source"], row["timestamp"] = row["ident"][0], row["ident"][1], float(row["ident"][2])
         return row
-    meta = row["meta"]
-    row["image_id"] = str(meta.get("image_id") or meta.get("id") or row["key"])
-    row["source"] = str(meta.get("source") or meta.get("source_id") or UNKNOWN_SOURCE)
+    meta = row["meta"] if isinstance(row["meta"], dict) else {}
+    problems: list[str] = []
+    row["image_id"] = _sidecar_text(meta, ("image_id", "id"), problems) or row["key"]
+    row["source"] = _sidecar_text(meta, ("source", "source_id"), problems) or UNKNOWN_SOURCE
     row["timestamp"] = 0.0
     stamp = meta.get("timestamp")
-    if stamp not in (None, ""):
+    if stamp is not None and stamp != "":
         try:
             row["timestamp"] = parse_timestamp(stamp)
         except ValueError as exc:
-            row["read_error"] = row["read_error"] or f"sidecar: {exc}"
+            problems.append(str(exc))
+    if problems:
+        row["read_error"] = row["read_error"] or "sidecar: " + "; ".join(problems)
     return row
