@@ -20,7 +20,6 @@ import io
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Literal
 
 import numpy as np
@@ -33,6 +32,8 @@ from pydantic import BaseModel, ConfigDict
 
 from twostream import storage
 from twostream.core.config import ConfigError
+from twostream.core.jsontext import load_object
+from twostream.core.timestamps import CLF_FORMAT, accepted, as_text, problem, seconds_array, value_at
 
 LOG_FORMATS = ("csv", "tsv", "jsonl", "parquet", "clf")
 
@@ -116,71 +117,25 @@ def parse_mapping(pairs: Sequence[str]) -> ColumnMapping:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timestamps
+# Timestamps: read by twostream.core.timestamps, the product's one definition
 # ---------------------------------------------------------------------------------------------
-_NUMERIC = r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$"
-_CLF_TIME = "%d/%b/%Y:%H:%M:%S %z"
-_UNIT_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-
-
-def _iso_to_epoch(text: str) -> float | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
-    except ValueError:
-        try:  # common log format, parsed by hand when pyarrow's strptime did not take it
-            value = datetime.strptime(text, _CLF_TIME)
-        except ValueError:
-            return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()
+_CLF_TIME = CLF_FORMAT
 
 
 def parse_timestamps(column: pa.Array | pa.ChunkedArray, unit: str = "s") -> pa.Array:
-    """Any log timestamp column -> float64 UTC epoch seconds (null where unparseable).
+    """Any log timestamp column -> float64 UTC epoch seconds (null where unparseable; the range is
+    checked by :func:`check_chunk`): :func:`twostream.core.timestamps.seconds_array`.
 
     Accepts Arrow timestamps (naive ones are UTC), numbers (epoch in ``unit``), and strings:
     epoch numbers, ISO-8601 (``Z``/offsets; naive = UTC) and common log format
     (``10/Oct/2000:13:55:36 -0700``, with or without brackets).
     """
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_timestamp(column.type):
-        return pc.divide(pc.cast(column.cast(pa.timestamp("us", tz=column.type.tz)), pa.int64()), 1e6)
-    if pa.types.is_date(column.type):
-        return parse_timestamps(pc.cast(column, pa.timestamp("s")))
-    if pa.types.is_boolean(column.type):
-        return pa.nulls(len(column), pa.float64())
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-        return pc.multiply(pc.cast(column, pa.float64()), _UNIT_SCALE[unit])
-    text = pc.utf8_trim(pc.cast(column, pa.string()), "[] \t\"")
-    numeric = pc.fill_null(pc.match_substring_regex(text, _NUMERIC), False)
-    numbers = pc.multiply(pc.cast(pc.if_else(numeric, text, None), pa.float64()), _UNIT_SCALE[unit])
-    clf = pc.divide(
-        pc.cast(pc.strptime(text, format=_CLF_TIME, unit="s", error_is_null=True), pa.int64()), 1.0
-    )
-    out = pc.coalesce(numbers, clf)
-    rest = pc.and_(pc.is_null(out), pc.is_valid(text))
-    if pc.any(rest).as_py():
-        return _parse_iso_rest(out, text, np.flatnonzero(np.asarray(rest)))
-    return out
+    return seconds_array(column, unit)
 
 
-def _parse_iso_rest(out: pa.Array, text: pa.Array, idx: np.ndarray) -> pa.Array:
-    """``out`` with the rows ``idx`` (not numbers, not CLF) parsed as ISO-8601, each distinct text once."""
-    values = out.to_numpy(zero_copy_only=False).astype(np.float64)
-    valid = ~np.asarray(pc.is_null(out))
-    pending = pc.take(text, pa.array(idx))
-    parsed = {s: _iso_to_epoch(s) for s in pc.unique(pending).to_pylist()}
-    for k, s in zip(idx, pending.to_pylist()):
-        v = parsed[s]
-        if v is not None:
-            values[k] = v
-            valid[k] = True
-    return pa.array(values, pa.float64(), mask=~valid)
+def unit_advice(unit: str) -> str:
+    """What to pass to read numbers in ``unit`` (added to a "looks like milliseconds" bad line)."""
+    return f" (read it with --map timestamp_unit={unit})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,17 +255,21 @@ def _decode(raw: bytes) -> str:
 
 
 def _mapped(table: pa.Table, cols: dict[str, str | None]) -> dict[str, pa.Array | None]:
+    """The audit's fields of a block: the timestamp column as it is (nested values as JSON text),
+    the others as strings (:func:`~twostream.core.timestamps.as_text`: never raises)."""
     out: dict[str, pa.Array | None] = {}
     for name in ("timestamp", "source", "image", "user_agent"):
         col = cols[name]
         if col is None or col not in table.column_names:
             out[name] = None if name == "user_agent" else pa.nulls(table.num_rows, pa.string())
             continue
-        arr = table.column(col).combine_chunks()
-        if name != "timestamp":
-            if pa.types.is_nested(arr.type):
-                arr = pa.array([json.dumps(v) if v is not None else None for v in arr.to_pylist()], pa.string())
-            arr = pc.cast(arr, pa.string())
+        column = table.column(col)
+        arr = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if name != "timestamp" or pa.types.is_nested(arr.type) or pa.types.is_binary(arr.type) \
+                or pa.types.is_large_binary(arr.type):
+            arr = as_text(arr)
         out[name] = arr
     return out
 
@@ -546,14 +505,12 @@ def _jsonl_line_by_line(lines: list[bytes], numbers: np.ndarray) -> tuple[pa.Tab
     rows, ok, bad = [], [], []
     for k, ln in enumerate(lines):
         try:
-            obj = json.loads(ln)
-            if not isinstance(obj, dict):
-                raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            obj = load_object(ln)
         except ValueError as exc:
             bad.append(BadLine(int(numbers[k]), "unparseable line", f"invalid JSON: {exc}"[:200], _decode(ln)))
             continue
-        rows.append({key: (v if v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
-                           else v if isinstance(v, str) else json.dumps(v))
+        rows.append({_unicode(key): (v if v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     else _unicode(v) if isinstance(v, str) else json.dumps(v))
                      for key, v in obj.items()})
         ok.append(k)
     data = {}
@@ -563,10 +520,19 @@ def _jsonl_line_by_line(lines: list[bytes], numbers: np.ndarray) -> tuple[pa.Tab
             values = [None if v is None else str(v) for v in values]
         try:
             data[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # e.g. an integer beyond int64
             data[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
     table = pa.table(data) if data else pa.table({"_": pa.nulls(len(rows))})
     return table, np.array(ok, dtype=np.int64), bad
+
+
+def _unicode(text: str) -> str:
+    """``text`` with lone surrogates (valid JSON escapes, not Unicode) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 # ---- common / combined log format ----
@@ -607,35 +573,47 @@ def check_chunk(chunk: LogChunk, lookup: Callable[[pa.Array], np.ndarray], unit:
     """Parse timestamps, trim names and resolve image keys (``lookup``: key -> row, -1 unknown).
 
     A record failing several checks is listed under the first: missing image key, unknown
-    image key, missing source, missing timestamp, unparseable timestamp.
+    image key, missing source, missing timestamp, unparseable timestamp (not read, or not
+    finite), timestamp out of range (outside :mod:`twostream.core.timestamps`' range; the detail
+    says why, and when the number looks like milli-, micro- or nanoseconds, which
+    ``--map timestamp_unit=`` reads it).
     """
     n = len(chunk.line)
     if n == 0:
         return Records(chunk.line, np.zeros(0), pa.array([], pa.string()), np.zeros(0, np.int64), None,
                        sorted(chunk.bad, key=lambda b: b.line))
-    ts = parse_timestamps(chunk.timestamp, unit).to_numpy(zero_copy_only=False).astype(np.float64)
+    seconds = parse_timestamps(chunk.timestamp, unit)
+    ts = seconds.to_numpy(zero_copy_only=False).astype(np.float64)
     src = pc.utf8_trim_whitespace(chunk.source)
     img = pc.utf8_trim_whitespace(chunk.image)
-    ts_text = pc.cast(chunk.timestamp, pa.string())
+    ts_text = as_text(chunk.timestamp)
     empty_src = np.asarray(pc.fill_null(pc.equal(src, ""), True))
     empty_img = np.asarray(pc.fill_null(pc.equal(img, ""), True))
     ts_missing = np.asarray(pc.is_null(chunk.timestamp)) | np.asarray(
         pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ts_text), ""), False))
     found = lookup(img)
+
+    def out_of_range(rows: np.ndarray) -> list[str]:
+        return [problem(value_at(chunk.timestamp, int(k)), float(ts[k]), unit, unit_advice) for k in rows]
+
+    def text_of(column: pa.Array) -> Callable[[np.ndarray], list[str]]:
+        return lambda rows: [str(v)[:200] for v in pc.take(column, pa.array(rows)).to_pylist()]
+
     reasons = np.full(n, None, dtype=object)
     details = np.full(n, "", dtype=object)
     for mask, reason, detail in (
         (empty_img, "missing image key", None),
-        (found < 0, "unknown image key", img),
+        (found < 0, "unknown image key", text_of(img)),
         (empty_src, "missing source", None),
         (ts_missing, "missing timestamp", None),
-        (~np.isfinite(ts), "unparseable timestamp", ts_text),
+        (~np.isfinite(ts), "unparseable timestamp", text_of(ts_text)),
+        (~accepted(ts), "timestamp out of range", out_of_range),
     ):
         sel = mask & (reasons == None)  # noqa: E711
         if sel.any():
             reasons[sel] = reason
             if detail is not None:
-                details[sel] = [str(v)[:200] for v in pc.take(detail, pa.array(np.flatnonzero(sel))).to_pylist()]
+                details[sel] = detail(np.flatnonzero(sel))
     bad = chunk.bad + [BadLine(int(chunk.line[k]), reasons[k], details[k], chunk.raw(int(k)))
                        for k in np.flatnonzero(reasons != None)]  # noqa: E711
     good = np.flatnonzero(reasons == None)  # noqa: E711

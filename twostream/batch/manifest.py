@@ -34,7 +34,6 @@ rows cost tens of MB.
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from twostream import storage
+from twostream.core.jsontext import load_object
 from twostream.core.timestamps import (TimestampError, accepted, as_text, parse_timestamp, problem, seconds_array,
                                        show, value_at)
 
@@ -207,30 +207,6 @@ def _check_identity(name: str, column: pa.ChunkedArray, where: list[str]) -> Non
             identity_text(name, column[k].as_py())
         except ValueError as exc:
             raise ManifestError(f"manifest {where[k]}: {exc}{more}") from None
-
-
-class _Object(dict):
-    """A JSON object that remembers keys given twice (json.loads keeps the last silently)."""
-
-    def __init__(self, pairs: list[tuple[str, object]]) -> None:
-        super().__init__(pairs)
-        self.repeated = [key for k, (key, _) in enumerate(pairs) if any(key == other for other, _ in pairs[:k])]
-
-
-def load_object(data: bytes | str) -> dict:
-    """JSON text that must be one object, with no key given twice -> the object; raises
-    ``ValueError`` saying what is wrong (invalid JSON or UTF-8, nesting too deep, another type)."""
-    try:
-        value = json.loads(data, object_pairs_hook=_Object)
-    except RecursionError:
-        raise ValueError("not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise ValueError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"not a JSON object (a JSON {type(value).__name__})")
-    if value.repeated:
-        raise ValueError(f"the key {value.repeated[0]!r} is given more than once")
-    return value
 
 
 _FIELD_OF = {alias: target for target, aliases in _ALIASES.items() for alias in aliases}

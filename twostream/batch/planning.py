@@ -49,7 +49,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from twostream import storage
-from twostream.batch.manifest import UNKNOWN_SOURCE, Match, Matcher, identity_text, load_object
+from twostream.batch.manifest import UNKNOWN_SOURCE, Match, Matcher, identity_text
+from twostream.core.jsontext import load_object
 from twostream.core.timestamps import parse_timestamp
 
 TAR_SUFFIXES = (".tar",)

@@ -9,8 +9,8 @@ error row, a refusal naming the manifest row, a bad line), never an exception th
 **What is read**: a number (int or float, not a bool) or numeric text (ASCII digits, an optional
 sign, fraction and exponent; ``1.7e9``) as seconds (the audit's ``timestamp_unit`` scales numbers
 first); else ISO-8601 text (``2023-11-14T22:13:20``, ``Z``/``z`` or an offset; no zone = UTC);
-else the common log format (``14/Nov/2023:22:13:20 +0000``). Text is trimmed of blanks, quotes
-and brackets (:data:`TRIM`) first. NaN and infinities are refused as "not a finite number"; a
+else the common log format (``14/Nov/2023:22:13:20 +0000``, in brackets or not). Text is trimmed
+of blanks and quotes (:data:`TRIM`) first. NaN and infinities are refused as "not a finite number"; a
 number outside the range whose division by 1,000, 1,000,000 or 1,000,000,000 lands inside it is
 said to look like milli-, micro- or nanoseconds, with the time it would then be.
 
@@ -36,7 +36,8 @@ LAST = 253_402_300_799  # 9999-12-31T23:59:59Z: the last accepted second
 END = LAST + 1  # the first refused second after the range
 RANGE_TEXT = "1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z"
 NUMERIC = r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?$"  # after TRIM; RE2 and re alike
-TRIM = "[] \t\r\n\""
+TRIM = " \t\r\n\""  # blanks and quotes around any timestamp text
+_BRACKETED = r"^\[(.*)\]$"  # ... and brackets around a CLF time only
 CLF_FORMAT = "%d/%b/%Y:%H:%M:%S %z"
 UNIT_SCALE = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 _UNIT_WORDS = {"s": ("seconds", "1"), "ms": ("milliseconds", "1,000"), "us": ("microseconds", "1,000,000"),
@@ -98,7 +99,7 @@ def iso_seconds(text: str) -> float | None:
         stamp = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1] in "Zz" else text)
     except ValueError:
         try:
-            stamp = datetime.strptime(text, CLF_FORMAT)
+            stamp = datetime.strptime(text[1:-1] if text[0] == "[" and text[-1] == "]" else text, CLF_FORMAT)
         except ValueError:
             return None
     offset = stamp.utcoffset() or timedelta(0)
@@ -235,7 +236,8 @@ def seconds_array(column: pa.Array | pa.ChunkedArray, unit: str = "s") -> pa.Arr
     text = pc.utf8_trim(as_text(column), TRIM)
     numeric = pc.fill_null(pc.match_substring_regex(text, NUMERIC), False)
     numbers = pc.multiply(pc.cast(pc.if_else(numeric, text, None), pa.float64()), UNIT_SCALE[unit])
-    clf = pc.cast(pc.cast(pc.strptime(text, format=CLF_FORMAT, unit="s", error_is_null=True), pa.int64()),
+    unbracketed = pc.replace_substring_regex(text, _BRACKETED, r"\1")
+    clf = pc.cast(pc.cast(pc.strptime(unbracketed, format=CLF_FORMAT, unit="s", error_is_null=True), pa.int64()),
                   pa.float64())
     out = pc.coalesce(numbers, clf)
     rest = np.flatnonzero(np.asarray(pc.fill_null(pc.and_(pc.is_null(out), pc.is_valid(text)), False)))
