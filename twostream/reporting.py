@@ -15,12 +15,12 @@ import html
 import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
 from twostream.core.labels import Response
+from twostream.core.timestamps import FIRST, LAST, format_utc
 
 RATE_BINS = 60  # time bins of the rejection-rate plot
 
@@ -44,10 +44,9 @@ def esc(value: Any) -> str:
 
 
 def fmt_time(ts: float | None) -> str:
-    """Epoch seconds -> ``YYYY-MM-DD HH:MM:SS UTC`` (empty for None/NaN)."""
-    if ts is None or (isinstance(ts, float) and not np.isfinite(ts)):
-        return ""
-    return datetime.fromtimestamp(float(ts), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    """Epoch seconds -> ``YYYY-MM-DD HH:MM:SS UTC``, total over any stored value
+    (:func:`twostream.core.timestamps.format_utc`: empty for None/NaN, the number when no date)."""
+    return format_utc(ts)
 
 
 def page(title: str, parts: Iterable[str]) -> str:
@@ -99,9 +98,13 @@ class RateBins:
 
     @classmethod
     def over(cls, tmin: float, tmax: float, bins: int = RATE_BINS) -> "RateBins":
-        """Equal bins from ``tmin`` to ``tmax`` (0..1 when there was no upload)."""
-        if np.isfinite(tmin):
-            edges = np.linspace(tmin, tmax if tmax > tmin else tmin + 1.0, bins + 1)
+        """Equal bins from ``tmin`` to ``tmax`` (0..1 when there was no upload, or when stored
+        values give no finite span: times outside it fall in the first or last bin)."""
+        tmin, tmax = float(tmin), float(tmax)
+        if not np.isfinite(tmax) or tmax <= tmin:
+            tmax = tmin + 1.0
+        if np.isfinite(tmin) and np.isfinite(tmax - tmin) and tmax > tmin:
+            edges = np.linspace(tmin, tmax, bins + 1)
         else:
             edges = np.linspace(0.0, 1.0, bins + 1)
         return cls(edges, np.zeros(bins, np.int64), np.zeros(bins, np.int64), np.zeros(bins, np.int64))
@@ -145,7 +148,31 @@ def png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _date_axis(ax) -> None:
+# matplotlib dates end with year 9999 and its locators look a little beyond the data: a plot
+# whose times leave 1970 .. 9999-12-31 minus a year is drawn over seconds since the epoch instead.
+_DATE_MARGIN = 366 * 86400.0
+_AXIS_LIMIT = 1e300
+
+
+def _as_dates(*times: np.ndarray) -> bool:
+    """Whether every finite time of ``times`` can be drawn on a date axis."""
+    values = np.concatenate([np.asarray(t, np.float64).ravel() for t in times] or [np.zeros(0)])
+    values = values[np.isfinite(values)]
+    return bool(len(values) == 0 or (values.min() >= FIRST and values.max() <= LAST - _DATE_MARGIN))
+
+
+def _x(seconds: np.ndarray, dates: bool) -> np.ndarray:
+    """Times as the x values of a plot: ``datetime64[ms]`` or plain seconds."""
+    seconds = np.asarray(seconds, np.float64)
+    if dates:
+        return (seconds * 1000.0).astype("int64").astype("datetime64[ms]")
+    return np.clip(seconds, -_AXIS_LIMIT, _AXIS_LIMIT)  # a finite span for matplotlib's transforms
+
+
+def _time_axis(ax, dates: bool) -> None:
+    if not dates:
+        ax.set_xlabel("seconds since 1970-01-01T00:00:00Z (times outside the calendar range)")
+        return
     import matplotlib.dates as mdates
 
     locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
@@ -153,34 +180,70 @@ def _date_axis(ax) -> None:
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
 
 
-def cc_plot(series: SourceSeries, cap: int) -> str:
-    """CC over time for one source, blacklist intervals shaded, threshold dashed."""
-    fig, ax = _pyplot().subplots(figsize=(6.4, 2.4))
-    t = series.timestamp * 1000.0
-    if len(t):
-        x = t.astype("datetime64[ms]")
-        ax.step(x, series.cc, where="post", color="#1f4e9c", lw=1.4, label="CC")
-        ax.plot(x, series.cc, ".", ms=3, color="#1f4e9c")
-        end = x[-1]
-        for start, stop in series.intervals:
-            a = np.datetime64(int(start * 1000), "ms")
-            b = np.datetime64(int(stop * 1000), "ms") if stop is not None else end
-            ax.axvspan(a, b if b > a else a + np.timedelta64(1, "s"), color="#e03c31", alpha=0.18, lw=0)
-    ax.axhline(series.threshold, color="#e03c31", ls="--", lw=1, label=f"threshold {series.threshold}")
-    ax.set_ylim(-0.5, cap + 0.5)
-    ax.set_ylabel("CC")
-    ax.set_title(series.source, fontsize=10)
-    ax.legend(loc="upper left", fontsize=7, frameon=False)
-    _date_axis(ax)
+def _unplotted(title: str, exc: Exception) -> str:
+    """A small figure saying that a plot could not be drawn, and why (stored values it cannot place)."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 1.2))
+    ax.axis("off")
+    ax.text(0.01, 0.5, f"{title}: not drawn ({type(exc).__name__}: {str(exc)[:120]})", fontsize=8, va="center")
     return png(fig)
 
 
+def cc_plot(series: SourceSeries, cap: int) -> str:
+    """:func:`_cc_plot`, or a figure saying why it could not be drawn: never raises."""
+    try:
+        return _cc_plot(series, cap)
+    except Exception as exc:  # noqa: BLE001 - the report is written whatever the stored values
+        _pyplot().close("all")
+        return _unplotted(f"CC of {series.source}", exc)
+
+
 def rate_plot(rates: RateBins, what: str = "uploads") -> str:
+    """:func:`_rate_plot`, or a figure saying why it could not be drawn: never raises."""
+    try:
+        return _rate_plot(rates, what)
+    except Exception as exc:  # noqa: BLE001 - the report is written whatever the stored values
+        _pyplot().close("all")
+        return _unplotted("rejection rate over time", exc)
+
+
+def _cc_plot(series: SourceSeries, cap: int) -> str:
+    """CC over time for one source, blacklist intervals shaded, threshold dashed; times that are
+    not finite are left out (their number in the title)."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 2.4))
+    ts = np.asarray(series.timestamp, np.float64)
+    keep = np.isfinite(ts)
+    ts, cc = ts[keep], np.asarray(series.cc)[keep]
+    spans = [(a, b) for a, b in series.intervals if a is not None and np.isfinite(a)
+             and (b is None or np.isfinite(b))]
+    dates = _as_dates(ts, np.array([v for span in spans for v in span if v is not None], np.float64))
+    if len(ts):
+        x = _x(ts, dates)
+        ax.step(x, cc, where="post", color="#1f4e9c", lw=1.4, label="CC")
+        ax.plot(x, cc, ".", ms=3, color="#1f4e9c")
+        end = ts[-1]
+        for start, stop in spans:
+            a, b = float(start), float(stop) if stop is not None else end
+            b = b if b > a else a + 1.0
+            ax.axvspan(*_x(np.array([a, b]), dates), color="#e03c31", alpha=0.18, lw=0)
+    ax.axhline(series.threshold, color="#e03c31", ls="--", lw=1, label=f"threshold {series.threshold}")
+    ax.set_ylim(-0.5, cap + 0.5)
+    ax.set_ylabel("CC")
+    dropped = int((~keep).sum())
+    ax.set_title(series.source + (f" ({dropped} uploads at no finite time not drawn)" if dropped else ""),
+                 fontsize=10)
+    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    _time_axis(ax, dates)
+    return png(fig)
+
+
+def _rate_plot(rates: RateBins, what: str = "uploads") -> str:
     """Overall rejection rate (and blocked share) per time bin, with the volume as bars."""
     fig, ax = _pyplot().subplots(figsize=(11, 3.2))
-    edges, scored = rates.edges, rates.scored
-    mids = ((edges[:-1] + edges[1:]) / 2 * 1000).astype("datetime64[ms]")
-    width = (edges[1] - edges[0]) / 86400.0 * 0.9 if len(edges) > 1 else 0.01
+    edges, scored = np.asarray(rates.edges, np.float64), rates.scored
+    dates = _as_dates(edges)
+    mids = _x((edges[:-1] + edges[1:]) / 2, dates)
+    width = (edges[1] - edges[0]) * 0.9 if len(edges) > 1 else 0.01
+    width = width / 86400.0 if dates else width
     ax2 = ax.twinx()
     ax2.bar(mids, scored, width=width, color="#c9d3e6", label=f"{what} scored")
     ax2.set_ylabel(f"{what} per bin", color="#667")
@@ -197,7 +260,7 @@ def rate_plot(rates: RateBins, what: str = "uploads") -> str:
     bars = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + bars[0], lines[1] + bars[1], loc="upper left", fontsize=8, frameon=False)
     ax.set_title("Overall rejection rate over time (UTC)", fontsize=10)
-    _date_axis(ax)
+    _time_axis(ax, dates)
     return png(fig)
 
 

@@ -84,9 +84,10 @@ def format_utc(seconds: object) -> str:
     if math.isnan(value):
         return ""
     try:
-        return (_EPOCH + timedelta(seconds=value)).strftime("%Y-%m-%d %H:%M:%S UTC")
+        stamp = _EPOCH + timedelta(seconds=value)
     except (OverflowError, ValueError):
         return f"{value:g} s (not a date)"
+    return f"{stamp.year:04d}-{stamp:%m-%d %H:%M:%S} UTC"
 
 
 def iso_seconds(text: str) -> float | None:
