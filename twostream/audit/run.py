@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -235,11 +236,29 @@ def _summary(log_uri: str, fmt: str, images_uri: str | None, scores_uri: str | N
 
 
 def _write_report_and_summary(result: AuditResult, report: bool) -> None:
-    """``report.html`` (unless ``report`` is False) and ``summary.json``, listing the files written."""
+    """``summary.json`` listing the files written, then ``report.html`` (unless ``report`` is
+    False): the summary is on disk whatever the report meets. Values that JSON cannot hold (NaN,
+    infinities) are written as null."""
     files = result.files
-    if report:
-        storage.write_bytes(files["report.html"], render_report(result).encode())
-    else:
-        files.pop("report.html")
+    report_uri = files.pop("report.html")
     result.summary["files"] = dict(files)
-    storage.write_bytes(files["summary.json"], json.dumps(result.summary, indent=2).encode())
+    storage.write_bytes(files["summary.json"], _json(result.summary))
+    if report:
+        storage.write_bytes(report_uri, render_report(result).encode())
+        files["report.html"] = report_uri
+        result.summary["files"] = dict(files)
+        storage.write_bytes(files["summary.json"], _json(result.summary))
+
+
+def _json(value: Any) -> bytes:
+    """``value`` as indented, strict JSON: NaN and infinities (not JSON) become null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False, default=str).encode()
