@@ -326,7 +326,8 @@ def _read_parquet(uri: str, mapping: ColumnMapping) -> Iterator[LogChunk]:
         n = table.num_rows
 
         def raw(k: int, _t=table) -> str:
-            return json.dumps(_t.slice(k, 1).to_pylist()[0], default=str, ensure_ascii=False)[:_TRUNC]
+            row = {name: value_at(_t.column(name), k) for name in _t.column_names}  # never raises
+            return json.dumps(row, default=str, ensure_ascii=False)[:_TRUNC]
 
         yield _to_chunk(table, cols, np.arange(row, row + n, dtype=np.int64), raw, [], invalid_utf8)
         row += n
@@ -593,8 +594,9 @@ def check_chunk(chunk: LogChunk, lookup: Callable[[pa.Array], np.ndarray], unit:
         pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ts_text), ""), False))
     found = lookup(img)
 
-    def out_of_range(rows: np.ndarray) -> list[str]:
-        return [problem(value_at(chunk.timestamp, int(k)), float(ts[k]), unit, unit_advice) for k in rows]
+    def why(rows: np.ndarray) -> list[str]:  # the texts of core/timestamps, as manifests and sidecars give them
+        return [problem(value_at(chunk.timestamp, int(k)), None if np.isnan(ts[k]) and not seconds[int(k)].is_valid
+                        else float(ts[k]), unit, unit_advice) for k in rows]
 
     def text_of(column: pa.Array) -> Callable[[np.ndarray], list[str]]:
         return lambda rows: [str(v)[:200] for v in pc.take(column, pa.array(rows)).to_pylist()]
@@ -606,8 +608,8 @@ def check_chunk(chunk: LogChunk, lookup: Callable[[pa.Array], np.ndarray], unit:
         (found < 0, "unknown image key", text_of(img)),
         (empty_src, "missing source", None),
         (ts_missing, "missing timestamp", None),
-        (~np.isfinite(ts), "unparseable timestamp", text_of(ts_text)),
-        (~accepted(ts), "timestamp out of range", out_of_range),
+        (~np.isfinite(ts), "unparseable timestamp", why),
+        (~accepted(ts), "timestamp out of range", why),
     ):
         sel = mask & (reasons == None)  # noqa: E711
         if sel.any():

@@ -205,10 +205,19 @@ def as_text(column: pa.Array) -> pa.Array:
 
 
 def _scalar_text(scalar: pa.Scalar) -> str:
+    """One Arrow value as text, never raising (a date or time Python cannot hold: its number)."""
     try:
         return str(scalar)
     except (ValueError, OverflowError, pa.ArrowException):
-        return f"<{scalar.type} value>"
+        try:
+            return f"{scalar.cast(pa.int64()).as_py()} ({scalar.type})"
+        except (ValueError, OverflowError, pa.ArrowException):
+            return f"<{scalar.type} value>"
+
+
+def _floats(column: pa.Array) -> pa.Array:
+    """Numbers as float64, rounding integers beyond 2**53 (Arrow's safe cast refuses them)."""
+    return pc.cast(column, pa.float64(), safe=False)
 
 
 def seconds_array(column: pa.Array | pa.ChunkedArray, unit: str = "s") -> pa.Array:
@@ -222,16 +231,17 @@ def seconds_array(column: pa.Array | pa.ChunkedArray, unit: str = "s") -> pa.Arr
         column = column.dictionary_decode()
     kind = column.type
     if pa.types.is_timestamp(kind):
-        return pc.multiply(pc.cast(column.cast(pa.int64()), pa.float64()), _TIME_UNIT[kind.unit])
+        return pc.multiply(_floats(column.cast(pa.int64())), _TIME_UNIT[kind.unit])
     if pa.types.is_date32(kind):
-        return pc.multiply(pc.cast(column.cast(pa.int32()), pa.float64()), 86400.0)
+        return pc.multiply(_floats(column.cast(pa.int32())), 86400.0)
     if pa.types.is_date64(kind):
-        return pc.multiply(pc.cast(column.cast(pa.int64()), pa.float64()), 1e-3)
-    if pa.types.is_boolean(kind) or pa.types.is_nested(kind) or pa.types.is_null(kind):
+        return pc.multiply(_floats(column.cast(pa.int64())), 1e-3)
+    if pa.types.is_boolean(kind) or pa.types.is_nested(kind) or pa.types.is_null(kind) \
+            or pa.types.is_duration(kind) or pa.types.is_time(kind):  # no point in time
         return pa.nulls(len(column), pa.float64())
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
         try:
-            return pc.multiply(pc.cast(column, pa.float64()), UNIT_SCALE[unit])
+            return pc.multiply(_floats(column), UNIT_SCALE[unit])
         except pa.ArrowException:
             column = as_text(column)
     text = pc.utf8_trim(as_text(column), TRIM)
@@ -260,13 +270,13 @@ def accepted(seconds: np.ndarray) -> np.ndarray:
         return (seconds >= FIRST) & (seconds < END)
 
 
-def value_at(column: pa.Array, k: int) -> object:
-    """Row ``k`` of a timestamp column as a Python value for :func:`problem` (text when Python
-    cannot hold it)."""
+def value_at(column: pa.Array | pa.ChunkedArray, k: int) -> object:
+    """Row ``k`` of a column as a Python value (for :func:`problem`, or a bad line's text): text
+    when Python cannot hold it; never raises."""
     try:
         value = column[k].as_py()
     except (ValueError, OverflowError, pa.ArrowException):
-        return str(column[k])
+        return _scalar_text(column[k])
     if isinstance(value, (str, int, float, bool, list, dict)) or value is None:
         return value
     return str(value)
