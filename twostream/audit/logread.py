@@ -442,7 +442,7 @@ def _parse_csv(header: bytes, lines: list[bytes], idx: np.ndarray, names: list[s
             read_options=pacsv.ReadOptions(use_threads=False, block_size=len(body) + 1),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=handler),
             convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in names}, strings_can_be_null=True,
+                column_types={c: pa.string() for c in names}, strings_can_be_null=True, null_values=[""],
                 quoted_strings_can_be_null=False,
             ),
         )
@@ -594,28 +594,20 @@ def check_chunk(chunk: LogChunk, lookup: Callable[[pa.Array], np.ndarray], unit:
         pc.fill_null(pc.equal(pc.utf8_trim_whitespace(ts_text), ""), False))
     found = lookup(img)
 
-    def why(rows: np.ndarray) -> list[str]:  # the texts of core/timestamps, as manifests and sidecars give them
-        return [problem(value_at(chunk.timestamp, int(k)), None if np.isnan(ts[k]) and not seconds[int(k)].is_valid
-                        else float(ts[k]), unit, unit_advice) for k in rows]
-
-    def text_of(column: pa.Array) -> Callable[[np.ndarray], list[str]]:
-        return lambda rows: [str(v)[:200] for v in pc.take(column, pa.array(rows)).to_pylist()]
-
     reasons = np.full(n, None, dtype=object)
     details = np.full(n, "", dtype=object)
-    for mask, reason, detail in (
-        (empty_img, "missing image key", None),
-        (found < 0, "unknown image key", text_of(img)),
-        (empty_src, "missing source", None),
-        (ts_missing, "missing timestamp", None),
-        (~np.isfinite(ts), "unparseable timestamp", why),
-        (~accepted(ts), "timestamp out of range", why),
-    ):
+    for mask, reason in ((empty_img, "missing image key"), (found < 0, "unknown image key"),
+                         (empty_src, "missing source"), (ts_missing, "missing timestamp")):
         sel = mask & (reasons == None)  # noqa: E711
         if sel.any():
             reasons[sel] = reason
-            if detail is not None:
-                details[sel] = detail(np.flatnonzero(sel))
+            if reason == "unknown image key":
+                details[sel] = [str(v)[:200] for v in pc.take(img, pa.array(np.flatnonzero(sel))).to_pylist()]
+    # the timestamps refused, in the words of core/timestamps (as manifests and sidecars give them)
+    for k in np.flatnonzero(~accepted(ts) & (reasons == None)):  # noqa: E711
+        read = float(ts[k]) if seconds[int(k)].is_valid else None
+        details[k] = problem(value_at(chunk.timestamp, int(k)), read, unit, unit_advice)
+        reasons[k] = "timestamp out of range" if " the accepted range " in details[k] else "unparseable timestamp"
     bad = chunk.bad + [BadLine(int(chunk.line[k]), reasons[k], details[k], chunk.raw(int(k)))
                        for k in np.flatnonzero(reasons != None)]  # noqa: E711
     good = np.flatnonzero(reasons == None)  # noqa: E711

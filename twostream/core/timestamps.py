@@ -143,14 +143,12 @@ def problem(value: object, seconds: float | None, unit: str = "s",
         if isinstance(value, str) and value.strip(TRIM).lower().lstrip("+-") in _NOT_FINITE:
             return f"timestamp {shown} is not a finite number"
         return f"timestamp {shown} is neither seconds nor ISO-8601"
-    if math.isnan(seconds) or math.isinf(seconds):
-        if isinstance(value, str) and _NUMERIC_RE.match(value.strip(TRIM)):
-            return f"timestamp {shown} is beyond any float: not a finite number"
+    digits = isinstance(value, int) or (isinstance(value, str) and bool(_NUMERIC_RE.match(value.strip(TRIM))))
+    if math.isnan(seconds) or (math.isinf(seconds) and not digits):  # digits beyond a float: out of range
         return f"timestamp {shown} is not a finite number"
     side = "before" if seconds < FIRST else "after"
     text = f"timestamp {shown} is {side} the accepted range {RANGE_TEXT}"
-    numeric = isinstance(value, (int, float)) or (isinstance(value, str) and _NUMERIC_RE.match(value.strip(TRIM)))
-    if numeric and seconds >= END:
+    if (digits or isinstance(value, float)) and END <= seconds < math.inf:
         hint, finer = _looks_like(seconds / UNIT_SCALE[unit], unit)
         if hint:
             text += hint + (advice(finer) if advice else "")
