@@ -488,6 +488,8 @@ def _read_jsonl(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[
             table = pajson.read_json(io.BytesIO(b"\n".join(lines)))
             if table.num_rows != len(lines):
                 raise pa.ArrowInvalid("row count mismatch")
+            if any(pa.types.is_nested(f.type) for f in table.schema):  # e.g. [null, null]: a list<null>
+                table.validate(full=True)  # array pyarrow's reader builds malformed (ArrowInvalid)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             table, good, bad = _jsonl_line_by_line(lines, numbers)
         if cols is None:
@@ -508,7 +510,7 @@ def _jsonl_line_by_line(lines: list[bytes], numbers: np.ndarray) -> tuple[pa.Tab
         try:
             obj = load_object(ln)
         except ValueError as exc:
-            bad.append(BadLine(int(numbers[k]), "unparseable line", f"invalid JSON: {exc}"[:200], _decode(ln)))
+            bad.append(BadLine(int(numbers[k]), "unparseable line", str(exc)[:200], _decode(ln)))
             continue
         rows.append({_unicode(key): (v if v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
                                      else _unicode(v) if isinstance(v, str) else json.dumps(v))

@@ -88,9 +88,10 @@ def identity_text(name: str, value: object) -> str:
     elif isinstance(value, str):
         text = value
     else:
-        kind = {bool: "a boolean", float: "a number with a fraction", list: "a list", dict: "an object"}
-        raise ValueError(f"{name} {show(value)} is {kind.get(type(value), type(value).__name__)}, "
-                         "not text or an integer")
+        kind = next((word for t, word in ((bool, "a boolean"), (float, "a number with a fraction"),
+                                          (list, "a list"), (dict, "an object")) if isinstance(value, t)),
+                    type(value).__name__)
+        raise ValueError(f"{name} {show(value)} is {kind}, not text or an integer")
     if len(text) > MAX_TEXT_CHARS:
         raise ValueError(f"{name} {show(value)} is {len(text):,} characters long (at most {MAX_TEXT_CHARS:,})")
     bad = _CONTROL_RE.search(text)
