@@ -443,3 +443,29 @@ def test_audit_over_a_hostile_log(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "report.html").stat().st_size > 0
     sources = pq.read_table(tmp_path / "out" / "sources.parquet").column("source").to_pylist()
     assert sorted(sources) == ["s", "\ufffd\ufffd\ufffd"]
+
+
+def test_csv_manifest_columns_are_text_whatever_their_case(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("Image_ID,Source,TimeStamp\n007,s,1.5\n")
+    table, _ = read_manifest(str(tmp_path / "m.csv"))
+    assert [(r["image_id"], r["source"], r["timestamp"]) for r in table.to_pylist()] == [("007", "s", 1.5)]
+
+
+def test_log_headers_naming_a_column_twice(tmp_path: Path) -> None:
+    """A CSV header with one name twice: refused saying so; a JSON line with ``source`` and
+    ``Source``: the column named exactly so is the source."""
+    from twostream.audit.logread import AuditError
+
+    (tmp_path / "dup.csv").write_text("timestamp,timestamp,source,image\n1700000000,1,s,i0\n")
+    with pytest.raises(AuditError) as info:
+        list(read_log(str(tmp_path / "dup.csv")))
+    assert str(info.value) == ("the log's header names the column 'timestamp' more than once "
+                               "['timestamp', 'timestamp', 'source', 'image']; rename all but one")
+    (tmp_path / "case.csv").write_text("time,Source,SOURCE,image\n1700000000,a,b,i0\n")
+    with pytest.raises(AuditError) as info:
+        list(read_log(str(tmp_path / "case.csv")))
+    assert str(info.value) == ("the log has 2 columns named 'source' but for case (Source, SOURCE); "
+                               "name the one to use with --map FIELD=COLUMN")
+    (tmp_path / "case.jsonl").write_text('{"timestamp": 1700000000, "Source": "t", "source": "s", "image": "i0"}\n')
+    (chunk,) = read_log(str(tmp_path / "case.jsonl"))
+    assert check_chunk(chunk, lambda keys: np.zeros(len(keys), np.int64), "s").source.to_pylist() == ["s"]

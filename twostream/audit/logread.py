@@ -80,17 +80,32 @@ class ColumnMapping(BaseModel):
             raise ConfigError(f"invalid column mapping {columns}: {exc}") from None
 
     def resolve(self, columns: Sequence[str]) -> dict[str, str | None]:
-        """Map each field to an existing column name (user_agent may be None)."""
-        lower = {c.lower().strip(): c for c in columns}
+        """Map each field to an existing column name (user_agent may be None): the column named
+        exactly so, else the one named so but for case and blanks; AuditError when the header
+        gives that name twice (two columns could be meant)."""
+        lower: dict[str, list[str]] = {}
+        for c in columns:
+            lower.setdefault(c.lower().strip(), []).append(c)
+
+        def pick(wanted: str) -> str | None:
+            if list(columns).count(wanted) > 1:
+                raise AuditError(f"the log's header names the column {wanted!r} more than once {list(columns)}; "
+                                 "rename all but one")
+            same = lower.get(wanted.lower().strip(), [])
+            if wanted not in columns and len(same) > 1:
+                raise AuditError(f"the log has {len(same)} columns named {wanted!r} but for case ({', '.join(same)}); "
+                                 f"name the one to use with --map FIELD=COLUMN")
+            return wanted if wanted in columns else next(iter(lower.get(wanted.lower().strip(), [])), None)
+
         out: dict[str, str | None] = {}
         for name in ("timestamp", "source", "image", "user_agent"):
             wanted = getattr(self, name)
             if wanted is not None:
-                found = lower.get(wanted.lower().strip())
+                found = pick(wanted)
                 if found is None:
                     raise AuditError(f"column mapping: {name}={wanted!r} is not a log column {list(columns)}")
             else:
-                found = next((lower[a] for a in ALIASES[name] if a in lower), None)
+                found = next((pick(a) for a in ALIASES[name] if a in lower), None)
             if found is None and name != "user_agent":
                 raise AuditError(
                     f"the log has no {name} column (looked for {', '.join(ALIASES[name])}; "

@@ -285,10 +285,11 @@ def read_manifest(uri: str) -> tuple[pa.Table, str]:
             return normalise(table, lines), digest
         if name.endswith((".csv", ".tsv")):
             _utf8_line(data)
-            text_columns = [a for aliases in _ALIASES.values() for a in aliases]
             options = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",", ignore_empty_lines=False)
+            header = pacsv.read_csv(io.BytesIO(data.split(b"\n", 1)[0] + b"\n"), parse_options=options).column_names
+            # every column as text, whatever its case (``Image_ID`` of 007 stays "007")
             table = pacsv.read_csv(io.BytesIO(data), parse_options=options,
-                                   convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns}))
+                                   convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}))
             # one row per line (a quoted newline is a parse error by default); line 1 is the header
             return normalise(table, range(2, table.num_rows + 2)), digest
     except (pa.ArrowException, OSError) as exc:
