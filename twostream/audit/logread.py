@@ -621,10 +621,16 @@ def check_chunk(chunk: LogChunk, lookup: Callable[[pa.Array], np.ndarray], unit:
             if reason == "unknown image key":
                 details[sel] = [str(v)[:200] for v in pc.take(img, pa.array(np.flatnonzero(sel))).to_pylist()]
     # the timestamps refused, in the words of core/timestamps (as manifests and sidecars give them)
-    for k in np.flatnonzero(~accepted(ts) & (reasons == None)):  # noqa: E711
-        read = float(ts[k]) if seconds[int(k)].is_valid else None
-        details[k] = problem(value_at(chunk.timestamp, int(k)), read, unit, unit_advice)
-        reasons[k] = "timestamp out of range" if " the accepted range " in details[k] else "unparseable timestamp"
+    refused = np.flatnonzero(~accepted(ts) & (reasons == None))  # noqa: E711
+    if len(refused):
+        read = np.asarray(seconds.is_valid())[refused]
+        try:
+            values = chunk.timestamp.take(pa.array(refused)).to_pylist()
+        except (ValueError, OverflowError, pa.ArrowException):  # e.g. a date Python cannot hold
+            values = [value_at(chunk.timestamp, int(k)) for k in refused]
+        for k, value, ok in zip(refused, values, read):
+            details[k] = problem(value, float(ts[k]) if ok else None, unit, unit_advice)
+            reasons[k] = "timestamp out of range" if " the accepted range " in details[k] else "unparseable timestamp"
     bad = chunk.bad + [BadLine(int(chunk.line[k]), reasons[k], details[k], chunk.raw(int(k)))
                        for k in np.flatnonzero(reasons != None)]  # noqa: E711
     good = np.flatnonzero(reasons == None)  # noqa: E711
