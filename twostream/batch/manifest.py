@@ -24,9 +24,10 @@ JSON Lines row gives each key once.
 
 An input matches a row by ``key`` when that column has values, else by ``uri``, else by
 ``image_id == key``. Checks, each failure a :class:`ManifestError` naming its rows (``line N``,
-1-based, for CSV and JSON Lines; ``row N`` for Parquet): unreadable rows (invalid JSON or UTF-8, a key given twice), a timestamp
-not read or outside the range, an id or source of the wrong type, a row without an image id, the same image id (or key, or URI when rows
-match by it) on two rows, one row matching two inputs. Rows that match no input are counted and
+1-based, for CSV and JSON Lines; ``row N`` for Parquet): unreadable rows (invalid JSON or UTF-8,
+a key given twice), a timestamp not read or outside the range, an id or source of the wrong type,
+a row without an image id, the same image id (or key, or URI when rows match by it) on two rows,
+one row matching two inputs. Rows that match no input are counted and
 listed in the job's summary (:func:`match`). The table stays columnar (pyarrow): millions of
 rows cost tens of MB.
 """
@@ -46,8 +47,7 @@ import pyarrow.parquet as pq
 
 from twostream import storage
 from twostream.core.jsontext import load_object
-from twostream.core.timestamps import (TimestampError, accepted, as_text, parse_timestamp, problem, seconds_array,
-                                       show, value_at)
+from twostream.core.timestamps import accepted, as_text, parse_timestamp, problem, seconds_array, show, value_at
 
 UNKNOWN_SOURCE = "unknown"
 UNMATCHED_LISTED = 20  # unmatched manifest rows named in the summary

@@ -22,10 +22,11 @@ vectorised one (the audit; CSV manifests too) over the same grammar (:data:`NUME
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -178,14 +179,9 @@ def parse_timestamp(value: object) -> float:
 # ---------------------------------------------------------------------------------------------
 # Arrow
 # ---------------------------------------------------------------------------------------------
-_TIME_UNIT = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-
-
 def as_text(column: pa.Array) -> pa.Array:
     """Any Arrow column as strings, never raising: nested values as JSON, others by Arrow's cast,
     else by Python's ``str``."""
-    import json
-
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         return column.cast(pa.string())
     if not pa.types.is_nested(column.type):
@@ -229,7 +225,7 @@ def seconds_array(column: pa.Array | pa.ChunkedArray, unit: str = "s") -> pa.Arr
         column = column.dictionary_decode()
     kind = column.type
     if pa.types.is_timestamp(kind):
-        return pc.multiply(_floats(column.cast(pa.int64())), _TIME_UNIT[kind.unit])
+        return pc.multiply(_floats(column.cast(pa.int64())), UNIT_SCALE[kind.unit])
     if pa.types.is_date32(kind):
         return pc.multiply(_floats(column.cast(pa.int32())), 86400.0)
     if pa.types.is_date64(kind):
