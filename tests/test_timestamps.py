@@ -6,6 +6,7 @@ reports total over any stored float (NaN, infinities, 1e300, negative, milliseco
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -258,3 +259,15 @@ def test_batch_report_over_stored_hostile_times(tmp_path: Path) -> None:
             assert row[8] == "; ".join(f"1.7e+12 s (not a date) \u2192 {'end' if iv['left'] is None else ''}"
                                        for iv in r["blacklist_intervals"])
     assert doc.count('src="data:image/png;base64,') >= 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-10**400, max_value=10**400),
+                 st.none(), st.text(max_size=5)))
+def test_format_utc_never_raises(value) -> None:
+    """Any stored value formats: a date inside years 1-9999, else the number, else its repr."""
+    text = format_utc(value)
+    if isinstance(value, float) and math.isfinite(value) and -62135596800.0 <= value < 253402300800.0:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", text), text
+    elif isinstance(value, float) and not math.isnan(value):
+        assert text.endswith(" s (not a date)"), text
