@@ -81,8 +81,9 @@ class ColumnMapping(BaseModel):
 
     def resolve(self, columns: Sequence[str]) -> dict[str, str | None]:
         """Map each field to an existing column name (user_agent may be None): the column named
-        exactly so, else the one named so but for case and blanks; AuditError when the header
-        gives that name twice (two columns could be meant)."""
+        exactly so, else the first named so but for case and blanks (a JSON line with another
+        spelling then lacks the field: a bad line); AuditError when a CSV header gives one name
+        twice (no mapping could choose)."""
         lower: dict[str, list[str]] = {}
         for c in columns:
             lower.setdefault(c.lower().strip(), []).append(c)
@@ -91,10 +92,6 @@ class ColumnMapping(BaseModel):
             if list(columns).count(wanted) > 1:
                 raise AuditError(f"the log's header names the column {wanted!r} more than once {list(columns)}; "
                                  "rename all but one")
-            same = lower.get(wanted.lower().strip(), [])
-            if wanted not in columns and len(same) > 1:
-                raise AuditError(f"the log has {len(same)} columns named {wanted!r} but for case ({', '.join(same)}); "
-                                 f"name the one to use with --map FIELD=COLUMN")
             return wanted if wanted in columns else next(iter(lower.get(wanted.lower().strip(), [])), None)
 
         out: dict[str, str | None] = {}
