@@ -127,8 +127,10 @@ def measure(code: Path, log: Path, scores: Path, out: Path, partitions: int) -> 
     """Audit ``log`` in a child process; its summary, peak tree RSS and peak RSS (MB)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(log), str(scores), str(out), str(partitions)],
-                            env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout_path, stderr_path = out.parent / f"{out.name}.stdout", out.parent / f"{out.name}.stderr"
+    with open(stdout_path, "wb") as stdout_file, open(stderr_path, "wb") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(log), str(scores), str(out), str(partitions)],
+                                env=env, cwd=out.parent, stdout=stdout_file, stderr=stderr_file)
     peak = [0]
     done = threading.Event()
 
@@ -142,7 +144,7 @@ def measure(code: Path, log: Path, scores: Path, out: Path, partitions: int) -> 
     _, status, usage = os.wait4(proc.pid, 0)
     done.set()
     sampler.join()
-    stdout, stderr = proc.stdout.read().decode(), proc.stderr.read().decode()
+    stdout, stderr = stdout_path.read_text(errors="replace"), stderr_path.read_text(errors="replace")
     seconds = time.perf_counter() - started
     rc = os.waitstatus_to_exitcode(status)
     result = {"log": log.name, "log_mb": round(log.stat().st_size / 2**20, 1), "partitions": partitions,
