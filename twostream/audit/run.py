@@ -121,7 +121,7 @@ def run_audit(
         clock.lap("log")
         newly_scored = _score_unscored(cat, logged.referenced, score_fn, config, files, output_uri)
         clock.lap("score")
-        replayed = _replay(logged, cat, config, files, settings.top, SourceRuns(tmp))
+        replayed = _replay(logged, cat, config, files, settings.top, SourceRuns(tmp, settings.partitions))
         clock.lap("replay")
         what_if_table = None
         if alternatives:
