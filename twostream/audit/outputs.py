@@ -4,6 +4,8 @@ Files under the output folder: ``sources.parquet`` (:data:`SOURCES_SCHEMA`, rank
 suspicious first), ``timeline.parquet`` (:data:`TIMELINE_SCHEMA`), ``bad_lines.parquet``
 (:class:`BadLines`), ``scored_images.parquet`` (:func:`scored_images_table`),
 ``what_if.parquet`` (:data:`WHAT_IF_SCHEMA`), ``summary.json`` and ``report.html``.
+``sources.parquet`` is merged from each partition's ranked rows (:class:`SourceRuns`, ordered by
+:func:`rank_key`), so that no step holds every source.
 :class:`AuditResult` is what :func:`twostream.audit.run.run_audit` returns and the report draws.
 """
 

@@ -34,6 +34,7 @@ MAX_AGENTS = 5  # distinct user agents kept per source
 AGENT_CHARS = 200  # characters kept of a user agent
 SPILL_SCHEMA = pa.schema([("source", pa.string()), ("img", pa.int32()), ("ts", pa.float64()),
                           ("line", pa.int64()), ("user_agent", pa.string())])
+_NO_INTERVALS: tuple = ()  # shared by the sources never blacklisted
 _REPLAY_ORDER = [("source", "ascending"), ("ts", "ascending"), ("img", "ascending"), ("line", "ascending")]
 
 
@@ -119,7 +120,12 @@ class ReplayedPartition:
     cc: np.ndarray  # int32 (0 on error rows)
     blacklisted: np.ndarray  # bool (False on error rows)
     response: np.ndarray  # object: a label, adversarial, blocked or error
-    ledger: ReputationLedger
+    # each source's final state (counts 0 if it had only error images)
+    src_rejected: np.ndarray  # int64
+    src_blocked: np.ndarray  # int64
+    src_cc: np.ndarray  # int32
+    src_blacklisted: np.ndarray  # bool
+    src_intervals: list[Sequence[list[float | None]]]  # blacklist intervals [start, end or None]
 
     def span(self, k: int) -> tuple[str, int, int]:
         """(name, start, end) of the ``k``-th source's run of uploads."""
@@ -145,27 +151,21 @@ class ReplayedPartition:
         errors = np.add.reduceat(self.error.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
         scored = uploads - errors
         last_seen = self.ts[ends - 1]
-        cols: dict[str, list] = {n: [] for n in ("rejected", "blocked", "cc", "blacklisted", "blacklist_intervals",
-                                                  "times_blacklisted", "blacklisted_seconds", "final_standing")}
-        for name, last in zip(self.names, last_seen.tolist()):
-            st = self.ledger.get(name)
-            intervals = [[x, y] for x, y in st.intervals]
-            cols["rejected"].append(st.rejected)
-            cols["blocked"].append(st.blocked)
-            cols["cc"].append(st.cc)
-            cols["blacklisted"].append(st.blacklisted)
+        cols: dict[str, list] = {n: [] for n in ("blacklist_intervals", "times_blacklisted", "blacklisted_seconds",
+                                                  "final_standing")}
+        for intervals, listed, last in zip(self.src_intervals, self.src_blacklisted.tolist(), last_seen.tolist()):
             cols["blacklist_intervals"].append([{"start": x, "end": y} for x, y in intervals])
             cols["times_blacklisted"].append(len(intervals))
             cols["blacklisted_seconds"].append(float(sum(((y if y is not None else last) - x) for x, y in intervals)))
-            cols["final_standing"].append("blacklisted" if st.blacklisted else "released" if intervals else "clean")
-        rejected = np.array(cols["rejected"], np.int64)
+            cols["final_standing"].append("blacklisted" if listed else "released" if intervals else "clean")
+        rejected = self.src_rejected
         table = pa.table({
             "source": pa.array(self.names, pa.string()), "uploads": uploads, "scored": scored, "rejected": rejected,
-            "errors": errors, "blocked": cols["blocked"],
+            "errors": errors, "blocked": self.src_blocked,
             "rejection_rate": np.where(scored > 0, rejected / np.maximum(scored, 1), 0.0),
             "first_seen": self.ts[starts], "last_seen": last_seen,
-            **{n: cols[n] for n in ("blacklist_intervals", "times_blacklisted", "blacklisted_seconds", "cc",
-                                    "blacklisted", "final_standing")},
+            **{n: cols[n] for n in ("blacklist_intervals", "times_blacklisted", "blacklisted_seconds")},
+            "cc": self.src_cc, "blacklisted": self.src_blacklisted, "final_standing": cols["final_standing"],
             "user_agents": self._agents(),
         }, schema=pa.schema([f for f in SOURCES_SCHEMA if f.name != "rank"]))
         return table.append_column("key", rank_key(table))
@@ -185,18 +185,21 @@ class ReplayedPartition:
         offsets = np.r_[0, np.cumsum(np.bincount(kept.column("s").to_numpy(), minlength=n))].astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), kept.column("ua").combine_chunks())
 
-    def series(self, name: str, a: int, e: int, threshold: int) -> SourceSeries:
-        """The CC after each scored upload of the source at ``a:e``, for the report's plot."""
+    def series(self, k: int, threshold: int) -> SourceSeries:
+        """The CC after each scored upload of the ``k``-th source, for the report's plot."""
+        name, a, e = self.span(k)
         sel = np.arange(a, e)[~self.error[a:e]]
-        intervals = [[x, y] for x, y in self.ledger.get(name).intervals]
+        intervals = [[x, y] for x, y in self.src_intervals[k]]
         return SourceSeries(name, self.ts[sel].copy(), self.cc[sel].copy(), intervals, threshold)
 
 
 def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np.ndarray,
                      reputation: ReputationConfig) -> ReplayedPartition:
-    """Algorithm 2 over one partition's sorted records (a fresh ledger: a source lives in one partition).
+    """Algorithm 2 over one partition's sorted records (a source lives in one partition).
 
     ``rejected`` is per catalogue row; error images leave the state unchanged (response ``error``).
+    Each source's final state is kept in the ``src_*`` arrays and dropped from the ledger once its
+    uploads are replayed, so that the ledger holds one source at a time.
     """
     img = records.column("img").to_numpy()
     ts = records.column("ts").to_numpy()
@@ -208,13 +211,16 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
         index=index, records=records, ts=ts, img=img, starts=starts,
         names=pc.take(source, pa.array(starts[:-1])).to_pylist(), error=cat.is_error[img], rejected=rejected[img],
         label=cat.label[img], cc=np.zeros(m, np.int32), blacklisted=np.zeros(m, bool),
-        response=np.empty(m, dtype=object), ledger=ReputationLedger(reputation),
+        response=np.empty(m, dtype=object), src_rejected=np.zeros(0, np.int64), src_blocked=np.zeros(0, np.int64),
+        src_cc=np.zeros(0, np.int32), src_blacklisted=np.zeros(0, bool), src_intervals=[],
     )
-    observe, response, cc, blacklisted = part.ledger.observe, part.response, part.cc, part.blacklisted
+    ledger = ReputationLedger(reputation)
+    observe, response, cc, blacklisted = ledger.observe, part.response, part.cc, part.blacklisted
     ts_list, err, rej, lab = ts.tolist(), part.error.tolist(), part.rejected.tolist(), part.label.tolist()
     distinct, which = np.unique(img, return_inverse=True)
     distinct_ids = pc.take(cat.ids, pa.array(distinct)).to_pylist()
     ids = [distinct_ids[i] for i in which.tolist()]  # one str per image, shared by its uploads
+    final: tuple[list[int], list[int], list[int], list[bool]] = ([], [], [], [])  # rejected, blocked, cc, listed
     for name, a, e in zip(part.names, starts[:-1].tolist(), starts[1:].tolist()):
         for k in range(a, e):
             if err[k]:
@@ -225,6 +231,13 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
             response[k] = resp.response
             cc[k] = resp.cc
             blacklisted[k] = resp.blacklisted
+        st = ledger.get(name)
+        for column, value in zip(final, (st.rejected, st.blocked, st.cc, st.blacklisted)):
+            column.append(value)
+        part.src_intervals.append(st.intervals or _NO_INTERVALS)
+        ledger.reset(name)
+    part.src_rejected, part.src_blocked, part.src_cc, part.src_blacklisted = (
+        np.array(column, dtype) for column, dtype in zip(final, (np.int64, np.int64, np.int32, bool)))
     return part
 
 
@@ -305,11 +318,11 @@ def what_if(spill: Spill, cat: Catalogue, base: TwoStreamConfig, settings: Seque
             part = replay_partition(p, records, cat, rejected, rep)
             counts[i, 0] += int((part.rejected & ~part.error).sum())
             counts[i, 1] += int((part.response == Response.BLOCKED).sum())
-            for name, st in part.ledger.items():
-                if st.intervals:
+            for name, intervals in zip(part.names, part.src_intervals):
+                if intervals:
                     counts[i, 2] += 1
                     counts[i, 4] += name in clean
-                counts[i, 3] += st.blacklisted
+            counts[i, 3] += int(part.src_blacklisted.sum())
     out: dict[str, list] = {f.name: [] for f in WHAT_IF_SCHEMA}
     for (setting, th, rep, _), (n_rej, n_blocked, ever, at_end, hit) in zip(plans, counts.tolist()):
         row = {"setting": setting.label(), "p1": th.p1, "p2": th.p2, "threshold": rep.threshold, "cap": rep.cap,

@@ -4,11 +4,14 @@ Plain Python + pyarrow, no Ray (``jobs/audit.py`` only adds Ray for scoring). Th
 a short function here over the modules that own the work:
 
 1. **Catalogue** of known images (:mod:`twostream.audit.catalogue`).
-2. **Log pass** (streaming, :mod:`twostream.audit.logread`): records checked, bad lines
-   written, good records spilled by source (:class:`twostream.audit.replay.Spill`).
+2. **Log pass** (streaming, :mod:`twostream.audit.logread`, about two blocks of text held
+   whatever the lines): records checked, bad lines written, good records spilled,
+   hash-partitioned by source (:class:`twostream.audit.replay.Spill`); nothing kept per source.
 3. **Scoring** of the referenced images that no ``--scores`` row covers (a ``score_fn``).
-4. **Replay** of Algorithm 2 per source (:func:`twostream.audit.replay.replay`): the timeline
-   streamed to Parquet, the per-source rows, the rate bins and the top sources' CC series.
+4. **Replay** of Algorithm 2 per source (:func:`twostream.audit.replay.replay`), a partition at
+   a time: the timeline streamed to Parquet, each partition's per-source rows ranked to a file
+   and merged into ``sources.parquet`` (:class:`twostream.audit.outputs.SourceRuns`), the rate
+   bins and the top sources' CC series. Memory: about one partition, whatever the log's size.
 5. **What-if** (:func:`twostream.audit.replay.what_if`), then ``summary.json`` and the report.
 
 Settings come from the config's ``audit`` section (:class:`twostream.core.config.AuditSettings`).
@@ -195,8 +198,7 @@ def _replay(logged: _LogPass, cat: Catalogue, config: TwoStreamConfig, files: di
         runs.write(part.index, sources.take(order))
         # each partition's most suspicious sources keep their CC series (the top ones overall are among them)
         for k in order.to_numpy()[:top].tolist():
-            name, a, e = part.span(k)
-            candidates[name] = part.series(name, a, e, config.reputation.threshold)
+            candidates[part.names[k]] = part.series(k, config.reputation.threshold)
     timeline.close()
     head, counts = runs.merge(files["sources.parquet"], max(SOURCES_KEPT, top))
     top_series = [candidates[n] for n in head.column("source").to_pylist()[:top] if n in candidates]
