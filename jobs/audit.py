@@ -2,7 +2,8 @@
 
 Submit with ``ray job submit --working-dir . -- python -m jobs.audit ...``. Same arguments and
 outputs as ``twostream audit`` (docs/audit.md). The log pass and the Algorithm-2 replay are
-streaming and run in the driver (the replay is sequential per source by definition, SPEC 3);
+streaming and run in the driver (the replay is sequential per source by definition, SPEC 3), in
+memory bounded by the block size and ``--partitions`` as for ``twostream audit``;
 what Ray adds is the scoring of images the log names that no ``--scores`` row covers: they are
 split into chunks, each scored by a Ray task with its own :class:`twostream.core.scoring.Scorer`.
 """

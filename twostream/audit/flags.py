@@ -37,7 +37,8 @@ def add_audit_args(parser: argparse.ArgumentParser) -> None:
                              f"(default {_DEFAULTS.clean_rate})")
     parser.add_argument("--top", type=int, help=f"suspicious sources plotted in the report (default {_DEFAULTS.top})")
     parser.add_argument("--partitions", type=int,
-                        help=f"spill partitions (memory ~ log / partitions; default {_DEFAULTS.partitions})")
+                        help=f"spill partitions by source: the replay holds one (memory ~ (uploads + sources) / partitions; "
+                             f"default {_DEFAULTS.partitions})")
     parser.add_argument("--spill-dir", metavar="DIR", help="local folder for spill files (default: temp)")
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
 

@@ -183,6 +183,7 @@ _CLF_RE = (
 _CLF_FIELDS = ["host", "ident", "user", "time", "method", "path", "protocol", "status", "bytes",
                "referer", "user_agent"]
 _TRUNC = 300
+_HEAD = 4 * _TRUNC  # bytes kept of a too-long line (its text is the first _TRUNC characters)
 
 
 def detect_format(uri: str) -> str:
@@ -217,29 +218,77 @@ def repair_utf8(values: list[bytes | None]) -> list[int]:
     return fixed
 
 
-def _line_blocks(uri: str, block_bytes: int) -> Iterator[tuple[int, list[bytes], int]]:
-    """Yield (line number of the first line, lines, lines with invalid UTF-8) blocks, the lines
-    valid UTF-8 (invalid bytes replaced); gzip etc. by extension."""
+def size_text(n: int) -> str:
+    """``8388608`` -> ``"8 MiB"``, ``1024`` -> ``"1 KiB"``, else ``"1,000 bytes"``."""
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n:,} bytes"
+
+
+@dataclass
+class _Block:
+    """Lines of a text log: ``lines[k]`` is line ``first + k``; a line longer than the limit is
+    an empty placeholder and listed in ``long`` as (index, length in bytes, its first bytes)."""
+
+    first: int
+    lines: list[bytes]
+    invalid_utf8: int
+    long: list[tuple[int, int, bytes]] = field(default_factory=list)
+
+    def long_lines(self, limit: int) -> list[BadLine]:
+        """The too-long lines as bad lines (``line 3: 314,572,800 bytes, longer than the 8 MiB limit``)."""
+        return [BadLine(self.first + k, "line too long", f"{length:,} bytes, longer than the {size_text(limit)} limit",
+                        _decode(head)) for k, length, head in self.long]
+
+
+def _line_blocks(uri: str, block_bytes: int, max_line_bytes: int | None = None) -> Iterator[_Block]:
+    """The log's lines a block at a time, valid UTF-8 (invalid bytes replaced); gzip etc. by extension.
+
+    Memory stays within about two blocks whatever the lines: a line longer than ``max_line_bytes``
+    (default: the block size) is not kept but skipped while streaming (through decompression
+    too: the stream is read ``block_bytes`` decompressed bytes at a time), and comes back as a
+    placeholder with its length and first bytes (:class:`_Block`); the lines after it read normally.
+    """
+    limit = max_line_bytes or block_bytes
     fs, path = storage.filesystem(uri)
     lineno = 1
     carry = b""
+    skipping: list | None = None  # [length so far, first bytes] of the too-long line being skipped
     with fs.open_input_stream(path, compression="detect") as stream:
         while True:
             data = stream.read(block_bytes)
             if not data:
                 break
+            if skipping is not None:
+                cut = data.find(b"\n")
+                if cut < 0:
+                    skipping[0] += len(data)
+                    continue
+                yield _Block(lineno, [b""], 0, [(0, skipping[0] + cut, skipping[1])])
+                lineno += 1
+                skipping, data = None, data[cut + 1 :]
             data = carry + data
             cut = data.rfind(b"\n")
             if cut < 0:
                 carry = data
-                continue
-            carry = data[cut + 1 :]
-            lines = data[:cut].split(b"\n")
-            yield lineno, lines, 0 if _is_utf8(data, cut) else len(repair_utf8(lines))
-            lineno += len(lines)
-    if carry:
+            else:
+                carry = data[cut + 1 :]
+                lines = data[:cut].split(b"\n")
+                long = [(k, len(ln), ln[:_HEAD]) for k, ln in enumerate(lines) if len(ln) > limit] \
+                    if cut > limit else []
+                for k, _, _ in long:
+                    lines[k] = b""
+                invalid = 0 if _is_utf8(data, cut) else len(repair_utf8(lines))
+                yield _Block(lineno, lines, invalid, long)
+                lineno += len(lines)
+            if len(carry) > limit:
+                skipping, carry = [len(carry), carry[:_HEAD]], b""
+    if skipping is not None:
+        yield _Block(lineno, [b""], 0, [(0, skipping[0], skipping[1])])
+    elif carry:
         lines = [carry]
-        yield lineno, lines, len(repair_utf8(lines))
+        yield _Block(lineno, lines, len(repair_utf8(lines)))
 
 
 def _is_utf8(data: bytes, end: int) -> bool:
@@ -253,13 +302,23 @@ def _is_utf8(data: bytes, end: int) -> bool:
     return True
 
 
-def _nonblank_blocks(uri: str, block_bytes: int) -> Iterator[tuple[list[bytes], np.ndarray, int]]:
-    """(non-blank lines, their 1-based line numbers, lines with invalid UTF-8) per block."""
-    for first, lines, invalid in _line_blocks(uri, block_bytes):
-        numbers = np.arange(first, first + len(lines), dtype=np.int64)
+def _nonblank_blocks(uri: str, block_bytes: int,
+                     max_line_bytes: int | None = None) -> Iterator[tuple[list[bytes], np.ndarray, int, list[BadLine]]]:
+    """(non-blank lines, their 1-based line numbers, lines with invalid UTF-8, the too-long
+    lines as bad lines) per block."""
+    limit = max_line_bytes or block_bytes
+    for block in _line_blocks(uri, block_bytes, max_line_bytes):
+        lines = block.lines
+        numbers = np.arange(block.first, block.first + len(lines), dtype=np.int64)
         keep = [k for k, ln in enumerate(lines) if ln.strip(b" \t\r")]
-        if keep:
-            yield [lines[k] for k in keep], numbers[keep], invalid
+        if keep or block.long:
+            yield [lines[k] for k in keep], numbers[keep], block.invalid_utf8, block.long_lines(limit)
+
+
+def _bad_chunk(bad: list[BadLine], invalid_utf8: int = 0) -> LogChunk:
+    """A chunk with no records, only bad lines (a block that held nothing but too-long lines)."""
+    empty = pa.array([], pa.string())
+    return LogChunk(np.zeros(0, np.int64), empty, empty, empty, None, lambda k: "", bad, invalid_utf8)
 
 
 def _decode(raw: bytes) -> str:
@@ -303,13 +362,16 @@ def _line_chunk(table: pa.Table, cols: dict[str, str | None], lines: list[bytes]
 
 
 def read_log(uri: str, fmt: str = "auto", mapping: ColumnMapping | None = None,
-             block_bytes: int = 8 << 20) -> Iterator[LogChunk]:
+             block_bytes: int = 8 << 20, max_line_bytes: int | None = None) -> Iterator[LogChunk]:
     """Stream an upload log as :class:`LogChunk` blocks (bounded memory: one block at a time).
 
     CSV/TSV need a header line; one record per line (as in log files). JSON Lines: one object
     per line. ``clf``: Apache/Nginx common or combined log format (fields ``host``, ``user``,
     ``time``, ``method``, ``path``, ``status``, ``bytes``, ``referer``, ``user_agent``).
-    Lines that cannot be parsed at all come back in ``LogChunk.bad``.
+    Lines that cannot be parsed at all come back in ``LogChunk.bad``; so does a line longer
+    than ``max_line_bytes`` (default ``block_bytes``), skipped while streaming ("line too long").
+    A CSV/TSV header longer than that is an :class:`AuditError`. Parquet logs are read a
+    batch of rows at a time; their memory is bounded by the file's largest row group.
     """
     mapping = mapping or ColumnMapping()
     fmt = detect_format(uri) if fmt == "auto" else fmt
@@ -320,11 +382,11 @@ def read_log(uri: str, fmt: str = "auto", mapping: ColumnMapping | None = None,
     if fmt == "parquet":
         yield from _read_parquet(uri, mapping)
     elif fmt in ("csv", "tsv"):
-        yield from _read_csv(uri, mapping, "\t" if fmt == "tsv" else ",", block_bytes)
+        yield from _read_csv(uri, mapping, "\t" if fmt == "tsv" else ",", block_bytes, max_line_bytes)
     elif fmt == "jsonl":
-        yield from _read_jsonl(uri, mapping, block_bytes)
+        yield from _read_jsonl(uri, mapping, block_bytes, max_line_bytes)
     else:
-        yield from _read_clf(uri, mapping, block_bytes)
+        yield from _read_clf(uri, mapping, block_bytes, max_line_bytes)
 
 
 def _read_parquet(uri: str, mapping: ColumnMapping) -> Iterator[LogChunk]:
@@ -366,24 +428,31 @@ def _repair_table(table: pa.Table) -> tuple[pa.Table, int]:
 
 
 # ---- CSV / TSV ----
-def _read_csv(uri: str, mapping: ColumnMapping, delimiter: str, block_bytes: int) -> Iterator[LogChunk]:
+def _read_csv(uri: str, mapping: ColumnMapping, delimiter: str, block_bytes: int,
+              max_line_bytes: int | None = None) -> Iterator[LogChunk]:
     header: bytes | None = None
     names: list[str] = []
     cols: dict[str, str | None] = {}
-    for first, lines, invalid_utf8 in _line_blocks(uri, block_bytes):
-        numbers = np.arange(first, first + len(lines), dtype=np.int64)
+    limit = max_line_bytes or block_bytes
+    for block in _line_blocks(uri, block_bytes, max_line_bytes):
+        lines, invalid_utf8, long = block.lines, block.invalid_utf8, block.long_lines(limit)
+        numbers = np.arange(block.first, block.first + len(lines), dtype=np.int64)
         if header is None:
-            nonempty = [k for k, ln in enumerate(lines) if ln.strip()]
+            too_long = {k for k, _, _ in block.long}
+            nonempty = [k for k, ln in enumerate(lines) if ln.strip() or k in too_long]
             if not nonempty:
                 continue
             k0 = nonempty[0]
+            if k0 in too_long:
+                raise AuditError(f"{uri}: line {numbers[k0]}: the header is {long[0].detail}")
             header = lines[k0].rstrip(b"\r")
             names = _csv_header(header, delimiter)
             cols = mapping.resolve(names)
             lines, numbers = lines[k0 + 1 :], numbers[k0 + 1 :]
         keep = [k for k, ln in enumerate(lines) if ln.strip(b" \t\r")]
-        if keep or invalid_utf8:
-            yield _csv_chunk(header, names, cols, delimiter, [lines[k] for k in keep], numbers[keep], invalid_utf8)
+        if keep or invalid_utf8 or long:
+            yield _csv_chunk(header, names, cols, delimiter, [lines[k] for k in keep], numbers[keep], invalid_utf8,
+                             long)
 
 
 def _csv_header(header: bytes, delimiter: str) -> list[str]:
@@ -401,7 +470,7 @@ def _csv_record_re(delimiter: str) -> str:
 
 
 def _csv_chunk(header: bytes, names: list[str], cols: dict[str, str | None], delimiter: str,
-               lines: list[bytes], numbers: np.ndarray, invalid_utf8: int) -> LogChunk:
+               lines: list[bytes], numbers: np.ndarray, invalid_utf8: int, long: list[BadLine]) -> LogChunk:
     """One block of CSV lines as a chunk; a line that is not a record of the header's fields is
     a bad line.
 
@@ -428,7 +497,8 @@ def _csv_chunk(header: bytes, names: list[str], cols: dict[str, str | None], del
             good, table = good[order], table.take(pa.array(order))
     else:
         good, table = np.zeros(0, np.int64), _csv_table([[] for _ in names], names)
-    bad = [BadLine(int(numbers[k]), "unparseable line", detail, _decode(lines[k])) for k, detail in sorted(invalid)]
+    bad = long + [BadLine(int(numbers[k]), "unparseable line", detail, _decode(lines[k]))
+                  for k, detail in sorted(invalid)]
     return _line_chunk(table, cols, lines, numbers, good, bad, invalid_utf8)
 
 
@@ -491,9 +561,13 @@ def _csv_records(header: bytes, lines: list[bytes], idx: np.ndarray, names: list
 
 
 # ---- JSON Lines ----
-def _read_jsonl(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[LogChunk]:
+def _read_jsonl(uri: str, mapping: ColumnMapping, block_bytes: int,
+                max_line_bytes: int | None = None) -> Iterator[LogChunk]:
     cols: dict[str, str | None] | None = None
-    for lines, numbers, invalid_utf8 in _nonblank_blocks(uri, block_bytes):
+    for lines, numbers, invalid_utf8, long in _nonblank_blocks(uri, block_bytes, max_line_bytes):
+        if not lines:
+            yield _bad_chunk(long, invalid_utf8)
+            continue
         bad: list[BadLine] = []
         good = np.arange(len(lines))
         try:
@@ -512,7 +586,7 @@ def _read_jsonl(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[
                     list(table.column_names) + ["timestamp", "source", "image"]).get("user_agent")
             except AuditError:
                 pass
-        yield _line_chunk(table, cols, lines, numbers, good, bad, invalid_utf8)
+        yield _line_chunk(table, cols, lines, numbers, good, long + bad, invalid_utf8)
 
 
 def _jsonl_line_by_line(lines: list[bytes], numbers: np.ndarray) -> tuple[pa.Table, np.ndarray, list[BadLine]]:
@@ -551,15 +625,19 @@ def _unicode(text: str) -> str:
 
 
 # ---- common / combined log format ----
-def _read_clf(uri: str, mapping: ColumnMapping, block_bytes: int) -> Iterator[LogChunk]:
+def _read_clf(uri: str, mapping: ColumnMapping, block_bytes: int,
+              max_line_bytes: int | None = None) -> Iterator[LogChunk]:
     cols = mapping.resolve(_CLF_FIELDS)
-    for lines, numbers, invalid_utf8 in _nonblank_blocks(uri, block_bytes):
+    for lines, numbers, invalid_utf8, long in _nonblank_blocks(uri, block_bytes, max_line_bytes):
+        if not lines:
+            yield _bad_chunk(long, invalid_utf8)
+            continue
         text = pc.utf8_normalize(pa.array([ln.rstrip(b"\r") for ln in lines], pa.binary()).cast(pa.string()), "NFC")
         parsed = pc.extract_regex(text, _CLF_RE)
         ok = np.asarray(pc.is_valid(parsed))
         good = np.flatnonzero(ok)
-        bad = [BadLine(int(numbers[k]), "unparseable line", "not in common/combined log format",
-                       _decode(lines[k])) for k in np.flatnonzero(~ok)]
+        bad = long + [BadLine(int(numbers[k]), "unparseable line", "not in common/combined log format",
+                              _decode(lines[k])) for k in np.flatnonzero(~ok)]
         parsed = pc.take(parsed, pa.array(good, pa.int64()))
         table = pa.table({n: pc.struct_field(parsed, n) for n in _CLF_FIELDS})
         for n in ("user", "user_agent", "referer"):

@@ -1,17 +1,20 @@
 """The replay: the log's good records spilled to disk by source, and Algorithm 2 run over them.
 
-:class:`Spill` keeps the good records as fixed-size binary rows in files partitioned by
-source, so memory is bounded by the largest partition, not the log. :func:`replay` is the ONE
-per-source replay loop (SPEC 3: each partition sorted by (source, timestamp, image id, line)
-and fed to :class:`twostream.core.reputation.ReputationLedger`); the audit reads the timeline
-and the per-source rows off it, and :func:`what_if` runs it again under each
-:class:`WhatIf` setting (p1/p2 verdicts from the stored top-k, no rescoring).
+:class:`Spill` keeps the good records (source name, catalogue row, timestamp, line, user agent)
+in Arrow files hash-partitioned by source name (:func:`source_partition`), so that memory is
+bounded by the largest partition, not by the log nor by its number of sources: nothing is kept
+per source across partitions. :func:`replay` is the ONE per-source replay loop (SPEC 3: each
+partition sorted by (source, timestamp, image id, line) and fed to
+:class:`twostream.core.reputation.ReputationLedger`); the audit reads the timeline and the
+per-source rows off it, and :func:`what_if` runs it again under each :class:`WhatIf` setting
+(p1/p2 verdicts from the stored top-k, no rescoring).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,81 +24,81 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream.audit.catalogue import Catalogue, rejected_for
-from twostream.audit.outputs import WHAT_IF_SCHEMA
+from twostream.audit.outputs import SOURCES_SCHEMA, WHAT_IF_SCHEMA, SourceRuns, rank_key
 from twostream.core.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
 from twostream.core.labels import Response, Verdict
 from twostream.core.reputation import ReputationLedger, Upload
 from twostream.reporting import SourceSeries
 
-RECORD = np.dtype([("src", "<i4"), ("img", "<i4"), ("ts", "<f8"), ("line", "<i8")])
 MAX_AGENTS = 5  # distinct user agents kept per source
+AGENT_CHARS = 200  # characters kept of a user agent
+SPILL_SCHEMA = pa.schema([("source", pa.string()), ("img", pa.int32()), ("ts", pa.float64()),
+                          ("line", pa.int64()), ("user_agent", pa.string())])
+_NO_INTERVALS: tuple = ()  # shared by the sources never blacklisted
+_REPLAY_ORDER = [("source", "ascending"), ("ts", "ascending"), ("img", "ascending"), ("line", "ascending")]
 
 
 # ---------------------------------------------------------------------------------------------
-# Spill files: good log records as fixed-size rows, partitioned by source
+# Spill files: good log records, hash-partitioned by source
 # ---------------------------------------------------------------------------------------------
+def source_partition(names: pa.Array, partitions: int) -> np.ndarray:
+    """The partition of each source name: CRC-32 of its UTF-8 bytes modulo ``partitions`` (the same
+    in every run, so a source's records all land in one partition)."""
+    if partitions == 1:
+        return np.zeros(len(names), np.int64)
+    encoded = pc.dictionary_encode(names)
+    distinct = encoded.dictionary.cast(pa.binary()).to_pylist()
+    crc = np.fromiter((zlib.crc32(v) for v in distinct), np.int64, len(distinct))
+    return (crc % partitions)[encoded.indices.to_numpy()]
+
+
 class Spill:
-    """Records (source code, catalogue row, timestamp, line) in ``partitions`` files under ``directory``."""
+    """Good records in ``partitions`` Arrow files under ``directory``, a source's all in one file."""
 
     def __init__(self, directory: str, partitions: int) -> None:
         self.dir = directory
         self.partitions = partitions
-        self.handles = [open(os.path.join(directory, f"part-{p:04d}.bin"), "wb") for p in range(partitions)]
+        self.writers: list[pa.ipc.RecordBatchFileWriter | None] = [None] * partitions
         self.rows = np.zeros(partitions, np.int64)
 
-    def append(self, rec: np.ndarray) -> None:
-        part = rec["src"] % self.partitions
-        order = np.argsort(part, kind="stable")
-        rec, part = rec[order], part[order]
+    def path(self, p: int) -> str:
+        return os.path.join(self.dir, f"part-{p:04d}.arrow")
+
+    def append(self, source: pa.Array, img: np.ndarray, ts: np.ndarray, line: np.ndarray,
+               user_agent: pa.Array | None) -> None:
+        """Spill one block's good records (the user agents cut to AGENT_CHARS, empty ones as null)."""
+        n = len(line)
+        if user_agent is None:
+            agents = pa.nulls(n, pa.string())
+        else:
+            cut = pc.utf8_slice_codeunits(user_agent, 0, AGENT_CHARS)
+            agents = pc.if_else(pc.equal(cut, ""), pa.scalar(None, pa.string()), cut)
+        table = pa.table([source, pa.array(img, pa.int32()), pa.array(ts, pa.float64()),
+                          pa.array(line, pa.int64()), agents], schema=SPILL_SCHEMA)
+        part = source_partition(source, self.partitions)
+        if self.partitions > 1:
+            order = np.argsort(part, kind="stable")
+            table, part = table.take(pa.array(order)), part[order]
         bounds = np.searchsorted(part, np.arange(self.partitions + 1))
-        for p in range(self.partitions):
-            a, b = bounds[p], bounds[p + 1]
-            if b > a:
-                rec[a:b].tofile(self.handles[p])
-                self.rows[p] += b - a
+        for p in np.flatnonzero(np.diff(bounds)).tolist():
+            if self.writers[p] is None:
+                self.writers[p] = pa.ipc.new_file(self.path(p), SPILL_SCHEMA)
+            self.writers[p].write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+            self.rows[p] += bounds[p + 1] - bounds[p]
 
     def close(self) -> None:
-        for h in self.handles:
-            h.close()
+        for writer in self.writers:
+            if writer is not None:
+                writer.close()
 
-    def partitions_sorted(self) -> Iterator[np.ndarray]:
-        """Each partition's records sorted by (source, timestamp, image id, line)."""
+    def partitions_sorted(self) -> Iterator[tuple[int, pa.Table]]:
+        """(partition, its records sorted by (source, timestamp, image id, line)), one at a time."""
         for p in range(self.partitions):
             if not self.rows[p]:
                 continue
-            rec = np.fromfile(os.path.join(self.dir, f"part-{p:04d}.bin"), dtype=RECORD)
-            yield rec[np.lexsort((rec["line"], rec["img"], rec["ts"], rec["src"]))]
-
-
-class SourceNames:
-    """Source name <-> int code (order of first appearance), and a few user agents per source."""
-
-    def __init__(self) -> None:
-        self.code: dict[str, int] = {}
-        self.names: list[str] = []
-        self.agents: list[set[str]] = []
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def codes(self, names: pa.Array) -> np.ndarray:
-        """The code of each name (new names get the next codes)."""
-        uniq = pc.unique(names)
-        codes_u = np.empty(len(uniq), dtype=np.int32)
-        for k, name in enumerate(uniq.to_pylist()):
-            code = self.code.get(name)
-            if code is None:
-                code = self.code[name] = len(self.names)
-                self.names.append(name)
-                self.agents.append(set())
-            codes_u[k] = code
-        return codes_u[pc.index_in(names, value_set=uniq).to_numpy()]
-
-    def add_agents(self, codes: np.ndarray, agents: pa.Array) -> None:
-        pairs = pa.table({"s": codes, "ua": agents}).filter(pc.is_valid(agents)).group_by(["s", "ua"]).aggregate([])
-        for s, a in zip(pairs.column("s").to_pylist(), pairs.column("ua").to_pylist()):
-            if len(self.agents[s]) < MAX_AGENTS and a:
-                self.agents[s].add(a[:200])
+            with pa.OSFile(self.path(p)) as handle:
+                table = pa.ipc.open_file(handle).read_all()
+            yield p, table.sort_by(_REPLAY_ORDER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,93 +108,143 @@ class SourceNames:
 class ReplayedPartition:
     """One partition after Algorithm 2: per upload (in replay order) the state after it."""
 
-    rec: np.ndarray  # RECORD, sorted
-    names: list[str]  # source of each upload
-    image_ids: list[str]
+    index: int  # the partition
+    records: pa.Table  # SPILL_SCHEMA, sorted
+    ts: np.ndarray  # float64
+    img: np.ndarray  # int32: catalogue row
+    starts: np.ndarray  # int64: first upload of each source (in name order); one more entry: the end
+    names: list[str]  # each source's name
     error: np.ndarray  # bool: not an Algorithm-2 event
     rejected: np.ndarray  # bool
     label: np.ndarray  # object: the stored label
     cc: np.ndarray  # int32 (0 on error rows)
     blacklisted: np.ndarray  # bool (False on error rows)
     response: np.ndarray  # object: a label, adversarial, blocked or error
-    ledger: ReputationLedger
+    # each source's final state (counts 0 if it had only error images)
+    src_rejected: np.ndarray  # int64
+    src_blocked: np.ndarray  # int64
+    src_cc: np.ndarray  # int32
+    src_blacklisted: np.ndarray  # bool
+    src_intervals: list[Sequence[list[float | None]]]  # blacklist intervals [start, end or None]
 
-    def spans(self) -> Iterator[tuple[str, int, int]]:
-        """(source, start, end) of each source's run of uploads."""
-        src = self.rec["src"]
-        starts = np.flatnonzero(np.r_[True, src[1:] != src[:-1]])
-        ends = np.r_[starts[1:], len(src)]
-        for a, e in zip(starts.tolist(), ends.tolist()):
-            yield self.names[a], a, e
+    def span(self, k: int) -> tuple[str, int, int]:
+        """(name, start, end) of the ``k``-th source's run of uploads."""
+        return self.names[k], int(self.starts[k]), int(self.starts[k + 1])
 
-    def timeline(self, verdict: np.ndarray) -> dict[str, Any]:
-        """The timeline rows (TIMELINE_SCHEMA) given each catalogue row's ``verdict``."""
-        img, err = self.rec["img"], self.error
+    def timeline(self, verdict: np.ndarray, ids: pa.Array) -> dict[str, Any]:
+        """The timeline rows (TIMELINE_SCHEMA) given each catalogue row's ``verdict`` and id."""
+        img, err = self.img, self.error
         return {
-            "line": self.rec["line"], "source": self.names, "timestamp": self.rec["ts"],
-            "image_id": self.image_ids, "verdict": verdict[img].tolist(),
+            "line": self.records.column("line"), "source": self.records.column("source"), "timestamp": self.ts,
+            "image_id": pc.take(ids, pa.array(img)), "verdict": verdict[img].tolist(),
             "label": [lab if not rj and not er else None for lab, rj, er in zip(self.label, self.rejected, err)],
             "cc": pa.array(self.cc, pa.int32(), mask=err),
             "blacklisted": pa.array(self.blacklisted, pa.bool_(), mask=err),
             "response": self.response.tolist(),
         }
 
-    def source_row(self, name: str, a: int, e: int, agents: set[str]) -> dict[str, Any]:
-        """The sources.parquet row (SOURCES_SCHEMA less rank) of the source at ``a:e``."""
-        st = self.ledger.get(name)
-        ts = self.rec["ts"]
-        uploads = e - a
-        errors = int(self.error[a:e].sum())
+    def sources(self) -> pa.Table:
+        """The sources.parquet rows (SOURCES_SCHEMA less rank) of this partition's sources, in
+        name order, with their rank ``key`` (:func:`twostream.audit.outputs.rank_key`)."""
+        starts, ends = self.starts[:-1], self.starts[1:]
+        uploads = ends - starts
+        errors = np.add.reduceat(self.error.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
         scored = uploads - errors
-        intervals = [[x, y] for x, y in st.intervals]
-        last = float(ts[e - 1])
-        return {
-            "source": name, "uploads": uploads, "scored": scored, "rejected": st.rejected, "errors": errors,
-            "blocked": st.blocked, "rejection_rate": st.rejected / scored if scored else 0.0,
-            "first_seen": float(ts[a]), "last_seen": last,
-            "blacklist_intervals": [{"start": x, "end": y} for x, y in intervals],
-            "times_blacklisted": len(intervals),
-            "blacklisted_seconds": float(sum(((y if y is not None else last) - x) for x, y in intervals)),
-            "cc": st.cc, "blacklisted": st.blacklisted,
-            "final_standing": "blacklisted" if st.blacklisted else "released" if intervals else "clean",
-            "user_agents": sorted(agents),
-        }
+        last_seen = self.ts[ends - 1]
+        cols: dict[str, list] = {n: [] for n in ("blacklist_intervals", "times_blacklisted", "blacklisted_seconds",
+                                                  "final_standing")}
+        for intervals, listed, last in zip(self.src_intervals, self.src_blacklisted.tolist(), last_seen.tolist()):
+            cols["blacklist_intervals"].append([{"start": x, "end": y} for x, y in intervals])
+            cols["times_blacklisted"].append(len(intervals))
+            cols["blacklisted_seconds"].append(float(sum(((y if y is not None else last) - x) for x, y in intervals)))
+            cols["final_standing"].append("blacklisted" if listed else "released" if intervals else "clean")
+        rejected = self.src_rejected
+        table = pa.table({
+            "source": pa.array(self.names, pa.string()), "uploads": uploads, "scored": scored, "rejected": rejected,
+            "errors": errors, "blocked": self.src_blocked,
+            "rejection_rate": np.where(scored > 0, rejected / np.maximum(scored, 1), 0.0),
+            "first_seen": self.ts[starts], "last_seen": last_seen,
+            **{n: cols[n] for n in ("blacklist_intervals", "times_blacklisted", "blacklisted_seconds")},
+            "cc": self.src_cc, "blacklisted": self.src_blacklisted, "final_standing": cols["final_standing"],
+            "user_agents": self._agents(),
+        }, schema=pa.schema([f for f in SOURCES_SCHEMA if f.name != "rank"]))
+        return table.append_column("key", rank_key(table))
 
-    def series(self, name: str, a: int, e: int, threshold: int) -> SourceSeries:
-        """The CC after each scored upload of the source at ``a:e``, for the report's plot."""
+    def _agents(self) -> pa.Array:
+        """Each source's first MAX_AGENTS distinct user agents in log order, sorted."""
+        n = len(self.names)
+        code = np.repeat(np.arange(n, dtype=np.int64), np.diff(self.starts))
+        seen = pa.table({"s": code, "line": self.records.column("line"), "ua": self.records.column("user_agent")})
+        seen = seen.filter(pc.is_valid(seen.column("ua")))
+        first = seen.group_by(["s", "ua"], use_threads=False).aggregate([("line", "min")])
+        first = first.sort_by([("s", "ascending"), ("line_min", "ascending")])
+        s = first.column("s").to_numpy()
+        group_start = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0, np.int64)
+        rank = np.arange(len(s)) - np.repeat(group_start, np.diff(np.r_[group_start, len(s)]))
+        kept = first.filter(pa.array(rank < MAX_AGENTS)).sort_by([("s", "ascending"), ("ua", "ascending")])
+        offsets = np.r_[0, np.cumsum(np.bincount(kept.column("s").to_numpy(), minlength=n))].astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), kept.column("ua").combine_chunks())
+
+    def series(self, k: int, threshold: int) -> SourceSeries:
+        """The CC after each scored upload of the ``k``-th source, for the report's plot."""
+        name, a, e = self.span(k)
         sel = np.arange(a, e)[~self.error[a:e]]
-        intervals = [[x, y] for x, y in self.ledger.get(name).intervals]
-        return SourceSeries(name, self.rec["ts"][sel].copy(), self.cc[sel].copy(), intervals, threshold)
+        intervals = [[x, y] for x, y in self.src_intervals[k]]
+        return SourceSeries(name, self.ts[sel].copy(), self.cc[sel].copy(), intervals, threshold)
 
 
-def replay(spill: Spill, cat: Catalogue, rejected: np.ndarray, reputation: ReputationConfig,
-           source_names: Sequence[str]) -> Iterator[ReplayedPartition]:
-    """Algorithm 2 over every partition (a fresh ledger each: a source lives in one partition).
+def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np.ndarray,
+                     reputation: ReputationConfig) -> ReplayedPartition:
+    """Algorithm 2 over one partition's sorted records (a source lives in one partition).
 
     ``rejected`` is per catalogue row; error images leave the state unchanged (response ``error``).
+    Each source's final state is kept in the ``src_*`` arrays and dropped from the ledger once its
+    uploads are replayed, so that the ledger holds one source at a time.
     """
-    is_error = cat.is_error
-    for rec in spill.partitions_sorted():
-        img = rec["img"]
-        m = len(rec)
-        part = ReplayedPartition(
-            rec=rec, names=[source_names[c] for c in rec["src"].tolist()],
-            image_ids=pc.take(cat.ids, pa.array(img)).to_pylist(), error=is_error[img], rejected=rejected[img],
-            label=cat.label[img], cc=np.zeros(m, np.int32), blacklisted=np.zeros(m, bool),
-            response=np.empty(m, dtype=object), ledger=ReputationLedger(reputation),
-        )
-        observe, response, cc, blacklisted = part.ledger.observe, part.response, part.cc, part.blacklisted
-        for k, (name, t, image_id, er, r, lab) in enumerate(zip(
-                part.names, rec["ts"].tolist(), part.image_ids, part.error.tolist(), part.rejected.tolist(),
-                part.label.tolist())):
-            if er:
+    img = records.column("img").to_numpy()
+    ts = records.column("ts").to_numpy()
+    m = len(img)
+    source = records.column("source").combine_chunks()
+    change = np.flatnonzero(np.asarray(pc.not_equal(source[1:], source[:-1]))) + 1 if m > 1 else np.zeros(0, int)
+    starts = np.r_[0, change, m].astype(np.int64) if m else np.zeros(1, np.int64)
+    part = ReplayedPartition(
+        index=index, records=records, ts=ts, img=img, starts=starts,
+        names=pc.take(source, pa.array(starts[:-1])).to_pylist(), error=cat.is_error[img], rejected=rejected[img],
+        label=cat.label[img], cc=np.zeros(m, np.int32), blacklisted=np.zeros(m, bool),
+        response=np.empty(m, dtype=object), src_rejected=np.zeros(0, np.int64), src_blocked=np.zeros(0, np.int64),
+        src_cc=np.zeros(0, np.int32), src_blacklisted=np.zeros(0, bool), src_intervals=[],
+    )
+    ledger = ReputationLedger(reputation)
+    observe, response, cc, blacklisted = ledger.observe, part.response, part.cc, part.blacklisted
+    ts_list, err, rej, lab = ts.tolist(), part.error.tolist(), part.rejected.tolist(), part.label.tolist()
+    distinct, which = np.unique(img, return_inverse=True)
+    distinct_ids = pc.take(cat.ids, pa.array(distinct)).to_pylist()
+    ids = [distinct_ids[i] for i in which.tolist()]  # one str per image, shared by its uploads
+    final: tuple[list[int], list[int], list[int], list[bool]] = ([], [], [], [])  # rejected, blocked, cc, listed
+    for name, a, e in zip(part.names, starts[:-1].tolist(), starts[1:].tolist()):
+        for k in range(a, e):
+            if err[k]:
                 response[k] = Response.ERROR
                 continue
-            resp = observe(Upload(name, t, image_id, r, Verdict.ADVERSARIAL if r else (lab or Verdict.ACCEPTED)))
+            r = rej[k]
+            resp = observe(Upload(name, ts_list[k], ids[k], r, Verdict.ADVERSARIAL if r else (lab[k] or Verdict.ACCEPTED)))
             response[k] = resp.response
             cc[k] = resp.cc
             blacklisted[k] = resp.blacklisted
-        yield part
+        st = ledger.get(name)
+        for column, value in zip(final, (st.rejected, st.blocked, st.cc, st.blacklisted)):
+            column.append(value)
+        part.src_intervals.append(st.intervals or _NO_INTERVALS)
+        ledger.reset(name)
+    part.src_rejected, part.src_blocked, part.src_cc, part.src_blacklisted = (
+        np.array(column, dtype) for column, dtype in zip(final, (np.int64, np.int64, np.int32, bool)))
+    return part
+
+
+def replay(spill: Spill, cat: Catalogue, rejected: np.ndarray, reputation: ReputationConfig) -> Iterator[ReplayedPartition]:
+    """Algorithm 2 over every partition, one at a time (see :func:`replay_partition`)."""
+    for p, records in spill.partitions_sorted():
+        yield replay_partition(p, records, cat, rejected, reputation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,18 +292,15 @@ class WhatIf:
 
 
 def what_if(spill: Spill, cat: Catalogue, base: TwoStreamConfig, settings: Sequence[WhatIf],
-            sources: pa.Table, clean_rate: float, source_names: Sequence[str]) -> pa.Table:
+            runs: SourceRuns, clean_rate: float) -> pa.Table:
     """Replay the spilled log under each setting; count blocked sources and collateral hits.
 
     A *clean-looking* source is one whose rejection rate under the audit's own thresholds is at
-    most ``clean_rate`` (and has at least one scored upload); ``clean_sources_hit`` counts those
-    a setting would have blacklisted at least once.
+    most ``clean_rate`` (and has at least one scored upload), read from the audit's per-partition
+    source rows (``runs``); ``clean_sources_hit`` counts those a setting would have blacklisted at
+    least once. One partition at a time, every setting replayed over it.
     """
-    names = sources.column("source").to_pylist()
-    rates = dict(zip(names, sources.column("rejection_rate").to_pylist()))
-    scored = dict(zip(names, sources.column("scored").to_pylist()))
-    clean = {s for s, r in rates.items() if scored[s] > 0 and r <= clean_rate}
-    out: dict[str, list] = {f.name: [] for f in WHAT_IF_SCHEMA}
+    plans = []
     verdict_cache: dict[tuple[float, float], np.ndarray] = {}
     for setting in settings:
         th, rep = setting.configs(base)
@@ -258,18 +308,26 @@ def what_if(spill: Spill, cat: Catalogue, base: TwoStreamConfig, settings: Seque
         if key not in verdict_cache:
             same = th.p1 == base.thresholds.p1 and th.p2 == base.thresholds.p2
             verdict_cache[key] = rejected_for(cat, None if same else th)[0]
-        n_rej = n_blocked = at_end = 0
-        ever: set[str] = set()
-        for part in replay(spill, cat, verdict_cache[key], rep, source_names):
-            n_rej += int((part.rejected & ~part.error).sum())
-            n_blocked += int((part.response == Response.BLOCKED).sum())
-            for name, st in part.ledger.items():
-                if st.intervals:
-                    ever.add(name)
-                at_end += st.blacklisted
+        plans.append((setting, th, rep, verdict_cache[key]))
+    counts = np.zeros((len(plans), 5), np.int64)  # rejected, blocked, sources blocked, at end, clean hit
+    clean_total = 0
+    for p, records in spill.partitions_sorted():
+        clean = runs.clean(p, clean_rate)
+        clean_total += len(clean)
+        for i, (_, _, rep, rejected) in enumerate(plans):
+            part = replay_partition(p, records, cat, rejected, rep)
+            counts[i, 0] += int((part.rejected & ~part.error).sum())
+            counts[i, 1] += int((part.response == Response.BLOCKED).sum())
+            for name, intervals in zip(part.names, part.src_intervals):
+                if intervals:
+                    counts[i, 2] += 1
+                    counts[i, 4] += name in clean
+            counts[i, 3] += int(part.src_blacklisted.sum())
+    out: dict[str, list] = {f.name: [] for f in WHAT_IF_SCHEMA}
+    for (setting, th, rep, _), (n_rej, n_blocked, ever, at_end, hit) in zip(plans, counts.tolist()):
         row = {"setting": setting.label(), "p1": th.p1, "p2": th.p2, "threshold": rep.threshold, "cap": rep.cap,
-               "rejected_uploads": n_rej, "blocked_uploads": n_blocked, "sources_blocked": len(ever),
-               "blacklisted_at_end": at_end, "clean_sources_hit": len(ever & clean), "clean_sources": len(clean)}
+               "rejected_uploads": n_rej, "blocked_uploads": n_blocked, "sources_blocked": ever,
+               "blacklisted_at_end": at_end, "clean_sources_hit": hit, "clean_sources": clean_total}
         for name, value in row.items():
             out[name].append(value)
     return pa.Table.from_pydict(out, schema=WHAT_IF_SCHEMA)

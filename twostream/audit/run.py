@@ -4,11 +4,14 @@ Plain Python + pyarrow, no Ray (``jobs/audit.py`` only adds Ray for scoring). Th
 a short function here over the modules that own the work:
 
 1. **Catalogue** of known images (:mod:`twostream.audit.catalogue`).
-2. **Log pass** (streaming, :mod:`twostream.audit.logread`): records checked, bad lines
-   written, good records spilled by source (:class:`twostream.audit.replay.Spill`).
+2. **Log pass** (streaming, :mod:`twostream.audit.logread`, about two blocks of text held
+   whatever the lines): records checked, bad lines written, good records spilled,
+   hash-partitioned by source (:class:`twostream.audit.replay.Spill`); nothing kept per source.
 3. **Scoring** of the referenced images that no ``--scores`` row covers (a ``score_fn``).
-4. **Replay** of Algorithm 2 per source (:func:`twostream.audit.replay.replay`): the timeline
-   streamed to Parquet, the per-source rows, the rate bins and the top sources' CC series.
+4. **Replay** of Algorithm 2 per source (:func:`twostream.audit.replay.replay`), a partition at
+   a time: the timeline streamed to Parquet, each partition's per-source rows ranked to a file
+   and merged into ``sources.parquet`` (:class:`twostream.audit.outputs.SourceRuns`), the rate
+   bins and the top sources' CC series. Memory: about one partition, whatever the log's size.
 5. **What-if** (:func:`twostream.audit.replay.what_if`), then ``summary.json`` and the report.
 
 Settings come from the config's ``audit`` section (:class:`twostream.core.config.AuditSettings`).
@@ -22,7 +25,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,16 +36,16 @@ from twostream import storage
 from twostream.audit.catalogue import Catalogue, ScoreFn, build_catalogue, rejected_for, score_missing, scorer_score_fn
 from twostream.audit.logread import AuditError, ColumnMapping, check_chunk, detect_format, read_log
 from twostream.audit.outputs import (
+    SOURCES_KEPT,
     TIMELINE_SCHEMA,
     AuditResult,
     BadLines,
     ParquetSink,
+    SourceRuns,
     scored_images_table,
-    sources_table,
-    suspicion_key,
 )
 from twostream.audit.report import render_report
-from twostream.audit.replay import RECORD, SourceNames, Spill, WhatIf, replay, what_if
+from twostream.audit.replay import Spill, WhatIf, replay, what_if
 from twostream.core.config import TwoStreamConfig
 from twostream.reporting import RateBins, SourceSeries
 
@@ -57,7 +60,6 @@ class _LogPass:
 
     spill: Spill
     referenced: np.ndarray  # bool per catalogue row: named by a good record
-    sources: SourceNames = field(default_factory=SourceNames)
     lines: int = 0
     good: int = 0
     invalid_utf8: int = 0  # lines (rows) whose invalid UTF-8 was replaced
@@ -67,7 +69,9 @@ class _LogPass:
 
 @dataclass
 class _Replayed:
-    sources: pa.Table  # SOURCES_SCHEMA, ranked
+    sources: pa.Table  # SOURCES_SCHEMA: the first SOURCES_KEPT ranks
+    counts: dict[str, int]  # sources, ever_blacklisted, blacklisted_at_end
+    runs: SourceRuns  # each partition's ranked sources (the what-if reads the clean-looking ones)
     top_series: list[SourceSeries]
     rates: RateBins
 
@@ -121,12 +125,12 @@ def run_audit(
         clock.lap("log")
         newly_scored = _score_unscored(cat, logged.referenced, score_fn, config, files, output_uri)
         clock.lap("score")
-        replayed = _replay(logged, cat, config, files, settings.top)
+        replayed = _replay(logged, cat, config, files, settings.top, SourceRuns(tmp, settings.partitions))
         clock.lap("replay")
         what_if_table = None
         if alternatives:
-            what_if_table = what_if(logged.spill, cat, config, [WhatIf(), *alternatives], replayed.sources,
-                                    settings.clean_rate, logged.sources.names)
+            what_if_table = what_if(logged.spill, cat, config, [WhatIf(), *alternatives], replayed.runs,
+                                    settings.clean_rate)
             files["what_if.parquet"] = storage.join(output_uri, "what_if.parquet")
             storage.write_parquet(what_if_table, files["what_if.parquet"], compression="zstd")
     finally:
@@ -143,7 +147,7 @@ def _log_pass(log_uri: str, fmt: str, mapping: ColumnMapping, cat: Catalogue, sp
               block_bytes: int) -> _LogPass:
     """Stream the log: bad lines to ``bad``, good records to ``spill`` (then both closed)."""
     out = _LogPass(spill, np.zeros(len(cat), dtype=bool))
-    for chunk in read_log(log_uri, fmt, mapping, block_bytes):
+    for chunk in read_log(log_uri, fmt, mapping, block_bytes):  # a line longer than a block: a bad line
         out.lines += len(chunk.line) + len(chunk.bad)
         out.invalid_utf8 += chunk.invalid_utf8
         records = check_chunk(chunk, cat.lookup, mapping.timestamp_unit)
@@ -151,16 +155,10 @@ def _log_pass(log_uri: str, fmt: str, mapping: ColumnMapping, cat: Catalogue, sp
         if not len(records.line):
             continue
         out.good += len(records.line)
-        rec = np.empty(len(records.line), dtype=RECORD)
-        rec["src"] = out.sources.codes(records.source)
-        rec["img"] = records.image
-        rec["ts"] = records.timestamp
-        rec["line"] = records.line
-        if records.user_agent is not None:
-            out.sources.add_agents(rec["src"], records.user_agent)
         out.referenced[records.image] = True
-        out.tmin, out.tmax = min(out.tmin, float(rec["ts"].min())), max(out.tmax, float(rec["ts"].max()))
-        spill.append(rec)
+        out.tmin = min(out.tmin, float(records.timestamp.min()))
+        out.tmax = max(out.tmax, float(records.timestamp.max()))
+        spill.append(records.source, records.image, records.timestamp, records.line, records.user_agent)
     spill.close()
     bad.close()
     if out.invalid_utf8:
@@ -185,27 +183,27 @@ def _score_unscored(cat: Catalogue, referenced: np.ndarray, score_fn: ScoreFn | 
     return len(need)
 
 
-def _replay(logged: _LogPass, cat: Catalogue, config: TwoStreamConfig, files: dict[str, str], top: int) -> _Replayed:
-    """Algorithm 2 under the audit's own settings: the timeline, the sources, the rates, the CC series."""
+def _replay(logged: _LogPass, cat: Catalogue, config: TwoStreamConfig, files: dict[str, str], top: int,
+            runs: SourceRuns) -> _Replayed:
+    """Algorithm 2 under the audit's own settings, a partition at a time: the timeline, the
+    sources (ranked per partition, then merged), the rates, the top sources' CC series."""
     rejected, verdicts = rejected_for(cat, None)
     rates = RateBins.over(logged.tmin, logged.tmax)
     timeline = ParquetSink(files["timeline.parquet"], TIMELINE_SCHEMA)
-    rows: list[dict] = []
     candidates: dict[str, SourceSeries] = {}
-    for part in replay(logged.spill, cat, rejected, config.reputation, logged.sources.names):
-        timeline.write(part.timeline(verdicts))
-        rates.add(part.rec["ts"], ~part.error, part.rejected, part.response)
-        spans = [(part.source_row(name, a, e, logged.sources.agents[part.rec["src"][a]]), a, e)
-                 for name, a, e in part.spans()]
-        rows += [row for row, _, _ in spans]
+    for part in replay(logged.spill, cat, rejected, config.reputation):
+        timeline.write(part.timeline(verdicts, cat.ids))
+        rates.add(part.ts, ~part.error, part.rejected, part.response)
+        sources = part.sources()
+        order = pc.sort_indices(sources, [("key", "ascending")])
+        runs.write(part.index, sources.take(order))
         # each partition's most suspicious sources keep their CC series (the top ones overall are among them)
-        for row, a, e in sorted(spans, key=lambda t: suspicion_key(t[0]))[:top]:
-            candidates[row["source"]] = part.series(row["source"], a, e, config.reputation.threshold)
+        for k in order.to_numpy()[:top].tolist():
+            candidates[part.names[k]] = part.series(k, config.reputation.threshold)
     timeline.close()
-    sources = sources_table(rows)
-    storage.write_parquet(sources, files["sources.parquet"], compression="zstd")
-    top_series = [candidates[n] for n in sources.column("source").to_pylist()[:top] if n in candidates]
-    return _Replayed(sources, top_series, rates)
+    head, counts = runs.merge(files["sources.parquet"], max(SOURCES_KEPT, top))
+    top_series = [candidates[n] for n in head.column("source").to_pylist()[:top] if n in candidates]
+    return _Replayed(head, counts, runs, top_series, rates)
 
 
 def _summary(log_uri: str, fmt: str, images_uri: str | None, scores_uri: str | None, config: TwoStreamConfig,
@@ -213,16 +211,16 @@ def _summary(log_uri: str, fmt: str, images_uri: str | None, scores_uri: str | N
              clock: _Clock) -> dict:
     """``summary.json`` (its ``files`` filled in when written)."""
     elapsed = clock.total()
-    sources = replayed.sources
+    counts = replayed.counts
     finite = math.isfinite(logged.tmin)
     return {
         "log": log_uri, "format": fmt, "images": images_uri, "scores": scores_uri,
         "lines": logged.lines, "good_lines": logged.good, "bad_lines": int(sum(bad.counts.values())),
         "bad_by_reason": dict(sorted(bad.counts.items())),
         "warnings": {"lines_with_invalid_utf8": logged.invalid_utf8},
-        "sources": int(sources.num_rows),
-        "sources_ever_blacklisted": int(pc.sum(pc.greater(sources.column("times_blacklisted"), 0)).as_py() or 0),
-        "sources_blacklisted_at_end": int(pc.sum(pc.cast(sources.column("blacklisted"), pa.int64())).as_py() or 0),
+        "sources": counts["sources"],
+        "sources_ever_blacklisted": counts["ever_blacklisted"],
+        "sources_blacklisted_at_end": counts["blacklisted_at_end"],
         "uploads_rejected": int(replayed.rates.rejected.sum()), "uploads_blocked": int(replayed.rates.blocked.sum()),
         "images_known": len(cat), "images_scored_from_scores": int((logged.referenced & cat.from_scores).sum()),
         "images_scored_now": newly_scored,
