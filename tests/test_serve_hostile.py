@@ -361,7 +361,7 @@ def test_nothing_of_the_ingress_listens_beyond_the_host_and_its_admin_socket_is_
     pid, config = haproxy_config(pids)
     text = config.read_text()
     assert MARK in text and f"timeout http-request {HEADER_TIMEOUT_S * 1000}ms" in text
-    assert "timeout client 60s" in text and "timeout http-keep-alive 5s" in text and "maxconn 8000" in text
+    assert "timeout client 60s" in text and "timeout http-keep-alive 5s" in text and "maxconn 6000" in text
     admin = Path(re.search(r"stats socket (\S+)", text).group(1))
     assert (admin.stat().st_mode & 0o777) == 0o600, oct(admin.stat().st_mode)
     assert len({port for _, port, _, _ in haproxy}) == 2, haproxy

@@ -161,10 +161,11 @@ class ServeSettings(_Strict):
         ),
     )
     max_connections: int = Field(
-        8000, gt=0,
+        6000, gt=0,
         description=(
             "http_proxy haproxy: most concurrent client connections of the ingress (HAProxy's global maxconn; "
-            "Ray's RAY_SERVE_HAPROXY_MAXCONN, its default 4096); HAProxy needs about two file descriptors each"
+            "Ray's RAY_SERVE_HAPROXY_MAXCONN, its default 4096); HAProxy needs 2.5 file descriptors each "
+            "(with Ray's splicing) and refuses to start past the hard RLIMIT_NOFILE"
         ),
     )
     max_connections_per_client: int = Field(
