@@ -368,6 +368,33 @@ def test_nothing_of_the_ingress_listens_beyond_the_host_and_its_admin_socket_is_
 
 
 @pytest.mark.ray
+def test_two_source_ids_over_http_are_refused_naming_both(endpoint):
+    import http.client
+
+    import requests
+
+    image = png(1)
+    conn = http.client.HTTPConnection("127.0.0.1", endpoint["port"], timeout=60)
+    conn.putrequest("POST", "/v1/classify")
+    for value in ("first-id", "second-id"):
+        conn.putheader("X-Source-Id", value)
+    conn.putheader("Content-Type", "image/png")
+    conn.putheader("Content-Length", str(len(image)))
+    conn.endheaders(image)
+    reply = conn.getresponse()
+    body = reply.read().decode()
+    conn.close()
+    assert reply.status == 400 and '"ambiguous_source"' in body and "first-id" in body and "second-id" in body
+    answer = requests.post(endpoint["base"] + "/v1/classify", files={"image": ("a.png", image, "image/png")},
+                           data={"source": "field-id"}, headers={"X-Source-Id": "header-id"}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"] == "ambiguous_source", answer.text
+    assert "'header-id'" in answer.json()["detail"] and "'field-id'" in answer.json()["detail"]
+    answer = requests.post(endpoint["base"] + "/v1/classify", files={"image": ("a.png", image, "image/png")},
+                           data={"source": "same-id"}, headers={"X-Source-Id": "same-id"}, timeout=60)
+    assert answer.status_code in (200, 403) and answer.json()["source"] == "same-id", answer.text
+
+
+@pytest.mark.ray
 def test_sigint_stops_it_promptly_and_frees_its_port(endpoint):
     """Last: started with SIGINT ignored, ``twostream serve`` still stops on it."""
     proc, port = endpoint["proc"], endpoint["port"]
