@@ -190,9 +190,9 @@ class FormReader:
     def _part_end(self) -> None:
         if isinstance(self._sink, bytearray):
             value = self._sink.decode("utf-8", errors="replace")
-            if self._name in self.fields:  # never silently the first or the last of two
-                raise ApiError(400, "duplicate_field", f"form field {self._name[:64]!r} given twice: "
-                               f"{self.fields[self._name][:64]!r} and {value[:64]!r}")
+            if self._name == SOURCE_FIELD and self._name in self.fields:  # never the first or the last of two
+                raise ApiError(400, "duplicate_field", f"form field {self._name!r} given twice: "
+                               f"{self.fields[self._name][:64]!r} and {value[:64]!r}: a request names one source")
             self.fields[self._name] = value
         self._sink = None
 
