@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from twostream.online.http import ApiError, FormReader, resolve_source
 from twostream.online.ingress import MARK, Hardening, HardeningError, harden
@@ -232,30 +234,42 @@ def closed_by_server(sock: socket.socket, within_s: float) -> bytes | None:
     return got
 
 
+def serve_command(tmp: Path, port: int, extra: list[str] = ()) -> list[str]:
+    """``twostream serve`` with tiny random-init models (their weights saved in ``tmp``)."""
+    from tests.test_serve_http import HIGH_MODEL, LOW_MODEL, save_random_weights
+
+    high = save_random_weights(HIGH_MODEL, "high", tmp / "high.pt", 0)
+    low = save_random_weights(LOW_MODEL, "low", tmp / "low.pt", 1)
+    sets = [f"high.model={HIGH_MODEL}", f"high.weights={high}", "high.num_cpus=0.5", "high.threads=1",
+            f"low.model={LOW_MODEL}", f"low.weights={low}", "low.num_cpus=0.5", "low.threads=1",
+            f"serve.redis_dir={tmp / 'redis'}", "serve.drain_s=1", *extra]
+    return [sys.executable, "-m", "twostream.cli", "serve", "--port", str(port), "--num-cpus", "2",
+            *[arg for s in sets for arg in ("--set", s)]]
+
+
+def child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"PYTHONPATH": str(REPO)}
+
+
+def ignore_sigint() -> None:  # as a shell starts a background job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     requests = pytest.importorskip("requests")
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
-    from tests.test_serve_http import HIGH_MODEL, LOW_MODEL, free_port, save_random_weights
+    from tests.test_serve_http import free_port
 
     tmp = tmp_path_factory.mktemp("hostile")
-    high = save_random_weights(HIGH_MODEL, "high", tmp / "high.pt", 0)
-    low = save_random_weights(LOW_MODEL, "low", tmp / "low.pt", 1)
     port = free_port()
-    sets = [f"high.model={HIGH_MODEL}", f"high.weights={high}", "high.num_cpus=0.5", "high.threads=1",
-            f"low.model={LOW_MODEL}", f"low.weights={low}", "low.num_cpus=0.5", "low.threads=1",
-            f"serve.redis_dir={tmp / 'redis'}", "serve.drain_s=1", f"serve.header_timeout_s={HEADER_TIMEOUT_S}",
-            f"serve.max_connections_per_client={PER_CLIENT}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"PYTHONPATH": str(REPO)}
+    command = serve_command(tmp, port, [f"serve.header_timeout_s={HEADER_TIMEOUT_S}",
+                                        f"serve.max_connections_per_client={PER_CLIENT}"])
     log = tmp / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(  # SIGINT ignored, as a shell starts a background job: serve takes it back
-            [sys.executable, "-m", "twostream.cli", "serve", "--port", str(port), "--num-cpus", "2",
-             *[arg for s in sets for arg in ("--set", s)]],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        )
+    with log.open("w") as out:  # SIGINT ignored, as a shell starts a background job: serve takes it back
+        proc = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=ignore_sigint)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     try:
@@ -398,6 +412,56 @@ def test_two_source_ids_over_http_are_refused_naming_both(endpoint):
     assert answer.status_code in (200, 403) and answer.json()["source"] == "same-id", answer.text
 
 
+def test_print_cluster_env_gives_the_variables_for_ray_start():
+    done = subprocess.run([sys.executable, "-m", "twostream.cli", "serve", "--print-cluster-env",
+                           "--set", "serve.max_connections=1500", "--set", "serve.header_timeout_s=3"],
+                          cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    env = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines())
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_MAXCONN"] == "1500"
+    assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).name == "haproxy_hardened.sh"
+    assert Hardening.from_env(env["TWOSTREAM_HAPROXY_HARDENING"].strip("'")).header_timeout_s == 3
+
+
+def test_more_connections_than_the_fd_limit_allows_are_refused_naming_both():
+    import resource
+
+    from jobs.ray_cluster import haproxy_fds, serve_cluster_env
+    from twostream.core.config import ServeSettings
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard file limit")
+    too_many = hard  # 2.5 descriptors each
+    with pytest.raises(ValueError, match=rf"serve.max_connections={too_many} needs {haproxy_fds(too_many)} .*{hard}"):
+        serve_cluster_env(ServeSettings(max_connections=too_many))
+    fits = (hard - 64) * 2 // 5
+    assert haproxy_fds(fits) <= hard and serve_cluster_env(ServeSettings(max_connections=fits))
+
+
+SOURCE_TEXT = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=st.lists(SOURCE_TEXT, max_size=3), field=st.none() | SOURCE_TEXT, client=st.none() | st.just("10.0.0.1"))
+def test_source_resolution_names_one_identity_or_refuses(headers, field, client):
+    """Whatever the request gives, the source is the one id it names (header and field agreeing),
+    else a 400; never one of two picked."""
+    named = set(headers) | ({field} if field is not None else set())
+    try:
+        source = resolve_source(headers, field, client)
+    except ApiError as err:
+        assert err.status == 400
+        if len(headers) > 1 or len(named) > 1:
+            assert err.error == "ambiguous_source"
+        else:
+            assert not named and client is None and err.error == "missing_source"
+        return
+    assert len(headers) <= 1 and len(named) <= 1
+    assert source == (named.pop() if named else client)
+
+
 @pytest.mark.ray
 def test_sigint_stops_it_promptly_and_frees_its_port(endpoint):
     """Last: started with SIGINT ignored, ``twostream serve`` still stops on it."""
@@ -409,3 +473,29 @@ def test_sigint_stops_it_promptly_and_frees_its_port(endpoint):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT; a listener still refuses
         sock.bind(("127.0.0.1", port))
         sock.listen()
+
+
+@pytest.mark.ray
+def test_sigint_during_startup_stops_it_and_what_it_started(tmp_path):
+    """A signal while Ray starts aborts the startup: exit 0, the embedded redis-server stopped."""
+    from tests.test_serve_http import free_port
+
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(serve_command(tmp_path, free_port()), cwd=REPO, env=child_env(), stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
+    try:
+        deadline = time.monotonic() + 120
+        while "reputation state:" not in log.read_text():  # Redis is up, Ray is starting
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        redis = [pid for pid in descendants(proc.pid) if Path(f"/proc/{pid}/comm").read_text().strip()
+                 == "redis-server"]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "shutting down" in log.read_text(), log.read_text()[-3000:]
+    assert "twostream serving at" not in log.read_text()
+    assert redis and not any(Path(f"/proc/{pid}").exists() for pid in redis)

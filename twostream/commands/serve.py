@@ -33,6 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"
     )
+    parser.add_argument(
+        "--print-cluster-env", action="store_true",
+        help="print the environment a Ray cluster must be started with for these serve.* settings "
+             "(HAProxy and its hardening; `export` lines for `ray start`) and exit",
+    )
     add_config_args(parser)
     parser.set_defaults(run=run)
 
@@ -54,6 +59,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2))
         return 0
 
+    if args.print_cluster_env:
+        import shlex
+
+        from jobs.ray_cluster import serve_cluster_env
+
+        for key, value in serve_cluster_env(config.serve).items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+
     import ray
     from ray import serve
 
@@ -66,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     # SIGINT and SIGTERM are ours from the start, whatever this process inherited: a shell starts a
     # background job with SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt).
     # During startup a signal aborts it as Ctrl-C does; once serving, it ends the wait below.
-    # Either way it is recorded first, so the one that arrives while Ray swallows an exception
-    # still stops the endpoint as soon as the startup step returns.
+    # Either way it is recorded first: were the exception caught inside a library, the endpoint
+    # still stops as soon as that startup step returns.
     stop = threading.Event()
     starting = [True]
 
@@ -80,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     embedded = None
     started = False
+    ray_before = ray.is_initialized()  # a caller's Ray (in-process) is left running
     try:
         if not settings.redis_url:
             embedded = EmbeddedRedis(settings.redis_dir, appendfsync=settings.redis_appendfsync)
@@ -107,11 +122,10 @@ def run(args: argparse.Namespace) -> int:
         print("shutting down" + (f": the ingress replicas stay reachable for serve.drain_s={settings.drain_s:g} s "
                                  "first" if draining else ""), file=sys.stderr, flush=True)
         try:
-            if started:
+            if ray.is_initialized():  # also when a signal broke off connect() midway
                 serve.shutdown()
-                ray.shutdown()
-            elif ray.is_initialized():
-                serve.shutdown()
+                if not ray_before:
+                    ray.shutdown()
         finally:
             if embedded is not None:
                 embedded.stop()
