@@ -251,8 +251,15 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"PYTHONPATH": str(REPO)}
 
 
-def ignore_sigint() -> None:  # as a shell starts a background job
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def start_with_sigint_ignored(command: list[str], log: Path) -> subprocess.Popen:
+    """Start ``command`` with SIGINT ignored, as a shell starts a background job (the disposition is
+    inherited through exec; set here around the fork, not in the child before exec: unsafe beside threads)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with log.open("w") as out:
+            return subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
@@ -267,9 +274,7 @@ def endpoint(tmp_path_factory):
     command = serve_command(tmp, port, [f"serve.header_timeout_s={HEADER_TIMEOUT_S}",
                                         f"serve.max_connections_per_client={PER_CLIENT}"])
     log = tmp / "serve.log"
-    with log.open("w") as out:  # SIGINT ignored, as a shell starts a background job: serve takes it back
-        proc = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=ignore_sigint)
+    proc = start_with_sigint_ignored(command, log)  # serve takes SIGINT back
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     try:
@@ -481,9 +486,7 @@ def test_sigint_during_startup_stops_it_and_what_it_started(tmp_path):
     from tests.test_serve_http import free_port
 
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(serve_command(tmp_path, free_port()), cwd=REPO, env=child_env(), stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
+    proc = start_with_sigint_ignored(serve_command(tmp_path, free_port()), log)
     try:
         deadline = time.monotonic() + 120
         while "reputation state:" not in log.read_text():  # Redis is up, Ray is starting
