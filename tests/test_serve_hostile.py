@@ -468,6 +468,16 @@ def test_source_resolution_names_one_identity_or_refuses(headers, field, client)
 
 
 @pytest.mark.ray
+def test_an_idle_keep_alive_connection_is_closed(endpoint):
+    """``serve.keep_alive_s`` (5) reaches HAProxy (Ray's default: 90 s): after an answer, an idle
+    connection is closed by the proxy."""
+    with socket.create_connection(("127.0.0.1", endpoint["port"]), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert closed_by_server(sock, 60) is not None, "an idle keep-alive connection still open after 60 s"
+
+
+@pytest.mark.ray
 def test_sigint_stops_it_promptly_and_frees_its_port(endpoint):
     """Last: started with SIGINT ignored, ``twostream serve`` still stops on it."""
     proc, port = endpoint["proc"], endpoint["port"]
