@@ -94,6 +94,33 @@ def test_hardening_refuses_a_config_without_the_line_it_edits(missing):
         harden(text, Hardening())
 
 
+def test_the_wrapper_hardens_then_runs_haproxy_or_refuses(tmp_path):
+    """``jobs/haproxy_hardened.sh`` as Ray runs it: the file rewritten in place, then the real
+    HAProxy with the same arguments (here ``-c``, a check); a config it cannot harden: exit 2 and
+    the reason on stderr (Ray reports it as HAProxy's failure to start), HAProxy never run."""
+    from jobs.ray_cluster import HARDENED_WRAPPER
+
+    binary = haproxy_binary()
+    if binary is None:
+        pytest.skip("no haproxy binary")
+    (tmp_path / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(RAY_CONFIG.replace("/tmp/haproxy-serve/NODE", str(tmp_path)))
+    env = os.environ | {"TWOSTREAM_HAPROXY_BINARY": binary, "TWOSTREAM_HAPROXY_PYTHON": sys.executable,
+                        "TWOSTREAM_HAPROXY_HARDENING": Hardening(header_timeout_s=3).to_env()}
+    done = subprocess.run([HARDENED_WRAPPER, "-c", "-f", str(cfg)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Configuration file is valid" in done.stdout + done.stderr
+    assert cfg.read_text() == harden(RAY_CONFIG.replace("/tmp/haproxy-serve/NODE", str(tmp_path)),
+                                     Hardening(header_timeout_s=3))
+    cfg.write_text(RAY_CONFIG.replace("listen stats", "listen statistics"))
+    done = subprocess.run([HARDENED_WRAPPER, "-c", "-f", str(cfg)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "not starting HAProxy unhardened" in done.stderr
+    assert "'listen stats'" in done.stderr and "Configuration file is valid" not in done.stdout + done.stderr
+
+
 SERVE_CONSTANTS = """
 from ray.serve._private import constants, haproxy
 from ray.serve.config import HTTPOptions
