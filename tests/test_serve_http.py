@@ -72,7 +72,7 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
     """Redis, Ray and both topologies of the application; returns what the tests need."""
     from ray import serve
 
-    from jobs.ray_cluster import connect, serve_cluster_env
+    from jobs.ray_cluster import connect, serve_cluster_env, serve_http_options
     from jobs.serve import build_app
     from twostream.core.config import load_config
     from twostream.core.scoring import Scorer
@@ -102,7 +102,7 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
     saved = {k: os.environ.get(k) for k in env}
     connect(num_cpus=2, log_to_driver=False, cluster_env=env)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options=serve_http_options(config.serve))
         serve.run(build_app(config), name=config.serve.app_name, route_prefix="/")
         serve.run(build_app(split), name="split", route_prefix="/split")
         base = f"http://127.0.0.1:{port}"
@@ -263,8 +263,10 @@ def test_source_from_header_or_form_field_never_from_a_forwarded_address(setup, 
     assert answer.status_code == 200, answer.text
     assert answer.json()["source"] == "form-src"
     answer = requests.post(base + "/v1/classify", files={"image": ("a.png", data, "image/png")},
-                           data={"source": "form-src"}, headers={"X-Source-Id": "header-wins"}, timeout=60)
-    assert answer.json()["source"] == "header-wins"
+                           data={"source": "form-src"}, headers={"X-Source-Id": "header-src"}, timeout=60)
+    # Two names for one upload: neither wins (issue 29), the answer names both.
+    assert answer.status_code == 400 and answer.json()["error"] == "ambiguous_source", answer.text
+    assert "'header-src'" in answer.json()["detail"] and "'form-src'" in answer.json()["detail"]
     # No source id: behind HAProxy (the default serve.http_proxy) the replicas never see the client's
     # address, so the request is refused, also when it names an address of its own.
     for spoof in ({}, {"X-Forwarded-For": "203.0.113.9"}):

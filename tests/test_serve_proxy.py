@@ -35,3 +35,20 @@ def test_without_a_source_id_the_client_address_is_the_source(setup):
                            headers={"Content-Type": "image/png", "X-Forwarded-For": "203.0.113.9"})
     assert answer.status_code == 200 and answer.json()["source"] == "127.0.0.1", answer.text
     assert classify(base, buf.getvalue(), "named").json()["source"] == "named"
+
+
+def test_an_idle_keep_alive_connection_is_closed(setup):
+    """``serve.keep_alive_s`` (5) reaches uvicorn (Serve's ``http_options.keep_alive_timeout_s``, its
+    default 90): after an answer, an idle connection is closed by the server, well before 90 s."""
+    import socket
+
+    host, port = setup["base"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        sock.settimeout(60)
+        rest = b""
+        while chunk := sock.recv(65536):  # the rest of the answer, then the server's close
+            rest += chunk
+        assert b"HTTP/1.1" not in rest

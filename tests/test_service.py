@@ -186,7 +186,7 @@ def test_lookup_source_ids_take_any_text():
 
 
 def test_source_resolution():
-    assert resolve_source("h", "f", "1.2.3.4") == "h"
+    assert resolve_source("h", "h", "1.2.3.4") == "h"  # header and field disagreeing: a 400 (issue 29)
     assert resolve_source(None, "f", "1.2.3.4") == "f"
     assert resolve_source(None, None, "1.2.3.4") == "1.2.3.4"
     assert resolve_source("h", "f", "1.2.3.4", trust_client_value=False) == "1.2.3.4"

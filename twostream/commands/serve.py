@@ -33,6 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"
     )
+    parser.add_argument(
+        "--print-cluster-env", action="store_true",
+        help="print the environment a Ray cluster must be started with for these serve.* settings "
+             "(HAProxy and its hardening; `export` lines for `ray start`) and exit",
+    )
     add_config_args(parser)
     parser.set_defaults(run=run)
 
@@ -54,47 +59,76 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(shown, indent=2))
         return 0
 
+    if args.print_cluster_env:
+        import shlex
+
+        from jobs.ray_cluster import serve_cluster_env
+
+        for key, value in serve_cluster_env(config.serve).items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+
     import ray
     from ray import serve
 
-    from jobs.ray_cluster import connect, serve_cluster_env
+    from jobs.ray_cluster import connect, serve_cluster_env, serve_http_options
     from jobs.serve import build_app
     from twostream.online.redis_server import EmbeddedRedis
     from twostream.online.redis_store import redact
 
     settings = config.serve
-    embedded = None
-    if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.redis_dir, appendfsync=settings.redis_appendfsync)
-        settings.redis_url = embedded.start()
-        print(f"reputation state: embedded redis-server at {settings.redis_url} (append-only file in "
-              f"{embedded.directory}, appendfsync {settings.redis_appendfsync})", flush=True)
-    else:
-        print(f"reputation state: {redact(settings.redis_url)}", flush=True)
-    started = False
-    try:
-        started = connect(args.address, num_cpus=args.num_cpus, cluster_env=serve_cluster_env(settings))
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
-        url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
-        token = "configured" if settings.resolved_admin_token() else "disabled (no token)"
-        print(f"twostream serving at {url}  (POST {url}/v1/classify; docs {url}/docs; admin {token}; "
-              f"topology {settings.topology}; HTTP proxy {settings.http_proxy})", flush=True)
+    # SIGINT and SIGTERM are ours from the start, whatever this process inherited: a shell starts a
+    # background job with SIGINT ignored, and Python then leaves it ignored (no KeyboardInterrupt).
+    # During startup a signal aborts it as Ctrl-C does; once serving, it ends the wait below.
+    # Either way it is recorded first: were the exception caught inside a library, the endpoint
+    # still stops as soon as that startup step returns.
+    stop = threading.Event()
+    starting = [True]
 
-        stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
+    def on_signal(signum: int, _frame: object) -> None:
+        first = not stop.is_set()
+        stop.set()
+        if starting[0] and first:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    embedded = None
+    started = False
+    ray_before = ray.is_initialized()  # a caller's Ray (in-process) is left running
+    try:
+        if not settings.redis_url:
+            embedded = EmbeddedRedis(settings.redis_dir, appendfsync=settings.redis_appendfsync)
+            settings.redis_url = embedded.start()
+            print(f"reputation state: embedded redis-server at {settings.redis_url} (append-only file in "
+                  f"{embedded.directory}, appendfsync {settings.redis_appendfsync})", flush=True)
+        else:
+            print(f"reputation state: {redact(settings.redis_url)}", flush=True)
+        started = connect(args.address, num_cpus=args.num_cpus, cluster_env=serve_cluster_env(settings))
+        serve.start(http_options=serve_http_options(settings))
+        serve.run(build_app(config), name=settings.app_name, route_prefix=settings.route_prefix)
+        starting[0] = False
+        if not stop.is_set():
+            url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+            token = "configured" if settings.resolved_admin_token() else "disabled (no token)"
+            print(f"twostream serving at {url}  (POST {url}/v1/classify; docs {url}/docs; admin {token}; "
+                  f"topology {settings.topology}; HTTP proxy {settings.http_proxy})", flush=True)
         while not stop.wait(1.0):
             pass
+    except KeyboardInterrupt:
+        pass  # a signal during startup: shut down what was started
     finally:
+        starting[0] = False
         draining = started and settings.http_proxy == "haproxy"  # a joined cluster drains as it was started
         print("shutting down" + (f": the ingress replicas stay reachable for serve.drain_s={settings.drain_s:g} s "
                                  "first" if draining else ""), file=sys.stderr, flush=True)
         try:
-            serve.shutdown()
-            if started:
-                ray.shutdown()
+            if ray.is_initialized():  # also when a signal broke off connect() midway
+                serve.shutdown()
+                if not ray_before:
+                    ray.shutdown()
         finally:
             if embedded is not None:
                 embedded.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return 0

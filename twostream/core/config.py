@@ -138,6 +138,48 @@ class ServeSettings(_Strict):
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, its default 30); applies as http_proxy does"
         ),
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, le=3600.0,
+        description=(
+            "http_proxy haproxy: longest time a client may take to send a request's line and headers "
+            "(HAProxy's timeout http-request, which Ray does not set); past it HAProxy answers 408 and "
+            "closes. http_proxy ray: uvicorn has no such timeout (docs/serve.md)"
+        ),
+    )
+    client_timeout_s: int = Field(
+        60, gt=0, le=3600,
+        description=(
+            "http_proxy haproxy: longest silence of a client while HAProxy expects data from it, e.g. "
+            "mid-body (HAProxy's timeout client; Ray's RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S, its default 3600)"
+        ),
+    )
+    keep_alive_s: int = Field(
+        5, gt=0, le=3600,
+        description=(
+            "how long an idle keep-alive connection is kept between requests, by HAProxy and by uvicorn "
+            "(Serve's http_options.keep_alive_timeout_s, its default 90)"
+        ),
+    )
+    max_connections: int = Field(
+        6000, gt=0,
+        description=(
+            "http_proxy haproxy: most concurrent client connections of the ingress (HAProxy's global maxconn; "
+            "Ray's RAY_SERVE_HAPROXY_MAXCONN, its default 4096); HAProxy needs 2.5 file descriptors each "
+            "(with Ray's splicing) and refuses to start past the hard RLIMIT_NOFILE"
+        ),
+    )
+    max_connections_per_client: int = Field(
+        64, ge=0,
+        description=(
+            "http_proxy haproxy: most concurrent connections from one client address (an HAProxy stick "
+            "table); more are closed at once. 0: no limit (e.g. behind a load balancer, where every client "
+            "has its address)"
+        ),
+    )
+    haproxy_stats_page: bool = Field(
+        False,
+        description="http_proxy haproxy: keep HAProxy's stats page (bound to serve.host, like its Prometheus exporter)",
+    )
     ingress_replicas: int = Field(1, gt=0, description="replicas of the FastAPI ingress (fused: of the models too)")
     ingress_num_cpus: float = Field(
         0.0, ge=0.0, description="CPUs reserved per ingress replica (fused: beside high.num_cpus + low.num_cpus)"

@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import re
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Literal
 
 from twostream.core.config import ADMIN_TOKEN_ENV, ServeSettings
@@ -168,7 +168,10 @@ class FormReader:
         _, options = self.parse_options_header(self._disposition)
         name = options.get(b"name", b"").decode("utf-8", errors="replace")
         self._name = name
-        if name in IMAGE_FIELDS and self.image is None:
+        if name in IMAGE_FIELDS:
+            if self.image is not None:
+                raise ApiError(400, "duplicate_image", "more than one image part ('image' or 'file') in the "
+                               "form: one upload is one image")
             self.image = self._sink = []
         elif b"filename" not in options and name:
             self._sink = bytearray()
@@ -186,7 +189,11 @@ class FormReader:
 
     def _part_end(self) -> None:
         if isinstance(self._sink, bytearray):
-            self.fields[self._name] = self._sink.decode("utf-8", errors="replace")
+            value = self._sink.decode("utf-8", errors="replace")
+            if self._name == SOURCE_FIELD and self._name in self.fields:  # never the first or the last of two
+                raise ApiError(400, "duplicate_field", f"form field {self._name!r} given twice: "
+                               f"{self.fields[self._name][:64]!r} and {value[:64]!r}: a request names one source")
+            self.fields[self._name] = value
         self._sink = None
 
     async def feed(self, chunk: bytes) -> None:
@@ -222,30 +229,52 @@ async def parse_multipart(body: bytes, content_type: str, settings: ServeSetting
 
 
 def resolve_source(
-    header_value: str | None,
+    header: str | Sequence[str] | None,
     field_value: str | None,
     client_host: str | None,
     trust_client_value: bool = True,
+    header_name: str = "X-Source-Id",
 ) -> str:
     """The source id: the header, else the form field, else the client address.
 
-    An empty or malformed explicit value is a 400 (never silently replaced); no value and no
-    client address is a 400 too.
+    An empty or malformed explicit value is a 400 (never silently replaced); so are two source
+    headers, or a header and a field that disagree (an upload names one identity: which of two
+    was meant is not guessed); a header and a field with the same value are that value. No value
+    and no client address is a 400 too. ``header``: its value, or every value it was given with.
     """
-    for given, where in ((header_value, "header"), (field_value, "field")):
-        if given is None or not trust_client_value:
-            continue
-        if not _SOURCE_RE.match(given):
-            raise ApiError(
-                400,
-                "bad_source",
-                f"source id from the {where} must be 1-256 printable ASCII characters without spaces",
-            )
-        return given
+    header_values = [] if header is None else [header] if isinstance(header, str) else list(header)
+    if trust_client_value:
+        if len(header_values) > 1:
+            shown = " and ".join(repr(v[:64]) for v in header_values[:4])
+            raise ApiError(400, "ambiguous_source", f"{len(header_values)} {header_name} headers ({shown}): "
+                           "a request names one source")
+        header_value = header_values[0] if header_values else None
+        if header_value is not None and field_value is not None and header_value != field_value:
+            raise ApiError(400, "ambiguous_source", f"the {header_name} header names {header_value[:64]!r} and "
+                           f"the form field '{SOURCE_FIELD}' names {field_value[:64]!r}: a request names one source")
+        for given, where in ((header_value, "header"), (field_value, "field")):
+            if given is None:
+                continue
+            if not _SOURCE_RE.match(given):
+                raise ApiError(
+                    400,
+                    "bad_source",
+                    f"source id from the {where} must be 1-256 printable ASCII characters without spaces",
+                )
+            return given
     if client_host:
         return client_host
     raise ApiError(400, "missing_source", "no source id given (the source header or the form field "
                    "'source') and the client address is not known here (behind HAProxy it never is)")
+
+
+def header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every value of header ``name`` (Starlette's ``getlist``; a plain mapping has at most one)."""
+    getlist = getattr(headers, "getlist", None)
+    if getlist is not None:
+        return list(getlist(name))
+    value = headers.get(name)
+    return [] if value is None else [value]
 
 
 async def read_upload(
@@ -271,9 +300,8 @@ async def read_upload(
         raise ApiError(
             408, "request_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s"
         ) from None
-    source = resolve_source(
-        headers.get(settings.source_header), fields.get(SOURCE_FIELD), client_host, settings.trust_source_header
-    )
+    source = resolve_source(header_values(headers, settings.source_header), fields.get(SOURCE_FIELD), client_host,
+                            settings.trust_source_header, settings.source_header)
     return data, source
 
 
