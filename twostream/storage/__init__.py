@@ -15,6 +15,7 @@ on AWS both work.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
@@ -84,10 +85,73 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
-def read_bytes(uri: str) -> bytes:
+class TooLargeError(OSError):
+    """An object holds more than the bytes a read allows; the message says how many."""
+
+
+READ_CHUNK = 1 << 20  # bytes per read call when a limit applies
+
+
+def open_local(path: str | bytes, flags: int = os.O_RDONLY) -> int:
+    """``os.open`` of a local path, also past the kernel's path-length limit (``PATH_MAX``):
+    then opened a folder at a time, each relative to the one before (``dir_fd``), links not
+    followed on the way. Returns the file descriptor."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    parts = [p for p in os.fsencode(path).split(b"/") if p]
+    fd = os.open(b"/" if os.fsencode(path).startswith(b"/") else b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], flags | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_input_file(uri: str) -> pa.NativeFile:
+    """A seekable reader of the object's raw bytes (never decompressed); local paths of any
+    length (:func:`open_local`)."""
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    if isinstance(fs, pafs.LocalFileSystem):
+        return pa.PythonFile(os.fdopen(open_local(path), "rb"), mode="r")
+    return fs.open_input_file(path)
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The object's bytes as stored: never decompressed (pyarrow's input *streams* decompress by
+    extension, ``.gz .bz2 .zst .lz4 .br``; this reads the raw file). ``max_bytes``: read at most
+    that many bytes plus one, whatever the listing said, and raise :class:`TooLargeError` when
+    there are more. Local paths of any length (:func:`open_local`)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        stream = open(open_local(path), "rb")  # noqa: SIM115 (closed below)
+    else:
+        stream = fs.open_input_stream(path, compression=None)
+    with stream:
+        if max_bytes is None:
+            return stream.read()
+        return read_limited(stream, max_bytes)
+
+
+def read_limited(handle, max_bytes: int) -> bytes:
+    """The bytes of a file-like ``handle`` from where it stands to its end, reading
+    ``max_bytes + 1`` at most; raises :class:`TooLargeError` when there are more than
+    ``max_bytes``."""
+    parts, held = [], 0
+    while held <= max_bytes:
+        chunk = handle.read(min(READ_CHUNK, max_bytes + 1 - held))
+        if not chunk:
+            break
+        parts.append(chunk)
+        held += len(chunk)
+    if held > max_bytes:
+        raise TooLargeError(f"file too large: more than {max_bytes} bytes")
+    return b"".join(parts)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
