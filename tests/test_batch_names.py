@@ -265,3 +265,28 @@ def test_any_names_give_unique_keys_uris_and_ids(loose, tars, claims, deep):
         assert len({r["image_id"] for r in final}) == len(final)
         kept = {r["image_id"] for r in final if r["image_id"] != r["key"]}
         assert kept <= {c for c, _ in claims} and not kept & set(keys)
+
+
+def test_manifest_names_a_member_by_its_full_key(tmp_path):
+    """A manifest row naming ``a.jpg`` where a loose ``a.jpg`` and a member ``a.jpg`` of x.tar
+    both exist is refused, and the advice can be followed: the member's full key ``x.tar#a.jpg``
+    tells them apart. A member named by its name alone (or its stem, as the demo's manifest does)
+    still matches when nothing else has that name."""
+    from twostream.batch.manifest import ManifestError, read_manifest
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"loose")
+    (root / "x.tar").write_bytes(_tar_bytes([("a.jpg", b"member"), ("img-7.jpg", b"seven")]))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_id,key,source\nA,a.jpg,s1\n")
+    with pytest.raises(ManifestError, match=r"key 'a.jpg' matches 2 inputs \(x.tar#a.jpg, a.jpg\); give each "
+                                            r"input's full name"):
+        planning.plan_input(str(root), manifest=read_manifest(str(manifest))[0])
+    manifest.write_text("image_id,key,source\nA,a.jpg,s1\nM,x.tar#a.jpg,s2\nS,img-7,s3\n")
+    plan = planning.plan_input(str(root), manifest=read_manifest(str(manifest))[0])
+    rows = {r["key"]: planning.attach_identity(r)
+            for u in planning.work_units(plan.shards, 256) for r in planning.read_unit(u, LIMIT)}
+    assert {k: (r["image_id"], r["source"]) for k, r in rows.items()} == {
+        "a.jpg": ("A", "s1"), "x.tar#a.jpg": ("M", "s2"), "x.tar#img-7.jpg": ("S", "s3")}
+    assert plan.match.summary()["unmatched"] == 0
