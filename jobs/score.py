@@ -17,6 +17,10 @@ Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure
   Each row carries its image id and its own columns through both pools, so nothing is
   matched by position: pools may return rows in any order (``job.shuffle_stream_output``
   makes them do so on purpose in the tests).
+Between them, image ids: every id unique over the input (``twostream.batch.ids``): keys and the
+  ids claimed by sidecars or the manifest joined by text (partitioned by crc32, Ray tasks); a
+  claim of another input's key, or of an id claimed earlier in (timestamp, key) order, becomes
+  an error row in its staging file.
 Phase 2, reputation: a map/reduce of Ray tasks over columnar events (source, timestamp,
   image_id, rejected, shard, row): map tasks read the staging files and partition the events,
   and the starting state (``--state``: a previous run's ``sources/``), by crc32(source); one

@@ -4,9 +4,12 @@ Planning (:func:`plan_input`) lists every object under the input prefix (local f
 ``s3://``) and makes each one an :class:`Entry`, the promise of exactly one output row:
 
 - **Keys** are full names, extension included: a loose file's path relative to the input
-  (``loose/a.b.jpg``), a tar member's name inside its tar. Keys never collide (``a.jpg``,
-  ``a.png`` and ``a.b.jpg`` are three rows); a name that is not valid UTF-8 is rendered with its
-  bytes ``%XX``-escaped and becomes an error row.
+  (``loose/a.b.jpg``), a tar member's ``<tar key>#<name in the tar>``. Keys and URIs are unique
+  over the input by construction: names are written one-to-one (:func:`escape_name`: ``%`` and
+  ``#`` as ``%25`` and ``%23``, a name that is not valid UTF-8 with its bytes ``%XX``-escaped,
+  an error row), so a bare ``#`` only ever joins a tar to its member; a name stored twice in one
+  tar is two rows (:func:`_copies`). Image ids claimed by sidecars are checked after reading
+  (:mod:`twostream.batch.ids`).
 - **Sidecars**: ``X.json`` beside ``X`` (``a.jpg.json``), else ``S.json`` beside the one file
   whose name is ``S`` plus one extension (``a.json`` beside ``a.jpg``), in the same folder (or
   tar), carries ``image_id``/``source``/``timestamp`` for that file and is no row of its own. A
@@ -15,6 +18,11 @@ Planning (:func:`plan_input`) lists every object under the input prefix (local f
 - **Links are never followed**: a symbolic link (local walk with ``os.scandir``/``lstat``, since
   pyarrow's local listing follows links and loops), a tar's symlink or hard-link member, a
   device, FIFO or socket: an error row each. Directories (and S3 folder markers) are not objects.
+- **Uploads are bytes**: every read (:func:`read_unit`, through :func:`twostream.storage.read_bytes`
+  or the tar's raw file) takes them as stored, never decompressed, and stops past
+  ``limits.max_bytes``; a compressed tar (``.tar.gz``, ``.tgz``, ..., or compressed data named
+  ``.tar``) is one error row. Local folders are opened by descriptor, so paths past ``PATH_MAX``
+  are listed and read.
 - **Tars** (``*.tar``) are read for their member headers at planning (seeking over the data, so
   the plan knows every member, its offset and size); a damaged region is skipped to the next
   valid header, each damaged region is one error row, members after it are read as usual, and a
@@ -433,8 +441,6 @@ def index_tar(uri: str, path: str = "") -> tuple[list[_Member], int]:
     due) are skipped to the next valid header (``ignore_zeros``) and each becomes one error
     member; a member whose data the file cuts off is an error member. A tar whose first bytes
     say it is compressed is one error member. Members are not sorted: their order in the tar."""
-    from twostream.core.preprocess import compressed_kind
-
     name = uri.rsplit("/", 1)[-1]
     members: list[_Member] = []
     directories = 0
@@ -445,7 +451,7 @@ def index_tar(uri: str, path: str = "") -> tuple[list[_Member], int]:
 
     with storage.open_input_file(path or uri) as handle:
         size = handle.size()
-        kind = compressed_kind(handle.read(8))
+        kind = storage.compressed_kind(handle.read(8))
         if kind is not None:
             return [_Member(name, uri, size, error=_compressed_tar(f"{kind} data in a file named .tar"),
                             whole=True)], 0

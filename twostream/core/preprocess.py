@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from twostream.core.config import LimitsConfig
+from twostream.storage import compressed_kind
 
 # limits.max_pixels, checked in _open_checked before any pixel is decoded, replaces Pillow's limit.
 Image.MAX_IMAGE_PIXELS = None
@@ -84,26 +85,6 @@ def _pixels(image: Image.Image) -> np.ndarray:
     for top in range(0, height, STRIP_ROWS):
         pixels[top : top + STRIP_ROWS] = pixel_rows(image, top, min(height, top + STRIP_ROWS))
     return pixels
-
-
-# Magic bytes of compressed data (none is a prefix of an accepted image format's signature).
-COMPRESSED_MAGIC = (
-    (b"\x1f\x8b", "gzip"),
-    (b"BZh", "bzip2"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"\x04\x22\x4d\x18", "lz4"),
-    (b"PK\x03\x04", "zip"),
-)
-
-
-def compressed_kind(data: bytes) -> str | None:
-    """The compression whose magic bytes ``data`` starts with (``gzip``, ``bzip2``, ``zstd``,
-    ``xz``, ``lz4``, ``zip``), else None. Brotli has no magic bytes: never recognised."""
-    for magic, name in COMPRESSED_MAGIC:
-        if data.startswith(magic):
-            return name
-    return None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -92,6 +92,26 @@ class TooLargeError(OSError):
 READ_CHUNK = 1 << 20  # bytes per read call when a limit applies
 
 
+# Magic bytes of compressed data (none is a prefix of an accepted image format's signature).
+COMPRESSED_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+    (b"PK\x03\x04", "zip"),
+)
+
+
+def compressed_kind(data: bytes) -> str | None:
+    """The compression whose magic bytes ``data`` starts with (``gzip``, ``bzip2``, ``zstd``,
+    ``xz``, ``lz4``, ``zip``), else None. Brotli has no magic bytes: never recognised."""
+    for magic, name in COMPRESSED_MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
 def open_local(path: str | bytes, flags: int = os.O_RDONLY) -> int:
     """``os.open`` of a local path, also past the kernel's path-length limit (``PATH_MAX``):
     then opened a folder at a time, each relative to the one before (``dir_fd``), links not
