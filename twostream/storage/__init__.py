@@ -19,6 +19,7 @@ import errno
 import io
 import os
 import posixpath
+import stat
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -133,6 +134,17 @@ def open_local(path: str | bytes, flags: int = os.O_RDONLY) -> int:
         os.close(fd)
 
 
+def _open_regular(path: str) -> int:
+    """:func:`open_local` of a file that must be a regular file (an upload: a FIFO put in its
+    place must not block the reader); raises ``OSError`` otherwise."""
+    fd = open_local(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"not a regular file: {path}")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def open_input_file(uri: str) -> pa.NativeFile:
     """A seekable reader of the object's raw bytes (never decompressed); local paths of any
     length (:func:`open_local`)."""
@@ -146,10 +158,11 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The object's bytes as stored: never decompressed (pyarrow's input *streams* decompress by
     extension, ``.gz .bz2 .zst .lz4 .br``; this reads the raw file). ``max_bytes``: read at most
     that many bytes plus one, whatever the listing said, and raise :class:`TooLargeError` when
-    there are more. Local paths of any length (:func:`open_local`)."""
+    there are more; with ``max_bytes``, a local path must be a regular file. Local paths of any
+    length (:func:`open_local`)."""
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        stream = open(open_local(path), "rb")  # noqa: SIM115 (closed below)
+        stream = open(_open_regular(path) if max_bytes is not None else open_local(path), "rb")  # noqa: SIM115
     else:
         stream = fs.open_input_stream(path, compression=None)
     with stream:
