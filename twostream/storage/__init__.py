@@ -90,7 +90,8 @@ class TooLargeError(OSError):
     """An object holds more than the bytes a read allows; the message says how many."""
 
 
-READ_CHUNK = 1 << 20  # bytes per read call when a limit applies
+READ_CHUNK = 1 << 20
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096  # the kernel's path limit  # bytes per read call when a limit applies
 
 
 # Magic bytes of compressed data (none is a prefix of an accepted image format's signature).
@@ -149,9 +150,9 @@ def open_input_file(uri: str) -> pa.NativeFile:
     """A seekable reader of the object's raw bytes (never decompressed); local paths of any
     length (:func:`open_local`)."""
     fs, path = filesystem(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, pafs.LocalFileSystem) and len(os.fsencode(path)) >= PATH_MAX:
         return pa.PythonFile(os.fdopen(open_local(path), "rb"), mode="r")
-    return fs.open_input_file(path)
+    return fs.open_input_file(path)  # (pyarrow's native reader: faster for tarfile's many small reads)
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
