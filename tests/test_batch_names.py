@@ -42,17 +42,19 @@ def _job(folder, cfg) -> dict[str, dict]:
     return {r["key"]: r for r in rows}
 
 
-def _deep(root, depth: int, name: str, data: bytes) -> str:
-    """Write ``data`` at ``root/d.../name``, ``depth`` folders of 200 characters (past PATH_MAX)."""
+def _deep(root, depth: int, name: str, data: bytes, *more: tuple[str, bytes]) -> str:
+    """Write ``data`` at ``root/d.../name`` (and ``more`` files beside it), ``depth`` folders of
+    200 characters (past PATH_MAX); returns the first file's path relative to ``root``."""
     fd = os.open(root, os.O_RDONLY)
     for _ in range(depth):
         os.mkdir("d" * 200, dir_fd=fd)
         nxt = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
         os.close(fd)
         fd = nxt
-    out = os.open(name, os.O_WRONLY | os.O_CREAT, dir_fd=fd)
-    os.write(out, data)
-    os.close(out)
+    for file, blob in ((name, data), *more):
+        out = os.open(file, os.O_WRONLY | os.O_CREAT, dir_fd=fd)
+        os.write(out, blob)
+        os.close(out)
     os.close(fd)
     return "/".join(["d" * 200] * depth + [name])
 
@@ -80,8 +82,8 @@ def test_colliding_names_each_get_their_own_row(tmp_path):
     # names holding the escape characters
     (root / "p%23q.jpg").write_bytes(img[0])
     (root / "p#q.jpg").write_bytes(img[1])
-    # an image past the path-length limit
-    deep = _deep(root, 21, "deep.jpg", img[2])
+    # an image and a tar past the path-length limit
+    deep = _deep(root, 21, "deep.jpg", img[2], ("deep.tar", _tar_bytes([("in.jpg", img[3])])))
     assert len(str(root / deep)) > 4096
 
     rows = _job(root, load_config(None, SMALL + [f"limits.max_bytes={LIMIT}"]))
@@ -106,6 +108,7 @@ def test_colliding_names_each_get_their_own_row(tmp_path):
         "p%2523q.jpg": ("p%2523q.jpg", "p%2523q.jpg", None),
         "p%23q.jpg": ("p%23q.jpg", "p%23q.jpg", None),
         deep: (deep, deep, None),
+        f"{deep[:-4]}.tar#in.jpg": (f"{deep[:-4]}.tar#in.jpg", f"{deep[:-4]}.tar#in.jpg", None),
     }
     got = {k: (r["image_id"], r["uri"][len(str(root)) + 1:], r["error"]) for k, r in rows.items()}
     assert got == want
