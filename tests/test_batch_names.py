@@ -9,7 +9,6 @@ import bz2
 import gzip
 import json
 import os
-import tarfile
 import tempfile
 import urllib.parse
 
@@ -180,7 +179,6 @@ def test_s3_reads_are_raw():
     """On S3 too: an object named .gz comes back as stored, byte for byte, the limit holds while
     reading, and a name with ``#`` is escaped in its key and URI and still read."""
     from conftest import local_s3_env
-    from twostream import storage
 
     with local_s3_env("raw-test"):
         _s3_reads()
