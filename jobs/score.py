@@ -17,6 +17,10 @@ Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure
   Each row carries its image id and its own columns through both pools, so nothing is
   matched by position: pools may return rows in any order (``job.shuffle_stream_output``
   makes them do so on purpose in the tests).
+Between them, image ids: every id unique over the input (``twostream.batch.ids``): keys and the
+  ids claimed by sidecars or the manifest joined by text (partitioned by crc32, Ray tasks); a
+  claim of another input's key, or of an id claimed earlier in (timestamp, key) order, becomes
+  an error row in its staging file.
 Phase 2, reputation: a map/reduce of Ray tasks over columnar events (source, timestamp,
   image_id, rejected, shard, row): map tasks read the staging files and partition the events,
   and the starting state (``--state``: a previous run's ``sources/``), by crc32(source); one
@@ -52,7 +56,7 @@ from ray.data.block import BlockAccessor
 
 from jobs.ray_cluster import connect
 from twostream import storage
-from twostream.batch import outputs, reputation, resume, stages
+from twostream.batch import ids, outputs, reputation, resume, stages
 from twostream.batch.manifest import ManifestError, read_manifest
 from twostream.batch.planning import InputError, Shard, plan_input, work_units
 from twostream.batch.report import write_batch_report
@@ -244,6 +248,54 @@ def _finalize(output: str, shards: Sequence[tuple[int, str]], *responses: pa.Tab
     return results
 
 
+def _id_claims(staging: Sequence[str], indices: Sequence[int], parts: int) -> list[pa.Table]:
+    """Ray task: some shards' staging rows -> their keys and image-id claims, each split into
+    ``parts`` partitions by text (:mod:`twostream.batch.ids`): 2 x ``parts`` tables."""
+    pairs = [ids.claims_of(storage.read_parquet(uri).select(["key", "image_id", "timestamp", "row"]), k)
+             for uri, k in zip(staging, indices)]
+    keys = pa.concat_tables([p[0] for p in pairs] or [ids.KEYS_SCHEMA.empty_table()])
+    claims = pa.concat_tables([p[1] for p in pairs] or [ids.CLAIMS_SCHEMA.empty_table()])
+    return ids.split(keys, "name", parts) + ids.split(claims, "image_id", parts)
+
+
+def _id_conflicts(*tables: pa.Table) -> tuple[list[int], pa.Table]:
+    """Ray task: one partition's key tables then as many claim tables -> (the shards it refuses
+    claims in, those refused claims)."""
+    half = len(tables) // 2
+    losers = ids.conflicts(pa.concat_tables(tables[:half]), pa.concat_tables(tables[half:]))
+    return sorted(set(losers.column("shard").to_pylist())), losers
+
+
+def _rewrite_losers(output: str, shard_id: str, shard: int, *losers: pa.Table) -> int:
+    """Ray task: a shard's staging rows with its refused claims made error rows; returns how many."""
+    table = pa.concat_tables(losers)
+    table = table.filter(pc.equal(table.column("shard"), shard))
+    if table.num_rows:
+        uri = outputs.staging_uri(output, shard_id)
+        storage.write_parquet(ids.as_error_rows(storage.read_parquet(uri), table), uri)
+    return table.num_rows
+
+
+def _unique_ids(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str) -> int:
+    """Between phases 1 and 2: every image id unique over the input (:mod:`twostream.batch.ids`),
+    a partitioned join of keys and claims by text in Ray tasks; the refused claimants' staging
+    rows rewritten as error rows. Returns how many."""
+    parts = max(1, cfg.job.reputation_shards)
+    per_task = max(1, EVENTS_PER_MAP_TASK // max(cfg.job.files_per_shard, 1))
+    chunks = [list(range(i, min(i + per_task, len(shards)))) for i in range(0, len(shards), per_task)]
+    claims = ray.remote(num_cpus=0.25, num_returns=2 * parts)(_id_claims)
+    made = [claims.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c, parts) for c in chunks]
+    conflicts = ray.remote(num_cpus=0.25, num_returns=2)(_id_conflicts)
+    decided = [conflicts.remote(*[m[p] for m in made], *[m[parts + p] for m in made]) for p in range(parts)]
+    hit = sorted({k for shards_hit in ray.get([d[0] for d in decided]) for k in shards_hit})
+    losers = [d[1] for d in decided]
+    rewrite = ray.remote(num_cpus=0.25)(_rewrite_losers)
+    done = ray.get([rewrite.remote(output, shards[k].shard_id, k, *losers) for k in hit])
+    if hit:
+        log.info("image ids: %d claims refused (a duplicate or another input's key) in %d shards", sum(done), len(hit))
+    return sum(done)
+
+
 def _state_files(state: str | None, output: str) -> list[str]:
     """The Parquet files of the starting state: ``STATE/sources/`` when it is a run's output,
     else ``STATE`` itself (a folder or file of sources tables)."""
@@ -347,6 +399,7 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
 
     t0 = time.perf_counter()
     sink = _score(cfg, todo, output, res)
+    _unique_ids(cfg, shards, output)
     t1 = time.perf_counter()
     reduced, rep_stats = _reputation(cfg, shards, output, state)
     t2 = time.perf_counter()

@@ -73,14 +73,14 @@ def test_damaged_tar_keeps_the_members_after_the_damage(tmp_path):
     rows = _read(plan)
     k2_start, k3_header = where["k2.jpg"][0], where["k3.jpg"][0]
     assert _errors(rows) == {
-        "k1.jpg": None,  # (k1.json travels with it)
-        f"s.tar#damaged@{k2_start}": f"damaged tar: bytes {k2_start}-{k3_header} hold no valid member header; "
-                                     "any member stored there is lost",
-        "k3.jpg": None,  # after the damage, read as usual
-        "k4.jpg": "truncated tar member: 1000 of 3000 bytes present",
+        "s.tar#k1.jpg": None,  # (k1.json travels with it)
+        f"s.tar##damaged@{k2_start}": f"damaged tar: bytes {k2_start}-{k3_header} hold no valid member header; "
+                                      "any member stored there is lost",
+        "s.tar#k3.jpg": None,  # after the damage, read as usual
+        "s.tar#k4.jpg": "truncated tar member: 1000 of 3000 bytes present",
     }
     by_key = {r["key"]: r for r in rows}
-    assert by_key["k3.jpg"]["data"] == good and by_key["k1.jpg"]["source"] == "s1"
+    assert by_key["s.tar#k3.jpg"]["data"] == good and by_key["s.tar#k1.jpg"]["source"] == "s1"
     (shard,) = plan.shards
     # listed: k1.jpg, k1.json, the damaged region, k3.jpg, k4.jpg; k1.json is no row of its own
     assert (shard.listed, shard.sidecars, len(shard.entries)) == (5, 1, 4)
@@ -102,13 +102,13 @@ def test_tar_member_types_names_and_junk(tmp_path):
     plan = planning.plan_input(str(tmp_path))
     errors = _errors(_read(plan))
     assert errors == {
-        "dir/a.jpg": None,
-        "dir/up.jpg": "symbolic link member (to '../../etc/passwd'): links are not followed",
-        "dir/hard.jpg": "hard link member (to 'dir/a.jpg'): links are not followed",
-        "dir/dev": "not a regular file (character device member)",
-        "dir/pipe": "not a regular file (FIFO member)",
-        "caf%E9.jpg": "file name is not valid UTF-8 (shown %XX-escaped): b'caf\\xe9.jpg'",
-        "junk.tar#damaged@0": "damaged tar: bytes 0-1088 hold no valid member header; any member stored there is lost",
+        "t.tar#dir/a.jpg": None,
+        "t.tar#dir/up.jpg": "symbolic link member (to '../../etc/passwd'): links are not followed",
+        "t.tar#dir/hard.jpg": "hard link member (to 'dir/a.jpg'): links are not followed",
+        "t.tar#dir/dev": "not a regular file (character device member)",
+        "t.tar#dir/pipe": "not a regular file (FIFO member)",
+        "t.tar#caf%E9.jpg": "file name is not valid UTF-8 (shown %XX-escaped): b'caf\\xe9.jpg'",
+        "junk.tar##damaged@0": "damaged tar: bytes 0-1088 hold no valid member header; any member stored there is lost",
         "empty.tar": "empty file (0 bytes), not a tar",
     }
     t = next(s for s in plan.shards if s.uri.endswith("t.tar"))
@@ -126,12 +126,12 @@ def test_links_loops_special_files_and_bad_names(tmp_path):
     os.mkfifo(root / "pipe")
     with open(os.path.join(os.fsencode(root), b"bad\xff.jpg"), "wb") as handle:
         handle.write(_jpeg())
-    (root / "bad%FF.jpg").write_bytes(_jpeg())  # a real name equal to the escaped one
+    (root / "bad%FF.jpg").write_bytes(_jpeg())  # a real name equal to the escaped one: its % escaped
     plan = planning.plan_input(str(root))
     errors = _errors(_read(plan))
     assert errors == {
-        "bad%FF.jpg": None,
-        "bad%FF.jpg~2": "file name is not valid UTF-8 (shown %XX-escaped): b'bad\\xff.jpg'",
+        "bad%25FF.jpg": None,
+        "bad%FF.jpg": "file name is not valid UTF-8 (shown %XX-escaped): b'bad\\xff.jpg'",
         "escape.jpg": f"symbolic link to '{tmp_path / 'outside.jpg'}': links are not followed",
         "pipe": "not a regular file (FIFO)",
         "sub/inside.jpg": "symbolic link to 'ok.jpg': links are not followed",
@@ -330,11 +330,11 @@ def test_spooled_plan_reads_the_same_rows_as_a_held_plan(tmp_path):
     assert len(got) == len(want) == 2607
     assert got == want
     by_key = {r["key"]: r for r in got}
-    assert (by_key["m00005.jpg"]["image_id"], by_key["m00005.jpg"]["source"]) == ("ID5", "man")
-    assert (by_key["m00003.jpg"]["source"], by_key["m00003.jpg"]["timestamp"]) == ("s3", 3.0)
-    assert by_key["link.jpg"]["read_error"].startswith("symbolic link member")
-    assert by_key["orphan.json"]["read_error"].startswith("sidecar without its file")
-    assert [r["row"] for r in got if r["key"].startswith("m")] == list(range(2600))
+    assert (by_key["big.tar#m00005.jpg"]["image_id"], by_key["big.tar#m00005.jpg"]["source"]) == ("ID5", "man")
+    assert (by_key["big.tar#m00003.jpg"]["source"], by_key["big.tar#m00003.jpg"]["timestamp"]) == ("s3", 3.0)
+    assert by_key["big.tar#link.jpg"]["read_error"].startswith("symbolic link member")
+    assert by_key["big.tar#orphan.json"]["read_error"].startswith("sidecar without its file")
+    assert [r["row"] for r in got if r["key"].startswith("big.tar#m")] == list(range(2600))
     assert resume.fingerprint(spooled, str(root), None, cfg) == resume.fingerprint(held, str(root), None, cfg)
 
 

@@ -45,13 +45,13 @@ def test_plan_and_read(tmp_path):
     rows = _rows(plan)
     keys = {r["key"]: r for r in rows}
     assert len(keys) == len(rows) == plan.rows
-    assert set(keys) == {"k1.jpg", "k2.png", "k3.json", "_hidden", "a/readme.txt",
+    assert set(keys) == {"s.tar#k1.jpg", "s.tar#k2.png", "s.tar#k3.json", "_hidden", "a/readme.txt",
                          *(f"a/x{i}.jpg" for i in range(5))}
-    assert keys["k3.json"]["read_error"].startswith("sidecar without its file")
-    assert keys["k1.jpg"]["data"] == b"one" and keys["k1.jpg"]["uri"].endswith("s.tar#k1.jpg")
+    assert keys["s.tar#k3.json"]["read_error"].startswith("sidecar without its file")
+    assert keys["s.tar#k1.jpg"]["data"] == b"one" and keys["s.tar#k1.jpg"]["uri"].endswith("s.tar#k1.jpg")
     assert keys["a/readme.txt"]["data"] == b"hello"  # a non-image is an input (an error row later)
     assert (keys["a/x1.jpg"]["source"], keys["a/x1.jpg"]["timestamp"]) == ("s9", 4.0)
-    assert (keys["k1.jpg"]["source"], keys["k2.png"]["source"]) == ("t", "unknown")
+    assert (keys["s.tar#k1.jpg"]["source"], keys["s.tar#k2.png"]["source"]) == ("t", "unknown")
     assert keys["a/x2.jpg"]["image_id"] == "a/x2.jpg"
 
 
@@ -61,7 +61,7 @@ def test_truncated_tar_and_oversize(tmp_path):
     (tmp_path / "s.tar").write_bytes(data[:2000])  # k1's data cut off; k2 gone
     rows = _rows(planning.plan_input(str(tmp_path)))
     assert [(r["key"], r["read_error"]) for r in rows] == [
-        ("k1.jpg", "truncated tar member: 1488 of 3000 bytes present")]
+        ("s.tar#k1.jpg", "truncated tar member: 1488 of 3000 bytes present")]
     (tmp_path / "s.tar").unlink()
     (tmp_path / "big.jpg").write_bytes(b"x" * 100)
     rows = _rows(planning.plan_input(str(tmp_path)), max_bytes=10)

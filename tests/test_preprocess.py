@@ -148,3 +148,68 @@ def test_tensor_conversion_round_trips():
     x = to_tensor01(PIXELS)
     assert x.shape == (1, 3, 12, 17) and float(x.max()) <= 1.0
     assert np.array_equal(from_tensor01(x), PIXELS)
+
+
+# --- frames, text metadata and compressed data (issue 29) ---------------------------------------
+def test_multi_frame_images_are_scored_by_frame_0():
+    """A GIF's and an animated WebP's first frame, and an APNG's
+    default image: Pillow 13 makes an APNG's IDAT image frame 0 also when the animation does not
+    show it (``default_image``), so that image, not the animation, is the one scored."""
+    red, blue, green = (Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0)))
+    hidden = encode(red, "PNG", save_all=True, append_images=[blue, green], default_image=True)
+    shown = encode(blue, "PNG", save_all=True, append_images=[green])
+    opened = Image.open(io.BytesIO(hidden))
+    assert (opened.n_frames, opened.default_image) == (3, True)  # the default image counts as a frame
+    assert tuple(decode_image(hidden)[0, 0]) == (255, 0, 0)  # the hidden default image, not the animation
+    assert tuple(decode_image(shown)[0, 0]) == (0, 0, 255)  # the animation's first frame is its IDAT
+    for fmt, kw in (("GIF", {}), ("WEBP", {"lossless": True})):
+        data = encode(blue, fmt, save_all=True, append_images=[green, red], **kw)
+        assert Image.open(io.BytesIO(data)).n_frames == 3, fmt
+        assert tuple(decode_image(data)[0, 0]) == (0, 0, 255), fmt
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _with_text(png: bytes, chunks: list[bytes]) -> bytes:
+    """``png`` with ``chunks`` placed after IHDR (before the pixels) and before IEND."""
+    ihdr_end = 8 + 25
+    half = len(chunks) // 2
+    return png[:ihdr_end] + b"".join(chunks[:half]) + png[ihdr_end:-12] + b"".join(chunks[half:]) + png[-12:]
+
+
+@pytest.mark.parametrize("case", ["one zTXt over MAX_TEXT_CHUNK", "zTXt over MAX_TEXT_MEMORY", "iTXt over MAX_TEXT_CHUNK"])
+def test_png_with_much_text_metadata_is_scored_on_its_pixels(case):
+    """Text chunks over Pillow's limits: Pillow refuses the file (ValueError), we decode the
+    same pixels as the file without its text; the endpoint's header check agrees."""
+    from PIL import PngImagePlugin
+
+    plain = encode(Image.fromarray(PIXELS), "PNG")
+    mib = PngImagePlugin.MAX_TEXT_CHUNK
+    if case == "one zTXt over MAX_TEXT_CHUNK":
+        chunks = [_png_chunk(b"zTXt", b"comment\0\0" + zlib.compress(b"x" * (2 * mib), 9))]
+    elif case == "zTXt over MAX_TEXT_MEMORY":  # 70 chunks just under the per-chunk limit: 70 MiB of text
+        body = zlib.compress(b"y" * (mib - 10), 9)
+        chunks = [_png_chunk(b"zTXt", f"k{i}".encode() + b"\0\0" + body) for i in range(70)]
+    else:
+        chunks = [_png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0" + zlib.compress(b"<x/>" * mib, 9))]
+    data = _with_text(plain, chunks)
+    assert len(data) < 200_000  # a small file
+    with pytest.raises(ValueError, match="MAX_TEXT_"):
+        Image.open(io.BytesIO(data)).load()
+    assert np.array_equal(decode_image(data), PIXELS)
+    assert check_image_header(data).size == (17, 12)
+
+
+@pytest.mark.parametrize(("make", "kind"), [
+    (lambda d: __import__("gzip").compress(d), "gzip"), (lambda d: __import__("bz2").compress(d), "bzip2"),
+    (lambda d: __import__("lzma").compress(d), "xz"), (lambda d: b"\x28\xb5\x2f\xfd" + d, "zstd"),
+    (lambda d: b"\x04\x22\x4d\x18" + d, "lz4"), (lambda d: b"PK\x03\x04" + d, "zip"),
+])
+def test_compressed_data_is_named_not_decompressed(make, kind):
+    png = encode(Image.fromarray(PIXELS), "PNG")
+    for check in (decode_image, check_image_header):
+        with pytest.raises(ImageDecodeError, match=f"^{kind}-compressed data, not an image \\(uploads are read as "
+                                                   "stored, never decompressed\\)$"):
+            check(make(png))

@@ -70,7 +70,8 @@ def make_dataset(root: Path) -> tuple[list[dict], Path]:
                     info = tarfile.TarInfo(name)
                     info.size = len(blob)
                     tar.addfile(info, io.BytesIO(blob))
-                truth.append(dict(key=f"{key}.jpg", image_id=f"{key}.jpg", source=f"src-{i % 2 + 3}",
+                member = f"shard-{t:03d}.tar#{key}.jpg"  # a member's key names its tar
+                truth.append(dict(key=member, image_id=member, source=f"src-{i % 2 + 3}",
                                   timestamp=float(10 + i), data=data))
     (root / "manifest.csv").write_text("\n".join(manifest) + "\n")
     return truth, root / "manifest.csv"
@@ -338,10 +339,10 @@ def test_hostile_folder_every_object_one_row(ray_head, tmp_path):
     overrides = SMALL + ["job.files_per_shard=4"]
     summary = _run_in_cluster(ray_head, tmp_path / "out", overrides, input_uri=str(root), manifest=str(manifest))
     rows = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "images").to_pylist()}
-    damage = f"s.tar#damaged@{at['t2.jpg']}"
+    damage = f"s.tar##damaged@{at['t2.jpg']}"
     assert {k: r["error"] for k, r in rows.items()} == {
-        "a.jpg": None, "a.b.jpg": None, "a.png": None, "d/x.jpg": None, "t1.jpg": None, "t3.jpg": None,
-        "t4.jpg": None,
+        "a.jpg": None, "a.b.jpg": None, "a.png": None, "d/x.jpg": None, "s.tar#t1.jpg": None,
+        "s.tar#t3.jpg": None, "s.tar#t4.jpg": None,
         "tiny.png": "image too small: 4x4 px (limits.min_side = 8)",
         "orphan.json": "sidecar without its file (orphan): no file named like it without .json or .<ext>.json",
         "d/loop": "symbolic link to '..': links are not followed",
@@ -349,7 +350,7 @@ def test_hostile_folder_every_object_one_row(ray_head, tmp_path):
         "n%E4me.jpg": "file name is not valid UTF-8 (shown %XX-escaped): b'n\\xe4me.jpg'",
         damage: f"damaged tar: bytes {at['t2.jpg']}-{at['t3.jpg']} hold no valid member header; "
                 "any member stored there is lost",
-        "t5.jpg": "symbolic link member (to '/etc/passwd'): links are not followed",
+        "s.tar#t5.jpg": "symbolic link member (to '/etc/passwd'): links are not followed",
     }
     assert (rows["a.jpg"]["image_id"], rows["a.jpg"]["source"], rows["a.jpg"]["timestamp"]) == (
         "A", "src-a", 1704067200.0)

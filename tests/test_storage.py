@@ -62,3 +62,23 @@ def test_many_keys_paged_listing(s3):
     for i in range(1100):  # more than one ListObjectsV2 page (1000)
         client.put_object(Bucket="storage-test", Key=f"many/{i:05d}.jpg", Body=b"")
     assert len(storage.list_files("s3://storage-test/many")) == 1100
+
+
+def test_upload_reads_are_raw_bounded_and_never_block(tmp_path):
+    """``read_bytes`` with a limit: the bytes as stored (a .gz is not decompressed), at most the
+    limit (one byte over is refused, however large the file), and a FIFO where a file was listed
+    is refused at once instead of blocking the reader."""
+    import gzip
+    import os
+
+    import pytest
+
+    packed = gzip.compress(bytes(1 << 20))
+    (tmp_path / "a.png.gz").write_bytes(packed)
+    assert storage.read_bytes(str(tmp_path / "a.png.gz")) == packed
+    assert storage.read_bytes(str(tmp_path / "a.png.gz"), len(packed)) == packed
+    with pytest.raises(storage.TooLargeError, match=f"^file too large: more than {len(packed) - 1} bytes$"):
+        storage.read_bytes(str(tmp_path / "a.png.gz"), len(packed) - 1)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(OSError, match="not a regular file"):
+        storage.read_bytes(str(tmp_path / "pipe.jpg"), 100)

@@ -342,10 +342,11 @@ class Matcher:
         self.owner: dict[int, str] = {}  # manifest row -> the first input that matched it
         self.shared: dict[int, list[str]] = {}  # manifest row -> every input that matched it (2+)
 
-    def rows(self, keys: Sequence[str], uris: Sequence[str]) -> list[int]:
-        """Each input's manifest row (by key, its stem, URI or image id, see the module docstring)."""
+    def rows(self, keys: Sequence[str], uris: Sequence[str], shown: Sequence[str] | None = None) -> list[int]:
+        """Each input's manifest row (by key, its stem, URI or image id, see the module docstring);
+        ``shown``: each input's name in errors (default: its key)."""
         found = []
-        for key, uri in zip(keys, uris):
+        for key, uri, label in zip(keys, uris, shown if shown is not None else keys):
             if self.mode == "uri":
                 row = self.by_value.get(uri, self.by_value.get(key, -1))
             else:
@@ -354,9 +355,9 @@ class Matcher:
                     row = self.by_value.get(stem(key), -1)
             if row >= 0:
                 if row in self.owner:
-                    self.shared.setdefault(row, [self.owner[row]]).append(key)
+                    self.shared.setdefault(row, [self.owner[row]]).append(label)
                 else:
-                    self.owner[row] = key
+                    self.owner[row] = label
             found.append(row)
         return found
 

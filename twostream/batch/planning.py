@@ -4,9 +4,12 @@ Planning (:func:`plan_input`) lists every object under the input prefix (local f
 ``s3://``) and makes each one an :class:`Entry`, the promise of exactly one output row:
 
 - **Keys** are full names, extension included: a loose file's path relative to the input
-  (``loose/a.b.jpg``), a tar member's name inside its tar. Keys never collide (``a.jpg``,
-  ``a.png`` and ``a.b.jpg`` are three rows); a name that is not valid UTF-8 is rendered with its
-  bytes ``%XX``-escaped and becomes an error row.
+  (``loose/a.b.jpg``), a tar member's ``<tar key>#<name in the tar>``. Keys and URIs are unique
+  over the input by construction: names are written one-to-one (:func:`escape_name`: ``%`` and
+  ``#`` as ``%25`` and ``%23``, a name that is not valid UTF-8 with its bytes ``%XX``-escaped,
+  an error row), so a bare ``#`` only ever joins a tar to its member; a name stored twice in one
+  tar is two rows (:func:`_copies`). Image ids claimed by sidecars are checked after reading
+  (:mod:`twostream.batch.ids`).
 - **Sidecars**: ``X.json`` beside ``X`` (``a.jpg.json``), else ``S.json`` beside the one file
   whose name is ``S`` plus one extension (``a.json`` beside ``a.jpg``), in the same folder (or
   tar), carries ``image_id``/``source``/``timestamp`` for that file and is no row of its own. A
@@ -15,6 +18,11 @@ Planning (:func:`plan_input`) lists every object under the input prefix (local f
 - **Links are never followed**: a symbolic link (local walk with ``os.scandir``/``lstat``, since
   pyarrow's local listing follows links and loops), a tar's symlink or hard-link member, a
   device, FIFO or socket: an error row each. Directories (and S3 folder markers) are not objects.
+- **Uploads are bytes**: every read (:func:`read_unit`, through :func:`twostream.storage.read_bytes`
+  or the tar's raw file) takes them as stored, never decompressed, and stops past
+  ``limits.max_bytes``; a compressed tar (``.tar.gz``, ``.tgz``, ..., or compressed data named
+  ``.tar``) is one error row. Local folders are opened by descriptor, so paths past ``PATH_MAX``
+  are listed and read.
 - **Tars** (``*.tar``) are read for their member headers at planning (seeking over the data, so
   the plan knows every member, its offset and size); a damaged region is skipped to the next
   valid header, each damaged region is one error row, members after it are read as usual, and a
@@ -49,7 +57,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from twostream import storage
-from twostream.batch.manifest import UNKNOWN_SOURCE, Match, Matcher, identity_text
+from twostream.batch.manifest import UNKNOWN_SOURCE, Match, Matcher, identity_text, stem
 from twostream.core.jsontext import load_object
 from twostream.core.timestamps import parse_timestamp
 
@@ -74,6 +82,8 @@ class Entry:
     sidecar: list | None = None  # [name, uri, offset, size] of the sidecar travelling with it
     error: str | None = None  # known at planning: why this object cannot be scored
     ident: list | None = None  # [image_id, source, timestamp] from the manifest (set by the job)
+    path: str = ""  # loose files: where to read them, when not at ``uri`` (a name escaped in ``uri``)
+    name: str = ""  # tar members: the member's name in its tar (what a manifest may call it)
 
 
 @dataclass
@@ -126,6 +136,7 @@ ENTRY_SCHEMA = pa.schema([
     ("offset", pa.int64()), ("sidecar_name", pa.string()), ("sidecar_uri", pa.string()),
     ("sidecar_offset", pa.int64()), ("sidecar_size", pa.int64()), ("error", pa.string()),
     ("image_id", pa.string()), ("source", pa.string()), ("timestamp", pa.float64()),
+    ("path", pa.string()), ("name", pa.string()),
 ])
 ENTRY_ROW_GROUP = 1024  # rows per Parquet row group: a work unit reads only the groups it needs
 
@@ -138,6 +149,7 @@ def spool_entries(shard: Shard, uri: str) -> None:
     columns += [list(c) for c in zip(*sidecars)] or [[]] * 4
     columns += [[e.error for e in shard.entries]]
     columns += [list(c) for c in zip(*idents)] or [[]] * 3
+    columns += [[e.path for e in shard.entries], [e.name for e in shard.entries]]
     table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, ENTRY_SCHEMA)], schema=ENTRY_SCHEMA)
     storage.write_parquet(table, uri, row_group_size=ENTRY_ROW_GROUP)
     shard.spool, shard.entries = uri, []
@@ -157,20 +169,26 @@ def read_entries(uri: str, first: int, count: int) -> list[Entry]:
     return [Entry(r["key"], r["uri"], r["size"], r["stamp"], r["offset"],
                   None if r["sidecar_name"] is None else
                   [r["sidecar_name"], r["sidecar_uri"], r["sidecar_offset"], r["sidecar_size"]],
-                  r["error"], None if r["image_id"] is None else [r["image_id"], r["source"], r["timestamp"]])
+                  r["error"], None if r["image_id"] is None else [r["image_id"], r["source"], r["timestamp"]],
+                  r["path"], r["name"])
             for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
 # Names
 # ---------------------------------------------------------------------------------------------
+MEMBER_SEP = "#"  # between a tar's key (or URI) and its member's name; escaped in every name
+
+
 def escape_name(raw: bytes) -> str:
-    """Bytes of a file name -> text: valid UTF-8 as is, else every byte outside printable ASCII
-    (and ``%``) as ``%XX``."""
+    """Bytes of a file name -> the text of keys and URIs, one-to-one (``urllib.parse.
+    unquote_to_bytes`` gives the bytes back): valid UTF-8 as is but ``%`` and ``#`` as ``%25``
+    and ``%23``; else every byte outside printable ASCII, ``%`` and ``#`` as ``%XX``. So no name
+    holds a bare ``#``, which then only joins a tar to its member (``x.tar#a.jpg``)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").replace("%", "%25").replace("#", "%23")
     except UnicodeDecodeError:
-        return "".join(chr(b) if 0x20 < b < 0x7F and b != 0x25 else f"%{b:02X}" for b in raw)
+        return "".join(chr(b) if 0x20 < b < 0x7F and b not in b"%#" else f"%{b:02X}" for b in raw)
 
 
 def _bad_name(raw: bytes) -> str | None:
@@ -186,18 +204,24 @@ def _safe_id(text: str) -> str:
     return f"{cleaned[:80]}-{zlib.crc32(text.encode('utf-8', 'surrogateescape')):08x}"
 
 
-def _unique(entries: list[Entry]) -> None:
-    """Escaped names could meet a real name: the later one gets ``~N`` (keys stay unique)."""
-    seen: set[str] = set()
-    for entry in entries:
-        key, n = entry.key, 1
-        while key in seen:
-            n += 1
-            key = f"{entry.key}~{n}"
-        if key != entry.key:
-            entry.error = entry.error or f"name {entry.key!r} is taken by another object"
-            entry.key = key
-        seen.add(key)
+def _copies(members: list["_Member"], tar_name: str) -> list[bool]:
+    """A name stored more than once in a tar: the first keeps it, copy ``k`` (k >= 2) becomes
+    ``name#k`` (a bare ``#``, which no escaped name holds: no other member can be named so) and
+    an error row. Returns which members may take a sidecar (not the copies)."""
+    counts: dict[str, int] = defaultdict(int)
+    for m in members:
+        counts[m.key] += 1
+    seen: dict[str, int] = defaultdict(int)
+    claims = []
+    for m in members:
+        name = m.key
+        seen[name] += 1
+        if seen[name] > 1:
+            m.key = f"{name}{MEMBER_SEP}{seen[name]}"
+            m.error = m.error or (f"tar member name {name!r} is stored {counts[name]} times in {tar_name}: "
+                                  f"this is copy {seen[name]}, only the first is scored")
+        claims.append(seen[name] == 1)
+    return claims
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +234,7 @@ class _Object:
     size: int = 0
     stamp: str = ""
     error: str | None = None
+    path: str = ""  # where to read it, when not at ``uri``
 
 
 def _kind_of(mode: int) -> str:
@@ -220,8 +245,15 @@ def _kind_of(mode: int) -> str:
     return "special file"
 
 
+def _readable(uri: str, raw: str) -> str:
+    """Where to read an object listed as ``uri``: "" when that is ``uri`` itself, else ``raw``."""
+    return "" if raw == uri else raw
+
+
 def _walk_local(root: str) -> tuple[list[_Object], int]:
-    """Every object under a local folder, links not followed; (objects, directories)."""
+    """Every object under a local folder, links not followed; (objects, directories). Folders
+    are opened by descriptor (:func:`twostream.storage.open_local`), so a file whose path is
+    longer than the kernel's limit is listed (and read) like any other."""
     base = os.fsencode(root)
     objects: list[_Object] = []
     directories = 0
@@ -229,21 +261,35 @@ def _walk_local(root: str) -> tuple[list[_Object], int]:
     while stack:
         rel_dir = stack.pop()
         try:
-            with os.scandir(os.path.join(base, rel_dir) if rel_dir else base) as it:
-                items = sorted(it, key=lambda e: e.name)
+            fd = storage.open_local(os.path.join(base, rel_dir) if rel_dir else base, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                infos = []  # (name, lstat or None, the error of lstat)
+                with os.scandir(fd) as it:
+                    for item in sorted(it, key=lambda e: e.name):
+                        try:
+                            infos.append((os.fsencode(item.name), item.stat(follow_symlinks=False), None))
+                        except OSError as exc:
+                            infos.append((os.fsencode(item.name), None, exc))
+                links = {}
+                for name, info, _ in infos:
+                    if info is not None and stat.S_ISLNK(info.st_mode):
+                        try:
+                            links[name] = escape_name(os.readlink(name, dir_fd=fd))
+                        except OSError:
+                            links[name] = "?"
+            finally:
+                os.close(fd)
         except OSError as exc:
-            objects.append(_Object(escape_name(rel_dir), os.fsdecode(os.path.join(base, rel_dir)),
+            key = escape_name(rel_dir)
+            objects.append(_Object(key, os.path.join(root, key),
                                    error=f"cannot list folder: {exc.strerror or exc}"))
             continue
-        for item in items:
-            rel = os.path.join(rel_dir, item.name) if rel_dir else item.name
+        for name, info, problem in infos:
+            rel = os.path.join(rel_dir, name) if rel_dir else name
             key = escape_name(rel)
-            path = os.path.join(base, rel)
-            uri = os.path.join(root, key)  # for a name that is not UTF-8: the escaped name
-            try:
-                info = item.stat(follow_symlinks=False)
-            except OSError as exc:
-                objects.append(_Object(key, uri, error=f"cannot stat: {exc.strerror or exc}"))
+            uri = os.path.join(root, key)
+            if problem is not None:
+                objects.append(_Object(key, uri, error=f"cannot stat: {problem.strerror or problem}"))
                 continue
             if stat.S_ISDIR(info.st_mode):
                 directories += 1
@@ -251,14 +297,11 @@ def _walk_local(root: str) -> tuple[list[_Object], int]:
                 continue
             error = _bad_name(rel)
             if stat.S_ISLNK(info.st_mode):
-                try:
-                    target = escape_name(os.readlink(path))
-                except OSError:
-                    target = "?"
-                error = f"symbolic link to {target!r}: links are not followed"
+                error = f"symbolic link to {links[name]!r}: links are not followed"
             elif not stat.S_ISREG(info.st_mode):
                 error = f"not a regular file ({_kind_of(info.st_mode)})"
-            objects.append(_Object(key, uri, info.st_size, str(info.st_mtime_ns), error))
+            path = "" if error else _readable(uri, os.path.join(root, os.fsdecode(rel)))
+            objects.append(_Object(key, uri, info.st_size, str(info.st_mtime_ns), error, path))
     objects.sort(key=lambda o: o.key)
     return objects, directories
 
@@ -271,7 +314,7 @@ def _list_objects(input_uri: str) -> tuple[list[_Object], int]:
         raise InputError(f"input not found: {input_uri}")
     if info.type == pafs.FileType.File:
         name = path.rsplit("/", 1)[-1]
-        return [_Object(name, str(input_uri), info.size or 0, str(info.mtime_ns or ""))], 0
+        return [_Object(escape_name(name.encode()), str(input_uri), info.size or 0, str(info.mtime_ns or ""))], 0
     if isinstance(fs, pafs.LocalFileSystem):
         return _walk_local(path)
     objects, directories = [], 0
@@ -280,7 +323,10 @@ def _list_objects(input_uri: str) -> tuple[list[_Object], int]:
             directories += 1
             continue
         rel = posixpath.relpath(item.path, path)
-        objects.append(_Object(rel, storage.S3_PREFIX + item.path, item.size or 0, str(item.mtime_ns or "")))
+        key = escape_name(rel.encode("utf-8", "surrogateescape"))
+        uri = storage.S3_PREFIX + posixpath.join(path, key)
+        objects.append(_Object(key, uri, item.size or 0, str(item.mtime_ns or ""),
+                               path=_readable(uri, storage.S3_PREFIX + item.path)))
     objects.sort(key=lambda o: o.key)
     return objects, directories
 
@@ -288,14 +334,16 @@ def _list_objects(input_uri: str) -> tuple[list[_Object], int]:
 # ---------------------------------------------------------------------------------------------
 # Sidecars
 # ---------------------------------------------------------------------------------------------
-def _pair_sidecars(keys: Sequence[str], usable: Sequence[bool]) -> tuple[dict[int, int], dict[int, str]]:
+def _pair_sidecars(keys: Sequence[str], usable: Sequence[bool],
+                   claim: Sequence[bool] | None = None) -> tuple[dict[int, int], dict[int, str]]:
     """Which sidecar each file takes (file index -> sidecar index) and why the other ``.json``
-    are rows of their own (sidecar index -> error); see the module docstring."""
+    are rows of their own (sidecar index -> error); see the module docstring. ``claim``: which
+    objects may take a sidecar (default all)."""
     index = {k: i for i, k in enumerate(keys)}
     is_sidecar = [u and k.lower().endswith(SIDECAR_SUFFIX) for k, u in zip(keys, usable)]
     claims: dict[int, list[int]] = defaultdict(list)
     for i, key in enumerate(keys):
-        if is_sidecar[i]:
+        if is_sidecar[i] or (claim is not None and not claim[i]):
             continue
         exact = index.get(key + SIDECAR_SUFFIX)
         if exact is not None and is_sidecar[exact]:
@@ -321,17 +369,18 @@ def _pair_sidecars(keys: Sequence[str], usable: Sequence[bool]) -> tuple[dict[in
     return taken, errors
 
 
-def _entries(objects: Sequence[_Object], uri_of, sidecar_of) -> tuple[list[Entry], int]:
+def _entries(objects: Sequence[_Object], sidecar_of, claim: Sequence[bool] | None = None
+             ) -> tuple[list[Entry], int]:
     """Objects of one folder tree or tar -> entries (sidecars attached); (entries, sidecars attached)."""
     keys = [o.key for o in objects]
-    taken, errors = _pair_sidecars(keys, [o.error is None for o in objects])
+    taken, errors = _pair_sidecars(keys, [o.error is None for o in objects], claim)
     attached = set(taken.values())
     entries = []
     for i, obj in enumerate(objects):
         if i in attached:
             continue
-        entry = Entry(obj.key, uri_of(obj), obj.size, obj.stamp, getattr(obj, "offset", -1),
-                      error=obj.error or errors.get(i))
+        entry = Entry(obj.key, obj.uri, obj.size, obj.stamp, getattr(obj, "offset", -1),
+                      error=obj.error or errors.get(i), path=obj.path)
         if i in taken:
             entry.sidecar = sidecar_of(objects[taken[i]])
         entries.append(entry)
@@ -344,6 +393,7 @@ def _entries(objects: Sequence[_Object], uri_of, sidecar_of) -> tuple[list[Entry
 @dataclass
 class _Member(_Object):
     offset: int = -1
+    whole: bool = False  # the row stands for the whole tar (none of its members can be listed)
 
 
 def _member_error(info: tarfile.TarInfo) -> str | None:
@@ -375,23 +425,39 @@ def _nonzero(handle, start: int, end: int) -> bool:
     return False
 
 
-def index_tar(uri: str) -> tuple[list[_Member], int]:
-    """Every member of a tar (headers only, seeking over the data); (members, directories).
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".taz", ".tar.z", ".tar.bz2", ".tbz", ".tbz2", ".tb2", ".tar.xz",
+                           ".txz", ".tar.zst", ".tzst", ".tar.lz4", ".tar.lz", ".tar.lzma", ".tlz", ".tar.br")
 
-    Damaged regions (bytes with no valid header where one is due) are skipped to the next valid
-    header (``ignore_zeros``) and each becomes one error member; a member whose data the file
-    cuts off is an error member. Members are not sorted: their order in the tar."""
-    fs, path = storage.filesystem(uri)
-    name = path.rsplit("/", 1)[-1]
+
+def _compressed_tar(what: str) -> str:
+    return (f"compressed tar ({what}): compressed tars are not read (uploads are read as stored, never "
+            "decompressed); upload it uncompressed as .tar, or its files loose")
+
+
+def index_tar(uri: str, path: str = "") -> tuple[list[_Member], int]:
+    """Every member of a tar (headers only, seeking over the data); (members, directories).
+    ``path``: where to read the tar when not at ``uri``.
+
+    Each member's ``key`` is its escaped name in the tar (:func:`escape_name`); a damaged
+    region's is ``#damaged@<offset>``. Damaged regions (bytes with no valid header where one is
+    due) are skipped to the next valid header (``ignore_zeros``) and each becomes one error
+    member; a member whose data the file cuts off is an error member. A tar whose first bytes
+    say it is compressed is one error member. Members are not sorted: their order in the tar."""
+    name = uri.rsplit("/", 1)[-1]
     members: list[_Member] = []
     directories = 0
 
     def damaged(start: int, end: int, why: str) -> None:
-        members.append(_Member(f"{name}#damaged@{start}", uri, end - start,
+        members.append(_Member(f"{MEMBER_SEP}damaged@{start}", uri, end - start,
                                error=f"damaged tar: bytes {start}-{end} {why}; any member stored there is lost"))
 
-    with fs.open_input_file(path) as handle:
+    with storage.open_input_file(path or uri) as handle:
         size = handle.size()
+        kind = storage.compressed_kind(handle.read(8))
+        if kind is not None:
+            return [_Member(name, uri, size, error=_compressed_tar(f"{kind} data in a file named .tar"),
+                            whole=True)], 0
+        handle.seek(0)
         expected = 0  # where the next header should start
         try:
             with tarfile.open(fileobj=handle, mode="r:", ignore_zeros=True) as tar:
@@ -407,11 +473,10 @@ def index_tar(uri: str) -> tuple[list[_Member], int]:
                     error = _bad_name(raw) or _member_error(info)
                     if error is None and data_end > size:
                         error = f"truncated tar member: {max(size - info.offset_data, 0)} of {info.size} bytes present"
-                    members.append(_Member(escape_name(raw), f"{uri}#{escape_name(raw)}", info.size,
-                                           error=error, offset=info.offset_data))
+                    members.append(_Member(escape_name(raw), uri, info.size, error=error, offset=info.offset_data))
         except (tarfile.TarError, EOFError) as exc:
             if size == 0:
-                members.append(_Member(name, uri, 0, error="empty file (0 bytes), not a tar"))
+                members.append(_Member(name, uri, 0, error="empty file (0 bytes), not a tar", whole=True))
             elif expected < size:  # (at or past the end: the last member is the truncated one)
                 damaged(expected, size, f"cannot be read as tar ({exc})")
             return members, directories
@@ -422,15 +487,24 @@ def index_tar(uri: str) -> tuple[list[_Member], int]:
 
 
 def _tar_shard(obj: _Object) -> Shard:
-    shard = Shard(_safe_id("tar-" + obj.key), "tar", obj.uri, f"{obj.size}:{obj.stamp}")
+    """A tar's shard. Members pair with sidecars by their names in the tar; their keys are
+    ``<tar key>#<member>``, their URIs ``<tar URI>#<member>`` (unique over the input: no escaped
+    name holds a bare ``#``); a name stored twice is two rows (:func:`_copies`); a tar that
+    cannot be indexed at all is one error row under its own key and URI."""
+    shard = Shard(_safe_id("tar-" + obj.key), "tar", obj.path or obj.uri, f"{obj.size}:{obj.stamp}")
     try:
-        members, shard.directories = index_tar(obj.uri)
+        members, shard.directories = index_tar(obj.uri, obj.path)
     except OSError as exc:
-        members = [_Member(obj.key, obj.uri, obj.size, error=f"cannot read tar: {exc}")]
-    # Members of a tar are ordered as stored; a name stored twice is two rows (``~2``).
-    shard.entries, shard.sidecars = _entries(
-        members, lambda m: m.uri, lambda m: [m.key, m.uri, m.offset, m.size])
-    _unique(shard.entries)
+        members = [_Member(obj.key, obj.uri, obj.size, error=f"cannot read tar: {exc}", whole=True)]
+    if any(m.whole for m in members):  # (then it is the only one)
+        shard.entries = [Entry(obj.key, obj.uri, obj.size, obj.stamp, error=members[0].error)]
+    else:
+        claim = _copies(members, obj.key)
+        shard.entries, shard.sidecars = _entries(
+            members, lambda m: [m.key, f"{obj.uri}{MEMBER_SEP}{m.key}", m.offset, m.size], claim)
+        for entry in shard.entries:
+            entry.name = entry.key
+            entry.key, entry.uri = f"{obj.key}{MEMBER_SEP}{entry.name}", f"{obj.uri}{MEMBER_SEP}{entry.name}"
     shard.listed = len(members) + shard.directories
     return _shard(shard)
 
@@ -457,8 +531,20 @@ def _identities(table: pa.Table) -> list[list]:
     return [table.column(name).to_pylist() for name in ("image_id", "source", "timestamp")]
 
 
+def _match_name(matcher: Matcher, entry: Entry) -> str:
+    """The name a manifest row may give an entry: its key, else (a tar member) its name in the
+    tar, whichever the manifest holds (itself or its stem); two inputs matching one row are then
+    refused by the matcher, and the full key (``x.tar#a.jpg``) tells them apart."""
+    if not entry.name:
+        return entry.key
+    for name in (entry.key, entry.name):
+        if name in matcher.by_value or (stem(name) is not None and stem(name) in matcher.by_value):
+            return name
+    return entry.name
+
+
 def _attach(matcher: Matcher, identities: list[list], entries: Sequence[Entry]) -> None:
-    rows = matcher.rows([e.key for e in entries], [e.uri for e in entries])
+    rows = matcher.rows([_match_name(matcher, e) for e in entries], [e.uri for e in entries], [e.key for e in entries])
     for entry, row in zip(entries, rows):
         if row >= 0:
             entry.ident = [column[row] for column in identities]
@@ -488,13 +574,16 @@ def plan_input(input_uri: str, files_per_shard: int = 256, manifest: pa.Table | 
             spool_entries(shard, storage.join(spool, f"{shard.shard_id}.parquet"))
         shards.append(shard)
 
+    for obj in objects:
+        suffix = next((x for x in COMPRESSED_TAR_SUFFIXES if obj.key.lower().endswith(x)), None)
+        if obj.error is None and suffix is not None:
+            obj.error = _compressed_tar(f"named {suffix}")
     is_tar = [o.error is None and o.key.lower().endswith(TAR_SUFFIXES) for o in objects]
     for obj in (o for o, t in zip(objects, is_tar) if t):
         add(_tar_shard(obj))
     entries, _ = _entries([o for o, t in zip(objects, is_tar) if not t],
-                          lambda o: o.uri, lambda o: [o.key, o.uri, -1, o.size])
+                          lambda o: [o.key, o.path or o.uri, -1, o.size])
     del objects
-    _unique(entries)
     for start in range(0, len(entries), files_per_shard):
         chunk = entries[start : start + files_per_shard]
         attached = sum(e.sidecar is not None for e in chunk)
@@ -537,6 +626,10 @@ def _read_range(handle, offset: int, size: int) -> bytes:
     return data
 
 
+def _too_large(size: int, max_bytes: int) -> str:
+    return f"file too large: {size} bytes > limit {max_bytes}"
+
+
 def read_unit(unit: Shard, max_bytes: int) -> Iterator[dict]:
     """One raw row per entry of a work unit, in order: ``key``, ``uri``, ``row`` (in its shard),
     ``data``, ``meta`` (the sidecar's dict), ``ident``, ``read_error``."""
@@ -544,8 +637,7 @@ def read_unit(unit: Shard, max_bytes: int) -> Iterator[dict]:
     try:
         entries = unit.load_entries()
         if unit.kind == "tar" and any(e.error is None for e in entries):
-            fs, path = storage.filesystem(unit.uri)
-            tar = fs.open_input_file(path)
+            tar = storage.open_input_file(unit.uri)
         for k, entry in enumerate(entries):
             row = {"key": entry.key, "uri": entry.uri, "row": unit.first + k, "data": b"", "meta": {},
                    "ident": entry.ident, "read_error": entry.error}
@@ -558,22 +650,28 @@ def read_unit(unit: Shard, max_bytes: int) -> Iterator[dict]:
 
 
 def _read_entry(entry: Entry, tar, max_bytes: int) -> tuple[bytes, dict, str | None]:
+    """An entry's bytes as stored (never decompressed), at most ``max_bytes`` of them whatever
+    the listing said, and its sidecar's dict; or the reason it cannot be read."""
     if entry.size > max_bytes:
-        return b"", {}, f"file too large: {entry.size} bytes > limit {max_bytes}"
+        return b"", {}, _too_large(entry.size, max_bytes)
     try:
         if tar is not None:
             data = _read_range(tar, entry.offset, entry.size)
         else:
-            data = storage.read_bytes(entry.uri)
+            data = storage.read_bytes(entry.path or entry.uri, max_bytes)
             if len(data) != entry.size:
                 return b"", {}, f"changed since planning: {len(data)} bytes, listed with {entry.size}"
+    except storage.TooLargeError as exc:
+        return b"", {}, f"{exc} (limits.max_bytes; listed with {entry.size})"
     except OSError as exc:
         return b"", {}, f"cannot read: {exc}"
     meta: dict = {}
     if entry.sidecar is not None and entry.ident is None:  # the manifest, when it matched, wins
         name, uri, offset, size = entry.sidecar
         try:
-            raw = _read_range(tar, offset, size) if tar is not None else storage.read_bytes(uri)
+            if size > max_bytes:
+                raise storage.TooLargeError(_too_large(size, max_bytes))
+            raw = _read_range(tar, offset, size) if tar is not None else storage.read_bytes(uri, max_bytes)
         except OSError as exc:
             return b"", {}, f"cannot read sidecar {name}: {exc}"
         meta, error = _parse_sidecar(raw, name)

@@ -7,11 +7,22 @@ refused cheaply. ``limits.max_pixels`` is the one pixel limit: Pillow's own
 ``Image.MAX_IMAGE_PIXELS`` (a warning above 89M pixels, an error above twice that) is switched off
 when this module is imported, so Pillow neither warns nor refuses an image our limit accepts.
 Every failure is an :class:`ImageDecodeError` whose message says why.
+
+Uploads are bytes: nothing here decompresses them. Data whose magic bytes say it is compressed
+(gzip, bzip2, zstd, xz, lz4, zip) is refused by that name (``gzip-compressed data, not an
+image``), whatever its file name says; brotli has no magic bytes and is ``not a recognised image
+format``. Multi-frame images are scored by their frame 0: a GIF's, WebP's or MPO's first frame,
+a TIFF's first page, an APNG's default image (its ``IDAT`` image, which Pillow 13 makes frame 0
+even when the animation does not show it). A PNG whose text chunks (``tEXt``/``zTXt``/``iTXt``)
+exceed Pillow's ``PngImagePlugin.MAX_TEXT_CHUNK`` or ``MAX_TEXT_MEMORY`` is scored on its pixels,
+decoded again with its text chunks left out: metadata is not pixels, and the limits stay in
+force, so a text bomb costs no memory either.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from twostream.core.config import LimitsConfig
+from twostream.storage import compressed_kind
 
 # limits.max_pixels, checked in _open_checked before any pixel is decoded, replaces Pillow's limit.
 Image.MAX_IMAGE_PIXELS = None
@@ -75,12 +87,45 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return pixels
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _over_text_limit(exc: BaseException) -> bool:
+    """Whether Pillow refused a PNG for its text chunks (``MAX_TEXT_CHUNK``/``MAX_TEXT_MEMORY``)."""
+    return isinstance(exc, ValueError) and "MAX_TEXT_" in str(exc)
+
+
+def without_png_text(data: bytes) -> bytes:
+    """A PNG's bytes with its text chunks (``tEXt``, ``zTXt``, ``iTXt``) left out, every other
+    chunk as it was (each chunk carries its own CRC; APNG sequence numbers are in ``fcTL`` and
+    ``fdAT`` only). Bytes that are not a well-formed chunk sequence are kept as they are from
+    there on, for Pillow to judge."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return data
+    out, pos = [data[:8]], 8
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        if data[pos + 4 : pos + 8] not in _PNG_TEXT_CHUNKS:
+            out.append(data[pos:end])
+        pos = end
+    out.append(data[pos:])
+    return b"".join(out)
+
+
 def _open_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
     """Open lazily and check size, format and pixel count; no pixel is decoded yet."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(f"file too large: {len(data)} bytes > limit {limits.max_bytes}")
+    kind = compressed_kind(data)
+    if kind is not None:
+        raise ImageDecodeError(f"{kind}-compressed data, not an image (uploads are read as stored, never "
+                               "decompressed)")
     image = Image.open(io.BytesIO(data))
     if image.format not in ALLOWED_FORMATS:
         raise ImageDecodeError(f"unsupported image format {image.format}")
@@ -112,15 +157,31 @@ def _decode_errors() -> Iterator[None]:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
 
 
+def _decode_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
+    image = _open_checked(data, limits)
+    image.seek(0)
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a large image
+    return _to_rgb(image)
+
+
+def _text_tolerant(step, data: bytes, limits: LimitsConfig) -> Image.Image:
+    """``step(data, limits)``; a PNG that Pillow refuses for its text chunks is tried again
+    without them (:func:`without_png_text`)."""
+    try:
+        return step(data, limits)
+    except ValueError as exc:
+        if not _over_text_limit(exc):
+            raise
+    return step(without_png_text(data), limits)
+
+
 def decode_rgb(data: bytes, limits: LimitsConfig | None = None) -> Image.Image:
     """Decode image bytes to an RGB Pillow image (checked, oriented, converted), or raise
-    :class:`ImageDecodeError`. Its pixels: :func:`pixel_rows`; as one array: :func:`decode_image`."""
+    :class:`ImageDecodeError`. Its pixels: :func:`pixel_rows`; as one array: :func:`decode_image`.
+    Frame 0 of a multi-frame image (see the module docstring)."""
     with _decode_errors():
-        image = _open_checked(data, limits or LimitsConfig())
-        image.seek(0)
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a large image
-        return _to_rgb(image)
+        return _text_tolerant(_decode_checked, data, limits or LimitsConfig())
 
 
 def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
@@ -136,7 +197,7 @@ def check_image_header(data: bytes, limits: LimitsConfig | None = None) -> Image
     header read, no pixel decoded). A file that passes can still turn out truncated or corrupt
     when decoded."""
     with _decode_errors():
-        return _open_checked(data, limits or LimitsConfig())
+        return _text_tolerant(_open_checked, data, limits or LimitsConfig())
 
 
 def check_min_side(height: int, width: int, limits: LimitsConfig) -> None:

@@ -15,9 +15,11 @@ on AWS both work.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import posixpath
+import stat
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -84,10 +86,106 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
-def read_bytes(uri: str) -> bytes:
+class TooLargeError(OSError):
+    """An object holds more than the bytes a read allows; the message says how many."""
+
+
+READ_CHUNK = 1 << 20
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096  # the kernel's path limit  # bytes per read call when a limit applies
+
+
+# Magic bytes of compressed data (none is a prefix of an accepted image format's signature).
+COMPRESSED_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+    (b"PK\x03\x04", "zip"),
+)
+
+
+def compressed_kind(data: bytes) -> str | None:
+    """The compression whose magic bytes ``data`` starts with (``gzip``, ``bzip2``, ``zstd``,
+    ``xz``, ``lz4``, ``zip``), else None. Brotli has no magic bytes: never recognised."""
+    for magic, name in COMPRESSED_MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def open_local(path: str | bytes, flags: int = os.O_RDONLY) -> int:
+    """``os.open`` of a local path, also past the kernel's path-length limit (``PATH_MAX``):
+    then opened a folder at a time, each relative to the one before (``dir_fd``), links not
+    followed on the way. Returns the file descriptor."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    parts = [p for p in os.fsencode(path).split(b"/") if p]
+    fd = os.open(b"/" if os.fsencode(path).startswith(b"/") else b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], flags | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str) -> int:
+    """:func:`open_local` of a file that must be a regular file (an upload: a FIFO put in its
+    place must not block the reader); raises ``OSError`` otherwise."""
+    fd = open_local(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"not a regular file: {path}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_input_file(uri: str) -> pa.NativeFile:
+    """A seekable reader of the object's raw bytes (never decompressed); local paths of any
+    length (:func:`open_local`)."""
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    if isinstance(fs, pafs.LocalFileSystem) and len(os.fsencode(path)) >= PATH_MAX:
+        return pa.PythonFile(os.fdopen(open_local(path), "rb"), mode="r")
+    return fs.open_input_file(path)  # (pyarrow's native reader: faster for tarfile's many small reads)
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The object's bytes as stored: never decompressed (pyarrow's input *streams* decompress by
+    extension, ``.gz .bz2 .zst .lz4 .br``; this reads the raw file). ``max_bytes``: read at most
+    that many bytes plus one, whatever the listing said, and raise :class:`TooLargeError` when
+    there are more; with ``max_bytes``, a local path must be a regular file. Local paths of any
+    length (:func:`open_local`)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        stream = open(_open_regular(path) if max_bytes is not None else open_local(path), "rb")  # noqa: SIM115
+    else:
+        stream = fs.open_input_stream(path, compression=None)
+    with stream:
+        if max_bytes is None:
+            return stream.read()
+        return read_limited(stream, max_bytes)
+
+
+def read_limited(handle, max_bytes: int) -> bytes:
+    """The bytes of a file-like ``handle`` from where it stands to its end, reading
+    ``max_bytes + 1`` at most; raises :class:`TooLargeError` when there are more than
+    ``max_bytes``."""
+    parts, held = [], 0
+    while held <= max_bytes:
+        chunk = handle.read(min(READ_CHUNK, max_bytes + 1 - held))
+        if not chunk:
+            break
+        parts.append(chunk)
+        held += len(chunk)
+    if held > max_bytes:
+        raise TooLargeError(f"file too large: more than {max_bytes} bytes")
+    return b"".join(parts)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
