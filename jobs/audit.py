@@ -31,7 +31,8 @@ def _score_chunk(cfg_json: str, uris: list[str], ids: list[str]) -> ScoredBatch:
     from twostream.core.scoring import Scorer
 
     config = TwoStreamConfig.model_validate_json(cfg_json)
-    return scorer_score_fn(Scorer(config), chunk=config.high.batch_size)(uris, ids)
+    return scorer_score_fn(Scorer(config), chunk=config.high.batch_size,
+                           max_bytes=config.limits.max_bytes)(uris, ids)
 
 
 def ray_score_fn(config: TwoStreamConfig, chunk: int = 256, num_cpus: float = 1.0) -> ScoreFn:

@@ -23,6 +23,7 @@ from twostream.audit.logread import AuditError, ColumnMapping, parse_mapping, pa
 from twostream.audit.replay import WhatIf
 from twostream.audit.run import run_audit
 from twostream.core.config import ConfigError, TwoStreamConfig, load_config
+from twostream.core.labels import Verdict
 from twostream.core.results import score_rows
 
 T = 1_700_000_000  # 2023-11-14T22:13:20Z
@@ -639,3 +640,31 @@ def test_sample_log_known_attacker(tmp_path: Path) -> None:
     assert row["cc"] == final_cc and row["final_standing"] == "blacklisted" and row["rejected"] == 4
     assert res.summary["images_scored_now"] == 0  # all came from the scores
     assert res.sources.column("source").to_pylist()[0] == "src-00"
+
+
+def test_images_are_read_as_stored_and_within_the_size_limit(tmp_path: Path) -> None:
+    """The audit scores files as stored (a .gz is not decompressed) and at most limits.max_bytes
+    each; an oversized file is an error row saying so, not a read of the whole file."""
+    import gzip
+
+    small, big = _png(0), _png(1) * 3
+    zipped = gzip.compress(small)
+    for name, data in (("small.png", small), ("big.png", big), ("z.png.gz", zipped)):
+        (tmp_path / name).write_bytes(data)
+    limit = len(big) - 1
+    assert len(small) <= limit and len(zipped) <= limit
+
+    seen: list[bytes] = []
+
+    class RecordingScorer:
+        def score(self, images, ids):
+            seen.extend(images)
+            return score_rows(ids, [None if blob else "empty" for blob in images], [(40, 40)] * len(ids),
+                              [[281, 0, 1, 2, 3]] * len(ids), [[0.5, 0.1, 0.1, 0.1, 0.1]] * len(ids),
+                              [[3, 0]] * len(ids), [[0.9, 0.05]] * len(ids), TwoStreamConfig().thresholds)
+
+    uris = [str(tmp_path / n) for n in ("small.png", "big.png", "z.png.gz")]
+    batch = scorer_score_fn(RecordingScorer(), max_bytes=limit)(uris, ["s", "b", "z"])
+    assert seen == [small, b"", zipped]
+    assert list(batch.error) == [None, f"file too large: more than {limit} bytes", None]
+    assert [str(v) for v in batch.verdict] == [str(Verdict.ACCEPTED), str(Verdict.ERROR), str(Verdict.ACCEPTED)]

@@ -313,21 +313,27 @@ def _alias_covered(cat: Catalogue, covered: list[ImageFile], aliases: list[pa.Ar
 # ---------------------------------------------------------------------------------------------
 # Verdicts: scoring the unscored, other thresholds from the stored top-k
 # ---------------------------------------------------------------------------------------------
-def scorer_score_fn(scorer: Scores, chunk: int = 32) -> ScoreFn:
+def scorer_score_fn(scorer: Scores, chunk: int = 32, max_bytes: int | None = None) -> ScoreFn:
     """A score function over a :class:`twostream.core.scoring.Scorer` (in-process, ``chunk``
-    images per call); an unreadable file is scored as empty bytes, so it comes back an error row."""
+    images per call). Files are read as stored (never decompressed), at most ``max_bytes``
+    (``limits.max_bytes``) each; a file that cannot be read, or holds more, is an error row whose
+    error says why."""
 
     def score(uris: list[str], ids: list[str]) -> ScoredBatch:
         parts = []
         for start in range(0, len(uris), chunk):
-            blobs = []
-            for u in uris[start:start + chunk]:
+            blobs, unread = [], {}
+            for k, u in enumerate(uris[start:start + chunk]):
                 try:
-                    blobs.append(storage.read_bytes(u))
+                    blobs.append(storage.read_bytes(u, max_bytes))
                 except OSError as exc:
                     blobs.append(b"")
-                    log.warning("cannot read %s: %s", u, exc)
-            parts.append(scorer.score(blobs, ids[start:start + chunk]))
+                    unread[k] = str(exc) if isinstance(exc, storage.TooLargeError) else f"cannot read: {exc}"
+                    log.warning("%s: %s", u, unread[k])
+            part = scorer.score(blobs, ids[start:start + chunk])
+            for k, reason in unread.items():
+                part.error[k] = reason
+            parts.append(part)
         return ScoredBatch.concat(parts)
 
     return score

@@ -176,7 +176,7 @@ def _score_unscored(cat: Catalogue, referenced: np.ndarray, score_fn: ScoreFn | 
     if score_fn is None:
         from twostream.core.scoring import Scorer  # torch: only when something needs scoring
 
-        score_fn = scorer_score_fn(Scorer(config))
+        score_fn = scorer_score_fn(Scorer(config), max_bytes=config.limits.max_bytes)
     uris, batch = score_missing(cat, need, score_fn)
     files["scored_images.parquet"] = storage.join(output_uri, "scored_images.parquet")
     storage.write_parquet(scored_images_table(batch, uris), files["scored_images.parquet"], compression="zstd")
