@@ -146,3 +146,26 @@ def test_tta_config_and_refusals(tmp_path) -> None:
         load_config(str(yml), ["low.tta=mirror"])
     with pytest.raises(ValueError, match="test-time augmentation 'mirror'"):
         Stream(AirbenchNet(), kind="low", name="airbench94", num_classes=10, spec=_random().spec, tta="mirror")
+
+
+def test_flip_tta_reaches_the_scoring_core(tmp_path) -> None:
+    """``StreamScorer`` (what the batch job, the endpoint and the audit call) with ``low.tta=flip``
+    returns the top-2 softmax of the mean of both logits, computed here from the untouched network."""
+    from twostream.core.scoring import StreamScorer
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text("low:\n  model: airbench94\n  weights: random\n")
+    cfg = load_config(str(yml), ["low.tta=flip"])
+    stream = _random("flip")
+    scorer = StreamScorer(cfg, "low", stream=stream)
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+    idx, prob = scorer.topk(images)
+    plain = Stream(stream.net, kind="low", name="airbench94", num_classes=10, spec=stream.spec).eval()
+    with torch.no_grad():
+        for k, image in enumerate(images):
+            x = plain.resize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+            p = torch.softmax(0.5 * (plain(x) + plain(x.flip(-1))), dim=1)[0]
+            top = torch.topk(p, 2)
+            assert idx[k].tolist() == top.indices.tolist()
+            np.testing.assert_allclose(prob[k], top.values.numpy(), atol=1e-5)
