@@ -272,3 +272,106 @@ def test_shipped_robust_weights_score_their_held_out_split(assets_dir: Path) -> 
         clean = float((stream(x).argmax(1) == y).float().mean())
     # to one image of 2,500: another thread count may round a near-tie's logits the other way
     assert clean == pytest.approx(meta["holdout_clean_accuracy"], abs=1.5 / len(held))
+
+
+# --- issue 32: the airbench94 family and its recipe ---------------------------------------------
+
+RECIPE = dict(arch="airbench94", attack="none", eps=0.0, label_smoothing=0.2, nesterov=True, ema=0.9,
+              translate=2, jpeg=(40, 95), jpeg_p=0.5, rescale=0.5, rescale_max=4, color_jitter=0.2,
+              crop_scale=0.7, momentum=0.85)
+
+
+def test_recipe_training_lowers_the_loss(tiny_folder: Path, tmp_path: Path) -> None:
+    """airbench94 from random, with every part of the recipe on: the written (averaged) weights fit
+    the tiny folder better than the random network; the whitening layer was fitted (not random)."""
+    x, y = _images(tiny_folder)
+    torch.manual_seed(0)
+    before = build_stream(LowStreamConfig(model="airbench94", weights="random"), "low")
+    meta = train(_opts(tiny_folder, tmp_path, epochs=4, holdout=0.0, lr=0.4, **RECIPE))
+    after = build_stream(LowStreamConfig(model="airbench94", weights=str(tmp_path / "w.th")), "low")
+    with torch.no_grad():
+        loss_before = float(F.cross_entropy(before(x), y))
+        loss_after = float(F.cross_entropy(after(x), y))
+    assert loss_after < 0.5 * loss_before, (loss_before, loss_after)
+    assert not torch.equal(after.net.whiten.weight, before.net.whiten.weight)
+    assert meta["optimizer"]["nesterov"] and meta["optimizer"]["label_smoothing"] == 0.2
+    assert meta["augmentation"]["jpeg"] == [40, 95] and meta["optimizer"]["ema"] == 0.9
+
+
+def test_recipe_resume_equals_uninterrupted_run(tiny_folder: Path, tmp_path: Path) -> None:
+    """With the weight average and every augmentation on, a run resumed from epoch 1's checkpoint
+    writes the same tensors as an uninterrupted one (the average is in the checkpoint)."""
+    ckpt = tmp_path / "ckpt"
+    full = train(_opts(tiny_folder, tmp_path, out=str(tmp_path / "full.th"), checkpoint_dir=str(ckpt), **RECIPE))
+    (ckpt / "epoch-002.pt").unlink()
+    resumed = train(_opts(tiny_folder, tmp_path, out=str(tmp_path / "resumed.th"), checkpoint_dir=str(ckpt),
+                          resume=True, **RECIPE))
+    a = torch.load(tmp_path / "full.th", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "resumed.th", weights_only=True)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["history"] == [{**h, "seconds": r["seconds"]} for h, r in zip(full["history"], resumed["history"])]
+    # what is written is the average, not the last step's weights
+    last = torch.load(ckpt / "epoch-002.pt", weights_only=True)
+    assert all(torch.equal(a[k], last["ema_state_dict"][k]) for k in a)
+    assert any(not torch.equal(a[k], last["state_dict"][k]) for k in a)
+
+
+def test_serving_augment_parts() -> None:
+    from twostream.core.models import resize_image
+    from twostream.training.data import jpeg_roundtrip, serving_augment
+
+    spec = build_stream(LowStreamConfig(model="airbench94", weights="random"), "low").spec
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(serving_augment(x, gen(), spec), x)  # everything off: unchanged
+    # JPEG of every image at quality 50: Pillow's own round trip, computed independently
+    out = serving_augment(x, gen(), spec, jpeg=(50, 50), jpeg_p=1.0)
+    for img, got in zip(x, out):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        import io
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=50)
+        want = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()).permute(2, 0, 1) / 255
+        assert torch.equal(got, want.float())
+        assert torch.equal(jpeg_roundtrip(img, 50), want.float())
+    # the upscale round trip of a constant image is the same constant; of a random one, a blur
+    grey = torch.full((2, 3, 32, 32), 0.25)
+    torch.testing.assert_close(serving_augment(grey, gen(), spec, rescale=1.0), grey)
+    up = serving_augment(x, gen(), spec, rescale=1.0, rescale_max=2)
+    want = resize_image(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False).clamp(0, 1), spec)
+    torch.testing.assert_close(up, want)
+    # crops and colour: same shape, in range, reproducible from the seed, and not the identity
+    for kw in (dict(crop_scale=0.5), dict(color_jitter=0.4), dict(crop_scale=0.5, rescale=1.0, jpeg=(30, 90),
+                                                                   color_jitter=0.3)):
+        a, b = serving_augment(x, gen(), spec, **kw), serving_augment(x, gen(), spec, **kw)
+        assert a.shape == x.shape and torch.equal(a, b), kw
+        assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and not torch.equal(a, x), kw
+
+
+def test_decoded_folder_cache(tiny_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from twostream.training.data import load_folder
+
+    stream = build_stream(LowStreamConfig(model="airbench94", weights="random"), "low")
+    first = load_folder(str(tiny_folder), stream, cache_dir=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("images-*.npy"))) == 1
+    with caplog.at_level(logging.INFO, logger="twostream.training.data"):
+        again = load_folder(str(tiny_folder), stream, cache_dir=str(tmp_path / "cache"))
+    assert any("read from the cache" in r.getMessage() for r in caplog.records)
+    assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    x, _ = _images(tiny_folder)  # decoded independently with PIL: 32x32 already, so exact
+    assert torch.equal(again.x, (x * 255).round().to(torch.uint8))
+
+
+def test_recipe_option_errors(tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = [
+        (["--jpeg", "95-40"], "--jpeg 95-40: qualities must be LOW-HIGH"),
+        (["--jpeg", "high"], "--jpeg 'high': expected qualities LOW-HIGH"),
+        (["--ema", "1.5"], "--ema must be a decay in [0, 1)"),
+        (["--rescale", "2"], "--rescale is a probability in [0, 1], got 2.0"),
+        (["--crop-scale", "0"], "--crop-scale must be in [0.05, 1]"),
+        (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    ]
+    for extra, message in cases:
+        assert main(["train-low", "--data", str(tiny_folder), "--out", str(tmp_path / "x.th"), *extra]) == 2
+        assert message in capsys.readouterr().err

@@ -70,6 +70,9 @@ class LowStreamConfig(StreamConfig):
     threads: int = Field(1, ge=0, description="torch intra-op threads per actor: a 32x32 ResNet needs one "
                                               "core, so the H-Net keeps the others (0 = cores / pool_size)")
     top_k: Literal[2] = 2
+    tta: Literal["none", "flip"] = Field(
+        "none", description="test-time augmentation: flip = the mean of the logits of the 32x32 image and "
+                            "its horizontal mirror, inside the stream (attacks, batch, endpoint and audit alike)")
 
 
 class ThresholdsConfig(_Strict):

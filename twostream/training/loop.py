@@ -17,12 +17,21 @@ falls below half its best: FGSM training's
 *catastrophic overfitting* (Wong et al. 2020, who stop early for the same reason), after which
 robustness does not come back. ``keep="last"`` keeps the last epoch and never stops early.
 
+The fast recipe (airbench94's published ingredients, each an option): label smoothing, Nesterov
+momentum, an exponential moving average of the weights (``ema``: the decay per step, warmed up as
+``min(ema, (1 + t) / (10 + t))``; the averaged weights are the ones evaluated, kept and written),
+translate-and-flip augmentation, and the serving-path augmentation of
+:func:`~.data.serving_augment`. A network with a ``whiten_init`` method (``airbench94``) trained
+from ``random`` has its first layer set from the first (up to) 5,000 training images of the
+seeded order before the first step: held-out images never enter it.
+
 The weight file is ``{"state_dict": <the network's tensors>, "meta": {...}}``, readable with
 ``torch.load(weights_only=True)`` and loaded strictly by ``low.weights=PATH``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -36,7 +45,7 @@ from twostream.core.config import LowStreamConfig
 from twostream.core.labels import CIFAR10_LABELS
 from twostream.core.models import Stream, build_stream
 from twostream.training.adversarial import make_attack, pgd
-from twostream.training.data import LabelledImages, augment, holdout_split, load_folder
+from twostream.training.data import LabelledImages, augment, holdout_split, load_folder, serving_augment
 from twostream.training.options import TrainOptions
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,25 @@ __all__ = ["evaluate", "select_epoch", "train"]
 FORMAT = "twostream-train-low/1"
 WARMUP = 0.4  # share of the steps over which the learning rate rises to its peak
 COLLAPSE = 0.5  # quick PGD accuracy below this share of its best: catastrophic overfitting
+WHITEN_IMAGES = 5000  # training images the whitening layer is fitted on
+
+
+class WeightAverage:
+    """An exponential moving average of a network's state (parameters and BN statistics), warmed
+    up: the decay at step ``t`` is ``min(decay, (1 + t) / (10 + t))``."""
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].lerp_(v.detach(), 1.0 - d)
+            else:
+                self.state[k].copy_(v)
 
 
 def _device(choice: str) -> torch.device:
@@ -107,9 +135,10 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("epoch-[0-9][0-9][0-9].pt"))
 
 
-def _resume(opts: TrainOptions, stream: Stream, optimizer: torch.optim.Optimizer) -> tuple[int, list, dict]:
-    """Load the latest checkpoint of ``opts.checkpoint_dir``: (epochs done, history, the best
-    epoch's weights)."""
+def _resume(opts: TrainOptions, stream: Stream, optimizer: torch.optim.Optimizer,
+            average: WeightAverage | None) -> tuple[int, list, dict]:
+    """Load the latest checkpoint of ``opts.checkpoint_dir`` (and its weight average): (epochs
+    done, history, the best epoch's weights)."""
     found = _checkpoints(Path(opts.checkpoint_dir))
     if not found:
         log.warning("--resume: no checkpoint in %s, starting from epoch 1", opts.checkpoint_dir)
@@ -122,6 +151,8 @@ def _resume(opts: TrainOptions, stream: Stream, optimizer: torch.optim.Optimizer
                          f"(checkpoint vs now: {diff}); use another --checkpoint-dir")
     stream.net.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if average is not None:
+        average.state = {k: v.to(average.state[k].device) for k, v in ckpt["ema_state_dict"].items()}
     log.info("resumed from %s (epoch %d of %d)", found[-1], ckpt["epoch"], opts.epochs)
     return int(ckpt["epoch"]), list(ckpt["history"]), ckpt["best_state_dict"]
 
@@ -134,15 +165,22 @@ def train(opts: TrainOptions, command: str = "") -> dict:
     stream = build_stream(LowStreamConfig(model=opts.arch, weights=opts.init), "low")
     if stream.num_classes != len(CIFAR10_LABELS):
         raise ValueError(f"--arch {opts.arch!r} has {stream.num_classes} classes, not the 10 of CIFAR-10")
-    data = load_folder(opts.data, stream, opts.limit, opts.seed)
+    data = load_folder(opts.data, stream, opts.limit, opts.seed, cache_dir=opts.data_cache)
     train_idx, held_idx = holdout_split(len(data), opts.holdout, opts.seed)
     if len(train_idx) == 0:
         raise ValueError(f"--holdout {opts.holdout} leaves no training image of {len(data)}")
     stream = stream.to(device).train()
-    optimizer = torch.optim.SGD(stream.parameters(), lr=0.0, momentum=opts.momentum,
-                                weight_decay=opts.weight_decay)
+    whiten = getattr(stream.net, "whiten_init", None)
+    if callable(whiten) and opts.init == "random":
+        first = train_idx[torch.randperm(len(train_idx), generator=_epoch_generator(opts.seed, 1_000_000))][:WHITEN_IMAGES]
+        whiten((data.x[first].to(device).float() / 255.0 - stream.mean) / stream.std)
+        log.info("whitening layer fitted on %d training images", len(first))
+    optimizer = torch.optim.SGD([p for p in stream.parameters() if p.requires_grad], lr=0.0,
+                                momentum=opts.momentum, nesterov=opts.nesterov, weight_decay=opts.weight_decay)
     attack = make_attack(opts.attack, opts.eps, opts.pgd_steps)
-    start, history, best_state = _resume(opts, stream, optimizer) if opts.resume else (0, [], {})
+    average = WeightAverage(stream.net, opts.ema) if opts.ema > 0 else None
+    judged = copy.deepcopy(stream) if average is not None else stream  # what is evaluated and kept
+    start, history, best_state = _resume(opts, stream, optimizer, average) if opts.resume else (0, [], {})
     adversarial = opts.attack != "none" and opts.eps > 0
     quick_n = min(len(held_idx), opts.quick_eval)
     stopped = None
@@ -160,20 +198,28 @@ def train(opts: TrainOptions, command: str = "") -> dict:
         for k, (x, y) in enumerate(_batches(data, order, opts.batch_size, device)):
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(epoch * steps_per_epoch + k, total, opts.lr)
+            if opts.serving_augmentation():
+                x = serving_augment(x, gen, stream.spec, crop_scale=opts.crop_scale, rescale=opts.rescale,
+                                    rescale_max=opts.rescale_max, jpeg=opts.jpeg, jpeg_p=opts.jpeg_p,
+                                    color_jitter=opts.color_jitter)
             if opts.augment:
-                x = augment(x, gen)
+                x = augment(x, gen, pad=opts.translate)
             logits = stream(attack(stream, x, y, gen))
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=opts.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update(stream.net, epoch * steps_per_epoch + k)
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.update(len(y))
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        clean, robust = evaluate(stream, data, held_idx[: opts.quick_eval], **eval_kw)
+        if average is not None:
+            judged.net.load_state_dict(average.state)
+        clean, robust = evaluate(judged, data, held_idx[: opts.quick_eval], **eval_kw)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                         "holdout_clean": clean, "holdout_pgd": robust,
                         "seconds": round(time.monotonic() - began, 1)})
@@ -182,13 +228,15 @@ def train(opts: TrainOptions, command: str = "") -> dict:
                  min(len(held_idx), opts.quick_eval), clean, robust)
         best, collapsed = select_epoch(history, adversarial, quick_n)
         if best == epoch + 1:
-            best_state = _cpu_state(stream)
+            best_state = _cpu_state(judged)
         if opts.checkpoint_dir:
             folder = Path(opts.checkpoint_dir)
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"epoch": epoch + 1, "options": opts.run_signature(), "history": history,
                         "state_dict": _cpu_state(stream), "optimizer": optimizer.state_dict(),
-                        "best_state_dict": best_state}, folder / f"epoch-{epoch + 1:03d}.pt")
+                        "best_state_dict": best_state,
+                        **({"ema_state_dict": _cpu_state(judged)} if average is not None else {})},
+                       folder / f"epoch-{epoch + 1:03d}.pt")
         if opts.keep == "best" and collapsed:
             stopped = epoch + 1
             log.warning("epoch %d: held-out PGD accuracy fell to %.4f from %.4f at epoch %d: catastrophic "
@@ -197,7 +245,10 @@ def train(opts: TrainOptions, command: str = "") -> dict:
             break
     selected = select_epoch(history, adversarial, quick_n)[0] if opts.keep == "best" and history else len(history)
     if selected != len(history):
-        stream.net.load_state_dict(best_state)
+        judged.net.load_state_dict(best_state)
+    elif average is not None:
+        judged.net.load_state_dict(average.state)
+    stream = judged
     clean, robust = evaluate(stream, data, held_idx, **eval_kw)
     meta = _metadata(opts, stream, data, len(train_idx), len(held_idx), clean, robust, history, command)
     meta.update(keep=opts.keep, selected_epoch=selected, stopped_after_epoch=stopped)
@@ -235,7 +286,12 @@ def _metadata(opts: TrainOptions, stream: Stream, data: LabelledImages, n_train:
         "epsilon": opts.eps,
         "pgd_steps": opts.pgd_steps if opts.attack == "pgd" else None,
         "optimizer": {"name": "sgd", "lr_max": opts.lr, "schedule": "one-cycle", "momentum": opts.momentum,
-                      "weight_decay": opts.weight_decay, "batch_size": opts.batch_size, "augment": opts.augment},
+                      "nesterov": opts.nesterov, "weight_decay": opts.weight_decay, "batch_size": opts.batch_size,
+                      "label_smoothing": opts.label_smoothing, "ema": opts.ema, "augment": opts.augment},
+        "augmentation": {"flip_translate": opts.augment, "translate": opts.translate,
+                         "crop_scale": opts.crop_scale, "rescale": opts.rescale, "rescale_max": opts.rescale_max,
+                         "jpeg": list(opts.jpeg) if opts.jpeg else None, "jpeg_p": opts.jpeg_p,
+                         "color_jitter": opts.color_jitter},
         "seed": opts.seed,
         "holdout_clean_accuracy": clean,
         "holdout_pgd_accuracy": robust,

@@ -31,6 +31,17 @@ class TrainOptions:
     seed: int = 0
     limit: int | None = None
     augment: bool = True
+    translate: int = 4
+    label_smoothing: float = 0.0
+    nesterov: bool = False
+    ema: float = 0.0
+    jpeg: tuple[int, int] | None = None
+    jpeg_p: float = 0.5
+    rescale: float = 0.0
+    rescale_max: int = 8
+    color_jitter: float = 0.0
+    crop_scale: float = 1.0
+    data_cache: str | None = None
     eval_pgd_steps: int = 10
     eval_restarts: int = 1
     quick_eval: int = 512
@@ -54,7 +65,7 @@ class TrainOptions:
             raise ValueError(f"--keep {self.keep!r}: choose one of {', '.join(KEEP)}")
         positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--lr": self.lr,
                     "--pgd-steps": self.pgd_steps, "--eval-pgd-steps": self.eval_pgd_steps,
-                    "--eval-restarts": self.eval_restarts}
+                    "--eval-restarts": self.eval_restarts, "--quick-eval": self.quick_eval}
         for flag, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
@@ -64,6 +75,24 @@ class TrainOptions:
             raise ValueError(f"--limit must be at least 2, got {self.limit}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if not 0 <= self.translate <= 16:
+            raise ValueError(f"--translate must be in [0, 16] pixels, got {self.translate}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"--ema must be a decay in [0, 1) (0 = off), got {self.ema}")
+        if self.jpeg is not None and not 1 <= self.jpeg[0] <= self.jpeg[1] <= 100:
+            raise ValueError(f"--jpeg {self.jpeg[0]}-{self.jpeg[1]}: qualities must be LOW-HIGH "
+                             "with 1 <= LOW <= HIGH <= 100")
+        for flag, p in {"--jpeg-p": self.jpeg_p, "--rescale": self.rescale}.items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{flag} is a probability in [0, 1], got {p}")
+        if self.rescale_max < 2:
+            raise ValueError(f"--rescale-max must be at least 2 (times the input size), got {self.rescale_max}")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"--color-jitter must be in [0, 1), got {self.color_jitter}")
+        if not 0.05 <= self.crop_scale <= 1.0:
+            raise ValueError(f"--crop-scale must be in [0.05, 1] (1 = no crop), got {self.crop_scale}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -71,7 +100,12 @@ class TrainOptions:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
 
+    def serving_augmentation(self) -> bool:
+        """Whether any augmentation of the serving path (crop, rescale, JPEG, colour) is on."""
+        return (self.crop_scale < 1.0 or self.rescale > 0.0 or (self.jpeg is not None and self.jpeg_p > 0)
+                or self.color_jitter > 0.0)
+
     def run_signature(self) -> dict:
         """The options a resumed run must share with its checkpoint."""
-        skip = {"out", "checkpoint_dir", "resume", "device"}
+        skip = {"out", "checkpoint_dir", "resume", "device", "data_cache"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}

@@ -11,7 +11,9 @@ mean/std). Default ``tf_efficientnet_lite0``.
 ``kind="low"``: the models registered here by their families with :func:`register_model` (as
 timm's ``register_model``): a builder named like the model returns the network and its
 :class:`ModelCfg` (input geometry, class count, release URL for ``weights: pretrained``).
-Default ``cifar_resnet32`` (:mod:`twostream.core.models.cifar_resnet`).
+Default ``cifar_resnet32`` (:mod:`twostream.core.models.cifar_resnet`); also ``airbench94``
+(:mod:`twostream.core.models.airbench`). ``low.tta: flip`` makes the stream average its logits
+over the image and its mirror (:class:`~twostream.core.models.stream.Stream`).
 """
 
 from __future__ import annotations
@@ -175,6 +177,9 @@ def build_stream(cfg: StreamConfig, kind: Literal["high", "low"]) -> Stream:
     else:
         net, model_cfg = _build_low(name)
     if weights not in ("random",) and not (kind == "high" and weights == "pretrained"):
+        if weights == "pretrained" and model_cfg.url is None:
+            raise WeightsError(f"low model {name!r} has no published release for weights 'pretrained'; "
+                               "train it with twostream train-low and point weights at the file")
         source = model_cfg.url if weights == "pretrained" else weights  # low: the model's release
         path = resolve_weights_file(source)
         state, meta = load_weights_file(path)
@@ -185,6 +190,6 @@ def build_stream(cfg: StreamConfig, kind: Literal["high", "low"]) -> Stream:
         load_into(net, _adapt_state_dict(state, net, name), f"weights file {path}")
     stream = Stream(
         net, kind=kind, name=name, num_classes=model_cfg.num_classes, spec=model_cfg.spec,
-        weights=weights,
+        weights=weights, tta=getattr(cfg, "tta", "none"),
     )
     return stream.to("cpu", memory_format=torch.channels_last).eval()

@@ -6,7 +6,9 @@ A :class:`Stream` wraps a network and its :class:`InputSpec`:
   differentiable torch ops (``F.interpolate(..., antialias=True)`` and slicing), so attacks and
   the serving path see the same pixels;
 * ``stream.forward(x)``: ``x`` already at ``spec.size`` in [0, 1]; normalises with the spec's
-  mean/std inside and returns logits;
+  mean/std inside and returns logits; with ``tta="flip"`` the logits are the mean of the
+  network's logits for the image and for its horizontal mirror (one batch of both, inside the
+  differentiable graph: every caller and every attack sees the averaged output);
 * ``stream.classify(x01) == stream.forward(stream.resize(x01))``.
 """
 
@@ -20,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SEPARABLE", "InputSpec", "Stream", "resize_image", "resize_strips"]
+__all__ = ["SEPARABLE", "TTA", "InputSpec", "Stream", "resize_image", "resize_strips"]
+
+TTA = ("none", "flip")  # test-time augmentation of a stream's forward
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,12 @@ class Stream(nn.Module):
         num_classes: int,
         spec: InputSpec,
         weights: str = "",
+        tta: str = "none",
     ) -> None:
         super().__init__()
+        if tta not in TTA:
+            raise ValueError(f"test-time augmentation {tta!r}: choose one of {', '.join(TTA)}")
+        self.tta = tta
         self.net = net
         self.kind = kind
         self.name = name
@@ -137,12 +145,18 @@ class Stream(nn.Module):
         return resize_image(x01, self.spec)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits for ``x`` already at ``spec.size``, in [0, 1]."""
-        return self.net((x - self.mean) / self.std)
+        """Logits for ``x`` already at ``spec.size``, in [0, 1]; with ``tta="flip"``, the mean of
+        the logits of ``x`` and of its horizontal mirror (airbench's definition)."""
+        z = (x - self.mean) / self.std
+        if self.tta == "flip":
+            both = self.net(torch.cat([z, z.flip(-1)]))
+            return 0.5 * (both[: len(z)] + both[len(z) :])
+        return self.net(z)
 
     def classify(self, x01: Tensor) -> Tensor:
         """Logits for images of any size in [0, 1]: ``forward(resize(x01))``."""
         return self.forward(self.resize(x01))
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, name={self.name!r}, weights={self.weights!r}, spec={self.spec}"
+        return (f"kind={self.kind!r}, name={self.name!r}, weights={self.weights!r}, tta={self.tta!r}, "
+                f"spec={self.spec}")
