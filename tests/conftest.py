@@ -57,6 +57,36 @@ def local_s3_env(bucket: str) -> Iterator:
                     os.environ[k] = v
             forget_clients()
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on a small shared CI box, 2+ OpenMP threads competing with other processes make each forward
+    pass 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    """Wait until ``base``/healthz answers 200; raise with the end of ``log`` when ``proc`` exits
+    or ``timeout_s`` passes first."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(base + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"twostream serve did not come up: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 def ray_start_node(args: list[str], temp_dir: str, env: dict, ip: str = "127.0.0.1") -> None:
     """``ray start`` with its own free port for every service (nothing left by another test can
     hold a default port: the dashboard agent then never registers and ``ray job submit`` answers

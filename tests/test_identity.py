@@ -14,12 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import wait_healthy
 from PIL import Image
 
 pytestmark = pytest.mark.ray
@@ -99,16 +99,7 @@ def serve_answers(images, tmp_path_factory) -> dict[str, tuple[int, dict]]:
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"twostream serve did not come up: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(base, proc, log)
         answers = {}
         for name, data in files.items():
             kind = "image/png" if name.endswith(".png") else "image/jpeg"

@@ -45,14 +45,7 @@ def _to01(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CI box, 2+ OpenMP threads competing with other
-    processes make each forward pass 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from twostream.core.config import ConfigError, LowStreamConfig, load_config
 from twostream.core.models import AirbenchNet, Stream, WeightsError, available_models, build_stream
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random(tta: str = "none") -> Stream:

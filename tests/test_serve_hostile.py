@@ -32,6 +32,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_healthy
 from twostream.online.http import ApiError, FormReader, resolve_source
 from twostream.online.ingress import MARK, Hardening, HardeningError, harden
 
@@ -291,7 +292,7 @@ def start_with_sigint_ignored(command: list[str], log: Path) -> subprocess.Popen
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
-    requests = pytest.importorskip("requests")
+    pytest.importorskip("requests")
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
     from tests.test_serve_http import free_port
@@ -303,17 +304,8 @@ def endpoint(tmp_path_factory):
     log = tmp / "serve.log"
     proc = start_with_sigint_ignored(command, log)  # serve takes SIGINT back
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"twostream serve did not come up: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(base, proc, log)
         yield {"proc": proc, "port": port, "base": base, "log": log}
     finally:
         if proc.poll() is None:
