@@ -1,0 +1,355 @@
+"""The stateful query detector: flags the long runs of near-identical images a black-box query
+attack sends, whatever source ids they come from, and leaves honest re-uploads alone.
+
+After Chen, Carlini & Wagner, "Stateful Detection of Black-Box Adversarial Attacks" (2019: keep a
+history of queries, flag a query with near neighbours in it) and Blacklight (Li et al., USENIX
+Security 2022: a fingerprint per query from hashes of its quantized pixel windows; a query whose
+fingerprint shares many hashes with an earlier one is a match). ART style: ``detect(image) ->
+(report, is_adversarial)``, on decoded RGB ``uint8`` arrays (``scoring.decode_many``'s output).
+
+**Per image** (:func:`fingerprint`, about 0.1-0.5 ms for a photograph): ``positions`` is a set
+of ``windows`` windows of ``window`` consecutive values of the flattened ``(H, W, 3)`` array (two
+pixels' RGB), at positions drawn from ``seed`` and the geometry ``(H, W)`` alone, so every image
+of one geometry is read at the same places. It yields
+
+- ``digest``: a hash of every pixel; equal digests are the same image (an exact re-upload);
+- ``sample``: the windows' exact values (``windows * window`` bytes), to measure a difference;
+- ``hashes``: the fingerprint, one 63-bit integer per index window (the first ``index_windows``):
+  the window's values quantized with a step of ``quant_step`` (a random offset per window), mixed
+  with the window's number and the geometry. Two images share a hash only at the same place.
+
+**The rules** (:meth:`QueryDetector.detect`):
+
+1. An exact re-upload (a remembered digest) is never a new query: it matches nothing, is not
+   remembered again and is never flagged. A popular photograph sent by thousands of accounts costs
+   one entry.
+2. A *match* is an earlier remembered image of the same geometry, a distinct image, that shares
+   at least ``min_shared`` hashes (the index: a count of shared integers, as a Redis store can
+   answer it) and whose sampled values all lie within ``max_linf`` of the query's (the
+   verification). An attacker held to L-inf <= 8/255 of an original sends queries within 16/255 of
+   each other; a decision-based walk (HopSkipJump, Boundary) sends its many probes within a small
+   distance of the current boundary point.
+3. A query is *adversarial* when it has at least ``min_matches`` matches within the window.
+
+Why honest traffic stays honest: resizes and crops change the geometry or move the content (a
+large difference), so they match nothing; exact copies are rule 1; JPEG re-encodings of one
+photograph at the same size differ from each other by more than 16/255 somewhere in most pairs
+(ringing at edges), except between close high qualities, and a photograph has few such close
+variants, fewer than ``min_matches`` in the measured honest model (``docs/detector.md``). An attack
+run, by contrast, adds a new distinct near-duplicate with every query, so its k-th query has k-1
+matches: it is flagged after about ``min_matches`` queries, whatever account sent each.
+
+**State** (:class:`DetectorStore`, the interface; :class:`MemoryStore`, in this process): the
+remembered images, oldest first, bounded by a count (``max_entries``) and an age (``max_age_s``,
+with timestamps the caller gives). Per image: its sample, its hashes, its digest and who sent it.
+The store interface speaks only in integers and bytes (a digest lookup, a shared-hash count, the
+sample of an entry), so a Redis store can hold the same state for every replica.
+
+Known weakness: an attacker who knows the rules can space its queries (more than ``max_entries``
+or ``max_age_s`` apart) or perturb each query enough to leave ``max_linf`` (Feng et al., 2023,
+adaptive rejection sampling); the positions are drawn from a secret ``seed`` to make the latter
+harder, not impossible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_MASK63 = np.uint64((1 << 63) - 1)
+WINDOW = 6  # values per sampled window: two horizontally adjacent pixels, RGB
+
+
+@dataclass(frozen=True)
+class QueryDetectorConfig:
+    """The detector's rules and bounds (see the module docstring for what each one decides)."""
+
+    windows: int = 512  # sampled windows (two adjacent RGB pixels each) per image
+    index_windows: int = 32  # the first windows also hashed: the fingerprint
+    quant_step: int = 64  # quantization step of the hashed values (0..255 scale)
+    min_shared: int = 8  # hashes an earlier image must share to be a candidate
+    max_linf: int = 16  # largest |difference| on the sample for a match (0..255 scale)
+    min_texture_ratio: float = 0.85  # noise-like: mean |diff| on flat windows / on textured ones
+    max_sparse_changed: float = 0.2  # noise-like too: at most this share of sampled values changed
+    min_matches: int = 5  # matches within the window that make a query adversarial
+    max_entries: int = 50_000  # remembered images (oldest evicted first)
+    max_age_s: float | None = 3600.0  # remembered for at most this long (None: count only)
+    seed: int = 0x5EED  # draws the window positions and offsets; keep it secret in production
+
+    def __post_init__(self) -> None:
+        checks = {
+            "windows": self.windows >= 2,
+            "index_windows": 1 <= self.index_windows <= self.windows,
+            "quant_step": 2 <= self.quant_step <= 256,
+            "min_shared": 1 <= self.min_shared <= self.index_windows,
+            "max_linf": 0 <= self.max_linf <= 255, "min_matches": self.min_matches >= 1,
+            "min_texture_ratio": self.min_texture_ratio >= 0,
+            "max_sparse_changed": 0 <= self.max_sparse_changed <= 1,
+            "max_entries": self.max_entries >= 1,
+            "max_age_s": self.max_age_s is None or self.max_age_s > 0,
+        }
+        bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"query detector config: invalid {', '.join(bad)}")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the detector keeps of one image (see the module docstring)."""
+
+    geometry: tuple[int, int]
+    digest: bytes
+    sample: np.ndarray  # uint8, windows * 6 values
+    hashes: tuple[int, ...]  # one per index window, position-bound
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One remembered image."""
+
+    query_id: str
+    source: str | None
+    time: float
+    fingerprint: Fingerprint
+
+
+@dataclass(frozen=True)
+class Match:
+    """An earlier image the query matched: who sent it, shared hashes, and the sampled
+    difference (its L-inf, flat/textured ratio and share of changed values)."""
+
+    query_id: str
+    source: str | None
+    shared: int
+    linf: int
+    texture_ratio: float
+    changed: float
+
+
+@dataclass(frozen=True)
+class QueryReport:
+    """The detector's answer for one query."""
+
+    query_id: str
+    source: str | None
+    is_adversarial: bool
+    duplicate_of: str | None = None  # an exact re-upload of this remembered query
+    matches: tuple[Match, ...] = field(default_factory=tuple)
+    candidates: int = 0  # images the index proposed (before the L-inf check)
+
+
+class DetectorStore(Protocol):
+    """The detector's state. Integers and bytes only, so a Redis store can implement it."""
+
+    def find_digest(self, digest: bytes) -> Entry | None:
+        """The remembered entry with this exact digest, if any."""
+
+    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...], min_shared: int) -> list[tuple[Entry, int]]:
+        """Remembered entries of this geometry sharing >= ``min_shared`` hashes, with the count."""
+
+    def add(self, entry: Entry) -> None:
+        """Remember ``entry`` (its query id must be new)."""
+
+    def evict(self, now: float, max_entries: int, max_age_s: float | None) -> int:
+        """Forget the oldest entries beyond ``max_entries`` or older than ``max_age_s``; how many."""
+
+    def __len__(self) -> int: ...
+
+
+class MemoryStore:
+    """The state in this process: entries oldest first, an index hash -> entry ids, digest -> id.
+
+    Hashes are position-bound (they include the window number and geometry), so an index hit is
+    a window at the same place with the same quantized values; counting hits per entry is the
+    shared-hash count.
+    """
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._index: dict[int, list[str]] = {}
+        self._digests: dict[bytes, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def find_digest(self, digest: bytes) -> Entry | None:
+        query_id = self._digests.get(digest)
+        return None if query_id is None else self._entries[query_id]
+
+    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...], min_shared: int) -> list[tuple[Entry, int]]:
+        counts: dict[str, int] = {}
+        for h in hashes:
+            for query_id in self._index.get(h, ()):
+                counts[query_id] = counts.get(query_id, 0) + 1
+        found = []
+        for query_id, shared in counts.items():
+            entry = self._entries[query_id]
+            if shared >= min_shared and entry.fingerprint.geometry == geometry:
+                found.append((entry, shared))
+        return found
+
+    def add(self, entry: Entry) -> None:
+        if entry.query_id in self._entries:
+            raise ValueError(f"query detector: query id {entry.query_id!r} is already remembered")
+        self._entries[entry.query_id] = entry
+        self._digests[entry.fingerprint.digest] = entry.query_id
+        for h in entry.fingerprint.hashes:
+            self._index.setdefault(h, []).append(entry.query_id)
+
+    def evict(self, now: float, max_entries: int, max_age_s: float | None) -> int:
+        evicted = 0
+        while self._entries:
+            query_id, entry = next(iter(self._entries.items()))
+            too_old = max_age_s is not None and entry.time < now - max_age_s
+            if len(self._entries) <= max_entries and not too_old:
+                break
+            self._forget(query_id, entry)
+            evicted += 1
+        return evicted
+
+    def _forget(self, query_id: str, entry: Entry) -> None:
+        del self._entries[query_id]
+        if self._digests.get(entry.fingerprint.digest) == query_id:
+            del self._digests[entry.fingerprint.digest]
+        for h in entry.fingerprint.hashes:
+            ids = self._index[h]
+            ids.remove(query_id)  # the oldest is first: a short scan
+            if not ids:
+                del self._index[h]
+
+
+@lru_cache(maxsize=256)
+def _layout(height: int, width: int, config: QueryDetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.uint64]:
+    """The sampled flat indices ``(windows * 6,)`` (two horizontally adjacent pixels per window,
+    RGB), per-value quantization offsets of the index windows, their salts and the geometry's
+    salt: a function of the seed and the geometry only."""
+    rng = np.random.default_rng([config.seed, height, width])
+    rows = rng.integers(0, height, size=config.windows)
+    cols = rng.integers(0, max(width - 1, 1), size=config.windows)
+    right = np.minimum(cols + 1, width - 1)  # a one-pixel-wide image reads its pixel twice
+    pixels = np.stack([rows * width + cols, rows * width + right], axis=1)  # (windows, 2)
+    flat = (pixels[:, :, None] * 3 + np.arange(3)).reshape(-1)
+    offsets = rng.integers(0, config.quant_step, size=config.index_windows * WINDOW).astype(np.int16)
+    salts = rng.integers(1, 1 << 62, size=config.index_windows, dtype=np.int64).astype(np.uint64)
+    geometry_salt = np.uint64(int(rng.integers(1, 1 << 62)))
+    for array in (flat, offsets, salts):
+        array.setflags(write=False)
+    return flat, offsets, salts, geometry_salt
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (wrapping arithmetic), kept to 63 bits."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (x ^ (x >> np.uint64(31))) & _MASK63
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    """``image`` as a C-contiguous ``(H, W, 3)`` uint8 array, or a ValueError saying what it is."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+        what = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"query detector: expected a non-empty (H, W, 3) uint8 array, got {what}")
+    return np.ascontiguousarray(image)
+
+
+def fingerprint(image: np.ndarray, config: QueryDetectorConfig) -> Fingerprint:
+    """The digest, sample and position-bound hashes of one decoded RGB image."""
+    image = check_image(image)
+    height, width = image.shape[:2]
+    flat, offsets, salts, geometry_salt = _layout(height, width, config)
+    sample = image.reshape(-1)[flat]
+    digest = hashlib.blake2b(memoryview(image).cast("B"), digest_size=16).digest()
+    n = config.index_windows * WINDOW
+    levels = ((sample[:n].astype(np.int16) + offsets) // config.quant_step).astype(np.uint64)
+    levels = levels.reshape(config.index_windows, WINDOW)
+    code = np.zeros(config.index_windows, dtype=np.uint64)
+    for j in range(WINDOW):  # a level is <= 255 // 2 + 1: 8 bits each, 48 bits in all
+        code = (code << np.uint64(8)) | levels[:, j]
+    with np.errstate(over="ignore"):
+        hashes = _mix(_mix(code ^ salts) ^ geometry_salt)
+    return Fingerprint((height, width), digest, sample, tuple(int(h) for h in hashes))
+
+
+@dataclass(frozen=True)
+class Differences:
+    """The sampled difference between a query and each of several earlier images."""
+
+    linf: np.ndarray  # int, max |difference| per earlier image
+    texture_ratio: np.ndarray  # mean |diff| on the flatter half of windows / on the textured half
+    changed: np.ndarray  # share of sampled values that differ
+
+    def matches(self, config: QueryDetectorConfig) -> np.ndarray:
+        """Small (``max_linf``) and noise-like: spread over flat and textured windows alike (a
+        JPEG re-encoding changes textured windows most) or confined to few values (a local
+        change, as Square and SimBA steps make; a re-encoding changes most values)."""
+        noise_like = (self.texture_ratio >= config.min_texture_ratio) | (self.changed <= config.max_sparse_changed)
+        return (self.linf <= config.max_linf) & noise_like
+
+
+def differences(sample: np.ndarray, earlier: np.ndarray) -> Differences:
+    """Compare a query's sample ``(n,)`` with earlier samples ``(m, n)`` (same layout).
+
+    A window's texture is the mean |difference| between its two pixels in the *query*; windows
+    are split at the median texture (ties by position) into a flat and a textured half.
+    """
+    query = sample.astype(np.int16).reshape(-1, 2, 3)
+    diff = np.abs(earlier.astype(np.int16).reshape(len(earlier), -1, 2, 3) - query)  # (m, windows, 2, 3)
+    texture = np.abs(query[:, 0, :] - query[:, 1, :]).mean(axis=1)
+    order = np.argsort(texture, kind="stable")
+    half = len(order) // 2
+    per_window = diff.mean(axis=(2, 3))  # (m, windows)
+    flat, textured = per_window[:, order[:half]].mean(axis=1), per_window[:, order[half:]].mean(axis=1)
+    ratio = (flat + 0.05) / (textured + 0.05)  # 1 for an even spread; 0.05 keeps 0/0 at 1
+    return Differences(diff.max(axis=(1, 2, 3)), ratio, (diff > 0).mean(axis=(1, 2, 3)))
+
+
+class QueryDetector:
+    """``detect(image) -> (report, is_adversarial)`` over a bounded store of earlier queries."""
+
+    def __init__(self, config: QueryDetectorConfig | None = None, store: DetectorStore | None = None) -> None:
+        self.config = config or QueryDetectorConfig()
+        self.store: DetectorStore = store if store is not None else MemoryStore()
+        self._count = 0
+
+    def detect(self, image: np.ndarray, *, source: str | None = None, query_id: str | None = None,
+               now: float = 0.0) -> tuple[QueryReport, bool]:
+        """Judge one query against the window, then remember it (unless an exact re-upload).
+
+        ``query_id`` names it in later reports (default: its arrival number); ``now`` is its time
+        in seconds for the age bound (the caller's clock, so replays are deterministic).
+        """
+        config = self.config
+        if query_id is None:
+            query_id = f"q{self._count}"
+        self._count += 1
+        fp = fingerprint(image, config)
+        self.store.evict(now, config.max_entries, config.max_age_s)
+        same = self.store.find_digest(fp.digest)
+        if same is not None:
+            report = QueryReport(query_id, source, False, duplicate_of=same.query_id)
+            return report, False
+        found = self.store.candidates(fp.geometry, fp.hashes, config.min_shared)
+        matches = []
+        if found:
+            diff = differences(fp.sample, np.stack([entry.fingerprint.sample for entry, _ in found]))
+            ok = diff.matches(config)
+            matches = [Match(entry.query_id, entry.source, shared, int(diff.linf[i]),
+                             round(float(diff.texture_ratio[i]), 4), round(float(diff.changed[i]), 4))
+                       for i, (entry, shared) in enumerate(found) if ok[i]]
+            matches.sort(key=lambda m: (m.linf, -m.shared, m.query_id))
+        self.store.add(Entry(query_id, source, now, fp))
+        self.store.evict(now, config.max_entries, config.max_age_s)
+        flagged = len(matches) >= config.min_matches
+        if flagged:
+            log.info("query %s from %s: %d near-duplicates (closest %s from %s)", query_id, source,
+                     len(matches), matches[0].query_id, matches[0].source)
+        return QueryReport(query_id, source, flagged, None, tuple(matches), len(found)), flagged
