@@ -267,7 +267,7 @@ def fingerprint(image: np.ndarray, config: QueryDetectorConfig) -> Fingerprint:
     height, width = image.shape[:2]
     flat, offsets, salts, geometry_salt = _layout(height, width, config)
     sample = image.reshape(-1)[flat]
-    digest = hashlib.blake2b(memoryview(image).cast("B"), digest_size=16).digest()
+    digest = hashlib.sha256(memoryview(image).cast("B")).digest()[:16]  # SHA-NI: ~1.6 GB/s
     n = config.index_windows * WINDOW
     levels = ((sample[:n].astype(np.int16) + offsets) // config.quant_step).astype(np.uint64)
     levels = levels.reshape(config.index_windows, WINDOW)
@@ -295,20 +295,28 @@ class Differences:
         return (self.linf <= config.max_linf) & noise_like
 
 
-def differences(sample: np.ndarray, earlier: np.ndarray) -> Differences:
+def differences(sample: np.ndarray, earlier: np.ndarray, margin: int) -> Differences:
     """Compare a query's sample ``(n,)`` with earlier samples ``(m, n)`` (same layout).
 
-    A window's texture is the mean |difference| between its two pixels in the *query*; windows
-    are split at the median texture (ties by position) into a flat and a textured half.
+    A window's texture is the mean |difference| between its two pixels in the *query*. Windows
+    with a query value within ``margin`` of 0 or 255 are left out of the ratio (noise there is
+    clipped: a black background would look untouched); the rest are split at the median texture
+    (ties by position) into a flat and a textured half. With fewer than 16 such windows the
+    ratio is 1 (no evidence either way).
     """
     query = sample.astype(np.int16).reshape(-1, 2, 3)
     diff = np.abs(earlier.astype(np.int16).reshape(len(earlier), -1, 2, 3) - query)  # (m, windows, 2, 3)
-    texture = np.abs(query[:, 0, :] - query[:, 1, :]).mean(axis=1)
-    order = np.argsort(texture, kind="stable")
-    half = len(order) // 2
-    per_window = diff.mean(axis=(2, 3))  # (m, windows)
-    flat, textured = per_window[:, order[:half]].mean(axis=1), per_window[:, order[half:]].mean(axis=1)
-    ratio = (flat + 0.05) / (textured + 0.05)  # 1 for an even spread; 0.05 keeps 0/0 at 1
+    inside = ((query > margin) & (query < 255 - margin)).all(axis=(1, 2))
+    kept = np.flatnonzero(inside)
+    if len(kept) >= 16:
+        texture = np.abs(query[kept, 0, :] - query[kept, 1, :]).mean(axis=1)
+        order = kept[np.argsort(texture, kind="stable")]
+        half = len(order) // 2
+        per_window = diff.mean(axis=(2, 3))  # (m, windows)
+        flat, textured = per_window[:, order[:half]].mean(axis=1), per_window[:, order[half:]].mean(axis=1)
+        ratio = (flat + 0.05) / (textured + 0.05)  # 1 for an even spread; 0.05 keeps 0/0 at 1
+    else:
+        ratio = np.ones(len(earlier))
     return Differences(diff.max(axis=(1, 2, 3)), ratio, (diff > 0).mean(axis=(1, 2, 3)))
 
 
@@ -340,7 +348,7 @@ class QueryDetector:
         found = self.store.candidates(fp.geometry, fp.hashes, config.min_shared)
         matches = []
         if found:
-            diff = differences(fp.sample, np.stack([entry.fingerprint.sample for entry, _ in found]))
+            diff = differences(fp.sample, np.stack([entry.fingerprint.sample for entry, _ in found]), config.max_linf // 2)
             ok = diff.matches(config)
             matches = [Match(entry.query_id, entry.source, shared, int(diff.linf[i]),
                              round(float(diff.texture_ratio[i]), 4), round(float(diff.changed[i]), 4))

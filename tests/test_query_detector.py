@@ -1,0 +1,234 @@
+"""The stateful query detector (core/query_detector): attack runs are flagged within a handful of
+queries, honest re-uploads (exact copies across sources, re-encodings, resizes, crops) and
+distinct photographs are not; every report is checked against a brute-force reference of the rules
+written here from the docstring (no index, plain Python over the sampled values)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from twostream.core.query_detector import (MemoryStore, QueryDetector, QueryDetectorConfig,
+                                           fingerprint)
+
+DEMO = sorted((Path(__file__).resolve().parents[1] / "twostream" / "demo" / "data").glob("*.jpg"))
+CONFIG = QueryDetectorConfig()
+
+
+def photo(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def reference_match(query: np.ndarray, earlier: np.ndarray, config: QueryDetectorConfig) -> dict | None:
+    """The match rule by hand: same geometry, distinct pixels, >= min_shared equal hashes at the
+    same index position, sampled |diff| <= max_linf, and noise-like (flat/textured ratio or sparse)."""
+    if query.shape != earlier.shape or np.array_equal(query, earlier):
+        return None
+    fq, fe = fingerprint(query, config), fingerprint(earlier, config)
+    shared = sum(a == b for a, b in zip(fq.hashes, fe.hashes))
+    if shared < config.min_shared:
+        return None
+    q = [int(v) for v in fq.sample]
+    e = [int(v) for v in fe.sample]
+    diffs = [abs(a - b) for a, b in zip(q, e)]
+    windows = [(i, diffs[6 * i: 6 * i + 6], q[6 * i: 6 * i + 6]) for i in range(len(q) // 6)]
+    margin = config.max_linf // 2  # windows near black or white are left out (noise is clipped there)
+    windows = [w for w in windows if all(margin < v < 255 - margin for v in w[2])]
+    texture = {i: sum(abs(w[c] - w[3 + c]) for c in range(3)) / 3 for i, _, w in windows}
+    ordered = sorted(windows, key=lambda w: (texture[w[0]], w[0]))
+    half = len(ordered) // 2
+    mean = lambda ws: sum(sum(d) for _, d, _ in ws) / (6 * len(ws))  # noqa: E731
+    ratio = (mean(ordered[:half]) + 0.05) / (mean(ordered[half:]) + 0.05) if len(windows) >= 16 else 1.0
+    changed = sum(d > 0 for d in diffs) / len(diffs)
+    linf = max(diffs)
+    noise_like = ratio >= config.min_texture_ratio or changed <= config.max_sparse_changed
+    if linf > config.max_linf or not noise_like:
+        return None
+    return {"shared": shared, "linf": linf, "ratio": ratio, "changed": changed}
+
+
+def run_and_check(images: list[np.ndarray], config: QueryDetectorConfig = CONFIG,
+                  sources: list[str] | None = None) -> list:
+    """Feed the stream to a detector and, beside it, to the brute-force reference (a window large
+    enough to keep everything); every report must agree. Returns the reports."""
+    detector = QueryDetector(config)
+    reports = []
+    remembered: list[tuple[str, np.ndarray]] = []
+    for i, image in enumerate(images):
+        source = sources[i] if sources else f"s{i}"
+        report, flagged = detector.detect(image, source=source, query_id=f"q{i}")
+        assert flagged == report.is_adversarial
+        twin = next((qid for qid, old in remembered if np.array_equal(old, image)), None)
+        assert report.duplicate_of == twin
+        if twin is None:
+            expected = {qid: reference_match(image, old, config) for qid, old in remembered}
+            expected = {qid: m for qid, m in expected.items() if m is not None}
+            got = {m.query_id: m for m in report.matches}
+            assert set(got) == set(expected), i
+            for qid, m in expected.items():
+                assert (got[qid].shared, got[qid].linf) == (m["shared"], m["linf"])
+                assert got[qid].texture_ratio == pytest.approx(m["ratio"], abs=1e-3)
+                assert got[qid].changed == pytest.approx(m["changed"], abs=1e-3)
+            assert flagged == (len(expected) >= config.min_matches)
+            remembered.append((f"q{i}", image))
+        else:
+            assert not flagged and report.matches == ()
+        reports.append(report)
+    assert len(detector.store) == len(remembered)
+    return reports
+
+
+def noise_run(image: np.ndarray, steps: int, seed: int = 0, eps: int = 8, step: int = 2) -> list[np.ndarray]:
+    """A random-noise walk (Square/SimBA-like): each query the last plus +-step per value,
+    kept within L-inf eps of the photograph."""
+    rng = np.random.default_rng(seed)
+    x0 = image.astype(np.int16)
+    x = x0.copy()
+    run = []
+    for _ in range(steps):
+        x = np.clip(x + rng.choice([-step, step], size=x.shape), x0 - eps, x0 + eps).clip(0, 255)
+        run.append(x.astype(np.uint8))
+    return run
+
+
+def first_flag(reports: list) -> int | None:
+    return next((i for i, r in enumerate(reports) if r.is_adversarial), None)
+
+
+def test_a_noise_run_is_flagged_after_min_matches_queries_and_names_the_earlier_queries() -> None:
+    image = photo(DEMO[0])
+    sources = [f"attacker-{i}" for i in range(12)]  # a new identity for every query
+    reports = run_and_check(noise_run(image, 12), sources=sources)
+    # every query is within 2 * 8 of every other one and changes values everywhere: query k has k matches
+    assert [len(r.matches) for r in reports] == list(range(12))
+    assert first_flag(reports) == CONFIG.min_matches
+    flagged = reports[CONFIG.min_matches]
+    assert {m.query_id for m in flagged.matches} == {f"q{i}" for i in range(CONFIG.min_matches)}
+    assert {m.source for m in flagged.matches} == {f"attacker-{i}" for i in range(CONFIG.min_matches)}
+    assert flagged.matches[0].query_id == f"q{CONFIG.min_matches - 1}"  # the closest: the last step
+
+
+def test_an_hsj_like_interpolation_run_is_flagged_within_a_handful() -> None:
+    """A boundary walk: interpolations from another photograph towards the original, the blend
+    weight shrinking by small steps (HopSkipJump's and Boundary's approach to the original)."""
+    x = photo(DEMO[1]).astype(np.float64)
+    with Image.open(DEMO[2]) as other:
+        y = np.asarray(other.convert("RGB").resize((x.shape[1], x.shape[0]))).astype(np.float64)
+    alphas = np.linspace(0.30, 0.20, 12)
+    run = [np.round((1 - a) * x + a * y).astype(np.uint8) for a in alphas]
+    reports = run_and_check(run)
+    assert first_flag(reports) is not None and first_flag(reports) <= 8
+
+
+def test_a_square_like_run_is_flagged() -> None:
+    """Square-attack-like: a start at +-8 per column, then one random square re-drawn per query."""
+    rng = np.random.default_rng(3)
+    x0 = photo(DEMO[3]).astype(np.int16)
+    x = (x0 + rng.choice([-8, 8], size=(1, x0.shape[1], 3))).clip(0, 255)
+    run = []
+    for _ in range(15):
+        x = x.copy()
+        side = int(rng.integers(8, 40))
+        r, c = (int(rng.integers(0, n - side)) for n in x0.shape[:2])
+        x[r:r + side, c:c + side] = (x0[r:r + side, c:c + side] + rng.choice([-8, 8], size=(1, 1, 3))).clip(0, 255)
+        run.append(x.astype(np.uint8))
+    reports = run_and_check(run)
+    assert first_flag(reports) is not None and first_flag(reports) <= 10
+
+
+def test_distinct_photographs_are_never_matched() -> None:
+    images = [photo(p) for p in DEMO]
+    reports = run_and_check(images)
+    assert all(r.matches == () and not r.is_adversarial for r in reports)
+
+
+def test_distinct_shared_photographs_are_never_matched(assets_dir: Path) -> None:
+    paths = sorted((assets_dir / "imagenet-sample").glob("*.JPEG"))[::10]
+    if not paths:
+        pytest.skip(f"no photographs in {assets_dir / 'imagenet-sample'}")
+    reports = run_and_check([photo(p) for p in paths])
+    assert all(r.matches == () and not r.is_adversarial for r in reports)
+
+
+def test_exact_reuploads_across_sources_are_one_query() -> None:
+    images = [photo(p) for p in DEMO[:3]]
+    stream = [images[i % 3].copy() for i in range(30)]
+    reports = run_and_check(stream, sources=[f"user-{i}" for i in range(30)])
+    assert [r.duplicate_of for r in reports] == [None] * 3 + [f"q{i % 3}" for i in range(3, 30)]
+    assert not any(r.is_adversarial for r in reports)
+
+
+def test_reencodings_resizes_and_crops_of_one_photograph_are_not_flagged() -> None:
+    for path in DEMO[:2]:
+        image = photo(path)
+        h, w = image.shape[:2]
+        variants = [jpeg(image, q) for q in range(50, 101, 3)] + [jpeg(image, q) for q in (94, 95, 97, 99)]
+        variants += [jpeg(image[: h - d, d:], 90) for d in (4, 8, 16)]
+        variants += [np.asarray(Image.fromarray(image).resize((int(w * s), int(h * s)))) for s in (0.5, 0.75, 0.9)]
+        variants += [jpeg(np.asarray(Image.fromarray(image).resize((w // 2, h // 2))), q) for q in (60, 75, 90)]
+        reports = run_and_check(variants + variants[:5])  # and exact copies of some
+        assert not any(r.is_adversarial for r in reports), path.name
+        assert max(len(r.matches) for r in reports) < CONFIG.min_matches
+
+
+def test_the_window_is_bounded_by_count_and_by_age() -> None:
+    config = QueryDetectorConfig(max_entries=3, max_age_s=10.0, min_matches=1)
+    run = noise_run(photo(DEMO[4]), 6, seed=1)
+    detector = QueryDetector(config)
+    for i, image in enumerate(run[:5]):
+        report, _ = detector.detect(image, query_id=f"q{i}", now=float(i))
+        assert len(detector.store) == min(i + 1, 3)
+        assert {m.query_id for m in report.matches} == {f"q{j}" for j in range(max(0, i - 3), i)}
+    report, flagged = detector.detect(run[5], query_id="late", now=4.0 + 10.5)  # q2..q4 too old now
+    assert (report.matches, flagged, len(detector.store)) == ((), False, 1)
+    # a forgotten image is a new query again, not a duplicate
+    report, _ = detector.detect(run[0], query_id="again", now=15.0)
+    assert report.duplicate_of is None
+
+
+def test_refusals_name_the_input() -> None:
+    detector = QueryDetector()
+    with pytest.raises(ValueError, match=r"\(4, 4\) uint8"):
+        detector.detect(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="float32"):
+        detector.detect(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="min_matches=0"):
+        QueryDetectorConfig(min_matches=0)
+    store = MemoryStore()
+    image = photo(DEMO[0])
+    detector = QueryDetector(store=store)
+    detector.detect(image, query_id="a")
+    with pytest.raises(ValueError, match="'a' is already remembered"):
+        detector.detect(noise_run(image, 1)[0], query_id="a")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 24), st.integers(2, 24), st.integers(2, 12))
+def test_any_small_stream_agrees_with_the_reference(seed: int, h: int, w: int, n: int) -> None:
+    """Random small images, drawn near each other or not, some repeated: the index and the rules
+    give what the brute-force reference gives."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(h, w, 3))
+    images = []
+    for _ in range(n):
+        kind = rng.integers(0, 3)
+        if kind == 0 and images:
+            images.append(images[int(rng.integers(0, len(images)))].copy())
+        elif kind == 1:
+            images.append(np.clip(base + rng.integers(-6, 7, size=base.shape), 0, 255).astype(np.uint8))
+        else:
+            images.append(rng.integers(0, 256, size=(h, w, 3)).astype(np.uint8))
+    run_and_check(images, QueryDetectorConfig(min_matches=2, min_shared=4))
