@@ -79,6 +79,9 @@ class QueryDetectorConfig:
     max_linf: int = 16  # largest |difference| on the sample for a match (0..255 scale)
     min_texture_ratio: float = 0.85  # noise-like: mean |diff| on flat windows / on textured ones
     max_sparse_changed: float = 0.2  # noise-like too: at most this share of sampled values changed
+    jpeg_texture_ratio: float = 0.95  # JPEG-like votes (two of three): the change follows texture,
+    jpeg_channel_corr: float = 0.4  # R, G, B differences correlate at least this much,
+    jpeg_block_ratio: float = 1.15  # the difference steps this much more across block edges
     min_matches: int = 5  # matches within the window that make a query adversarial
     max_entries: int = 50_000  # remembered images (oldest evicted first)
     max_age_s: float | None = 3600.0  # remembered for at most this long (None: count only)
@@ -227,22 +230,25 @@ class MemoryStore:
 
 
 @lru_cache(maxsize=256)
-def _layout(height: int, width: int, config: QueryDetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.uint64]:
+def _layout(height: int, width: int, config: QueryDetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.uint64, np.ndarray]:
     """The sampled flat indices ``(windows * 6,)`` (two horizontally adjacent pixels per window,
-    RGB), per-value quantization offsets of the index windows, their salts and the geometry's
-    salt: a function of the seed and the geometry only."""
+    RGB), per-value quantization offsets of the index windows, their salts, the geometry's salt
+    and which windows straddle a JPEG block edge: a function of the seed and the geometry only."""
     rng = np.random.default_rng([config.seed, height, width])
     rows = rng.integers(0, height, size=config.windows)
     cols = rng.integers(0, max(width - 1, 1), size=config.windows)
+    if width >= 16:  # the odd windows straddle a JPEG block edge (columns 8k+7 | 8k+8)
+        cols[1::2] = 8 * rng.integers(0, (width - 8) // 8, size=config.windows // 2) + 7
     right = np.minimum(cols + 1, width - 1)  # a one-pixel-wide image reads its pixel twice
     pixels = np.stack([rows * width + cols, rows * width + right], axis=1)  # (windows, 2)
     flat = (pixels[:, :, None] * 3 + np.arange(3)).reshape(-1)
     offsets = rng.integers(0, config.quant_step, size=config.index_windows * WINDOW).astype(np.int16)
     salts = rng.integers(1, 1 << 62, size=config.index_windows, dtype=np.int64).astype(np.uint64)
     geometry_salt = np.uint64(int(rng.integers(1, 1 << 62)))
-    for array in (flat, offsets, salts):
+    block_edge = (cols % 8 == 7) & (right == cols + 1)
+    for array in (flat, offsets, salts, block_edge):
         array.setflags(write=False)
-    return flat, offsets, salts, geometry_salt
+    return flat, offsets, salts, geometry_salt, block_edge
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -265,7 +271,7 @@ def fingerprint(image: np.ndarray, config: QueryDetectorConfig) -> Fingerprint:
     """The digest, sample and position-bound hashes of one decoded RGB image."""
     image = check_image(image)
     height, width = image.shape[:2]
-    flat, offsets, salts, geometry_salt = _layout(height, width, config)
+    flat, offsets, salts, geometry_salt, _ = _layout(height, width, config)
     sample = image.reshape(-1)[flat]
     digest = hashlib.sha256(memoryview(image).cast("B")).digest()[:16]  # SHA-NI: ~1.6 GB/s
     n = config.index_windows * WINDOW
@@ -286,26 +292,43 @@ class Differences:
     linf: np.ndarray  # int, max |difference| per earlier image
     texture_ratio: np.ndarray  # mean |diff| on the flatter half of windows / on the textured half
     changed: np.ndarray  # share of sampled values that differ
+    channel_corr: np.ndarray  # mean correlation of the difference between R, G and B
+    block_ratio: np.ndarray  # the difference's step across a JPEG block edge / inside a block
+
+    def jpeg_like(self, config: QueryDetectorConfig) -> np.ndarray:
+        """Two of the three traces of JPEG requantization: the difference follows the texture
+        (ratio below ``jpeg_texture_ratio``), the channels move together (the error is mostly in
+        luma: correlation >= ``jpeg_channel_corr``), it steps at the 8-pixel block grid (block
+        ratio >= ``jpeg_block_ratio``). Each alone is common in attacks (an interpolation moves
+        the channels together); two together are rare (``docs/detector.md``)."""
+        votes = ((self.texture_ratio < config.jpeg_texture_ratio).astype(int)
+                 + (self.channel_corr >= config.jpeg_channel_corr) + (self.block_ratio >= config.jpeg_block_ratio))
+        return votes >= 2
 
     def matches(self, config: QueryDetectorConfig) -> np.ndarray:
-        """Small (``max_linf``) and noise-like: spread over flat and textured windows alike (a
-        JPEG re-encoding changes textured windows most) or confined to few values (a local
-        change, as Square and SimBA steps make; a re-encoding changes most values)."""
-        noise_like = (self.texture_ratio >= config.min_texture_ratio) | (self.changed <= config.max_sparse_changed)
-        return (self.linf <= config.max_linf) & noise_like
+        """Small (``max_linf``), without the traces of JPEG requantization, and noise-like:
+        confined to few values (a local change, as Square and SimBA steps make) or spread over
+        flat and textured windows alike (``min_texture_ratio``; a re-encoding changes textured
+        windows most)."""
+        local = self.changed <= config.max_sparse_changed
+        even = self.texture_ratio >= config.min_texture_ratio
+        return (self.linf <= config.max_linf) & (local | even) & ~self.jpeg_like(config)
 
 
-def differences(sample: np.ndarray, earlier: np.ndarray, margin: int) -> Differences:
+def differences(sample: np.ndarray, earlier: np.ndarray, margin: int, block_edge: np.ndarray) -> Differences:
     """Compare a query's sample ``(n,)`` with earlier samples ``(m, n)`` (same layout).
 
     A window's texture is the mean |difference| between its two pixels in the *query*. Windows
     with a query value within ``margin`` of 0 or 255 are left out of the ratio (noise there is
     clipped: a black background would look untouched); the rest are split at the median texture
     (ties by position) into a flat and a textured half. With fewer than 16 such windows the
-    ratio is 1 (no evidence either way).
+    ratio is 1 (no evidence either way). ``block_edge`` marks the windows that straddle a JPEG
+    block edge; the block ratio compares the difference's step between the two pixels there with
+    the step elsewhere (1 for noise; 0.05 keeps 0/0 at 1 in both ratios).
     """
     query = sample.astype(np.int16).reshape(-1, 2, 3)
-    diff = np.abs(earlier.astype(np.int16).reshape(len(earlier), -1, 2, 3) - query)  # (m, windows, 2, 3)
+    signed = earlier.astype(np.int16).reshape(len(earlier), -1, 2, 3) - query  # (m, windows, 2, 3)
+    diff = np.abs(signed)
     inside = ((query > margin) & (query < 255 - margin)).all(axis=(1, 2))
     kept = np.flatnonzero(inside)
     if len(kept) >= 16:
@@ -314,10 +337,21 @@ def differences(sample: np.ndarray, earlier: np.ndarray, margin: int) -> Differe
         half = len(order) // 2
         per_window = diff.mean(axis=(2, 3))  # (m, windows)
         flat, textured = per_window[:, order[:half]].mean(axis=1), per_window[:, order[half:]].mean(axis=1)
-        ratio = (flat + 0.05) / (textured + 0.05)  # 1 for an even spread; 0.05 keeps 0/0 at 1
+        ratio = (flat + 0.05) / (textured + 0.05)
     else:
         ratio = np.ones(len(earlier))
-    return Differences(diff.max(axis=(1, 2, 3)), ratio, (diff > 0).mean(axis=(1, 2, 3)))
+    channels = signed.reshape(len(earlier), -1, 3).astype(np.float64)
+    channels -= channels.mean(axis=1, keepdims=True)
+    spread = np.sqrt((channels**2).mean(axis=1))  # (m, 3)
+    corr = [(channels[:, :, i] * channels[:, :, j]).mean(axis=1) / np.maximum(spread[:, i] * spread[:, j], 1e-12)
+            for i, j in ((0, 1), (0, 2), (1, 2))]
+    step = np.abs(signed[:, :, 0, :] - signed[:, :, 1, :]).mean(axis=2)  # (m, windows)
+    if block_edge.any() and not block_edge.all():
+        block = (step[:, block_edge].mean(axis=1) + 0.05) / (step[:, ~block_edge].mean(axis=1) + 0.05)
+    else:
+        block = np.ones(len(earlier))
+    return Differences(diff.max(axis=(1, 2, 3)), ratio, (diff > 0).mean(axis=(1, 2, 3)),
+                       np.mean(corr, axis=0), block)
 
 
 class QueryDetector:
@@ -348,7 +382,8 @@ class QueryDetector:
         found = self.store.candidates(fp.geometry, fp.hashes, config.min_shared)
         matches = []
         if found:
-            diff = differences(fp.sample, np.stack([entry.fingerprint.sample for entry, _ in found]), config.max_linf // 2)
+            diff = differences(fp.sample, np.stack([entry.fingerprint.sample for entry, _ in found]),
+                               config.max_linf // 2, _layout(*fp.geometry, config)[4])
             ok = diff.matches(config)
             matches = [Match(entry.query_id, entry.source, shared, int(diff.linf[i]),
                              round(float(diff.texture_ratio[i]), 4), round(float(diff.changed[i]), 4))
