@@ -217,6 +217,15 @@ def test_the_window_is_bounded_by_count_and_by_age() -> None:
     assert report.duplicate_of is None
 
 
+def test_only_the_newest_candidates_are_verified() -> None:
+    config = QueryDetectorConfig(max_candidates=2, min_matches=2)
+    detector = QueryDetector(config)
+    reports = [detector.detect(image, query_id=f"q{i}")[0] for i, image in enumerate(noise_run(photo(DEMO[5]), 6, seed=2))]
+    assert [r.candidates for r in reports] == [0, 1, 2, 3, 4, 5]
+    assert [sorted(m.query_id for m in r.matches) for r in reports] == [[], ["q0"]] + [[f"q{i - 2}", f"q{i - 1}"] for i in range(2, 6)]
+    assert [r.is_adversarial for r in reports] == [False, False, True, True, True, True]
+
+
 def test_refusals_name_the_input() -> None:
     detector = QueryDetector()
     with pytest.raises(ValueError, match=r"\(4, 4\) uint8"):
@@ -225,6 +234,8 @@ def test_refusals_name_the_input() -> None:
         detector.detect(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="min_matches=0"):
         QueryDetectorConfig(min_matches=0)
+    with pytest.raises(ValueError, match="max_candidates=3"):
+        QueryDetectorConfig(max_candidates=3)
     store = MemoryStore()
     image = photo(DEMO[0])
     detector = QueryDetector(store=store)

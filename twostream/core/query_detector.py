@@ -23,21 +23,27 @@ of one geometry is read at the same places. It yields
 1. An exact re-upload (a remembered digest) is never a new query: it matches nothing, is not
    remembered again and is never flagged. A popular photograph sent by thousands of accounts costs
    one entry.
-2. A *match* is an earlier remembered image of the same geometry, a distinct image, that shares
-   at least ``min_shared`` hashes (the index: a count of shared integers, as a Redis store can
-   answer it) and whose sampled values all lie within ``max_linf`` of the query's (the
-   verification). An attacker held to L-inf <= 8/255 of an original sends queries within 16/255 of
-   each other; a decision-based walk (HopSkipJump, Boundary) sends its many probes within a small
-   distance of the current boundary point.
+2. A *match* is an earlier remembered image of the same geometry, a distinct image, among the
+   ``max_candidates`` newest that share at least ``min_shared`` hashes (the index: a count of
+   shared integers, as a Redis store can answer it), whose sampled difference is
+   - small: every sampled value within ``max_linf`` (16/255: an attacker held to L-inf <= 8/255
+     of an original sends queries within 16/255 of each other; a decision-based walk, HopSkipJump
+     or Boundary, sends its probes within a small distance of its current point);
+   - noise-like: confined to few values (``max_sparse_changed``: Square and SimBA steps) or spread
+     over flat and textured windows alike (``min_texture_ratio``);
+   - and not JPEG-like: at most one of the three traces of JPEG requantization (the change
+     follows the texture, R, G and B move together, it steps at the 8-pixel block grid), see
+     :meth:`Differences.jpeg_like`.
 3. A query is *adversarial* when it has at least ``min_matches`` matches within the window.
 
 Why honest traffic stays honest: resizes and crops change the geometry or move the content (a
-large difference), so they match nothing; exact copies are rule 1; JPEG re-encodings of one
-photograph at the same size differ from each other by more than 16/255 somewhere in most pairs
-(ringing at edges), except between close high qualities, and a photograph has few such close
-variants, fewer than ``min_matches`` in the measured honest model (``docs/detector.md``). An attack
-run, by contrast, adds a new distinct near-duplicate with every query, so its k-th query has k-1
-matches: it is flagged after about ``min_matches`` queries, whatever account sent each.
+large difference), so they match nothing; exact copies are rule 1; two JPEG re-encodings of one
+photograph at one size are often within 16/255 of each other on the sample (close qualities), but
+their difference carries the JPEG traces, so a match between them is rare (about 1-5% of pairs
+of close qualities, measured) and ``min_matches`` of them at once rarer still (0 in 20,000 honest
+uploads, ``docs/detector.md``). An attack run adds a new distinct near-duplicate with every query,
+so its k-th query has up to k-1 matches: it is flagged after about ``min_matches`` + 1 queries,
+whatever account sent each.
 
 **State** (:class:`DetectorStore`, the interface; :class:`MemoryStore`, in this process): the
 remembered images, oldest first, bounded by a count (``max_entries``) and an age (``max_age_s``,
@@ -83,6 +89,7 @@ class QueryDetectorConfig:
     jpeg_channel_corr: float = 0.4  # R, G, B differences correlate at least this much,
     jpeg_block_ratio: float = 1.15  # the difference steps this much more across block edges
     min_matches: int = 5  # matches within the window that make a query adversarial
+    max_candidates: int = 64  # the newest candidates verified per query (bounds the cost)
     max_entries: int = 50_000  # remembered images (oldest evicted first)
     max_age_s: float | None = 3600.0  # remembered for at most this long (None: count only)
     seed: int = 0x5EED  # draws the window positions and offsets; keep it secret in production
@@ -94,6 +101,7 @@ class QueryDetectorConfig:
             "quant_step": 2 <= self.quant_step <= 256,
             "min_shared": 1 <= self.min_shared <= self.index_windows,
             "max_linf": 0 <= self.max_linf <= 255, "min_matches": self.min_matches >= 1,
+            "max_candidates": self.max_candidates >= self.min_matches,
             "min_texture_ratio": self.min_texture_ratio >= 0,
             "max_sparse_changed": 0 <= self.max_sparse_changed <= 1,
             "max_entries": self.max_entries >= 1,
@@ -146,7 +154,7 @@ class QueryReport:
     is_adversarial: bool
     duplicate_of: str | None = None  # an exact re-upload of this remembered query
     matches: tuple[Match, ...] = field(default_factory=tuple)
-    candidates: int = 0  # images the index proposed (before the L-inf check)
+    candidates: int = 0  # images the index proposed (the newest max_candidates are verified)
 
 
 class DetectorStore(Protocol):
@@ -156,7 +164,8 @@ class DetectorStore(Protocol):
         """The remembered entry with this exact digest, if any."""
 
     def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...], min_shared: int) -> list[tuple[Entry, int]]:
-        """Remembered entries of this geometry sharing >= ``min_shared`` hashes, with the count."""
+        """Remembered entries of this geometry sharing >= ``min_shared`` hashes, with the count,
+        newest first."""
 
     def add(self, entry: Entry) -> None:
         """Remember ``entry`` (its query id must be new)."""
@@ -179,6 +188,8 @@ class MemoryStore:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._index: dict[int, list[str]] = {}
         self._digests: dict[bytes, str] = {}
+        self._order: dict[str, int] = {}  # query id -> arrival number, for newest first
+        self._added = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -197,12 +208,15 @@ class MemoryStore:
             entry = self._entries[query_id]
             if shared >= min_shared and entry.fingerprint.geometry == geometry:
                 found.append((entry, shared))
+        found.sort(key=lambda pair: -self._order[pair[0].query_id])
         return found
 
     def add(self, entry: Entry) -> None:
         if entry.query_id in self._entries:
             raise ValueError(f"query detector: query id {entry.query_id!r} is already remembered")
         self._entries[entry.query_id] = entry
+        self._order[entry.query_id] = self._added
+        self._added += 1
         self._digests[entry.fingerprint.digest] = entry.query_id
         for h in entry.fingerprint.hashes:
             self._index.setdefault(h, []).append(entry.query_id)
@@ -220,6 +234,7 @@ class MemoryStore:
 
     def _forget(self, query_id: str, entry: Entry) -> None:
         del self._entries[query_id]
+        del self._order[query_id]
         if self._digests.get(entry.fingerprint.digest) == query_id:
             del self._digests[entry.fingerprint.digest]
         for h in entry.fingerprint.hashes:
@@ -381,14 +396,16 @@ class QueryDetector:
             return report, False
         found = self.store.candidates(fp.geometry, fp.hashes, config.min_shared)
         matches = []
-        if found:
-            diff = differences(fp.sample, np.stack([entry.fingerprint.sample for entry, _ in found]),
-                               config.max_linf // 2, _layout(*fp.geometry, config)[4])
-            ok = diff.matches(config)
-            matches = [Match(entry.query_id, entry.source, shared, int(diff.linf[i]),
-                             round(float(diff.texture_ratio[i]), 4), round(float(diff.changed[i]), 4))
-                       for i, (entry, shared) in enumerate(found) if ok[i]]
-            matches.sort(key=lambda m: (m.linf, -m.shared, m.query_id))
+        samples = np.stack([entry.fingerprint.sample for entry, _ in found[: config.max_candidates]]) if found else None
+        if samples is not None:  # the cheap L-inf first, the statistics for the small ones only
+            small = np.flatnonzero(np.abs(samples.astype(np.int16) - fp.sample).max(axis=1) <= config.max_linf)
+            if len(small):
+                diff = differences(fp.sample, samples[small], config.max_linf // 2, _layout(*fp.geometry, config)[4])
+                ok = diff.matches(config)
+                matches = [Match(found[k][0].query_id, found[k][0].source, found[k][1], int(diff.linf[i]),
+                                 round(float(diff.texture_ratio[i]), 4), round(float(diff.changed[i]), 4))
+                           for i, k in enumerate(small) if ok[i]]
+                matches.sort(key=lambda m: (m.linf, -m.shared, m.query_id))
         self.store.add(Entry(query_id, source, now, fp))
         self.store.evict(now, config.max_entries, config.max_age_s)
         flagged = len(matches) >= config.min_matches
