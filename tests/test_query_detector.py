@@ -202,6 +202,26 @@ def test_reencodings_resizes_and_crops_of_one_photograph_are_not_flagged() -> No
         assert max(len(r.matches) for r in reports) < CONFIG.min_matches
 
 
+def test_a_shuffled_honest_stream_of_shared_photographs_is_not_flagged(assets_dir: Path) -> None:
+    """The honest model in small: originals, re-encodings, re-shares, resizes and crops of a few
+    shared photographs, shuffled across sources."""
+    paths = sorted((assets_dir / "imagenet-sample").glob("*.JPEG"))[5::97]
+    if not paths:
+        pytest.skip(f"no photographs in {assets_dir / 'imagenet-sample'}")
+    rng = np.random.default_rng(7)
+    stream = []
+    for path in paths:
+        image = photo(path)
+        h, w = image.shape[:2]
+        stream += [image, image.copy(), jpeg(image, 60), jpeg(image, 85), jpeg(image, 86), jpeg(image, 95),
+                   jpeg(jpeg(image, 80), 90), jpeg(np.asarray(Image.fromarray(image).resize((w // 2, h // 2))), 75),
+                   jpeg(np.ascontiguousarray(image[h // 10:, : w - w // 10]), 90)]
+    order = rng.permutation(len(stream))
+    reports = run_and_check([stream[i] for i in order], sources=[f"user{int(rng.integers(0, 50))}" for _ in order])
+    assert not any(r.is_adversarial for r in reports)
+    assert sum(r.duplicate_of is not None for r in reports) == len(paths)  # the copies
+
+
 def test_the_window_is_bounded_by_count_and_by_age() -> None:
     config = QueryDetectorConfig(max_entries=3, max_age_s=10.0, min_matches=1)
     run = noise_run(photo(DEMO[4]), 6, seed=1)
