@@ -75,7 +75,7 @@ def reference_match(query: np.ndarray, earlier: np.ndarray, config: QueryDetecto
     noise_like = ratio >= config.min_texture_ratio or changed <= config.max_sparse_changed
     if linf > config.max_linf or votes >= 2 or not noise_like:
         return None
-    return {"shared": shared, "linf": linf, "ratio": ratio, "changed": changed}
+    return {"shared": shared, "linf": linf, "ratio": ratio, "changed": changed, "corr": corr, "block": block}
 
 
 def run_and_check(images: list[np.ndarray], config: QueryDetectorConfig = CONFIG,
@@ -100,6 +100,8 @@ def run_and_check(images: list[np.ndarray], config: QueryDetectorConfig = CONFIG
                 assert (got[qid].shared, got[qid].linf) == (m["shared"], m["linf"])
                 assert got[qid].texture_ratio == pytest.approx(m["ratio"], abs=1e-3)
                 assert got[qid].changed == pytest.approx(m["changed"], abs=1e-3)
+                assert got[qid].channel_corr == pytest.approx(m["corr"], abs=1e-3)
+                assert got[qid].block_ratio == pytest.approx(m["block"], abs=1e-3)
             assert flagged == (len(expected) >= config.min_matches)
             remembered.append((f"q{i}", image))
         else:
@@ -220,6 +222,14 @@ def test_a_shuffled_honest_stream_of_shared_photographs_is_not_flagged(assets_di
     reports = run_and_check([stream[i] for i in order], sources=[f"user{int(rng.integers(0, 50))}" for _ in order])
     assert not any(r.is_adversarial for r in reports)
     assert sum(r.duplicate_of is not None for r in reports) == len(paths)  # the copies
+
+
+def test_the_same_bytes_in_another_geometry_are_not_a_reupload() -> None:
+    pixels = np.arange(2 * 6 * 3, dtype=np.uint8)
+    detector = QueryDetector()
+    detector.detect(pixels.reshape(2, 6, 3), query_id="wide")
+    report, _ = detector.detect(pixels.reshape(3, 4, 3), query_id="tall")
+    assert report.duplicate_of is None and len(detector.store) == 2
 
 
 def test_the_window_is_bounded_by_count_and_by_age() -> None:

@@ -135,7 +135,7 @@ class Entry:
 @dataclass(frozen=True)
 class Match:
     """An earlier image the query matched: who sent it, shared hashes, and the sampled
-    difference (its L-inf, flat/textured ratio and share of changed values)."""
+    difference's statistics (see :class:`Differences`)."""
 
     query_id: str
     source: str | None
@@ -143,6 +143,8 @@ class Match:
     linf: int
     texture_ratio: float
     changed: float
+    channel_corr: float
+    block_ratio: float
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,8 @@ class DetectorStore(Protocol):
     def find_digest(self, digest: bytes) -> Entry | None:
         """The remembered entry with this exact digest, if any."""
 
-    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...], min_shared: int) -> list[tuple[Entry, int]]:
+    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...],
+                   min_shared: int) -> list[tuple[Entry, int]]:
         """Remembered entries of this geometry sharing >= ``min_shared`` hashes, with the count,
         newest first."""
 
@@ -198,7 +201,8 @@ class MemoryStore:
         query_id = self._digests.get(digest)
         return None if query_id is None else self._entries[query_id]
 
-    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...], min_shared: int) -> list[tuple[Entry, int]]:
+    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...],
+                   min_shared: int) -> list[tuple[Entry, int]]:
         counts: dict[str, int] = {}
         for h in hashes:
             for query_id in self._index.get(h, ()):
@@ -245,7 +249,8 @@ class MemoryStore:
 
 
 @lru_cache(maxsize=256)
-def _layout(height: int, width: int, config: QueryDetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.uint64, np.ndarray]:
+def _layout(height: int, width: int,
+            config: QueryDetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.uint64, np.ndarray]:
     """The sampled flat indices ``(windows * 6,)`` (two horizontally adjacent pixels per window,
     RGB), per-value quantization offsets of the index windows, their salts, the geometry's salt
     and which windows straddle a JPEG block edge: a function of the seed and the geometry only."""
@@ -276,7 +281,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def check_image(image: np.ndarray) -> np.ndarray:
     """``image`` as a C-contiguous ``(H, W, 3)`` uint8 array, or a ValueError saying what it is."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+    if (not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3
+            or image.shape[2] != 3 or image.size == 0):
         what = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"query detector: expected a non-empty (H, W, 3) uint8 array, got {what}")
     return np.ascontiguousarray(image)
@@ -288,7 +294,8 @@ def fingerprint(image: np.ndarray, config: QueryDetectorConfig) -> Fingerprint:
     height, width = image.shape[:2]
     flat, offsets, salts, geometry_salt, _ = _layout(height, width, config)
     sample = image.reshape(-1)[flat]
-    digest = hashlib.sha256(memoryview(image).cast("B")).digest()[:16]  # SHA-NI: ~1.6 GB/s
+    digest = hashlib.sha256(b"%d,%d:" % (height, width))
+    digest.update(memoryview(image).cast("B"))  # SHA-NI: about 0.8 ms per 0.5 MB here
     n = config.index_windows * WINDOW
     levels = ((sample[:n].astype(np.int16) + offsets) // config.quant_step).astype(np.uint64)
     levels = levels.reshape(config.index_windows, WINDOW)
@@ -297,7 +304,7 @@ def fingerprint(image: np.ndarray, config: QueryDetectorConfig) -> Fingerprint:
         code = (code << np.uint64(8)) | levels[:, j]
     with np.errstate(over="ignore"):
         hashes = _mix(_mix(code ^ salts) ^ geometry_salt)
-    return Fingerprint((height, width), digest, sample, tuple(int(h) for h in hashes))
+    return Fingerprint((height, width), digest.digest()[:16], sample, tuple(int(h) for h in hashes))
 
 
 @dataclass(frozen=True)
@@ -382,7 +389,8 @@ class QueryDetector:
         """Judge one query against the window, then remember it (unless an exact re-upload).
 
         ``query_id`` names it in later reports (default: its arrival number); ``now`` is its time
-        in seconds for the age bound (the caller's clock, so replays are deterministic).
+        in seconds for the age bound (the caller's clock, so replays are deterministic; it should
+        not go backwards, as eviction takes the oldest arrivals first).
         """
         config = self.config
         if query_id is None:
@@ -403,7 +411,8 @@ class QueryDetector:
                 diff = differences(fp.sample, samples[small], config.max_linf // 2, _layout(*fp.geometry, config)[4])
                 ok = diff.matches(config)
                 matches = [Match(found[k][0].query_id, found[k][0].source, found[k][1], int(diff.linf[i]),
-                                 round(float(diff.texture_ratio[i]), 4), round(float(diff.changed[i]), 4))
+                                 *(round(float(v[i]), 4) for v in (diff.texture_ratio, diff.changed,
+                                                                   diff.channel_corr, diff.block_ratio)))
                            for i, k in enumerate(small) if ok[i]]
                 matches.sort(key=lambda m: (m.linf, -m.shared, m.query_id))
         self.store.add(Entry(query_id, source, now, fp))
