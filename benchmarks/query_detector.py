@@ -1,7 +1,8 @@
 """The stateful query detector's figures: the honest false-positive rate, queries to the first
 detection of simulated query-attack runs, the cost per image and the memory per remembered image.
 
-    nice python benchmarks/query_detector.py [--uploads 20000] [--runs 40] [--assets DIR]
+    nice python benchmarks/query_detector.py [--uploads 20000] [--runs 40] [--min-matches 5]
+        [--only honest|variants|attacks|cost] [--assets DIR]
 
 Honest model (the issue's): a shuffled stream of uploads of the shared photographs
 (``imagenet-sample``), each photograph drawn by popularity (Zipf, a popular one is sent thousands
@@ -64,12 +65,12 @@ def honest_upload(image: np.ndarray, rng: np.random.Generator) -> tuple[str, np.
     return kind, jpeg(np.ascontiguousarray(image[top:top + ch, left:left + cw]), q, sub)
 
 
-def honest_stream(paths: list[Path], uploads: int, seed: int) -> dict:
+def honest_stream(paths: list[Path], uploads: int, seed: int, config: QueryDetectorConfig) -> dict:
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, len(paths) + 1) ** 1.1
     order = rng.permutation(len(paths))  # which photograph is popular: random
     picks = order[rng.choice(len(paths), size=uploads, p=weights / weights.sum())]
-    detector = QueryDetector()
+    detector = QueryDetector(config)
     cache: dict[int, np.ndarray] = {}
     flagged, dups, times, by_kind = [], 0, [], {}
     for i, p in enumerate(picks):
@@ -91,7 +92,7 @@ def honest_stream(paths: list[Path], uploads: int, seed: int) -> dict:
             "most_popular": int(top), "remembered": len(detector.store)}
 
 
-def every_variant(paths: list[Path], photographs: int, seed: int) -> tuple[int, int, int]:
+def every_variant(paths: list[Path], photographs: int, seed: int, config: QueryDetectorConfig) -> tuple[int, int, int]:
     """The honest worst case: every JPEG quality 50-100 with both chroma layouts of one
     photograph at its own size (102 distinct near-duplicates), shuffled, per photograph in its own
     detector. Returns (uploads, flagged uploads, photographs with a flagged upload)."""
@@ -100,7 +101,7 @@ def every_variant(paths: list[Path], photographs: int, seed: int) -> tuple[int, 
     for p in rng.choice(len(paths), size=photographs, replace=False):
         image = load(paths[int(p)])
         variants = [jpeg(image, q, sub) for q in range(50, 101) for sub in (0, 2)]
-        detector = QueryDetector()
+        detector = QueryDetector(config)
         n = sum(detector.detect(variants[i], query_id=f"v{i}")[1] for i in rng.permutation(len(variants)))
         uploads, flagged, hit = uploads + len(variants), flagged + n, hit + (n > 0)
     return uploads, flagged, hit
@@ -152,8 +153,8 @@ def boundary_run(x0: np.ndarray, other: np.ndarray, rng: np.random.Generator, pr
         yield np.round((1 - alpha) * x + alpha * y).clip(0, 255).astype(np.uint8)
 
 
-def queries_to_detection(run, limit: int) -> int | None:
-    detector = QueryDetector()
+def queries_to_detection(run, limit: int, config: QueryDetectorConfig) -> int | None:
+    detector = QueryDetector(config)
     for i, image in zip(range(limit), run):
         _, flagged = detector.detect(image, source=f"attacker{i}", query_id=f"a{i}")
         if flagged:
@@ -161,8 +162,8 @@ def queries_to_detection(run, limit: int) -> int | None:
     return None
 
 
-def memory_per_image(images: list[np.ndarray]) -> float:
-    detector = QueryDetector()
+def memory_per_image(images: list[np.ndarray], config: QueryDetectorConfig) -> float:
+    detector = QueryDetector(config)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i, image in enumerate(images):
@@ -177,6 +178,9 @@ def main() -> None:
     ap.add_argument("--uploads", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=40, help="attack runs per attack kind")
     ap.add_argument("--limit", type=int, default=200, help="queries per attack run at most")
+    ap.add_argument("--min-matches", type=int, default=QueryDetectorConfig.min_matches)
+    ap.add_argument("--only", choices=["honest", "variants", "attacks", "cost"], action="append",
+                    help="run only these parts (repeatable; default all)")
     ap.add_argument("--variant-photos", type=int, default=20, help="photographs for the every-variant case")
     ap.add_argument("--assets", type=Path, default=REPO.parent / "shared" / "assets")
     ap.add_argument("--seed", type=int, default=0)
@@ -186,63 +190,68 @@ def main() -> None:
     paths = sorted((args.assets / "imagenet-sample").glob("*.JPEG"))
     if not paths:
         raise SystemExit(f"no photographs under {args.assets / 'imagenet-sample'}")
-    config = QueryDetectorConfig()
+    config = QueryDetectorConfig(min_matches=args.min_matches)
     log.info("config: %s", config)
 
-    t0 = time.perf_counter()
-    honest = honest_stream(paths, args.uploads, args.seed)
-    ms = np.array(honest["times"]) * 1e3
-    fp = len(honest["flagged"])
-    log.info("honest: %d uploads of %d photographs (most popular sent %d times; %s), %d exact re-uploads, "
-             "%d remembered at the end", honest["uploads"], len(paths), honest["most_popular"], honest["kinds"],
-             honest["duplicates"], honest["remembered"])
-    log.info("honest false positives: %d / %d = %.4f%% (target <= 0.1%%)", fp, honest["uploads"], 100 * fp / honest["uploads"])
-    for row in honest["flagged"][:10]:
-        log.info("  flagged: upload %d, %s, %s, %d matches", *row)
-    log.info("detect() per honest upload: mean %.3f ms, p50 %.3f ms, p99 %.3f ms",
-             ms.mean(), np.percentile(ms, 50), np.percentile(ms, 99))
-    log.info("honest stream wall time (with the uploads' re-encoding): %.1f s", time.perf_counter() - t0)
+    parts = set(args.only or ["honest", "variants", "attacks", "cost"])
+    if "honest" in parts:
+        t0 = time.perf_counter()
+        honest = honest_stream(paths, args.uploads, args.seed, config)
+        ms = np.array(honest["times"]) * 1e3
+        fp = len(honest["flagged"])
+        log.info("honest: %d uploads of %d photographs (most popular sent %d times; %s), %d exact re-uploads, "
+                 "%d remembered at the end", honest["uploads"], len(paths), honest["most_popular"], honest["kinds"],
+                 honest["duplicates"], honest["remembered"])
+        log.info("honest false positives: %d / %d = %.4f%% (target <= 0.1%%)", fp, honest["uploads"], 100 * fp / honest["uploads"])
+        for row in honest["flagged"][:10]:
+            log.info("  flagged: upload %d, %s, %s, %d matches", *row)
+        log.info("detect() per honest upload: mean %.3f ms, p50 %.3f ms, p99 %.3f ms",
+                 ms.mean(), np.percentile(ms, 50), np.percentile(ms, 99))
+        log.info("honest stream wall time (with the uploads' re-encoding): %.1f s", time.perf_counter() - t0)
 
-    uploads, flagged, hit = every_variant(paths, args.variant_photos, args.seed + 2)
-    log.info("honest worst case, every JPEG variant (quality 50-100 x 4:2:0/4:4:4) of %d photographs, shuffled: "
-             "%d / %d uploads flagged (%.3f%%), %d photographs with a flagged upload", args.variant_photos, flagged,
-             uploads, 100 * flagged / uploads, hit)
+    if "variants" in parts:
+        uploads, flagged, hit = every_variant(paths, args.variant_photos, args.seed + 2, config)
+        log.info("honest worst case, every JPEG variant (quality 50-100 x 4:2:0/4:4:4) of %d photographs, shuffled: "
+                 "%d / %d uploads flagged (%.3f%%), %d photographs with a flagged upload", args.variant_photos, flagged,
+                 uploads, 100 * flagged / uploads, hit)
 
-    rng = np.random.default_rng(args.seed + 1)
-    originals = [load(paths[int(i)]) for i in rng.choice(len(paths), size=args.runs, replace=False)]
-    for name in ("noise", "square", "simba", "boundary"):
-        counts = []
-        for k, x0 in enumerate(originals):
-            if name == "noise":
-                run = noise_run(x0, rng)
-            elif name == "square":
-                run = square_run(x0, rng)
-            elif name == "simba":
-                run = simba_run(x0, rng)
-            else:
-                other = np.asarray(Image.fromarray(originals[(k + 1) % len(originals)]).resize(x0.shape[1::-1]))
-                run = boundary_run(x0, other, rng)
-            counts.append(queries_to_detection(run, args.limit))
-        found = [c for c in counts if c is not None]
-        log.info("attack %-8s: %d/%d runs detected within %d queries; queries to the first detection: "
-                 "median %s, max %s", name, len(found), len(counts), args.limit,
-                 statistics.median(found) if found else None, max(found) if found else None)
+    if "attacks" in parts:
+        rng = np.random.default_rng(args.seed + 1)
+        originals = [load(paths[int(i)]) for i in rng.choice(len(paths), size=args.runs, replace=False)]
+        for name in ("noise", "square", "simba", "boundary"):
+            counts = []
+            for k, x0 in enumerate(originals):
+                if name == "noise":
+                    run = noise_run(x0, rng)
+                elif name == "square":
+                    run = square_run(x0, rng)
+                elif name == "simba":
+                    run = simba_run(x0, rng)
+                else:
+                    other = np.asarray(Image.fromarray(originals[(k + 1) % len(originals)]).resize(x0.shape[1::-1]))
+                    run = boundary_run(x0, other, rng)
+                counts.append(queries_to_detection(run, args.limit, config))
+            found = [c for c in counts if c is not None]
+            log.info("attack %-8s: %d/%d runs detected within %d queries; queries to the first detection: "
+                     "median %s, max %s", name, len(found), len(counts), args.limit,
+                     statistics.median(found) if found else None, max(found) if found else None)
 
-    sample = [load(p) for p in paths[:1000]]
-    per_image = memory_per_image(sample)
-    payload = config.windows * 6 + config.index_windows * 8 + 16
-    log.info("memory per remembered image (MemoryStore, tracemalloc over %d distinct photographs): %.0f bytes "
-             "(payload: %d bytes of sample + hashes + digest)", len(sample), per_image, payload)
-    sizes = [im.shape[0] * im.shape[1] for im in sample]
-    det = QueryDetector()
-    times = []
-    for i, im in enumerate(sample):
-        t = time.perf_counter()
-        det.detect(im, query_id=f"c{i}")
-        times.append(time.perf_counter() - t)
-    times_ms = np.array(times) * 1e3
-    log.info("detect() on %d distinct photographs (mean %.0f pixels): p50 %.3f ms, mean %.3f ms, p99 %.3f ms",
-             len(sample), np.mean(sizes), np.percentile(times_ms, 50), times_ms.mean(), np.percentile(times_ms, 99))
+    if "cost" in parts:
+        sample = [load(p) for p in paths[:1000]]
+        per_image = memory_per_image(sample, config)
+        payload = config.windows * 6 + config.index_windows * 8 + 16
+        log.info("memory per remembered image (MemoryStore, tracemalloc over %d distinct photographs): %.0f bytes "
+                 "(payload: %d bytes of sample + hashes + digest)", len(sample), per_image, payload)
+        sizes = [im.shape[0] * im.shape[1] for im in sample]
+        det = QueryDetector(config)
+        times = []
+        for i, im in enumerate(sample):
+            t = time.perf_counter()
+            det.detect(im, query_id=f"c{i}")
+            times.append(time.perf_counter() - t)
+        times_ms = np.array(times) * 1e3
+        log.info("detect() on %d distinct photographs (mean %.0f pixels): p50 %.3f ms, mean %.3f ms, p99 %.3f ms",
+                 len(sample), np.mean(sizes), np.percentile(times_ms, 50), times_ms.mean(), np.percentile(times_ms, 99))
 
 
 if __name__ == "__main__":

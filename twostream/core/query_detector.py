@@ -88,7 +88,7 @@ class QueryDetectorConfig:
     jpeg_texture_ratio: float = 0.95  # JPEG-like votes (two of three): the change follows texture,
     jpeg_channel_corr: float = 0.4  # R, G, B differences correlate at least this much,
     jpeg_block_ratio: float = 1.15  # the difference steps this much more across block edges
-    min_matches: int = 5  # matches within the window that make a query adversarial
+    min_matches: int = 8  # matches within the window that make a query adversarial
     max_candidates: int = 64  # the newest candidates verified per query (bounds the cost)
     max_entries: int = 50_000  # remembered images (oldest evicted first)
     max_age_s: float | None = 3600.0  # remembered for at most this long (None: count only)
