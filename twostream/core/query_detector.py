@@ -39,11 +39,11 @@ of one geometry is read at the same places. It yields
 Why honest traffic stays honest: resizes and crops change the geometry or move the content (a
 large difference), so they match nothing; exact copies are rule 1; two JPEG re-encodings of one
 photograph at one size are often within 16/255 of each other on the sample (close qualities), but
-their difference carries the JPEG traces, so a match between them is rare (about 1-5% of pairs
+their difference carries the JPEG traces, so a match between them is rare (about 1-6% of pairs
 of close qualities, measured) and ``min_matches`` of them at once rarer still (0 in 20,000 honest
-uploads, ``docs/detector.md``). An attack run adds a new distinct near-duplicate with every query,
-so its k-th query has up to k-1 matches: it is flagged after about ``min_matches`` + 1 queries,
-whatever account sent each.
+uploads, and 0 when all 102 JPEG variants of a photograph arrive: ``docs/detector.md``). An
+attack run adds a new distinct near-duplicate with every query, so its k-th query has up to k-1
+matches: it is flagged after about ``min_matches`` + 1 queries, whatever account sent each.
 
 **State** (:class:`DetectorStore`, the interface; :class:`MemoryStore`, in this process): the
 remembered images, oldest first, bounded by a count (``max_entries``) and an age (``max_age_s``,
