@@ -181,6 +181,10 @@ class _Children(threading.Thread):
         self._done = {path: threading.Event() for path in modules}
         self._proc: subprocess.Popen | None = None
         self._stopping = False
+        # The environment as collection ends: a test of this process that starts Ray changes its
+        # os.environ for good (ray.init sets RAY_AUTH_MODE=token, among others), and a child
+        # started later must not inherit that.
+        self.env = {**os.environ, CHILD_ENV: "1"}
 
     def run(self) -> None:
         for path, nodeids in self.modules.items():
@@ -194,7 +198,7 @@ class _Children(threading.Thread):
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                  "--rootdir", str(REPO), *nodeids],
-                cwd=REPO, env={**os.environ, CHILD_ENV: "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True,
             )
             output, _ = self._proc.communicate()

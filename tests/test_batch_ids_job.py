@@ -11,6 +11,8 @@ import pytest
 
 from tests.test_batch_inputs import SMALL, _jpeg, _tar_bytes
 
+pytestmark = [pytest.mark.ray, pytest.mark.own_process]  # a Ray Data job in this process (tests/conftest.py)
+
 SAME = ("image id 'SAME' claimed by its sidecar or manifest row is also claimed by s2.jpg, which keeps it "
         "(first in (timestamp, key) order)")
 
