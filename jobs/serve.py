@@ -39,7 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from jobs.ray_cluster import HAPROXY_ENV
 from twostream import __version__
 from twostream.core.config import TwoStreamConfig, build_config, merge_sections, read_config_file
-from twostream.core.labels import Response as Answer
+from twostream.core.labels import Refusal
 from twostream.core.labels import Verdict
 from twostream.core.preprocess import ImageDecodeError, check_image_header
 from twostream.online.answers import StreamAnswer, join_answers
@@ -222,7 +222,7 @@ class Ingress:
         if not batch.scored[row]:  # corrupt past its header: not an Algorithm-2 event either
             raise decode_error_status(batch.error[row])
         rejected = bool(batch.rejected[row])
-        shown = Answer.ADVERSARIAL if rejected else batch.label[row]
+        shown = Refusal.ADVERSARIAL if rejected else batch.label[row]
         try:
             step: Step = await self.store.observe(source, batch.image_id[row], rejected, shown)
         except StoreUnavailable as exc:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from twostream.core.labels import Response
+from twostream.core.labels import Refusal
 from twostream.core.timestamps import FIRST, LAST, format_utc
 
 RATE_BINS = 60  # time bins of the rejection-rate plot
@@ -114,7 +114,7 @@ class RateBins:
         b = np.clip(np.searchsorted(self.edges, ts, side="right") - 1, 0, len(self.scored) - 1)
         np.add.at(self.scored, b[scored], 1)
         np.add.at(self.rejected, b[scored & rejected], 1)
-        np.add.at(self.blocked, b[response == Response.BLOCKED], 1)
+        np.add.at(self.blocked, b[response == Refusal.BLOCKED], 1)
 
 
 @dataclass

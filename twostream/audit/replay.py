@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from twostream.audit.catalogue import Catalogue, rejected_for
 from twostream.audit.outputs import SOURCES_SCHEMA, WHAT_IF_SCHEMA, SourceRuns, rank_key
 from twostream.core.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
-from twostream.core.labels import Response, Verdict
+from twostream.core.labels import Refusal, Verdict
 from twostream.core.reputation import ReputationLedger, Upload
 from twostream.reporting import SourceSeries
 
@@ -224,7 +224,7 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
     for name, a, e in zip(part.names, starts[:-1].tolist(), starts[1:].tolist()):
         for k in range(a, e):
             if err[k]:
-                response[k] = Response.ERROR
+                response[k] = Refusal.ERROR
                 continue
             r = rej[k]
             resp = observe(Upload(name, ts_list[k], ids[k], r, Verdict.ADVERSARIAL if r else (lab[k] or Verdict.ACCEPTED)))
@@ -317,7 +317,7 @@ def what_if(spill: Spill, cat: Catalogue, base: TwoStreamConfig, settings: Seque
         for i, (_, _, rep, rejected) in enumerate(plans):
             part = replay_partition(p, records, cat, rejected, rep)
             counts[i, 0] += int((part.rejected & ~part.error).sum())
-            counts[i, 1] += int((part.response == Response.BLOCKED).sum())
+            counts[i, 1] += int((part.response == Refusal.BLOCKED).sum())
             for name, intervals in zip(part.names, part.src_intervals):
                 if intervals:
                     counts[i, 2] += 1

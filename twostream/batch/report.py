@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream import storage
-from twostream.core.labels import Response, Verdict
+from twostream.core.labels import Refusal, Verdict
 from twostream.reporting import (
     RateBins,
     SourceSeries,
@@ -172,7 +172,7 @@ def _header(s: dict[str, Any], tally: _Tally, ever: int) -> list[str]:
         "</p>",
         kpis([("images", sum(v.values())), ("accepted", v[str(Verdict.ACCEPTED)]),
               ("adversarial", v[str(Verdict.ADVERSARIAL)]), ("errors", v[str(Verdict.ERROR)]),
-              ("blocked", tally.responses[str(Response.BLOCKED)]), ("sources", s.get("sources", 0)),
+              ("blocked", tally.responses[str(Refusal.BLOCKED)]), ("sources", s.get("sources", 0)),
               ("ever blacklisted", ever), ("blacklisted at the end", s.get("blacklisted_sources", 0))]),
     ]
 
@@ -183,7 +183,7 @@ def _counts_section(tally: _Tally) -> list[str]:
     responses = sorted(tally.responses.items(), key=lambda kv: (-kv[1], kv[0]))
     return [
         "<h2>Counts by verdict and response</h2>",
-        "<p class=muted>Verdict: Algorithm 1 on the image alone. Response: what the source was answered "
+        "<p class=muted>Verdict: Algorithm 1 on the image alone. Refusal: what the source was answered "
         "(Algorithm 2): a label, <code>adversarial</code>, <code>blocked</code> (the source was blacklisted) "
         "or <code>error</code>.</p>",
         '<div class=grid><div>',

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from twostream import storage
 from twostream.batch.outputs import images_table, images_uri
 from twostream.core.config import ReputationConfig
-from twostream.core.labels import Response, Verdict
+from twostream.core.labels import Refusal, Verdict
 from twostream.core.sources import SOURCES_SCHEMA
 
 LatePolicy = Literal["refuse", "after"]
@@ -334,9 +334,9 @@ def respond(staging: pa.Table, responses: pa.Table, output: str, shard: str) -> 
     listed[rows] = _col(responses, "blacklisted")
     cc, listed = cc[staged], listed[staged]
     answer = pc.if_else(
-        pa.array(listed), str(Response.BLOCKED),
-        pc.if_else(pc.equal(verdict, str(Verdict.ACCEPTED)), staging.column("label"), str(Response.ADVERSARIAL)))
-    answer = pc.if_else(pa.array(is_error), str(Response.ERROR), answer).to_pylist()
+        pa.array(listed), str(Refusal.BLOCKED),
+        pc.if_else(pc.equal(verdict, str(Verdict.ACCEPTED)), staging.column("label"), str(Refusal.ADVERSARIAL)))
+    answer = pc.if_else(pa.array(is_error), str(Refusal.ERROR), answer).to_pylist()
     images = images_table(staging, answer, pa.array(cc, mask=is_error).to_pylist(),
                           pa.array(listed, mask=is_error).to_pylist())
     storage.write_parquet(images, images_uri(output, shard))

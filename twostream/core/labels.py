@@ -28,7 +28,7 @@ class Verdict(StrEnum):
     ERROR = "error"
 
 
-class Response(StrEnum):
+class Refusal(StrEnum):
     """What Algorithm 2 answers besides a CIFAR-10 label (the label of an accepted image)."""
 
     ADVERSARIAL = "adversarial"

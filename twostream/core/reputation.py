@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from twostream.core.config import ReputationConfig
-from twostream.core.labels import Response
+from twostream.core.labels import Refusal
 
-BLOCKED = Response.BLOCKED
+BLOCKED = Refusal.BLOCKED
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Upload:
 
 
 @dataclass(frozen=True)
-class Response:
+class Outcome:
     """What the server answers for one image, and the source's standing after it."""
 
     response: str
@@ -77,7 +77,7 @@ class ReputationLedger:
         self.config = config or ReputationConfig()
         self._states: dict[str, SourceState] = {}
 
-    def observe(self, upload: Upload) -> Response:
+    def observe(self, upload: Upload) -> Outcome:
         """Apply one image of a source (in that source's time order) and return the response."""
         cfg = self.config
         state = self._states.setdefault(upload.source, SourceState())
@@ -104,7 +104,7 @@ class ReputationLedger:
             response = BLOCKED
         if response == BLOCKED:
             state.blocked += 1
-        return Response(response=response, cc=state.cc, blacklisted=state.blacklisted)
+        return Outcome(response=response, cc=state.cc, blacklisted=state.blacklisted)
 
     def get(self, source: str) -> SourceState:
         """The standing of ``source`` (a fresh state if it was never seen)."""
@@ -167,7 +167,7 @@ def advance(
 
 def replay(
     uploads: Iterable[Upload], config: ReputationConfig | None = None
-) -> tuple[list[Response], ReputationLedger]:
+) -> tuple[list[Outcome], ReputationLedger]:
     """Replay a finite set of uploads in ``(timestamp, image_id)`` order per source.
 
     Returns the responses in the order the uploads were given, and the final ledger.
@@ -175,7 +175,7 @@ def replay(
     """
     uploads = list(uploads)
     ledger = ReputationLedger(config)
-    responses: list[Response | None] = [None] * len(uploads)
+    responses: list[Outcome | None] = [None] * len(uploads)
     order = sorted(range(len(uploads)), key=lambda k: uploads[k].order_key)
     for k in order:
         responses[k] = ledger.observe(uploads[k])

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
 
 from twostream.core.config import ReputationConfig, SimulationSettings
 from twostream.core.labels import Verdict

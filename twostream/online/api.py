@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from twostream.core.labels import CIFAR10_LABELS, Response
+from twostream.core.labels import CIFAR10_LABELS, Refusal
 from twostream.core.mapping import load_mapping
-from twostream.core.reputation import Response as Outcome
+from twostream.core.reputation import Outcome
 from twostream.core.reputation import SourceState
 from twostream.core.results import ScoredBatch
 
@@ -166,7 +166,7 @@ def build_classify_response(
     """The 200 body of scored image ``row``, or the 403 body when Algorithm 2 answered ``blocked``."""
     result = batch.row(row)
     standing = Standing(cc=outcome.cc, blacklisted=outcome.blacklisted)
-    if outcome.response == Response.BLOCKED:
+    if outcome.response == Refusal.BLOCKED:
         return BlockedResponse(
             detail=(
                 f"source {source!r} is blacklisted (CC={outcome.cc}); its images are still scored "

@@ -3,7 +3,7 @@ and the content type of ``GET /metrics``."""
 
 from __future__ import annotations
 
-from twostream.core.labels import Response
+from twostream.core.labels import Refusal
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 
@@ -48,7 +48,7 @@ class ServiceMetrics:
         """One scored image: its verdict, its response's kind (a label, ``adversarial`` or
         ``blocked``) and the seconds of each classify stage."""
         self.verdicts.labels(verdict=verdict).inc()
-        kind = response if response in (Response.ADVERSARIAL, Response.BLOCKED) else "label"
+        kind = response if response in (Refusal.ADVERSARIAL, Refusal.BLOCKED) else "label"
         self.responses.labels(response=kind).inc()
         for stage, seconds in stages.items():
             self.stage.labels(stage=stage).observe(seconds)

@@ -36,8 +36,8 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from twostream.core.config import ReputationConfig
-from twostream.core.labels import Response as Answer
-from twostream.core.reputation import Response as Outcome
+from twostream.core.labels import Refusal
+from twostream.core.reputation import Outcome
 from twostream.core.reputation import SourceState
 from twostream.core.sources import SourceRow
 
@@ -227,7 +227,7 @@ class RedisReputation:
         keys = [self.key(source), self.sources_key, self.blacklist_key, f"{self.tag}:img:{image_id}"]
         args = [source, int(rejected), cfg.cap, cfg.threshold, cfg.step_up, cfg.step_down, DONE_TTL_S]
         blocked, cc, listed, seq, ts = await self._call("observe", lambda: self._observe(keys=keys, args=args))
-        outcome = Outcome(response=Answer.BLOCKED if blocked == b"1" else verdict, cc=int(cc), blacklisted=listed == b"1")
+        outcome = Outcome(response=Refusal.BLOCKED if blocked == b"1" else verdict, cc=int(cc), blacklisted=listed == b"1")
         return Step(outcome, float(ts), int(seq))
 
     # -- reads and admin ------------------------------------------------------------------
