@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from twostream import storage
 from twostream.core.config import ConfigError
 from twostream.core.jsontext import load_object
-from twostream.core.timestamps import CLF_FORMAT, accepted, as_text, problem, seconds_array, value_at
+from twostream.core.timestamps import accepted, as_text, problem, seconds_array, value_at
 
 LOG_FORMATS = ("csv", "tsv", "jsonl", "parquet", "clf")
 
@@ -131,9 +131,6 @@ def parse_mapping(pairs: Sequence[str]) -> ColumnMapping:
 # ---------------------------------------------------------------------------------------------
 # Timestamps: read by twostream.core.timestamps, the product's one definition
 # ---------------------------------------------------------------------------------------------
-_CLF_TIME = CLF_FORMAT
-
-
 def parse_timestamps(column: pa.Array | pa.ChunkedArray, unit: str = "s") -> pa.Array:
     """Any log timestamp column -> float64 UTC epoch seconds (null where unparseable; the range is
     checked by :func:`check_chunk`): :func:`twostream.core.timestamps.seconds_array`.
