@@ -146,7 +146,7 @@ def table_rows(doc: str, table_id: str) -> list[list[str]]:
 def check_tables(doc: str, exp: dict) -> None:
     """The counts, errors, blacklisted sources, throughput and ground truth tables against ``exp``."""
     assert {r[0]: int(r[1]) for r in table_rows(doc, "verdicts")} == {
-        v: exp["verdicts"].get(v, 0) for v in ("accepted", "adversarial", "error")}
+        v: exp["verdicts"].get(v, 0) for v in ("accepted", "adversarial", "query_attack", "error")}
     assert {r[0]: int(r[1]) for r in table_rows(doc, "responses")} == dict(exp["responses"])
     assert {r[0]: int(r[1]) for r in table_rows(doc, "errors")} == dict(exp["errors"])
     listed = table_rows(doc, "blacklisted")
@@ -223,7 +223,7 @@ def test_report_without_ground_truth_errors_or_blacklisting(tmp_path: Path) -> N
     doc = (Path(write_batch_report(str(out)))).read_text()
     assert 'id="ground-truth"' not in doc and "id=no-errors" in doc and "id=no-blacklisted" in doc
     assert {r[0]: int(r[1]) for r in table_rows(doc, "verdicts")} == {
-        "accepted": images.num_rows, "adversarial": 0, "error": 0}
+        "accepted": images.num_rows, "adversarial": 0, "query_attack": 0, "error": 0}
     assert doc.count('src="data:image/png;base64,') == 3  # rate, responses, throughput; no CC plot
 
 
@@ -233,5 +233,5 @@ def test_report_of_an_empty_run(tmp_path: Path) -> None:
     (tmp_path / "sources").mkdir()
     (tmp_path / "summary.json").write_text(json.dumps({"input": "x", "output": str(tmp_path), "inputs": 0}))
     doc = Path(write_batch_report(str(tmp_path))).read_text()
-    assert {r[0]: int(r[1]) for r in table_rows(doc, "verdicts")} == {"accepted": 0, "adversarial": 0, "error": 0}
+    assert {r[0]: int(r[1]) for r in table_rows(doc, "verdicts")} == {"accepted": 0, "adversarial": 0, "query_attack": 0, "error": 0}
     assert "id=no-blacklisted" in doc
