@@ -26,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", action="append", required=True, metavar="WEIGHTS",
                         help="low.weights source, e.g. bundled:cifar10_resnet32 (repeatable)")
     parser.add_argument("--model", default="cifar_resnet32", help="low-resolution model; default cifar_resnet32")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none",
+                        help="low.tta: flip = mean of the logits of the image and its mirror; default none")
     parser.add_argument("--data", required=True, metavar="FOLDER",
                         help="ImageFolder named by CIFAR-10 class, e.g. ../shared/assets/cifar10-jpeg/test")
     parser.add_argument("--eps", action="append", metavar="EPS", help="L-inf epsilon, e.g. 8/255 (repeatable; "
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                                       pgd_restarts=args.pgd_restarts, aa_n=args.aa_n, aa_iters=args.aa_iters,
                                       aa_restarts=args.aa_restarts, aa_square_queries=args.aa_square_queries,
                                       seed=args.seed, batch_size=args.batch_size)
-        streams = [build_stream(LowStreamConfig(model=args.model, weights=w), "low").eval() for w in args.weights]
+        streams = [build_stream(LowStreamConfig(model=args.model, weights=w, tta=args.tta), "low").eval() for w in args.weights]
         started = time.perf_counter()
         data = load_folder(args.data, streams[0], args.clean_n, args.seed)
     except (ValueError, DatasetError) as exc:
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     for weights, stream in zip(args.weights, streams):
         if tuple(stream.spec.size) != tuple(streams[0].spec.size):
             data = load_folder(args.data, stream, args.clean_n, args.seed)
-        tables.append(measure(stream, data.x, data.y, settings, weights=weights, model_name=args.model,
+        tables.append(measure(stream, data.x, data.y, settings, weights=weights, model_name=args.model if args.tta == "none" else f"{args.model}+{args.tta}",
                               progress=not args.no_progress))
     table = pa.concat_tables(tables)
     meta = {"data": f"{args.data} ({len(data):,} images)", "wall time": f"{time.perf_counter() - started:.0f} s",
