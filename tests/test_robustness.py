@@ -70,3 +70,38 @@ def test_measure_rows_and_table(case) -> None:
     assert got == [("clean", "0", 5, 4), ("pgd", "4/255", 5, 3), ("pgd", "8/255", 5, 1)]
     text = markdown(table)
     assert "| toy | 80.0% (n=5) | 60.0% (n=5) | 20.0% (n=5) |" in text
+
+
+@pytest.mark.assets
+def test_cli_tta_flip_measures_the_averaged_stream(assets_dir, tmp_path, one_torch_thread) -> None:
+    """``twostream robustness --tta flip`` scores the mean of the logits of each image and its
+    mirror: its clean count equals the one computed here from the plain network on the same JPEGs."""
+    import shutil
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from twostream.cli import main
+    from twostream.core.config import LowStreamConfig
+    from twostream.core.labels import CIFAR10_LABELS
+    from twostream.core.models import build_stream
+
+    data = tmp_path / "data"
+    for label in CIFAR10_LABELS:
+        (data / label).mkdir(parents=True)
+        for path in sorted((assets_dir / "cifar10-jpeg" / "test" / label).glob("*.jpg"))[:4]:
+            shutil.copy(path, data / label / path.name)
+    weights = "bundled:airbench94_std"
+    assert main(["robustness", "--model", "airbench94", "--tta", "flip", "--weights", weights, "--data", str(data),
+                 "--pgd-n", "0", "--aa-n", "0", "--no-progress", "--output", str(tmp_path / "out")]) == 0
+    (row,) = pq.read_table(tmp_path / "out" / "robustness.parquet").to_pylist()
+    assert (row["model"], row["attack"], row["n"]) == ("airbench94+flip", "clean", 40)
+    plain = build_stream(LowStreamConfig(model="airbench94", weights=weights, tta="none"), "low")
+    files = sorted(data.glob("*/*.jpg"))
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]))
+    x = x.permute(0, 3, 1, 2).float().div(255.0)
+    y = torch.tensor([CIFAR10_LABELS.index(p.parent.name) for p in files])
+    with torch.no_grad():
+        averaged = 0.5 * (plain(x) + plain(x.flip(-1)))
+    assert row["correct"] == int((averaged.argmax(1) == y).sum())
