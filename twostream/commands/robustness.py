@@ -75,17 +75,19 @@ def run(args: argparse.Namespace) -> int:
                                       pgd_restarts=args.pgd_restarts, aa_n=args.aa_n, aa_iters=args.aa_iters,
                                       aa_restarts=args.aa_restarts, aa_square_queries=args.aa_square_queries,
                                       seed=args.seed, batch_size=args.batch_size)
-        streams = [build_stream(LowStreamConfig(model=args.model, weights=w, tta=args.tta), "low").eval() for w in args.weights]
+        streams = [build_stream(LowStreamConfig(model=args.model, weights=w, tta=args.tta), "low").eval()
+                   for w in args.weights]
         started = time.perf_counter()
         data = load_folder(args.data, streams[0], args.clean_n, args.seed)
     except (ValueError, DatasetError) as exc:
         sys.stderr.write(f"twostream robustness: {exc}\n")
         return 2
+    model_name = args.model if args.tta == "none" else f"{args.model}+{args.tta}"
     tables = []
     for weights, stream in zip(args.weights, streams):
         if tuple(stream.spec.size) != tuple(streams[0].spec.size):
             data = load_folder(args.data, stream, args.clean_n, args.seed)
-        tables.append(measure(stream, data.x, data.y, settings, weights=weights, model_name=args.model if args.tta == "none" else f"{args.model}+{args.tta}",
+        tables.append(measure(stream, data.x, data.y, settings, weights=weights, model_name=model_name,
                               progress=not args.no_progress))
     table = pa.concat_tables(tables)
     meta = {"data": f"{args.data} ({len(data):,} images)", "wall time": f"{time.perf_counter() - started:.0f} s",
