@@ -12,7 +12,7 @@ mean/std). Default ``tf_efficientnet_lite0``.
 timm's ``register_model``): a builder named like the model returns the network and its
 :class:`ModelCfg` (input geometry, class count, release URL for ``weights: pretrained``).
 Default ``cifar_resnet32`` (:mod:`twostream.core.models.cifar_resnet`); also ``airbench94``
-(:mod:`twostream.core.models.airbench`). ``low.tta: flip`` makes the stream average its logits
+(:mod:`twostream.core.models.airbench`; trained weights shipped as ``bundled:airbench94_std``). ``low.tta: flip`` makes the stream average its logits
 over the image and its mirror (:class:`~twostream.core.models.stream.Stream`).
 """
 
