@@ -275,12 +275,15 @@ def _read_lines(text: bytes, fmt: str) -> tuple[pa.Table, list[int]]:
     line that is not a record raises naming it."""
     tables, lines = [], []
     for chunk in read_chunks(text, fmt, 8 << 20, len(text) + 1):
-        if chunk.bad:
-            first = min(chunk.bad, key=lambda b: b.line)
-            raise ManifestError(f"manifest line {first.line}: {first.detail}")
         if chunk.table is not None:
             tables.append(chunk.table)
             lines += chunk.line.tolist()
+        if chunk.bad:
+            first = min(chunk.bad, key=lambda b: b.line)
+            before = sum(line < first.line for line in lines)
+            if before:  # an earlier row's refusal first
+                normalise(pa.concat_tables(tables).slice(0, before), lines[:before])
+            raise ManifestError(f"manifest line {first.line}: {first.detail}")
     return (pa.concat_tables(tables) if tables else pa.table({})), lines
 
 
