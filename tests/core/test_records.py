@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,15 @@ def test_a_line_the_audit_lists_as_bad_refuses_the_manifest_naming_it(tmp_path: 
         return
     assert not bad, bad
     assert dict(zip(table.column("line").to_pylist(), table.column("timestamp").to_pylist())) == good
+
+
+def test_lines_ended_by_a_bare_cr_are_refused_by_both(tmp_path: Path) -> None:
+    """A CSV file written with CR line ends is one line: its header holds the CRs. Both refuse
+    it, naming line 1 (a reader that split at the CRs would read no or other records)."""
+    for name in ("m.csv", "log.csv"):
+        (tmp_path / name).write_bytes(b"image_id,source,timestamp\ri1,s,1\ri2,t,2\r")
+    why = "line 1: the header holds a carriage return (CR); lines must end with LF or CR LF"
+    with pytest.raises(ManifestError, match=f"^manifest {re.escape(why)}$"):
+        read_manifest(str(tmp_path / "m.csv"))
+    with pytest.raises(AuditError, match=f": {re.escape(why)}$"):
+        next(read_log(str(tmp_path / "log.csv")))

@@ -16,8 +16,8 @@ docs/records.md has the table):
 - ``uri``: the object's full URI or path (or its path relative to the input). Optional.
 - ``source`` (or ``source_id``, ``ip``, ...): who sent it (the uploader's IP in the paper); default
   ``unknown``.
-- ``timestamp`` (or ``time``, ``ts``, ...): upload time, seconds (a number) or ISO-8601; an ISO time
-  without a zone is UTC, whatever the host's time zone. Default 0. Read and range-checked by
+- ``timestamp`` (or ``time``, ``ts``, ...): upload time, seconds (a number), ISO-8601 or an access
+  log's time (``14/Nov/2023:15:13:20 -0700``); an ISO time without a zone is UTC, whatever the host's time zone. Default 0. Read and range-checked by
   :mod:`twostream.core.timestamps` (1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z; a likely
   millisecond epoch is said so).
 
@@ -29,9 +29,11 @@ JSON Lines row gives each key once. Every line of a text manifest is valid UTF-8
 An input matches a row by ``key`` when that column has values, else by ``uri``, else by
 ``image_id == key``. Checks, each failure a :class:`ManifestError` naming its rows (``line N``,
 1-based, for text; ``row N`` for Parquet): unreadable rows (invalid JSON or UTF-8, a key given
-twice, a CSV line of the wrong number of fields, a line of no access-log format), a timestamp not read or outside the range, an id or source of the wrong type,
-a row without an image id, the same image id (or key, or URI when rows match by it) on two rows,
-one row matching two inputs. Rows that match no input are counted and
+twice, a CSV line of the wrong number of fields, a line of no access-log format), a timestamp
+not read or outside the range, an id or source of the wrong type, a row without an image id, the
+same image id (or key, or URI when rows match by it) on two rows, one row matching two inputs
+(a line that is no record is named once the rows before it passed). Rows that match no input are
+counted and
 listed in the job's summary (:func:`match`). The table stays columnar (pyarrow): millions of
 rows cost tens of MB.
 """
@@ -51,7 +53,7 @@ from twostream import storage
 from twostream.core.records import parquet
 from twostream.core.records.blocks import nonblank_blocks, utf8_error
 from twostream.core.records.columns import FIELD_OF, FIELDS, first_present, normal
-from twostream.core.records.formats import decompress, detect_format
+from twostream.core.records.formats import RecordsError, decompress, detect_format
 from twostream.core.records.jsonl import objects
 from twostream.core.records.reader import read_chunks
 from twostream.core.timestamps import accepted, as_text, parse_timestamp, problem, seconds_array, show, value_at
@@ -154,7 +156,8 @@ def normalise(table: pa.Table, lines: Sequence[int] | None = None, unit: str = "
         columns[target] = table.column(found) if found is not None else None
     if columns["image_id"] is None:
         if columns["key"] is None and columns["uri"] is None:
-            raise ManifestError(f"manifest needs an image_id (or key) column, or a uri column; has {table.column_names}")
+            raise ManifestError("manifest needs an image_id (or key) column, or a uri column; "
+                                f"has {table.column_names}")
         columns["image_id"] = columns["key"] if columns["key"] is not None else columns["uri"]
 
     def text(name: str) -> pa.ChunkedArray | pa.Array:
@@ -243,7 +246,8 @@ def _read_jsonl(text: bytes) -> tuple[pa.Table, list[int]]:
             same = [key for key in keys if sum(normal(o) == normal(key) for o in keys) > 1]
             if same:
                 _jsonl_table(rows, lines)  # an earlier line's refused value first
-                raise ManifestError(f"manifest line {numbers[k]}: the columns {', '.join(map(repr, same))} are one column")
+                raise ManifestError(f"manifest line {numbers[k]}: the columns {', '.join(map(repr, same))} "
+                                    "are one column")
             rows.append({key: obj[key] for key in keys})
             lines.append(int(numbers[k]))
         if failed:
@@ -304,6 +308,8 @@ def read_manifest(uri: str) -> tuple[pa.Table, str]:
             raise ManifestError(f"manifest line {bad[0]}: {bad[1]}")
         table, lines = _read_jsonl(text) if fmt == "jsonl" else _read_lines(text, fmt)
         return normalise(table, lines), digest
+    except RecordsError as exc:
+        raise ManifestError(f"manifest {exc}") from None
     except (pa.ArrowException, OSError) as exc:
         raise ManifestError(f"cannot parse manifest {uri}: {exc}") from None
 

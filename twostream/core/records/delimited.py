@@ -28,7 +28,7 @@ def read_delimited(source: str | bytes, delimiter: str, block_bytes: int,
                    max_line_bytes: int | None = None) -> Iterator[Chunk]:
     """The records of a CSV (``,``) or TSV (``\\t``) file a block at a time; the block of the
     header always yields a chunk (perhaps of no rows) so that its columns are known. A header
-    longer than the line limit is a :class:`RecordsError`."""
+    longer than the line limit, or with a CR inside, is a :class:`RecordsError`."""
     header: bytes | None = None
     names: list[str] = []
     limit = max_line_bytes or block_bytes
@@ -43,6 +43,9 @@ def read_delimited(source: str | bytes, delimiter: str, block_bytes: int,
             if k0 in too_long:
                 raise RecordsError(f"line {numbers[k0]}: the header is {long[0].detail}")
             header = lines[k0].rstrip(b"\r")
+            if b"\r" in header:  # lines ended by a bare CR: the whole file on one line
+                raise RecordsError(f"line {numbers[k0]}: the header holds a carriage return (CR); lines must end "
+                                   "with LF or CR LF")
             names = _header(header, delimiter)
             lines, numbers = lines[k0 + 1 :], numbers[k0 + 1 :]
         keep = [k for k, ln in enumerate(lines) if ln.strip(b" \t\r")]
