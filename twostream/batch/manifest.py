@@ -1,11 +1,9 @@
 """Upload manifests: which source sent each image, and when; read, checked, and matched to inputs.
 
-A manifest is read by :mod:`twostream.core.records`, the reader the audit shares: CSV/TSV, JSON
-Lines, Parquet or a web server's access log, chosen by suffix (``.csv``, ``.tsv``, ``.jsonl``/
-``.ndjson``/``.json``, ``.parquet``/``.pq``, ``.log``/``.txt``; then ``.gz``, ``.bz2``, ``.zst`` or
-``.lz4`` when compressed), local or ``s3://``. Columns (named as
-:data:`twostream.core.records.columns.FIELDS` spells them, case-insensitive; extra ones ignored;
-docs/records.md has the table):
+A manifest is read by :mod:`twostream.core.records`, the reader the audit shares (docs/records.md):
+CSV/TSV, JSON Lines, Parquet or a web server's access log, by suffix, compressed or not, local or
+``s3://``. Columns (spelled as :data:`~twostream.core.records.columns.FIELDS` has them, any case;
+extra ones ignored):
 
 - ``image_id`` (or ``id``, ...): the image's identity in the output. Required (or ``key``, else
   ``uri``, used as the id).
@@ -297,8 +295,7 @@ def read_manifest(uri: str) -> tuple[pa.Table, str]:
     digest = hashlib.sha256(data).hexdigest()
     fmt = detect_format(uri)
     if fmt is None:
-        raise ManifestError(f"unknown manifest format for {uri!r} (use .csv, .tsv, .jsonl, .parquet or an access "
-                            ".log, perhaps compressed: .gz, .bz2, .zst, .lz4)")
+        raise ManifestError(f"unknown manifest format for {uri!r} (use .csv, .tsv, .jsonl, .parquet or .log)")
     try:
         text = decompress(data, uri)
         if fmt == "parquet":
