@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from twostream import storage
 from twostream.core.config import ConfigError
 from twostream.core.records import clf, formats, parquet
-from twostream.core.records.blocks import BadLine
+from twostream.core.records.blocks import BadLine, Chunk
 from twostream.core.records.columns import FIELDS, IMAGE, normal
 from twostream.core.records.formats import FORMATS, RecordsError
 from twostream.core.records.reader import read_chunks
@@ -186,6 +186,17 @@ def _mapped(table: pa.Table, cols: dict[str, str | None]) -> dict[str, pa.Array 
     return out
 
 
+def _log_chunk(chunk: Chunk, cols: dict[str, str | None] | None) -> LogChunk:
+    """A chunk as read -> its records mapped to the audit's fields (``cols``: None for a chunk of
+    bad lines only)."""
+    if chunk.table is None or cols is None:
+        empty = pa.array([], pa.string())
+        return LogChunk(chunk.line, empty, empty, empty, None, chunk.raw, chunk.bad, chunk.invalid_utf8)
+    m = _mapped(chunk.table, cols)
+    return LogChunk(chunk.line, m["timestamp"], m["source"], m["image"], m["user_agent"], chunk.raw, chunk.bad,
+                    chunk.invalid_utf8)
+
+
 def read_log(uri: str, fmt: str = "auto", mapping: ColumnMapping | None = None,
              block_bytes: int = 8 << 20, max_line_bytes: int | None = None) -> Iterator[LogChunk]:
     """Stream an upload log as :class:`LogChunk` blocks (bounded memory: one block at a time),
@@ -212,21 +223,15 @@ def read_log(uri: str, fmt: str = "auto", mapping: ColumnMapping | None = None,
         wanted = sorted({c for c in cols.values() if c})
     try:
         for chunk in read_chunks(uri, fmt, block_bytes, max_line_bytes, wanted):
-            if chunk.table is None:
-                yield LogChunk(chunk.line, *[pa.array([], pa.string())] * 3, None, chunk.raw, chunk.bad,
-                               chunk.invalid_utf8)
-                continue
-            if cols is None:
+            if chunk.table is not None and cols is None:
                 cols = mapping.resolve(chunk.table.column_names)
-            elif cols["user_agent"] is None and fmt == "jsonl":  # a later block may name the optional column
-                try:
+            elif chunk.table is not None and cols["user_agent"] is None and fmt == "jsonl":
+                try:  # a later block may name the optional column
                     cols["user_agent"] = mapping.resolve(
                         list(chunk.table.column_names) + ["timestamp", "source", "image"]).get("user_agent")
                 except AuditError:
                     pass
-            m = _mapped(chunk.table, cols)
-            yield LogChunk(chunk.line, m["timestamp"], m["source"], m["image"], m["user_agent"], chunk.raw,
-                           chunk.bad, chunk.invalid_utf8)
+            yield _log_chunk(chunk, cols)
     except RecordsError as exc:
         raise AuditError(f"{uri}: {exc}") from None
 
