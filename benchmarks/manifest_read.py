@@ -6,8 +6,9 @@ change side by side.
 Writes (once per workdir) a CSV and a JSON Lines manifest of ``--rows`` rows (image id, key,
 source, ISO-8601 timestamp), then reads each in a child process per ``--code`` folder (the
 ``twostream`` package under it; e.g. ``/work/main`` for the code before a change) and prints one
-JSON line per (code, manifest): seconds of the read, the child's peak RSS (``ru_maxrss``), and
-the ratio of both to the first ``--code``'s.
+JSON line per (code, manifest): seconds of the read (wall and CPU, all threads; on a shared
+machine compare the CPU seconds), the child's peak RSS (``ru_maxrss``), and their ratios to the
+first ``--code``'s.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 _CHILD = """
 import json, resource, sys, time
 from twostream.batch.manifest import read_manifest
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 table, _ = read_manifest(sys.argv[1])
-seconds = time.perf_counter() - start
-print(json.dumps({"rows": table.num_rows, "seconds": round(seconds, 2),
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+print(json.dumps({"rows": table.num_rows, "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
 """
 
@@ -72,6 +73,7 @@ def main() -> int:
             base = base or got
             print(json.dumps({"manifest": path.name, "code": code, **got,
                               "seconds_ratio": round(got["seconds"] / max(base["seconds"], 1e-9), 2),
+                              "cpu_ratio": round(got["cpu_seconds"] / max(base["cpu_seconds"], 1e-9), 2),
                               "rss_ratio": round(got["peak_rss_mb"] / max(base["peak_rss_mb"], 1), 2)}), flush=True)
     return 0
 

@@ -240,8 +240,9 @@ def _read_jsonl(text: bytes) -> tuple[pa.Table, list[int]]:
         for k, obj in found:
             if k > stop:
                 break
-            keys = [key for key in obj if FIELD_OF.get(normal(key)) in MANIFEST_FIELDS]
-            same = [key for key in keys if sum(normal(o) == normal(key) for o in keys) > 1]
+            keys = {key: name for key in obj if FIELD_OF.get(name := normal(key)) in MANIFEST_FIELDS}
+            names = list(keys.values())
+            same = [key for key, name in keys.items() if names.count(name) > 1]
             if same:
                 _jsonl_table(rows, lines)  # an earlier line's refused value first
                 raise ManifestError(f"manifest line {numbers[k]}: the columns {', '.join(map(repr, same))} "
