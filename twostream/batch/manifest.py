@@ -15,9 +15,9 @@ extra ones ignored):
 - ``source`` (or ``source_id``, ``ip``, ...): who sent it (the uploader's IP in the paper); default
   ``unknown``.
 - ``timestamp`` (or ``time``, ``ts``, ...): upload time, seconds (a number), ISO-8601 or an access
-  log's time (``14/Nov/2023:15:13:20 -0700``); an ISO time without a zone is UTC, whatever the host's time zone. Default 0. Read and range-checked by
-  :mod:`twostream.core.timestamps` (1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z; a likely
-  millisecond epoch is said so).
+  log's time (``14/Nov/2023:15:13:20 -0700``); an ISO time without a zone is UTC, whatever the
+  host's time zone. Default 0. Read and range-checked by :mod:`twostream.core.timestamps`
+  (1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z; a likely millisecond epoch is said so).
 
 Image ids and sources are text or integers (JSON Lines; Parquet: string or integer columns), at
 most :data:`MAX_TEXT_CHARS` characters, without control characters (:func:`identity_text`); a
@@ -31,9 +31,8 @@ twice, a CSV line of the wrong number of fields, a line of no access-log format)
 not read or outside the range, an id or source of the wrong type, a row without an image id, the
 same image id (or key, or URI when rows match by it) on two rows, one row matching two inputs
 (a line that is no record is named once the rows before it passed). Rows that match no input are
-counted and
-listed in the job's summary (:func:`match`). The table stays columnar (pyarrow): millions of
-rows cost tens of MB.
+counted and listed in the job's summary (:func:`match`). The table stays columnar (pyarrow):
+millions of rows cost tens of MB.
 """
 
 from __future__ import annotations
