@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twostream.audit import outputs
-from twostream.audit.logread import AuditError, _line_blocks
+from twostream.audit.logread import AuditError
+from twostream.core.records.blocks import line_blocks
 from twostream.audit.outputs import rank_key
 from twostream.audit.run import run_audit
 from twostream.core.config import load_config
@@ -139,7 +140,7 @@ def test_line_blocks_match_a_whole_file_split(tmp_path_factory, data: bytes, blo
     path = tmp_path_factory.mktemp("lines") / "log.txt"
     path.write_bytes(data)
     got: dict[int, object] = {}
-    for b in _line_blocks(str(path), block, limit):
+    for b in line_blocks(str(path), block, limit):
         long = {k: n for k, n, _ in b.long}
         for k, line in enumerate(b.lines):
             assert b.first + k not in got

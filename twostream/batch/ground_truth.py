@@ -26,7 +26,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from twostream import storage
-from twostream.batch.manifest import _ALIASES
+from twostream.core.records.columns import FIELDS
 from twostream.core.labels import Verdict
 
 HONEST, OUT_OF_SCOPE, ATTACKER = "honest", "honest-out-of-scope", "attacker"
@@ -45,7 +45,7 @@ def read_truth(manifest_uri: str) -> pa.Table | None:
         table = pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
     lower = {n.lower().strip(): n for n in table.column_names}
     found = {target: next((lower[a] for a in aliases if a in lower), None)
-             for target, aliases in (("image_id", _ALIASES["image_id"] + ("key",)), ("source", _ALIASES["source"]),
+             for target, aliases in (("image_id", FIELDS["image_id"] + ("key",)), ("source", FIELDS["source"]),
                                      ("role", ("role",)), ("category", ("category",)), ("attack", ("attack",)))}
     if found["role"] is None or found["source"] is None or found["image_id"] is None:
         return None

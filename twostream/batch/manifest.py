@@ -1,40 +1,43 @@
 """Upload manifests: which source sent each image, and when; read, checked, and matched to inputs.
 
-A manifest is CSV, JSON Lines or Parquet (chosen by suffix: ``.csv``/``.tsv``, ``.jsonl``/
-``.ndjson``/``.json``, ``.parquet``/``.pq``), local or ``s3://``. Columns (case-insensitive,
+A manifest is read by :mod:`twostream.core.records`, the reader the audit shares (docs/records.md):
+CSV/TSV, JSON Lines, Parquet or a web server's access log, by suffix, compressed or not, local or
+``s3://``. Columns (spelled as :data:`~twostream.core.records.columns.FIELDS` has them, any case;
 extra ones ignored):
 
-- ``image_id`` (or ``id``): the image's identity in the output. Required (or ``key``, used as
-  the id).
+- ``image_id`` (or ``id``, ...): the image's identity in the output. Required (or ``key``, else
+  ``uri``, used as the id).
 - ``key``: the input key the row describes: the object's full name relative to the input prefix
   (``loose/a.jpg``) or a tar member's name, extension included. For manifests written before
   keys kept their extension, a key equal to an input's key without its last extension
   (``loose/a``) matches too, when exactly one input has that stem. Optional.
 - ``uri``: the object's full URI or path (or its path relative to the input). Optional.
-- ``source`` (or ``source_id``, ``ip``): who sent it (the uploader's IP in the paper); default
+- ``source`` (or ``source_id``, ``ip``, ...): who sent it (the uploader's IP in the paper); default
   ``unknown``.
-- ``timestamp`` (or ``ts``, ``time``): upload time, seconds (a number) or ISO-8601; an ISO time
-  without a zone is UTC, whatever the host's time zone. Default 0. Read and range-checked by
-  :mod:`twostream.core.timestamps` (1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z; a likely
-  millisecond epoch is said so).
+- ``timestamp`` (or ``time``, ``ts``, ...): upload time, seconds (a number), ISO-8601 or an access
+  log's time (``14/Nov/2023:15:13:20 -0700``); an ISO time without a zone is UTC, whatever the
+  host's time zone. Default 0. Read and range-checked by :mod:`twostream.core.timestamps`
+  (1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z; a likely millisecond epoch is said so).
 
 Image ids and sources are text or integers (JSON Lines; Parquet: string or integer columns), at
 most :data:`MAX_TEXT_CHARS` characters, without control characters (:func:`identity_text`); a
-JSON Lines row gives each key once.
+JSON Lines row gives each key once. Every line of a text manifest is valid UTF-8 and a record
+(blank lines skipped): where the audit lists a bad line, a manifest is refused naming it.
 
 An input matches a row by ``key`` when that column has values, else by ``uri``, else by
 ``image_id == key``. Checks, each failure a :class:`ManifestError` naming its rows (``line N``,
-1-based, for CSV and JSON Lines; ``row N`` for Parquet): unreadable rows (invalid JSON or UTF-8,
-a key given twice), a timestamp not read or outside the range, an id or source of the wrong type,
-a row without an image id, the same image id (or key, or URI when rows match by it) on two rows,
-one row matching two inputs. Rows that match no input are counted and
-listed in the job's summary (:func:`match`). The table stays columnar (pyarrow): millions of
-rows cost tens of MB.
+1-based, for text; ``row N`` for Parquet): unreadable rows (invalid JSON or UTF-8, a key given
+twice, a CSV line of the wrong number of fields, a line of no access-log format), a timestamp
+not read or outside the range, an id or source of the wrong type, a row without an image id, the
+same image id (or key, or URI when rows match by it) on two rows, one row matching two inputs
+(a line that is no record is named once the rows before it passed). Rows that match no input are
+counted and listed in the job's summary (:func:`match`). The table stays columnar (pyarrow):
+millions of rows cost tens of MB.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,11 +45,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from twostream import storage
-from twostream.core.jsontext import load_object
+from twostream.core.records import parquet
+from twostream.core.records.blocks import nonblank_blocks, utf8_error
+from twostream.core.records.columns import FIELD_OF, FIELDS, first_present, normal
+from twostream.core.records.formats import RecordsError, decompress, detect_format
+from twostream.core.records.jsonl import objects
+from twostream.core.records.reader import read_chunks
 from twostream.core.timestamps import accepted, as_text, parse_timestamp, problem, seconds_array, show, value_at
 
 UNKNOWN_SOURCE = "unknown"
@@ -61,13 +67,7 @@ SCHEMA = pa.schema(
         ("line", pa.int64()),  # where the row is in the file (1-based; see ManifestIndex.where)
     ]
 )
-_ALIASES = {
-    "image_id": ("image_id", "id", "imageid"),
-    "source": ("source", "source_id", "sourceid", "ip"),
-    "timestamp": ("timestamp", "ts", "time"),
-    "key": ("key",),
-    "uri": ("uri", "url", "path"),
-}
+MANIFEST_FIELDS = ("image_id", "source", "timestamp", "key", "uri")  # the columns a manifest reads
 
 
 class ManifestError(ValueError):
@@ -142,20 +142,20 @@ def normalise(table: pa.Table, lines: Sequence[int] | None = None, unit: str = "
     n = table.num_rows
     line = list(lines) if lines is not None else list(range(1, n + 1))
     where = [f"{unit} {k}" for k in line]
-    lower = {name.lower().strip(): name for name in table.column_names}
-    known = [name for name in table.column_names if any(name.lower().strip() in a for a in _ALIASES.values())]
-    twice = sorted({name.lower().strip() for name in known if len(table.schema.get_all_field_indices(name)) > 1
-                    or sum(k.lower().strip() == name.lower().strip() for k in known) > 1})
+    known = [name for name in table.column_names if FIELD_OF.get(normal(name)) in MANIFEST_FIELDS]
+    twice = sorted({normal(name) for name in known if len(table.schema.get_all_field_indices(name)) > 1
+                    or sum(normal(k) == normal(name) for k in known) > 1})
     if twice:
         raise ManifestError(f"manifest has the column {twice[0]!r} more than once (columns are {table.column_names})")
     columns = {}
-    for target, aliases in _ALIASES.items():
-        found = next((lower[a] for a in aliases if a in lower), None)
+    for target in MANIFEST_FIELDS:
+        found = first_present(FIELDS[target], table.column_names)
         columns[target] = table.column(found) if found is not None else None
     if columns["image_id"] is None:
-        if columns["key"] is None:
-            raise ManifestError(f"manifest needs an image_id (or key) column; has {table.column_names}")
-        columns["image_id"] = columns["key"]
+        if columns["key"] is None and columns["uri"] is None:
+            raise ManifestError("manifest needs an image_id (or key) column, or a uri column; "
+                                f"has {table.column_names}")
+        columns["image_id"] = columns["key"] if columns["key"] is not None else columns["uri"]
 
     def text(name: str) -> pa.ChunkedArray | pa.Array:
         return _text_column(name, columns[name], where) if columns[name] is not None else pa.nulls(n, pa.string())
@@ -210,9 +210,6 @@ def _check_identity(name: str, column: pa.ChunkedArray, where: list[str]) -> Non
             raise ManifestError(f"manifest {where[k]}: {exc}{more}") from None
 
 
-_FIELD_OF = {alias: target for target, aliases in _ALIASES.items() for alias in aliases}
-
-
 def _jsonl_value(field: str, value: object) -> object:
     """One JSON value of a known manifest column -> what its column holds; ValueError if refused."""
     if value is None or value == "":
@@ -230,71 +227,88 @@ def _jsonl_value(field: str, value: object) -> object:
     return value
 
 
-def _read_jsonl(data: bytes) -> tuple[pa.Table, list[int]]:
-    """JSON Lines -> a table of the known columns (blank lines skipped; timestamps as seconds,
-    the rest as text) and each row's line number; a refused value names its line."""
-    rows, lines = [], []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = load_object(raw)
-        except ValueError as exc:
-            raise ManifestError(f"manifest line {number}: {exc}") from None
-        keys = [k for k in obj if k.lower().strip() in _FIELD_OF]
-        same = [k for k in keys if sum(o.lower().strip() == k.lower().strip() for o in keys) > 1]
-        if same:
-            raise ManifestError(f"manifest line {number}: the columns {', '.join(map(repr, same))} are one column")
-        row = {}
-        for key in keys:
+def _read_jsonl(text: bytes) -> tuple[pa.Table, list[int]]:
+    """JSON Lines -> a table of the columns the manifest reads (timestamps as seconds, the rest
+    as text) and each row's line number; the first line refused (no object, a column given in two
+    spellings, a refused value of a column read) raises naming it."""
+    rows: list[dict] = []
+    lines: list[int] = []
+    for block, numbers, _, _ in nonblank_blocks(text, 8 << 20, len(text) + 1):
+        found, failed = objects(block)
+        stop = failed[0][0] if failed else len(block)
+        for k, obj in found:
+            if k > stop:
+                break
+            keys = {key: name for key in obj if FIELD_OF.get(name := normal(key)) in MANIFEST_FIELDS}
+            names = list(keys.values())
+            same = [key for key, name in keys.items() if names.count(name) > 1]
+            if same:
+                _jsonl_table(rows, lines)  # an earlier line's refused value first
+                raise ManifestError(f"manifest line {numbers[k]}: the columns {', '.join(map(repr, same))} "
+                                    "are one column")
+            rows.append({key: obj[key] for key in keys})
+            lines.append(int(numbers[k]))
+        if failed:
+            _jsonl_table(rows, lines)
+            raise ManifestError(f"manifest line {numbers[stop]}: {failed[0][1]}")
+    return _jsonl_table(rows, lines), lines
+
+
+def _jsonl_table(rows: list[dict], lines: list[int]) -> pa.Table:
+    """The JSON Lines rows' values of the columns the manifest reads (the first alias of each
+    field, :func:`~twostream.core.records.columns.first_present`) as a table; the first refused
+    value raises naming its line."""
+    names = list(dict.fromkeys(key for row in rows for key in row))  # in order of first appearance
+    chosen = {name: target for target in MANIFEST_FIELDS if (name := first_present(FIELDS[target], names)) is not None}
+    columns: dict[str, list] = {name: [] for name in chosen}
+    for row, line in zip(rows, lines):
+        for name, target in chosen.items():
             try:
-                row[key] = _jsonl_value(_FIELD_OF[key.lower().strip()], obj[key])
+                columns[name].append(_jsonl_value(target, row.get(name)))
             except ValueError as exc:
-                raise ManifestError(f"manifest line {number}: {exc}") from None
-        rows.append(row)
-        lines.append(number)
-    names = sorted({k for r in rows for k in r})
-    columns = {name: pa.array([r.get(name) for r in rows],
-                              pa.float64() if _FIELD_OF[name.lower().strip()] == "timestamp" else pa.string())
-               for name in names}
-    return pa.table(columns) if columns else pa.table({"_": pa.nulls(len(rows))}), lines
+                raise ManifestError(f"manifest line {line}: {exc}") from None
+    arrays = {name: pa.array(values, pa.float64() if chosen[name] == "timestamp" else pa.string())
+              for name, values in columns.items()}
+    return pa.table(arrays) if arrays else pa.table({"_": pa.nulls(len(rows))})
 
 
-def _utf8_line(data: bytes) -> None:
-    """Refuse text that is not UTF-8, naming its first such line."""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ManifestError(f"manifest line {line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+def _read_lines(text: bytes, fmt: str) -> tuple[pa.Table, list[int]]:
+    """CSV/TSV or an access log -> a table of text columns and each row's line number; the first
+    line that is not a record raises naming it."""
+    tables, lines = [], []
+    for chunk in read_chunks(text, fmt, 8 << 20, len(text) + 1):
+        if chunk.table is not None:
+            tables.append(chunk.table)
+            lines += chunk.line.tolist()
+        if chunk.bad:
+            first = min(chunk.bad, key=lambda b: b.line)
+            before = sum(line < first.line for line in lines)
+            if before:  # an earlier row's refusal first
+                normalise(pa.concat_tables(tables).slice(0, before), lines[:before])
+            raise ManifestError(f"manifest line {first.line}: {first.detail}")
+    return (pa.concat_tables(tables) if tables else pa.table({})), lines
 
 
 def read_manifest(uri: str) -> tuple[pa.Table, str]:
     """Read, normalise and check a manifest (see the module docstring): (table, sha256 of its bytes)."""
-    import hashlib
-
     data = storage.read_bytes(uri)
     digest = hashlib.sha256(data).hexdigest()
-    name = str(uri).lower()
+    fmt = detect_format(uri)
+    if fmt is None:
+        raise ManifestError(f"unknown manifest format for {uri!r} (use .csv, .tsv, .jsonl, .parquet or .log)")
     try:
-        if name.endswith((".parquet", ".pq")):
-            return normalise(pq.read_table(io.BytesIO(data)), unit="row"), digest
-        if name.endswith((".jsonl", ".ndjson", ".json")):
-            _utf8_line(data)
-            table, lines = _read_jsonl(data)
-            return normalise(table, lines), digest
-        if name.endswith((".csv", ".tsv")):
-            _utf8_line(data)
-            options = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",", ignore_empty_lines=False)
-            header = pacsv.read_csv(io.BytesIO(data.split(b"\n", 1)[0] + b"\n"), parse_options=options).column_names
-            # every column as text, whatever its case (``Image_ID`` of 007 stays "007")
-            table = pacsv.read_csv(io.BytesIO(data), parse_options=options,
-                                   convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}))
-            # one row per line (a quoted newline is a parse error by default); line 1 is the header
-            return normalise(table, range(2, table.num_rows + 2)), digest
+        text = decompress(data, uri)
+        if fmt == "parquet":
+            return normalise(parquet.read_table(text), unit="row"), digest
+        bad = utf8_error(text)
+        if bad is not None:
+            raise ManifestError(f"manifest line {bad[0]}: {bad[1]}")
+        table, lines = _read_jsonl(text) if fmt == "jsonl" else _read_lines(text, fmt)
+        return normalise(table, lines), digest
+    except RecordsError as exc:
+        raise ManifestError(f"manifest {exc}") from None
     except (pa.ArrowException, OSError) as exc:
         raise ManifestError(f"cannot parse manifest {uri}: {exc}") from None
-    raise ManifestError(f"unknown manifest format for {uri!r} (use .csv, .jsonl or .parquet)")
 
 
 def match_mode(table: pa.Table) -> str:

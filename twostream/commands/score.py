@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser("score", help="batch-score images on Ray (Parquet out)")
     parser.add_argument("--input", help="s3:// prefix or local folder (default: the embedded demo)")
-    parser.add_argument("--manifest", help="CSV, JSON Lines or Parquet manifest")
+    parser.add_argument("--manifest", help="CSV/TSV, JSON Lines, Parquet or access-log manifest, perhaps .gz")
     parser.add_argument("--output", help="s3:// prefix or local folder for results")
     parser.add_argument("--state", help="start reputation from a previous run's output (its sources/) "
                                         "or a sources table (default: job.state)")
