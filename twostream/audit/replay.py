@@ -1,7 +1,8 @@
 """The replay: the log's good records spilled to disk by source, and Algorithm 2 run over them.
 
 :class:`Spill` keeps the good records (source name, catalogue row, timestamp, line, user agent)
-in Arrow files hash-partitioned by source name (:func:`source_partition`), so that memory is
+in Arrow files hash-partitioned by source name (its Algorithm-2 key under ``reputation.group_by_prefix``:
+the replay, the per-source rows and the what-if are per key, the timeline keeps the logged id) (:func:`source_partition`), so that memory is
 bounded by the largest partition, not by the log nor by its number of sources: nothing is kept
 per source across partitions. :func:`replay` is the ONE per-source replay loop (SPEC 3: each
 partition sorted by (source, timestamp, image id, line) and fed to
@@ -25,15 +26,16 @@ import pyarrow.compute as pc
 
 from twostream.audit.catalogue import Catalogue, rejected_for
 from twostream.audit.outputs import SOURCES_SCHEMA, WHAT_IF_SCHEMA, SourceRuns, rank_key
-from twostream.core.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
+from twostream.core.config import ConfigError, PrefixGrouping, ReputationConfig, ThresholdsConfig, TwoStreamConfig
 from twostream.core.labels import Refusal, Verdict
-from twostream.core.reputation import ReputationLedger, Upload
+from twostream.core.reputation import ReputationLedger, Upload, reputation_keys
 from twostream.reporting import SourceSeries
 
 MAX_AGENTS = 5  # distinct user agents kept per source
 AGENT_CHARS = 200  # characters kept of a user agent
+# source: the Algorithm-2 key (reputation_key); sent_by: the logged id where it differs (else null)
 SPILL_SCHEMA = pa.schema([("source", pa.string()), ("img", pa.int32()), ("ts", pa.float64()),
-                          ("line", pa.int64()), ("user_agent", pa.string())])
+                          ("line", pa.int64()), ("user_agent", pa.string()), ("sent_by", pa.string())])
 _NO_INTERVALS: tuple = ()  # shared by the sources never blacklisted
 _REPLAY_ORDER = [("source", "ascending"), ("ts", "ascending"), ("img", "ascending"), ("line", "ascending")]
 
@@ -53,11 +55,14 @@ def source_partition(names: pa.Array, partitions: int) -> np.ndarray:
 
 
 class Spill:
-    """Good records in ``partitions`` Arrow files under ``directory``, a source's all in one file."""
+    """Good records in ``partitions`` Arrow files under ``directory``, a source's all in one file;
+    with ``grouping`` (``reputation.group_by_prefix``) a source is its Algorithm-2 key, the logged
+    id kept beside it for the timeline."""
 
-    def __init__(self, directory: str, partitions: int) -> None:
+    def __init__(self, directory: str, partitions: int, grouping: PrefixGrouping | None = None) -> None:
         self.dir = directory
         self.partitions = partitions
+        self.grouping = grouping
         self.writers: list[pa.ipc.RecordBatchFileWriter | None] = [None] * partitions
         self.rows = np.zeros(partitions, np.int64)
 
@@ -73,8 +78,14 @@ class Spill:
         else:
             cut = pc.utf8_slice_codeunits(user_agent, 0, AGENT_CHARS)
             agents = pc.if_else(pc.equal(cut, ""), pa.scalar(None, pa.string()), cut)
+        if self.grouping is None:
+            sent_by = pa.nulls(n, pa.string())
+        else:
+            key = reputation_keys(source, self.grouping)
+            sent_by = pc.if_else(pc.equal(key, source), pa.scalar(None, pa.string()), source)
+            source = key
         table = pa.table([source, pa.array(img, pa.int32()), pa.array(ts, pa.float64()),
-                          pa.array(line, pa.int64()), agents], schema=SPILL_SCHEMA)
+                          pa.array(line, pa.int64()), agents, sent_by], schema=SPILL_SCHEMA)
         part = source_partition(source, self.partitions)
         if self.partitions > 1:
             order = np.argsort(part, kind="stable")
@@ -135,7 +146,9 @@ class ReplayedPartition:
         """The timeline rows (TIMELINE_SCHEMA) given each catalogue row's ``verdict`` and id."""
         img, err = self.img, self.error
         return {
-            "line": self.records.column("line"), "source": self.records.column("source"), "timestamp": self.ts,
+            "line": self.records.column("line"),
+            "source": pc.coalesce(self.records.column("sent_by"), self.records.column("source")),  # as logged
+            "timestamp": self.ts,
             "image_id": pc.take(ids, pa.array(img)), "verdict": verdict[img].tolist(),
             "label": [lab if not rj and not er else None for lab, rj, er in zip(self.label, self.rejected, err)],
             "cc": pa.array(self.cc, pa.int32(), mask=err),
