@@ -227,7 +227,8 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
         response=np.empty(m, dtype=object), src_rejected=np.zeros(0, np.int64), src_blocked=np.zeros(0, np.int64),
         src_cc=np.zeros(0, np.int32), src_blacklisted=np.zeros(0, bool), src_intervals=[],
     )
-    ledger = ReputationLedger(reputation)
+    # one source at a time already bounds the state; its counts are read at its end, so never forgotten
+    ledger = ReputationLedger(reputation.model_copy(update={"forget_default": False}))
     observe, response, cc, blacklisted = ledger.observe, part.response, part.cc, part.blacklisted
     ts_list, err, rej, lab = ts.tolist(), part.error.tolist(), part.rejected.tolist(), part.label.tolist()
     distinct, which = np.unique(img, return_inverse=True)
