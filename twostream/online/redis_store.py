@@ -9,7 +9,7 @@ increasing per source (``timestamp``), and returns the source's sequence number 
 the step), so a sequential replay in ``(timestamp, image_id)`` order, or in sequence order, gives
 the same states and responses (SPEC 3). The state is per Algorithm-2 key
 (:func:`~twostream.core.reputation.reputation_key`: the source id, or its network under
-``reputation.group_by_prefix``), mapped once in :meth:`RedisReputation.observe`; the admin reads
+``reputation.group_by_prefix``), mapped once in :meth:`RedisReputation.script_call`; the admin reads
 (``get``, ``reset``, ``list``, ``export``) name keys as stored.
 
 Keys (all under the hash tag ``{prefix}``, so a Redis Cluster keeps them in one slot):
@@ -170,14 +170,20 @@ class RedisReputation:
                 pause = min(pause * 2, 0.5)
 
     # -- the online step ------------------------------------------------------------------
-    async def observe(self, source: str, image_id: str, rejected: bool, verdict: str) -> Step:
-        """Apply one scored image of ``source`` (Algorithm 2, under the source's key); ``verdict`` is
-        the answer unless blocked."""
+    def script_call(self, source: str, image_id: str, rejected: bool) -> tuple[list[str], list[str | int]]:
+        """The (keys, args) of one image's call of ``observe.lua``: the one place the endpoint maps
+        a source id to its Algorithm-2 key (:func:`~twostream.core.reputation.reputation_key`)."""
         cfg = self.config
         key = reputation_key(source, cfg.group_by_prefix)
         keys = [self.key(key), self.sources_key, self.blacklist_key, f"{self.tag}:img:{image_id}"]
         args = [key, int(rejected), cfg.cap, cfg.threshold, cfg.step_up, cfg.step_down, DONE_TTL_S,
                 int(cfg.forget_default)]
+        return keys, args
+
+    async def observe(self, source: str, image_id: str, rejected: bool, verdict: str) -> Step:
+        """Apply one scored image of ``source`` (Algorithm 2, under the source's key); ``verdict`` is
+        the answer unless blocked."""
+        keys, args = self.script_call(source, image_id, rejected)
         blocked, cc, listed, seq, ts = await self._call("observe", lambda: self._observe(keys=keys, args=args))
         outcome = Outcome(response=Refusal.BLOCKED if blocked == b"1" else verdict, cc=int(cc), blacklisted=listed == b"1")
         return Step(outcome, float(ts), int(seq))

@@ -3,7 +3,7 @@ configuration groups addresses (``reputation.group_by_prefix``), so that an uplo
 addresses within one network (the IPv6 addresses of one /64, say) shares one counter.
 
 :func:`reputation_key` is the one rule; every caller passes through it once: the endpoint in
-:meth:`twostream.online.redis_store.RedisReputation.observe`, the batch job in
+:meth:`twostream.online.redis_store.RedisReputation.script_call`, the batch job in
 :func:`twostream.batch.reputation.staging_events`, the audit in :class:`twostream.audit.replay.Spill`.
 Their outputs keep the original source where they report one (the answer, the images table, the
 timeline); the per-source state and tables are per key.
