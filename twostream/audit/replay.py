@@ -1,14 +1,16 @@
 """The replay: the log's good records spilled to disk by source, and Algorithm 2 run over them.
 
 :class:`Spill` keeps the good records (source name, catalogue row, timestamp, line, user agent)
-in Arrow files hash-partitioned by source name (its Algorithm-2 key under ``reputation.group_by_prefix``:
-the replay, the per-source rows and the what-if are per key, the timeline keeps the logged id) (:func:`source_partition`), so that memory is
+in Arrow files hash-partitioned by source name (:func:`source_partition`), so that memory is
 bounded by the largest partition, not by the log nor by its number of sources: nothing is kept
 per source across partitions. :func:`replay` is the ONE per-source replay loop (SPEC 3: each
 partition sorted by (source, timestamp, image id, line) and fed to
 :class:`twostream.core.reputation.ReputationLedger`); the audit reads the timeline and the
 per-source rows off it, and :func:`what_if` runs it again under each :class:`WhatIf` setting
-(p1/p2 verdicts from the stored top-k, no rescoring).
+(p1/p2 verdicts from the stored top-k, no rescoring). Under ``reputation.group_by_prefix`` a
+source name is its Algorithm-2 key (:func:`twostream.core.reputation.reputation_key`, applied in
+:meth:`Spill.append`): the replay, the per-source rows and the what-if are per key, the timeline
+keeps the logged id.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Algorithm 2 online, in Redis: :class:`RedisReputation`, shared by every ingress replica.
 
 One image of a source is one call of :data:`~twostream.core.reputation.OBSERVE_SCRIPT`
-(``twostream/core/reputation/observe.lua``), a server-side Lua script (loaded once, called by EVALSHA): Redis runs a script atomically, so concurrent requests from one
-source, on any number of ingress replicas, are applied one after the other with no lost
-increment and no ordering tickets. **The order of a source's images is the order in which Redis
+(``twostream/core/reputation/observe.lua``), a server-side Lua script (loaded once, called by
+EVALSHA): Redis runs a script atomically, so concurrent requests from one source, on any number
+of ingress replicas, are applied one after the other with no lost increment and no ordering
+tickets. **The order of a source's images is the order in which Redis
 applies the scripts**; the script stamps each image with the Redis server's clock, made strictly
 increasing per source (``timestamp``), and returns the source's sequence number (``images`` after
 the step), so a sequential replay in ``(timestamp, image_id)`` order, or in sequence order, gives

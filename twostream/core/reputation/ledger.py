@@ -9,7 +9,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 
 from twostream.core.config import ReputationConfig
 from twostream.core.labels import Refusal
