@@ -6,8 +6,9 @@ Algorithm 2 over columnar events. :func:`staging_events` turns a staging table i
 ``crc32(source) % parts`` (:func:`reputation_shard`, stable across processes and runs), so one
 partition holds every event of its sources. :func:`reduce_partition` replays a partition:
 one Arrow sort on (source, timestamp, image_id; ties by shard and row), then Algorithm 2 for all sources at once in
-NumPy (no Python loop per event or per source, see :func:`twostream.core.reputation.scan`), starting from each source's
-state when one is given; it returns the partition's new :data:`SOURCES_SCHEMA` rows and each
+NumPy (no Python loop per event or per source: :func:`twostream.core.reputation.scan`), starting from each
+source's state when one is given (with ``reputation.forget_default``, rows of the state at CC 0 and not
+listed with no event are not carried on); it returns the partition's new :data:`SOURCES_SCHEMA` rows and each
 event's (shard, row, cc, blacklisted). :func:`respond` writes a shard's images table from them.
 
 The result equals :func:`twostream.core.reputation.replay` (tests/test_batch_reputation.py),
