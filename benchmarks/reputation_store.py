@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         server = EmbeddedRedis(Path(directory))
         server.start()
         try:
-            client = redis.Redis.from_url(server.url)
+            client = redis.Redis.from_url(server.url, socket_timeout=600)  # FLUSHALL of millions of keys
             sha = client.script_load(OBSERVE_SCRIPT)
             for n in args.n:
                 for mode in args.modes:
