@@ -60,7 +60,7 @@ from twostream.batch import ids, outputs, reputation, resume, stages
 from twostream.batch.manifest import ManifestError, read_manifest
 from twostream.batch.planning import InputError, Shard, plan_input, work_units
 from twostream.batch.report import write_batch_report
-from twostream.core.config import ConfigError, TwoStreamConfig, add_config_args, config_from_args
+from twostream.core.config import ConfigError, ReputationConfig, TwoStreamConfig, add_config_args, config_from_args
 
 if TYPE_CHECKING:
     from twostream.core.models import InputSpec
@@ -206,9 +206,10 @@ def _block_stats_lists(executor: object | None) -> list[list]:
     return kept
 
 
-def _events(staging: Sequence[str], indices: Sequence[int]) -> tuple[tuple[int, int], pa.Table]:
+def _events(staging: Sequence[str], indices: Sequence[int], rules: ReputationConfig
+            ) -> tuple[tuple[int, int], pa.Table]:
     """Ray task: some shards' staging rows -> one events table; returns ((rows, bytes), table)."""
-    table = pa.concat_tables([reputation.staging_events(storage.read_parquet(uri), k)
+    table = pa.concat_tables([reputation.staging_events(storage.read_parquet(uri), k, rules)
                               for uri, k in zip(staging, indices)])
     return (table.num_rows, table.nbytes), table
 
@@ -331,7 +332,8 @@ def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, stat
     per_task = max(1, EVENTS_PER_MAP_TASK // max(cfg.job.files_per_shard, 1))
     chunks = [order[i:i + per_task] for i in range(0, len(order), per_task)]
     events = ray.remote(num_cpus=0.25, num_returns=2)(_events)
-    made = [events.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c) for c in chunks]
+    made = [events.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c, cfg.reputation)
+            for c in chunks]
     sizes = ray.get([m[0] for m in made])
     parts = _partitions(cfg, sum(b for _, b in sizes))
     log.info("reputation: %d events in %d partitions, state from %d file(s)", sum(r for r, _ in sizes),

@@ -135,3 +135,42 @@ def test_two_runs_with_state_equal_one_run(cluster, inputs, tmp_path):
 
 def pc_sum(table: pa.Table, column: str) -> int:
     return int(np.sum(table.column(column).to_numpy()))
+
+
+def test_grouped_by_network_and_forgetting_the_default(cluster, inputs, tmp_path):
+    """``reputation.group_by_prefix``: the six 10.0.0.x sources count as 10.0.0.0/24 (images keep
+    their own source); ``forget_default``: a second run from that state does not carry a row at
+    CC 0 and not listed. Responses equal the reference replay on the network key."""
+    from twostream.core.config import ReputationConfig
+    from twostream.core.reputation import SourceState, Upload, replay
+    from twostream.core.sources import source_table
+
+    grouped = ["reputation.group_by_prefix={ipv4: 24, ipv6: 64}", "reputation.forget_default=true"]
+    out = tmp_path / "grouped"
+    assert _run(inputs / "all", str(out), grouped)["counts_add_up"]
+    images = pq.read_table(out / "images").to_pylist()
+    sent = {r["source"] for r in images}
+    assert len(sent) > 1 and sent <= {f"10.0.0.{k}" for k in range(6)}  # each image keeps its own source
+    sources = pq.read_table(out / "sources").to_pylist()
+    assert [r["source"] for r in sources] == ["10.0.0.0/24"]
+    scored = sorted((r for r in images if r["verdict"] != "error"), key=lambda r: (r["timestamp"], r["image_id"]))
+    uploads = [Upload("10.0.0.0/24", r["timestamp"], r["image_id"], r["verdict"] != "accepted",
+                      r["label"] or "adversarial") for r in scored]
+    responses, ledger = replay(uploads, ReputationConfig(threshold=2))
+    assert [(r["response"], r["cc"], r["blacklisted"]) for r in scored] == [
+        (x.response, x.cc, x.blacklisted) for x in responses]
+    assert (sources[0]["images"], sources[0]["cc"], sources[0]["blacklisted"], sources[0]["errors"]) == (
+        len(scored), ledger.get("10.0.0.0/24").cc, ledger.get("10.0.0.0/24").blacklisted, 1)
+
+    # the next run, with no image of those networks, from that state plus two hand-made rows: a row
+    # at CC 0 and not listed is not carried, one at CC 1 is
+    state = pa.concat_tables([pq.read_table(out / "sources"), source_table([
+        ("203.0.113.0/24", SourceState(images=5, rejected=2, first_seen=1.0, last_seen=2.0), 0),
+        ("198.51.100.0/24", SourceState(cc=1, images=1, rejected=1, first_seen=1.0, last_seen=1.0), 0)])])
+    pq.write_table(state, tmp_path / "state.parquet")
+    later = tmp_path / "later"
+    _tar(later / "other.tar", [("o", _jpeg(999), {"image_id": "o", "source": "2001:db8::5", "timestamp": 30.0})])
+    _run(later, str(tmp_path / "next"), grouped, state=str(tmp_path / "state.parquet"))
+    carried = {r["source"] for r in pq.read_table(tmp_path / "next" / "sources").to_pylist()}
+    network = {"10.0.0.0/24"} if (sources[0]["cc"], sources[0]["blacklisted"]) != (0, False) else set()
+    assert carried == {"198.51.100.0/24", "2001:db8::/64"} | network

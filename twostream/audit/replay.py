@@ -7,7 +7,10 @@ per source across partitions. :func:`replay` is the ONE per-source replay loop (
 partition sorted by (source, timestamp, image id, line) and fed to
 :class:`twostream.core.reputation.ReputationLedger`); the audit reads the timeline and the
 per-source rows off it, and :func:`what_if` runs it again under each :class:`WhatIf` setting
-(p1/p2 verdicts from the stored top-k, no rescoring).
+(p1/p2 verdicts from the stored top-k, no rescoring). Under ``reputation.group_by_prefix`` a
+source name is its Algorithm-2 key (:func:`twostream.core.reputation.reputation_key`, applied in
+:meth:`Spill.append`): the replay, the per-source rows and the what-if are per key, the timeline
+keeps the logged id.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ import pyarrow.compute as pc
 
 from twostream.audit.catalogue import Catalogue, rejected_for
 from twostream.audit.outputs import SOURCES_SCHEMA, WHAT_IF_SCHEMA, SourceRuns, rank_key
-from twostream.core.config import ConfigError, ReputationConfig, ThresholdsConfig, TwoStreamConfig
+from twostream.core.config import ConfigError, PrefixGrouping, ReputationConfig, ThresholdsConfig, TwoStreamConfig
 from twostream.core.labels import Refusal, Verdict
-from twostream.core.reputation import ReputationLedger, Upload
+from twostream.core.reputation import ReputationLedger, Upload, reputation_keys
 from twostream.reporting import SourceSeries
 
 MAX_AGENTS = 5  # distinct user agents kept per source
 AGENT_CHARS = 200  # characters kept of a user agent
+# source: the Algorithm-2 key (reputation_key); sent_by: the logged id where it differs (else null)
 SPILL_SCHEMA = pa.schema([("source", pa.string()), ("img", pa.int32()), ("ts", pa.float64()),
-                          ("line", pa.int64()), ("user_agent", pa.string())])
+                          ("line", pa.int64()), ("user_agent", pa.string()), ("sent_by", pa.string())])
 _NO_INTERVALS: tuple = ()  # shared by the sources never blacklisted
 _REPLAY_ORDER = [("source", "ascending"), ("ts", "ascending"), ("img", "ascending"), ("line", "ascending")]
 
@@ -53,11 +57,14 @@ def source_partition(names: pa.Array, partitions: int) -> np.ndarray:
 
 
 class Spill:
-    """Good records in ``partitions`` Arrow files under ``directory``, a source's all in one file."""
+    """Good records in ``partitions`` Arrow files under ``directory``, a source's all in one file;
+    with ``grouping`` (``reputation.group_by_prefix``) a source is its Algorithm-2 key, the logged
+    id kept beside it for the timeline."""
 
-    def __init__(self, directory: str, partitions: int) -> None:
+    def __init__(self, directory: str, partitions: int, grouping: PrefixGrouping | None = None) -> None:
         self.dir = directory
         self.partitions = partitions
+        self.grouping = grouping
         self.writers: list[pa.ipc.RecordBatchFileWriter | None] = [None] * partitions
         self.rows = np.zeros(partitions, np.int64)
 
@@ -73,8 +80,14 @@ class Spill:
         else:
             cut = pc.utf8_slice_codeunits(user_agent, 0, AGENT_CHARS)
             agents = pc.if_else(pc.equal(cut, ""), pa.scalar(None, pa.string()), cut)
+        if self.grouping is None:
+            sent_by = pa.nulls(n, pa.string())
+        else:
+            key = reputation_keys(source, self.grouping)
+            sent_by = pc.if_else(pc.equal(key, source), pa.scalar(None, pa.string()), source)
+            source = key
         table = pa.table([source, pa.array(img, pa.int32()), pa.array(ts, pa.float64()),
-                          pa.array(line, pa.int64()), agents], schema=SPILL_SCHEMA)
+                          pa.array(line, pa.int64()), agents, sent_by], schema=SPILL_SCHEMA)
         part = source_partition(source, self.partitions)
         if self.partitions > 1:
             order = np.argsort(part, kind="stable")
@@ -135,7 +148,9 @@ class ReplayedPartition:
         """The timeline rows (TIMELINE_SCHEMA) given each catalogue row's ``verdict`` and id."""
         img, err = self.img, self.error
         return {
-            "line": self.records.column("line"), "source": self.records.column("source"), "timestamp": self.ts,
+            "line": self.records.column("line"),
+            "source": pc.coalesce(self.records.column("sent_by"), self.records.column("source")),  # as logged
+            "timestamp": self.ts,
             "image_id": pc.take(ids, pa.array(img)), "verdict": verdict[img].tolist(),
             "label": [lab if not rj and not er else None for lab, rj, er in zip(self.label, self.rejected, err)],
             "cc": pa.array(self.cc, pa.int32(), mask=err),
@@ -214,7 +229,8 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
         response=np.empty(m, dtype=object), src_rejected=np.zeros(0, np.int64), src_blocked=np.zeros(0, np.int64),
         src_cc=np.zeros(0, np.int32), src_blacklisted=np.zeros(0, bool), src_intervals=[],
     )
-    ledger = ReputationLedger(reputation)
+    # one source at a time already bounds the state; its counts are read at its end, so never forgotten
+    ledger = ReputationLedger(reputation.model_copy(update={"forget_default": False}))
     observe, response, cc, blacklisted = ledger.observe, part.response, part.cc, part.blacklisted
     ts_list, err, rej, lab = ts.tolist(), part.error.tolist(), part.rejected.tolist(), part.label.tolist()
     distinct, which = np.unique(img, return_inverse=True)

@@ -121,7 +121,8 @@ def run_audit(
     try:
         fmt = detect_format(log_uri) if settings.format == "auto" else settings.format
         bad = BadLines(files["bad_lines.parquet"])
-        logged = _log_pass(log_uri, fmt, mapping, cat, Spill(tmp, settings.partitions), bad, settings.block_bytes)
+        spill = Spill(tmp, settings.partitions, config.reputation.group_by_prefix)
+        logged = _log_pass(log_uri, fmt, mapping, cat, spill, bad, settings.block_bytes)
         clock.lap("log")
         newly_scored = _score_unscored(cat, logged.referenced, score_fn, config, files, output_uri)
         clock.lap("score")

@@ -6,8 +6,9 @@ Algorithm 2 over columnar events. :func:`staging_events` turns a staging table i
 ``crc32(source) % parts`` (:func:`reputation_shard`, stable across processes and runs), so one
 partition holds every event of its sources. :func:`reduce_partition` replays a partition:
 one Arrow sort on (source, timestamp, image_id; ties by shard and row), then Algorithm 2 for all sources at once in
-NumPy (no Python loop per event or per source, see :func:`_scan`), starting from each source's
-state when one is given; it returns the partition's new :data:`SOURCES_SCHEMA` rows and each
+NumPy (no Python loop per event or per source: :func:`twostream.core.reputation.scan`), starting from each
+source's state when one is given (with ``reputation.forget_default``, rows of the state at CC 0 and not
+listed with no event are not carried on); it returns the partition's new :data:`SOURCES_SCHEMA` rows and each
 event's (shard, row, cc, blacklisted). :func:`respond` writes a shard's images table from them.
 
 The result equals :func:`twostream.core.reputation.replay` (tests/test_batch_reputation.py),
@@ -31,6 +32,7 @@ from twostream import storage
 from twostream.batch.outputs import images_table, images_uri
 from twostream.core.config import ReputationConfig
 from twostream.core.labels import Refusal, Verdict
+from twostream.core.reputation import reputation_keys, scan
 from twostream.core.sources import SOURCES_SCHEMA
 
 LatePolicy = Literal["refuse", "after"]
@@ -67,12 +69,14 @@ def reputation_shard(source: str, shards: int) -> int:
     return zlib.crc32(source.encode("utf-8")) % shards
 
 
-def staging_events(staging: pa.Table, shard_index: int) -> pa.Table:
-    """A staging table's rows as :data:`EVENTS_SCHEMA` rows (error rows flagged, not dropped)."""
+def staging_events(staging: pa.Table, shard_index: int, config: ReputationConfig) -> pa.Table:
+    """A staging table's rows as :data:`EVENTS_SCHEMA` rows (error rows flagged, not dropped), each
+    under its source's Algorithm-2 key (:func:`twostream.core.reputation.reputation_key`; the images
+    table keeps the original source, from the staging rows)."""
     verdict = staging.column("verdict")
     return pa.table(
         {
-            "source": staging.column("source"),
+            "source": reputation_keys(staging.column("source"), config.group_by_prefix),
             "timestamp": staging.column("timestamp"),
             "image_id": staging.column("image_id"),
             "rejected": pc.not_equal(verdict, str(Verdict.ACCEPTED)),
@@ -92,43 +96,6 @@ def partition(table: pa.Table, parts: int) -> list[pa.Table]:
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1))
     return [table.take(order[bounds[p]:bounds[p + 1]]) for p in range(parts)]
-
-
-def _scan(pos: np.ndarray, step: np.ndarray, cc0: np.ndarray, listed0: np.ndarray,
-          config: ReputationConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Algorithm 2 over sorted events of many sources at once: (cc, blacklisted) after each event.
-
-    ``pos``: the event's position in its source's sequence (0 = first); ``step``: +step_up or
-    -step_down; ``cc0``/``listed0``: the source's standing before its first event, per event.
-
-    The counter is a walk clamped to [0, cap]. Each event is the map x -> clip(x + a, lo, hi);
-    such maps compose into maps of the same form, so a segmented prefix scan (Hillis-Steele,
-    log2(longest sequence) vector passes) gives every event's composed map from its source's
-    start. The blacklist is hysteresis: on when cc >= threshold (> 0), off when cc == 0,
-    otherwise unchanged, i.e. the value of the last such decisive event (a forward fill),
-    else the source's starting standing.
-    """
-    n = len(pos)
-    a = step.astype(np.int64)
-    lo = np.zeros(n, np.int64)
-    hi = np.full(n, config.cap, np.int64)
-    d = 1
-    longest = int(pos.max()) if n else 0
-    while d <= longest:
-        later = np.nonzero(pos >= d)[0]
-        earlier = later - d
-        a_g, lo_g, hi_g = a[later], lo[later], hi[later]
-        lo[later] = np.clip(lo[earlier] + a_g, lo_g, hi_g)
-        hi[later] = np.clip(hi[earlier] + a_g, lo_g, hi_g)
-        a[later] = a[earlier] + a_g
-        d *= 2
-    cc = np.clip(cc0 + a, lo, hi)
-    index = np.arange(n)
-    decisive = (cc >= config.threshold) | (cc == 0)
-    last = np.maximum.accumulate(np.where(decisive, index, -1))
-    settled = last >= index - pos  # a decisive event of this source so far
-    listed = np.where(settled, cc[np.maximum(last, 0)] >= config.threshold, listed0)
-    return cc, listed
 
 
 def _intervals(
@@ -267,7 +234,7 @@ def reduce_partition(
 
     step = np.where(rejected, config.step_up, -config.step_down)
     listed0 = _col(start_state, "blacklisted")
-    cc, listed = _scan(pos, step, _col(start_state, "cc")[src].astype(np.int64), listed0[src], config)
+    cc, listed = scan(pos, step, _col(start_state, "cc")[src].astype(np.int64), listed0[src], config)
     before = np.empty(n, bool)
     before[1:] = listed[:-1]
     before[starts] = listed0
@@ -293,8 +260,11 @@ def reduce_partition(
         },
         schema=SOURCES_SCHEMA,
     )
-    # sources without events this run: the state's as they were, and new ones with only errors
+    # sources without events this run: the state's as they were (with forget_default, those at the
+    # default standing are not carried on), and new ones with only errors
     rest = state.filter(pc.invert(pc.is_in(state.column("source"), value_set=names)))
+    if config.forget_default:
+        rest = rest.filter(pc.or_(pc.greater(rest.column("cc"), 0), rest.column("blacklisted")))
     seen = pa.concat_arrays([names, rest.column("source").combine_chunks()])
     new = errors.column("source").filter(pc.invert(pc.is_in(errors.column("source"), value_set=seen)))
     table = pa.concat_tables([updated, rest, _fresh_state(new.combine_chunks())]).combine_chunks()

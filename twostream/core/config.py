@@ -82,13 +82,31 @@ class ThresholdsConfig(_Strict):
     p2: float = Field(0.20, ge=0.0, le=1.0, description="L-Net threshold")
 
 
+class PrefixGrouping(_Strict):
+    """Prefix lengths by which Algorithm 2 groups source ids that are IP addresses."""
+
+    ipv4: int = Field(24, ge=0, le=32, description="IPv4 prefix length: 1.2.3.4 counts as 1.2.3.0/24")
+    ipv6: int = Field(64, ge=0, le=128, description="IPv6 prefix length: 2001:db8::1 counts as 2001:db8::/64")
+
+
 class ReputationConfig(_Strict):
-    """Algorithm 2's per-source counter rules."""
+    """Algorithm 2's per-source counter rules, which ids share a counter, and what state is kept."""
 
     threshold: int = Field(3, gt=0, description="CC at which a source is blacklisted")
     cap: int = Field(15, gt=0, description="upper bound of CC")
     step_up: int = Field(1, gt=0, description="CC increase on a rejected image")
     step_down: int = Field(1, gt=0, description="CC decrease on an accepted image")
+    group_by_prefix: PrefixGrouping | None = Field(
+        None,
+        description="off (null): each source id has its own counter. Set (e.g. {ipv4: 24, ipv6: 64}): a source "
+        "id that is exactly an IP address counts under its network (1.2.3.0/24, 2001:db8::/64; IPv4-mapped "
+        "IPv6 as IPv4, zone ids dropped), any other id under itself; answers, images tables and the audit's "
+        "timeline keep the original id, the per-source state and tables are per network")
+    forget_default: bool = Field(
+        False,
+        description="a source back at the default standing (CC 0, not listed) keeps no entry: the endpoint "
+        "deletes its Redis hash (its counts and seq start again), the batch job carries no row for it into "
+        "the next run's state; responses are unchanged. Bounds the state under identity rotation")
 
     @model_validator(mode="after")
     def _threshold_within_cap(self) -> "ReputationConfig":

@@ -1,20 +1,26 @@
 """Algorithm 2 online, in Redis: :class:`RedisReputation`, shared by every ingress replica.
 
-One image of a source is one call of :data:`OBSERVE_SCRIPT`, a server-side Lua script (loaded
-once, called by EVALSHA): Redis runs a script atomically, so concurrent requests from one
-source, on any number of ingress replicas, are applied one after the other with no lost
-increment and no ordering tickets. **The order of a source's images is the order in which Redis
+One image of a source is one call of :data:`~twostream.core.reputation.OBSERVE_SCRIPT`
+(``twostream/core/reputation/observe.lua``), a server-side Lua script (loaded once, called by
+EVALSHA): Redis runs a script atomically, so concurrent requests from one source, on any number
+of ingress replicas, are applied one after the other with no lost increment and no ordering
+tickets. **The order of a source's images is the order in which Redis
 applies the scripts**; the script stamps each image with the Redis server's clock, made strictly
 increasing per source (``timestamp``), and returns the source's sequence number (``images`` after
 the step), so a sequential replay in ``(timestamp, image_id)`` order, or in sequence order, gives
-the same states and responses (SPEC 3).
+the same states and responses (SPEC 3). The state is per Algorithm-2 key
+(:func:`~twostream.core.reputation.reputation_key`: the source id, or its network under
+``reputation.group_by_prefix``), mapped once in :meth:`RedisReputation.script_call`; the admin reads
+(``get``, ``reset``, ``list``, ``export``) name keys as stored.
 
 Keys (all under the hash tag ``{prefix}``, so a Redis Cluster keeps them in one slot):
 
 * ``{prefix}:s:<hex of the UTF-8 source id>`` - a hash per source: ``cc``, ``bl`` (0/1),
   ``images``, ``rejected``, ``blocked``, ``errors``, ``first_seen``, ``last_seen``,
   ``intervals`` (``joined,left;joined,left;joined`` - the last one open while listed) and
-  ``times_blacklisted``. Timestamps are written with 17 significant digits: exact doubles.
+  ``times_blacklisted``. Timestamps are written with 17 significant digits: exact doubles. With
+  ``reputation.forget_default`` a source back at CC 0 and not listed has no hash and is not in
+  ``sources`` (its counts and sequence numbers start again from its next image).
 * ``{prefix}:sources`` / ``{prefix}:blacklist`` - sorted sets (score 0, so ordered by id) of
   every source and of the sources on the blacklist now.
 * ``{prefix}:admin`` - a list of the last administrative changes (resets, imports) as JSON.
@@ -37,8 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twostream.core.config import ReputationConfig
 from twostream.core.labels import Refusal
-from twostream.core.reputation import Outcome
-from twostream.core.reputation import SourceState
+from twostream.core.reputation import OBSERVE_SCRIPT, Outcome, SourceState, reputation_key
 from twostream.core.sources import SourceRow
 
 log = logging.getLogger("twostream.reputation")
@@ -48,61 +53,6 @@ DONE_TTL_S = 3600
 ADMIN_LOG = 1000
 PAGE = 500
 T = TypeVar("T")
-
-OBSERVE_SCRIPT = """
--- KEYS: source hash, sources zset, blacklist zset, image answer key
--- ARGV: source, rejected (0/1), cap, threshold, step_up, step_down, answer ttl (s)
-local done = redis.call('GET', KEYS[4])
-if done then
-  local out = {}
-  for v in string.gmatch(done, '%S+') do out[#out + 1] = v end
-  return out
-end
-local h = KEYS[1]
-local st = redis.call('HMGET', h, 'cc', 'bl', 'images', 'last_seen', 'intervals')
-local cc = tonumber(st[1]) or 0
-local listed = st[2] == '1'
-local images = (tonumber(st[3]) or 0) + 1
-local last = tonumber(st[4])
-local intervals = st[5] or ''
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-if last and now <= last then now = last + math.max(1e-6, math.abs(last) * 4e-16) end
-local ts = string.format('%.17g', now)
-local rejected = ARGV[2] == '1'
-if rejected then
-  cc = math.min(cc + tonumber(ARGV[5]), tonumber(ARGV[3]))
-  redis.call('HINCRBY', h, 'rejected', 1)
-else
-  cc = math.max(cc - tonumber(ARGV[6]), 0)
-end
-local blocked = false
-if listed then
-  if cc == 0 then
-    listed = false
-    intervals = intervals .. ',' .. ts
-    redis.call('ZREM', KEYS[3], ARGV[1])
-  else
-    blocked = true
-  end
-elseif cc >= tonumber(ARGV[4]) then
-  listed = true
-  blocked = true
-  if intervals == '' then intervals = ts else intervals = intervals .. ';' .. ts end
-  redis.call('HINCRBY', h, 'times_blacklisted', 1)
-  redis.call('ZADD', KEYS[3], 0, ARGV[1])
-end
-if blocked then redis.call('HINCRBY', h, 'blocked', 1) end
-redis.call('HSETNX', h, 'first_seen', ts)
-redis.call('HSET', h, 'cc', string.format('%d', cc), 'bl', listed and '1' or '0',
-           'images', string.format('%d', images), 'last_seen', ts, 'intervals', intervals)
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-local out = {blocked and '1' or '0', string.format('%d', cc), listed and '1' or '0',
-             string.format('%d', images), ts}
-redis.call('SET', KEYS[4], table.concat(out, ' '), 'EX', tonumber(ARGV[7]))
-return out
-"""
-
 
 class StoreUnavailable(RuntimeError):
     """Redis did not answer within the retry window."""
@@ -221,11 +171,20 @@ class RedisReputation:
                 pause = min(pause * 2, 0.5)
 
     # -- the online step ------------------------------------------------------------------
-    async def observe(self, source: str, image_id: str, rejected: bool, verdict: str) -> Step:
-        """Apply one scored image of ``source`` (Algorithm 2); ``verdict`` is the answer unless blocked."""
+    def script_call(self, source: str, image_id: str, rejected: bool) -> tuple[list[str], list[str | int]]:
+        """The (keys, args) of one image's call of ``observe.lua``: the one place the endpoint maps
+        a source id to its Algorithm-2 key (:func:`~twostream.core.reputation.reputation_key`)."""
         cfg = self.config
-        keys = [self.key(source), self.sources_key, self.blacklist_key, f"{self.tag}:img:{image_id}"]
-        args = [source, int(rejected), cfg.cap, cfg.threshold, cfg.step_up, cfg.step_down, DONE_TTL_S]
+        key = reputation_key(source, cfg.group_by_prefix)
+        keys = [self.key(key), self.sources_key, self.blacklist_key, f"{self.tag}:img:{image_id}"]
+        args = [key, int(rejected), cfg.cap, cfg.threshold, cfg.step_up, cfg.step_down, DONE_TTL_S,
+                int(cfg.forget_default)]
+        return keys, args
+
+    async def observe(self, source: str, image_id: str, rejected: bool, verdict: str) -> Step:
+        """Apply one scored image of ``source`` (Algorithm 2, under the source's key); ``verdict`` is
+        the answer unless blocked."""
+        keys, args = self.script_call(source, image_id, rejected)
         blocked, cc, listed, seq, ts = await self._call("observe", lambda: self._observe(keys=keys, args=args))
         outcome = Outcome(response=Refusal.BLOCKED if blocked == b"1" else verdict, cc=int(cc), blacklisted=listed == b"1")
         return Step(outcome, float(ts), int(seq))

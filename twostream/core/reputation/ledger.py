@@ -1,20 +1,6 @@
-"""Algorithm 2 (SPEC 3): the per-source reputation ledger ("Real or Fake").
-
-Per source a counter ``CC`` in ``[0, cap]`` and a blacklisted flag. For each scored image of
-the source, in ``(timestamp, image_id)`` order:
-
-1. ``CC = min(CC + step_up, cap)`` if the image was rejected, else ``max(CC - step_down, 0)``.
-2. Blacklisted: ``CC == 0`` takes the source off the list and the response is the image's
-   verdict; otherwise the response is ``blocked``.
-3. Not blacklisted: ``CC >= threshold`` puts it on the list and the response is ``blocked``;
-   otherwise the response is the verdict (a CIFAR-10 label or ``adversarial``).
-
-Images that could not be decoded are not Algorithm-2 events: they leave the state unchanged.
-:meth:`ReputationLedger.observe` applies one image in arrival order (the online path);
-:func:`replay` sorts a finite set of events first, so its result is independent of the order
-they arrived in (the batch path). :func:`advance` applies one image to each of many
-independent sources at once (NumPy arrays, for simulations).
-"""
+"""The sequential reference of Algorithm 2: :class:`ReputationLedger` applies one image at a time
+(the online order); :func:`replay` sorts a finite set of uploads into ``(timestamp, image_id)``
+order first, so its result does not depend on the order they arrived in (the batch order)."""
 
 from __future__ import annotations
 
@@ -23,7 +9,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 
 from twostream.core.config import ReputationConfig
 from twostream.core.labels import Refusal
@@ -71,7 +56,9 @@ class Outcome:
 
 
 class ReputationLedger:
-    """Per-source state of Algorithm 2, applied one image at a time."""
+    """Per-source state of Algorithm 2, applied one image at a time (keyed by the upload's
+    ``source``: callers map ids to keys first, :func:`twostream.core.reputation.keys.reputation_key`).
+    With ``config.forget_default`` a source back at CC 0 and not listed is dropped (its counts too)."""
 
     def __init__(self, config: ReputationConfig | None = None) -> None:
         self.config = config or ReputationConfig()
@@ -104,6 +91,8 @@ class ReputationLedger:
             response = BLOCKED
         if response == BLOCKED:
             state.blocked += 1
+        if cfg.forget_default and state.cc == 0 and not state.blacklisted:
+            del self._states[upload.source]  # the default standing needs no entry
         return Outcome(response=response, cc=state.cc, blacklisted=state.blacklisted)
 
     def get(self, source: str) -> SourceState:
@@ -148,21 +137,6 @@ class ReputationLedger:
         ledger = cls(ReputationConfig.model_validate(payload["config"]))
         ledger._states = {s: SourceState(**st) for s, st in payload["sources"].items()}
         return ledger
-
-
-def advance(
-    cc: np.ndarray, blacklisted: np.ndarray, rejected: np.ndarray, config: ReputationConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image for each entry (an independent source): the rules of :meth:`ReputationLedger.observe`.
-
-    Returns new ``(cc, blacklisted, blocked)`` arrays; the inputs are not modified. A response is
-    blocked exactly when the source is on the list after the image: it stayed on, or just joined.
-    """
-    cc = np.asarray(cc)
-    rejected = np.asarray(rejected, dtype=bool)
-    new_cc = np.where(rejected, np.minimum(cc + config.step_up, config.cap), np.maximum(cc - config.step_down, 0))
-    listed = np.where(blacklisted, new_cc > 0, new_cc >= config.threshold)
-    return new_cc, listed, listed.copy()
 
 
 def replay(
