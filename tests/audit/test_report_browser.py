@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_audit import EXPECTED, _cfg, _write_csv_log, _write_scores
+from tests.audit.test_run import EXPECTED, _cfg, _write_csv_log, _write_scores
 from twostream.audit.run import run_audit
 
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),

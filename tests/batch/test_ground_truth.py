@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=cifar_resnet20",
          "low.weights=random", "job.files_per_shard=16", "job.reputation_shards=2"]
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_batch_inputs import SMALL, _jpeg, _tar_bytes
+from tests.batch.test_hostile_inputs import SMALL, _jpeg, _tar_bytes
 from twostream.batch import ids, planning, stages
 from twostream.core.config import load_config
 from twostream.core.scoring import input_spec

@@ -16,7 +16,7 @@ import pytest
 from twostream.batch import planning
 from twostream.batch.manifest import ManifestError, match, read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _csv(tmp_path, lines: list[str]) -> str:

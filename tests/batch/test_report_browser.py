@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_audit_report_browser import CHROMIUM, _chromium, screenshot
-from tests.test_batch_report import check_tables, expected, write_run
+from tests.audit.test_report_browser import CHROMIUM, _chromium, screenshot
+from tests.batch.test_report import check_tables, expected, write_run
 from twostream.batch.report import write_batch_report
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")

@@ -107,7 +107,7 @@ def test_reputation_shard_is_stable_and_spread():
 
 def test_sharded_replay_equals_global_replay():
     """Each partition's columnar reduce answers its events as the global replay does (more cases:
-    tests/test_batch_reputation.py)."""
+    tests/batch/test_reputation.py)."""
     import random
 
     rnd = random.Random(0)

@@ -29,7 +29,7 @@ from twostream.batch import planning
 from twostream.batch.manifest import MAX_TEXT_CHARS, ManifestError, read_manifest
 from twostream.core.timestamps import END, FIRST
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
 FIELDS = ("image_id", "id", "source", "source_id", "timestamp")
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -111,7 +111,7 @@ def _build_script():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "build_mapping.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "build_mapping.py"
     if not path.exists():
         pytest.skip("tools/build_mapping.py is not in this checkout")
     spec = importlib.util.spec_from_file_location("build_mapping", path)

@@ -17,7 +17,7 @@ from PIL import Image
 from twostream.core.query_detector import (MemoryStore, QueryDetector, QueryDetectorConfig, _layout,
                                            fingerprint)
 
-DEMO = sorted((Path(__file__).resolve().parents[1] / "twostream" / "demo" / "data").glob("*.jpg"))
+DEMO = sorted((Path(__file__).resolve().parents[2] / "twostream" / "demo" / "data").glob("*.jpg"))
 CONFIG = QueryDetectorConfig()
 
 

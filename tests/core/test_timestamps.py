@@ -235,7 +235,7 @@ def test_plots_are_total(times: list[float]) -> None:
 def test_batch_report_over_stored_hostile_times(tmp_path: Path) -> None:
     """An output folder whose images/ and sources/ hold the values an older run could store:
     report.html is written, and each source's first/last seen and intervals read as format_utc says."""
-    from test_batch_report import table_rows, write_run
+    from tests.batch.test_report import table_rows, write_run
 
     out = write_run(tmp_path / "run")
     images = pq.read_table(out / "images" / "shard-0.parquet")

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.ray
 requests = pytest.importorskip("requests")
 skdata = pytest.importorskip("skimage.data")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def encoded_images() -> dict[str, bytes]:

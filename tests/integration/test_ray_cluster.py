@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CAP_VAR = "RAY_task_events_max_num_task_in_gcs"
 CHILD = """
 import ray

@@ -22,7 +22,7 @@ from PIL import Image
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = [
     "high.model=mobilenetv3_small_050", "high.weights=random", "high.batch_size=8",
     "low.model=cifar_resnet20", "low.weights=random", "low.batch_size=16",

@@ -9,7 +9,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_batch_inputs import SMALL, _jpeg, _tar_bytes
+from tests.batch.test_hostile_inputs import SMALL, _jpeg, _tar_bytes
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process]  # a Ray Data job in this process (tests/conftest.py)
 

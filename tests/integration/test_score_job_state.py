@@ -2,7 +2,7 @@
 uploads before and after a point in time, the second started from the first's ``sources/``
 (``--state``), give the ``sources/`` of one run over all of them (exact equality, sorted by
 source), which also equals the reference replay of that run's verdicts. One local Ray for the
-module; tiny random models. (Late events and bad states: tests/test_batch_reputation.py.)"""
+module; tiny random models. (Late events and bad states: tests/batch/test_reputation.py.)"""
 
 from __future__ import annotations
 

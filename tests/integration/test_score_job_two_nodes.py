@@ -1,7 +1,7 @@
 """The batch job on a local two-node Ray cluster: a head and a worker node started with
 ``ray start`` on this machine (own ports, temp dirs, node addresses and resources: the worker on
 127.0.0.2), rows and sources equal to an independent in-process computation (Scorer + replay,
-tests/test_score_job.py), also when every process of the worker node is killed while scoring: Ray
+tests/integration/test_score_job.py), also when every process of the worker node is killed while scoring: Ray
 retries the tasks and restarts the actors on the head; nothing lost, nothing duplicated.
 
 Only the processes of the two nodes started here are stopped (found by their temp dirs), never
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import kill_ray_node, ray_start_node
-from test_score_job import SMALL, check_output, expected, make_dataset
+from tests.integration.test_score_job import SMALL, check_output, expected, make_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
 

@@ -36,8 +36,8 @@ from conftest import wait_healthy
 from twostream.online.http import ApiError, FormReader, resolve_source
 from twostream.online.ingress import MARK, Hardening, HardeningError, harden
 
-REPO = Path(__file__).resolve().parents[1]
-RAY_CONFIG = (Path(__file__).parent / "data" / "ray_2.60_haproxy.cfg").read_text()
+REPO = Path(__file__).resolve().parents[2]
+RAY_CONFIG = (Path(__file__).resolve().parents[1] / "data" / "ray_2.60_haproxy.cfg").read_text()
 HEADER_TIMEOUT_S = 4
 PER_CLIENT = 20
 SLOW_CLIENTS = 300
@@ -264,7 +264,7 @@ def closed_by_server(sock: socket.socket, within_s: float) -> bytes | None:
 
 def serve_command(tmp: Path, port: int, extra: list[str] = ()) -> list[str]:
     """``twostream serve`` with tiny random-init models (their weights saved in ``tmp``)."""
-    from tests.test_serve_http import HIGH_MODEL, LOW_MODEL, save_random_weights
+    from tests.integration.test_serve_app import HIGH_MODEL, LOW_MODEL, save_random_weights
 
     high = save_random_weights(HIGH_MODEL, "high", tmp / "high.pt", 0)
     low = save_random_weights(LOW_MODEL, "low", tmp / "low.pt", 1)
@@ -295,7 +295,7 @@ def endpoint(tmp_path_factory):
     pytest.importorskip("requests")
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
-    from tests.test_serve_http import free_port
+    from tests.integration.test_serve_app import free_port
 
     tmp = tmp_path_factory.mktemp("hostile")
     port = free_port()
@@ -512,7 +512,7 @@ def test_sigint_stops_it_promptly_and_frees_its_port(endpoint):
 @pytest.mark.ray
 def test_sigint_during_startup_stops_it_and_what_it_started(tmp_path):
     """A signal while Ray starts aborts the startup: exit 0, the embedded redis-server stopped."""
-    from tests.test_serve_http import free_port
+    from tests.integration.test_serve_app import free_port
 
     log = tmp_path / "serve.log"
     proc = start_with_sigint_ignored(serve_command(tmp_path, free_port()), log)

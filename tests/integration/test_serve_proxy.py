@@ -1,5 +1,5 @@
 """``serve.http_proxy=ray``: Serve's Python proxy in front of the replicas (the default, HAProxy,
-is what tests/test_serve_http.py drives). The proxy hands the replica the client's address, so a
+is what tests/integration/test_serve_app.py drives). The proxy hands the replica the client's address, so a
 request without a source id is that address's; an X-Forwarded-For header the client sends names
 nothing (``serve_cluster_env`` trusts it from no peer, where uvicorn would trust loopback)."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.test_serve_http import classify, start_app, stop_app
+from tests.integration.test_serve_app import classify, start_app, stop_app
 
 pytestmark = pytest.mark.ray
 

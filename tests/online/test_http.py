@@ -1,5 +1,5 @@
 """The online service's Ray-free parts: config, request checks and limits (the streaming
-multipart reader, the body deadline), metrics. The Redis store: tests/test_redis_reputation.py."""
+multipart reader, the body deadline), metrics. The Redis store: tests/online/test_redis_store.py."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_cluster_serve_yaml_is_a_valid_config():
     import yaml
     from pathlib import Path
 
-    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml").read_text())
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster" / "serve.yaml").read_text())
     [app] = doc["applications"]
     assert app["import_path"] == "jobs.serve:app_builder"
     TwoStreamConfig.model_validate(app["args"].get("config", {}))

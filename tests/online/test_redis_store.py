@@ -224,7 +224,7 @@ def test_server_never_outlives_the_process_that_started_it(tmp_path):
     import redis as redis_py
 
     starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     port, pid = map(int, starter.stdout.readline().split())
     redis_py.Redis(port=port).set("kept", "yes")
     starter.kill()
