@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers (the offline assets, the local S3 server, Ray nodes), and the run order:
-the ``own_process`` modules in child pytests beside the other tests, the ``timing`` tests last."""
+"""Shared fixtures and helpers (the offline assets, the local S3 server, Ray nodes). The run order (the
+``own_process`` modules in child pytests beside the other tests, the ``timing`` tests last) is the
+plugin ``plugins/own_process.py``."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["plugins.own_process"]
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TWOSTREAM_ASSETS", REPO.parent / "shared" / "assets"))
@@ -133,142 +134,3 @@ def kill_ray_node(temp_dir: str) -> int:
         except ProcessLookupError:
             pass
     return len(pids)
-
-
-# ---------------------------------------------------------------------------------------------
-# Modules marked ``own_process`` run in a pytest process of their own. A Ray Data job driven from
-# a process that has already connected to (and left) another Ray cluster gets its actors
-# cancelled before they start ("The actor never ran"): Ray's process state does not reset.
-#
-# Their child pytests (one per module, its selected tests) run one after another in a background
-# thread from the end of collection, beside this process's other tests: most of the suite leaves
-# one of two cores idle (single-threaded tests, waits on servers), and these modules keep both busy.
-# This process runs their tests after all others and reports each child's results test by test,
-# waiting for them where needed. Tests marked ``timing`` (they assert a latency or a rate) run last,
-# once no child runs beside them.
-# ---------------------------------------------------------------------------------------------
-CHILD_ENV = "TWOSTREAM_PYTEST_CHILD"
-Results = dict[str, tuple[str, str, float]]
-
-
-def _child_results(path: Path, junit: Path, output: str) -> Results:
-    """A child's junit XML -> (outcome, text, seconds) by node id, and its output under ``__output__``."""
-    import xml.etree.ElementTree as ET
-
-    results: Results = {}
-    if junit.exists():
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            name = f"{path.relative_to(REPO).as_posix()}::{case.get('name')}"
-            outcome, text = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                node = case.find(tag)
-                if node is not None:
-                    outcome = "skipped" if tag == "skipped" else "failed"
-                    text = (node.get("message") or "") if tag == "skipped" else (node.text or node.get("message") or "")
-            results[name] = (outcome, text, float(case.get("time") or 0.0))
-    results["__output__"] = ("failed", output, 0.0)
-    return results
-
-
-class _Children(threading.Thread):
-    """Runs each own-process module's child pytest in turn (modules in run order, with the node
-    ids selected in each); ``results(path)`` waits for that module's."""
-
-    def __init__(self, modules: dict[Path, list[str]]) -> None:
-        super().__init__(name="own-process modules", daemon=True)
-        self.modules = modules
-        self._results: dict[Path, Results] = {}
-        self._done = {path: threading.Event() for path in modules}
-        self._proc: subprocess.Popen | None = None
-        self._stopping = False
-        # The environment as collection ends: a test of this process that starts Ray changes its
-        # os.environ for good (ray.init sets RAY_AUTH_MODE=token, among others), and a child
-        # started later must not inherit that.
-        self.env = {**os.environ, CHILD_ENV: "1"}
-
-    def run(self) -> None:
-        for path, nodeids in self.modules.items():
-            if not self._stopping:
-                self._results[path] = self._run(path, nodeids)
-            self._done[path].set()
-
-    def _run(self, path: Path, nodeids: list[str]) -> Results:
-        with tempfile.TemporaryDirectory() as tmp:
-            junit = Path(tmp) / "junit.xml"
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                 "--rootdir", str(REPO), *nodeids],
-                cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True,
-            )
-            output, _ = self._proc.communicate()
-            return _child_results(path, junit, output[-9000:])
-
-    def results(self, path: Path) -> Results:
-        self._done[path].wait()
-        return self._results.get(path, {"__output__": ("failed", "not run: the session ended first", 0.0)})
-
-    def stop(self) -> None:
-        """At the session's end: interrupt a child still running (pytest tears its fixtures down)."""
-        self._stopping = True
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-_CHILDREN: _Children | None = None
-
-
-def _rank(item: pytest.Item) -> int:
-    if item.get_closest_marker("own_process"):
-        return 1
-    return 2 if item.get_closest_marker("timing") else 0
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not os.environ.get(CHILD_ENV):
-        items.sort(key=_rank)  # stable: modules stay whole and in their order
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    global _CHILDREN
-    if os.environ.get(CHILD_ENV) or session.config.option.collectonly:
-        return
-    modules: dict[Path, list[str]] = {}
-    for item in session.items:
-        if item.get_closest_marker("own_process"):
-            modules.setdefault(item.path, []).append(item.nodeid)
-    if modules:
-        _CHILDREN = _Children(modules)
-        _CHILDREN.start()
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if _CHILDREN is not None:
-        _CHILDREN.stop()
-
-
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
-    if os.environ.get(CHILD_ENV) or item.get_closest_marker("own_process") is None or _CHILDREN is None:
-        return None
-    from _pytest.reports import TestReport
-
-    results = _CHILDREN.results(item.path)
-    outcome, text, duration = results.get(
-        item.nodeid, ("failed", "no result from the child pytest:\n" + results["__output__"][1], 0.0))
-    keywords = {k: 1 for k in item.keywords}
-    if outcome == "skipped":  # pytest reports a skip at setup, with (path, line, reason)
-        phases = [("setup", "skipped", (str(item.path), 0, text.strip()), 0.0)]
-    else:
-        phases = [("setup", "passed", None, 0.0), ("call", outcome, text or None, duration)]
-    phases.append(("teardown", "passed", None, 0.0))
-    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for when, result, longrepr, seconds in phases:
-        report = TestReport(item.nodeid, item.location, keywords, result, longrepr, when, duration=seconds)
-        item.ihook.pytest_runtest_logreport(report=report)
-    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-    return True
