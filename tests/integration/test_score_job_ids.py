@@ -11,7 +11,7 @@ import pytest
 
 from tests.batch.test_hostile_inputs import SMALL, _jpeg, _tar_bytes
 
-pytestmark = [pytest.mark.ray, pytest.mark.own_process]  # a Ray Data job in this process (tests/conftest.py)
+pytestmark = [pytest.mark.ray, pytest.mark.own_process]  # a Ray Data job in this process (tests/plugins/own_process.py)
 
 SAME = ("image id 'SAME' claimed by its sidecar or manifest row is also claimed by s2.jpg, which keeps it "
         "(first in (timestamp, key) order)")
