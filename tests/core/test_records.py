@@ -23,7 +23,7 @@ from twostream.audit.run import run_audit
 from twostream.batch.manifest import ManifestError, read_manifest
 from twostream.core.config import load_config
 
-# 2023-11-14T22:13:20Z is 1,700,000,000 s (worked out in tests/test_timestamps.py)
+# 2023-11-14T22:13:20Z is 1,700,000,000 s (worked out in tests/core/test_timestamps.py)
 T = 1_700_000_000
 # (timestamp text as an uploader's file gives it, seconds when accepted, None when refused)
 TIMESTAMPS: list[tuple[str, float | None]] = [
