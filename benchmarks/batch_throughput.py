@@ -3,6 +3,7 @@ sizes, same images), and their ratios.
 
     python benchmarks/batch_throughput.py --n 4096                      # default models
     python benchmarks/batch_throughput.py --n 512 --small               # tiny models: overhead-bound
+    python benchmarks/batch_throughput.py --n 1024 --small --detector   # the query detector off vs on
 
 The plain loop: read files -> decode_many -> prepare+stream_topk (high) -> prepare+stream_topk
 (low) -> score_rows, batch by batch, torch using all cores; its models are built before its clock
@@ -110,11 +111,11 @@ def steady_rate(output: Path, started: float) -> tuple[float | None, float]:
     return sum(rows for _, rows in commits[1:]) / (commits[-1][0] - commits[0][0]), first
 
 
-def ray_jobs(folder: Path, out: Path, overrides: list[str],
+def ray_jobs(folder: Path, out: Path, runs: list[tuple[str, list[str]]],
              timeline: Path | None = None) -> tuple[dict[str, dict], dict[str, dict[str, float]], dict[str, tuple]]:
-    """``summary.json``, CPU seconds per process kind and :func:`steady_rate` of a cold and a warm
-    job (module docstring) on one fresh local cluster; ``timeline``: the cluster's Ray timeline of
-    both (Chrome trace JSON, chrome://tracing)."""
+    """``summary.json``, CPU seconds per process kind and :func:`steady_rate` of each of ``runs``
+    (name, overrides), one after another on one fresh local cluster (the first is the cold job,
+    module docstring); ``timeline``: the cluster's Ray timeline of all (Chrome trace JSON)."""
     import ray
     from scale import Sampler
 
@@ -124,7 +125,7 @@ def ray_jobs(folder: Path, out: Path, overrides: list[str],
     try:
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         summaries, cpu, steady = {}, {}, {}
-        for run in ("cold", "warm"):
+        for run, overrides in runs:
             command = [sys.executable, "-m", "jobs.score", "--input", str(folder), "--output", str(out / run),
                        "--no-progress", *[a for o in overrides for a in ("--set", o)]]
             sampler = Sampler()
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny random models (overhead-bound)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--timeline", type=Path, help="write the jobs' Ray timeline here (Chrome trace JSON)")
+    parser.add_argument("--detector", action="store_true",
+                        help="the query detector's cost: after a cold job, warm jobs with the detector off and on "
+                             "alternately (off, on, off, on), their images/s side by side and the ratio on/off")
     args = parser.parse_args()
     from twostream.core.config import load_config
 
@@ -161,7 +165,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "in", args.n)
         before = plain_loop(cfg, paths)
-        summaries, cpu, steady = ray_jobs(Path(tmp) / "in", Path(tmp), overrides, args.timeline)
+        if args.detector:
+            off, on = overrides + ["detector.enabled=false"], overrides + ["detector.enabled=true"]
+            runs = [("cold", off), ("off-1", off), ("on-1", on), ("off-2", off), ("on-2", on)]
+        else:
+            runs = [("cold", overrides), ("warm", overrides)]
+        summaries, cpu, steady = ray_jobs(Path(tmp) / "in", Path(tmp), runs, args.timeline)
         after = plain_loop(cfg, paths)
     plain, plain_cpu = (before[0] + after[0]) / 2, (before[2] + after[2]) / 2
     result = {"images": args.n, "models": "small" if args.small else "default",
@@ -180,7 +189,26 @@ def main() -> None:
                        "first_commit_s": round(first_commit, 1), "wall_s": summary["wall_s"],
                        "cpu_s": cpu[run], "cpu_s_total": round(sum(cpu[run].values()), 1),
                        "cpu_ratio_ray_over_plain": round(sum(cpu[run].values()) / plain_cpu, 3)}
+    if args.detector:
+        result["detector"] = detector_cost(result)
     print(json.dumps(result, indent=2))
+
+
+def detector_cost(result: dict) -> dict:
+    """Mean images/s of the warm jobs with the detector off and on, and the ratios on / off: the
+    scoring phase (where the fingerprints are computed), end to end (which adds the detector's
+    sequential phase) and steady."""
+    out: dict = {}
+    for measure in ("scoring_images_per_s", "end_to_end_images_per_s", "steady_images_per_s"):
+        means = {}
+        for mode in ("off", "on"):
+            values = [result[f"{mode}-{k}"][measure] for k in (1, 2) if result[f"{mode}-{k}"][measure]]
+            means[mode] = sum(values) / len(values) if values else None
+        out[measure] = {**{m: v and round(v, 2) for m, v in means.items()},
+                        "ratio_on_over_off": round(means["on"] / means["off"], 3) if means["on"] and means["off"]
+                        else None}
+    out["detector_phase_s"] = [result[f"on-{k}"]["wall_s"].get("detector") for k in (1, 2)]
+    return out
 
 
 if __name__ == "__main__":
