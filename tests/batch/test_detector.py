@@ -142,3 +142,42 @@ def test_detections_become_query_attack_verdicts_with_their_matches() -> None:
         "height", pa.array([1] * 3, pa.int32())).append_column("width", pa.array([1] * 3, pa.int32())).append_column(
         "fp_sample", pa.array([b""] * 3, pa.binary())).append_column("fp_hashes", pa.array([b""] * 3, pa.binary())),
         4).column("row").to_pylist() == [0, 1]
+
+
+def test_fingerprints_travel_in_the_decoded_rows_on_both_decode_paths(tmp_path: Path) -> None:
+    """``read_decode`` fingerprints what it decodes; with JPEGs decoded on the device (here the
+    CPU device), the high stream's actor fingerprints the device decoder's pixels."""
+    import io
+
+    import pyarrow.compute as pc
+
+    from twostream.batch import planning, stages
+    from twostream.core.config import load_config
+    from twostream.core.device_decode import decode_on_device
+    from twostream.core.scoring import input_spec
+
+    for k in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(photo(k)).save(buf, "JPEG", quality=90)
+        (tmp_path / f"p{k}.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "q.png").write_bytes(b"not an image")
+    small = ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
+    (unit,) = planning.work_units(planning.plan_input(str(tmp_path)).shards, 256)
+    for decode in ("cpu", "device"):
+        cfg = load_config(None, small + [f"job.decode={decode}"])
+        specs = {kind: input_spec(cfg, kind) for kind in stages.KINDS}
+        table = pa.concat_tables(stages.read_decode(unit, cfg, specs))
+        if decode == "device":
+            assert table.column("fp_digest").null_count == 4  # the JPEGs travel encoded
+            table = stages.StreamStage(cfg, "high")(table)
+        by_key = dict(zip(table.column("key").to_pylist(), table.column("fp_sample").to_pylist()))
+        assert by_key["q.png"] is None
+        for k in range(3):
+            data = (tmp_path / f"p{k}.jpg").read_bytes()
+            if decode == "cpu":
+                pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            else:
+                pixels = decode_on_device([data], cfg.limits, "cpu")[0][0].permute(1, 2, 0).numpy()
+            assert by_key[f"p{k}.jpg"] == fingerprint(pixels, CONFIG).sample.tobytes(), (decode, k)
+        off = load_config(None, small + [f"job.decode={decode}", "detector.enabled=false"])
+        assert pc.all(pc.is_null(pa.concat_tables(stages.read_decode(unit, off, specs)).column("fp_digest"))).as_py()
