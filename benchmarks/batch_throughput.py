@@ -4,6 +4,7 @@ sizes, same images), and their ratios.
     python benchmarks/batch_throughput.py --n 4096                      # default models
     python benchmarks/batch_throughput.py --n 512 --small               # tiny models: overhead-bound
     python benchmarks/batch_throughput.py --n 1024 --small --detector   # the query detector off vs on
+    python benchmarks/batch_throughput.py --detector-phase 20000        # its sequential phase alone
 
 The plain loop: read files -> decode_many -> prepare+stream_topk (high) -> prepare+stream_topk
 (low) -> score_rows, batch by batch, torch using all cores; its models are built before its clock
@@ -157,7 +158,12 @@ def main() -> None:
     parser.add_argument("--detector", action="store_true",
                         help="the query detector's cost: after a cold job, warm jobs with the detector off and on "
                              "alternately (off, on, off, on), their images/s side by side and the ratio on/off")
+    parser.add_argument("--detector-phase", type=int, metavar="N",
+                        help="only time the detector's sequential phase over N uploads, in this process")
     args = parser.parse_args()
+    if args.detector_phase:
+        print(json.dumps(detector_phase(args.detector_phase), indent=2))
+        return
     from twostream.core.config import load_config
 
     overrides = (SMALL if args.small else []) + args.overrides
@@ -192,6 +198,38 @@ def main() -> None:
     if args.detector:
         result["detector"] = detector_cost(result)
     print(json.dumps(result, indent=2))
+
+
+def detector_phase(n: int) -> dict:
+    """The detector's sequential phase alone (``batch.detector.detect_run``, in this process) over
+    ``n`` uploads: the benchmark's images (distinct photograph variants at 256 px) with every
+    fourth an exact re-upload of an earlier one, fingerprinted first (phase 1's work, timed apart)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from twostream.batch.detector import QUERIES_SCHEMA, detect_run
+    from twostream.batch.stages import fingerprint_columns
+    from twostream.core.query_detector import QueryDetectorConfig
+    from twostream.demo import photos as demo_photos
+
+    config = QueryDetectorConfig()
+    photos = list(demo_photos.photographs().values())
+    images = [demo_photos.variant(photos[k % len(photos)], k // len(photos), 256) for k in range(n)]
+    images = [images[k - 3] if k % 4 == 3 else image for k, image in enumerate(images)]
+    t0 = time.perf_counter()
+    fps = [fingerprint_columns(image, config) for image in images]
+    t_fp = time.perf_counter() - t0
+    cols = {"shard": [0] * n, "row": list(range(n)), "image_id": [f"i{k:07d}" for k in range(n)],
+            "source": [f"s{k % 97}" for k in range(n)], "timestamp": [float(k) for k in range(n)],
+            "height": [i.shape[0] for i in images], "width": [i.shape[1] for i in images],
+            "fp_digest": [f[0] for f in fps], "fp_sample": [f[1] for f in fps], "fp_hashes": [f[2] for f in fps]}
+    table = pa.table(cols, schema=QUERIES_SCHEMA)
+    t0 = time.perf_counter()
+    detections, window, counts = detect_run([table], None, config)
+    t_run = time.perf_counter() - t0
+    return {"uploads": n, "fingerprint_ms_per_image": round(t_fp / n * 1e3, 3),
+            "detect_run_ms_per_upload": round(t_run / n * 1e3, 3), "detect_run_uploads_per_s": round(n / t_run, 1),
+            "mean_pixels": int(np.mean([i.shape[0] * i.shape[1] for i in images])), **counts}
 
 
 def detector_cost(result: dict) -> dict:
