@@ -3,6 +3,8 @@ sizes, same images), and their ratios.
 
     python benchmarks/batch_throughput.py --n 4096                      # default models
     python benchmarks/batch_throughput.py --n 512 --small               # tiny models: overhead-bound
+    python benchmarks/batch_throughput.py --n 1024 --small --detector   # the query detector off vs on
+    python benchmarks/batch_throughput.py --detector-phase 20000        # its sequential phase alone
 
 The plain loop: read files -> decode_many -> prepare+stream_topk (high) -> prepare+stream_topk
 (low) -> score_rows, batch by batch, torch using all cores; its models are built before its clock
@@ -110,11 +112,11 @@ def steady_rate(output: Path, started: float) -> tuple[float | None, float]:
     return sum(rows for _, rows in commits[1:]) / (commits[-1][0] - commits[0][0]), first
 
 
-def ray_jobs(folder: Path, out: Path, overrides: list[str],
+def ray_jobs(folder: Path, out: Path, runs: list[tuple[str, list[str]]],
              timeline: Path | None = None) -> tuple[dict[str, dict], dict[str, dict[str, float]], dict[str, tuple]]:
-    """``summary.json``, CPU seconds per process kind and :func:`steady_rate` of a cold and a warm
-    job (module docstring) on one fresh local cluster; ``timeline``: the cluster's Ray timeline of
-    both (Chrome trace JSON, chrome://tracing)."""
+    """``summary.json``, CPU seconds per process kind and :func:`steady_rate` of each of ``runs``
+    (name, overrides), one after another on one fresh local cluster (the first is the cold job,
+    module docstring); ``timeline``: the cluster's Ray timeline of all (Chrome trace JSON)."""
     import ray
     from scale import Sampler
 
@@ -124,7 +126,7 @@ def ray_jobs(folder: Path, out: Path, overrides: list[str],
     try:
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         summaries, cpu, steady = {}, {}, {}
-        for run in ("cold", "warm"):
+        for run, overrides in runs:
             command = [sys.executable, "-m", "jobs.score", "--input", str(folder), "--output", str(out / run),
                        "--no-progress", *[a for o in overrides for a in ("--set", o)]]
             sampler = Sampler()
@@ -153,7 +155,15 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny random models (overhead-bound)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--timeline", type=Path, help="write the jobs' Ray timeline here (Chrome trace JSON)")
+    parser.add_argument("--detector", action="store_true",
+                        help="the query detector's cost: after a cold job, warm jobs with the detector off and on "
+                             "alternately (off, on, off, on), their images/s side by side and the ratio on/off")
+    parser.add_argument("--detector-phase", type=int, metavar="N",
+                        help="only time the detector's sequential phase over N uploads, in this process")
     args = parser.parse_args()
+    if args.detector_phase:
+        print(json.dumps(detector_phase(args.detector_phase), indent=2))
+        return
     from twostream.core.config import load_config
 
     overrides = (SMALL if args.small else []) + args.overrides
@@ -161,7 +171,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "in", args.n)
         before = plain_loop(cfg, paths)
-        summaries, cpu, steady = ray_jobs(Path(tmp) / "in", Path(tmp), overrides, args.timeline)
+        if args.detector:
+            off, on = overrides + ["detector.enabled=false"], overrides + ["detector.enabled=true"]
+            runs = [("cold", off), ("off-1", off), ("on-1", on), ("off-2", off), ("on-2", on)]
+        else:
+            runs = [("cold", overrides), ("warm", overrides)]
+        summaries, cpu, steady = ray_jobs(Path(tmp) / "in", Path(tmp), runs, args.timeline)
         after = plain_loop(cfg, paths)
     plain, plain_cpu = (before[0] + after[0]) / 2, (before[2] + after[2]) / 2
     result = {"images": args.n, "models": "small" if args.small else "default",
@@ -180,7 +195,58 @@ def main() -> None:
                        "first_commit_s": round(first_commit, 1), "wall_s": summary["wall_s"],
                        "cpu_s": cpu[run], "cpu_s_total": round(sum(cpu[run].values()), 1),
                        "cpu_ratio_ray_over_plain": round(sum(cpu[run].values()) / plain_cpu, 3)}
+    if args.detector:
+        result["detector"] = detector_cost(result)
     print(json.dumps(result, indent=2))
+
+
+def detector_phase(n: int) -> dict:
+    """The detector's sequential phase alone (``batch.detector.detect_run``, in this process) over
+    ``n`` uploads: the benchmark's images (distinct photograph variants at 256 px) with every
+    fourth an exact re-upload of an earlier one, fingerprinted first (phase 1's work, timed apart)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from twostream.batch.detector import QUERIES_SCHEMA, detect_run
+    from twostream.batch.stages import fingerprint_columns
+    from twostream.core.query_detector import QueryDetectorConfig
+    from twostream.demo import photos as demo_photos
+
+    config = QueryDetectorConfig()
+    photos = list(demo_photos.photographs().values())
+    images = [demo_photos.variant(photos[k % len(photos)], k // len(photos), 256) for k in range(n)]
+    images = [images[k - 3] if k % 4 == 3 else image for k, image in enumerate(images)]
+    t0 = time.perf_counter()
+    fps = [fingerprint_columns(image, config) for image in images]
+    t_fp = time.perf_counter() - t0
+    cols = {"shard": [0] * n, "row": list(range(n)), "image_id": [f"i{k:07d}" for k in range(n)],
+            "source": [f"s{k % 97}" for k in range(n)], "timestamp": [float(k) for k in range(n)],
+            "height": [i.shape[0] for i in images], "width": [i.shape[1] for i in images],
+            "fp_digest": [f[0] for f in fps], "fp_sample": [f[1] for f in fps], "fp_hashes": [f[2] for f in fps]}
+    table = pa.table(cols, schema=QUERIES_SCHEMA)
+    t0 = time.perf_counter()
+    detections, window, counts = detect_run([table], None, config)
+    t_run = time.perf_counter() - t0
+    return {"uploads": n, "fingerprint_ms_per_image": round(t_fp / n * 1e3, 3),
+            "detect_run_ms_per_upload": round(t_run / n * 1e3, 3), "detect_run_uploads_per_s": round(n / t_run, 1),
+            "mean_pixels": int(np.mean([i.shape[0] * i.shape[1] for i in images])), **counts}
+
+
+def detector_cost(result: dict) -> dict:
+    """Mean images/s of the warm jobs with the detector off and on, and the ratios on / off: the
+    scoring phase (where the fingerprints are computed), end to end (which adds the detector's
+    sequential phase) and steady."""
+    out: dict = {}
+    for measure in ("scoring_images_per_s", "end_to_end_images_per_s", "steady_images_per_s"):
+        means = {}
+        for mode in ("off", "on"):
+            values = [result[f"{mode}-{k}"][measure] for k in (1, 2) if result[f"{mode}-{k}"][measure]]
+            means[mode] = sum(values) / len(values) if values else None
+        out[measure] = {**{m: v and round(v, 2) for m, v in means.items()},
+                        "ratio_on_over_off": round(means["on"] / means["off"], 3) if means["on"] and means["off"]
+                        else None}
+    out["detector_phase_s"] = [result[f"on-{k}"]["wall_s"].get("detector") for k in (1, 2)]
+    return out
 
 
 if __name__ == "__main__":

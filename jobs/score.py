@@ -21,6 +21,10 @@ Between them, image ids: every id unique over the input (``twostream.batch.ids``
   ids claimed by sidecars or the manifest joined by text (partitioned by crc32, Ray tasks); a
   claim of another input's key, or of an id claimed earlier in (timestamp, key) order, becomes
   an error row in its staging file.
+Between them, the query detector (``twostream.batch.detector``): every scored row's fingerprint
+  (computed where it was decoded) matched in (timestamp, image_id) order in one task, from the
+  window the ``--state`` run carried (``detector/window.parquet``); detections become verdict
+  ``query_attack``, a rejection for Algorithm 2, and the window is written for the next run.
 Phase 2, reputation: a map/reduce of Ray tasks over columnar events (source, timestamp,
   image_id, rejected, shard, row): map tasks read the staging files and partition the events,
   and the starting state (``--state``: a previous run's ``sources/``), by crc32(source); one
@@ -56,7 +60,7 @@ from ray.data.block import BlockAccessor
 
 from jobs.ray_cluster import connect
 from twostream import storage
-from twostream.batch import ids, outputs, reputation, resume, stages
+from twostream.batch import detector, ids, outputs, reputation, resume, stages
 from twostream.batch.manifest import ManifestError, read_manifest
 from twostream.batch.planning import InputError, Shard, plan_input, work_units
 from twostream.batch.report import write_batch_report
@@ -69,7 +73,8 @@ log = logging.getLogger("twostream.jobs.score")
 
 FAULT_STOP_AFTER = "TWOSTREAM_FAULT_STOP_AFTER_SHARDS"  # driver fails after K committed shards
 # What a user can fix (input, manifest, config, a refused resume): one line, no traceback.
-USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused, reputation.StateError)
+USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused, reputation.StateError,
+               detector.WindowError)
 EVENTS_PER_MAP_TASK = 100_000  # staging rows one reputation map task reads (about 5 MB of events)
 REDUCE_BYTES_FACTOR = 8  # a reduce task's peak memory / its events' Arrow bytes (benchmarks/scale.py)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -206,12 +211,56 @@ def _block_stats_lists(executor: object | None) -> list[list]:
     return kept
 
 
-def _events(staging: Sequence[str], indices: Sequence[int], rules: ReputationConfig
+def _staged(uri: str, k: int, detections: pa.Table) -> pa.Table:
+    """Shard ``k``'s staging rows with the query detector's verdicts applied."""
+    found = detections.filter(pc.equal(detections.column("shard"), k))
+    return detector.apply_detections(storage.read_parquet(uri), found)
+
+
+def _events(staging: Sequence[str], indices: Sequence[int], detections: pa.Table, rules: ReputationConfig
             ) -> tuple[tuple[int, int], pa.Table]:
     """Ray task: some shards' staging rows -> one events table; returns ((rows, bytes), table)."""
-    table = pa.concat_tables([reputation.staging_events(storage.read_parquet(uri), k, rules)
+    table = pa.concat_tables([reputation.staging_events(_staged(uri, k, detections), k, rules)
                               for uri, k in zip(staging, indices)])
     return (table.num_rows, table.nbytes), table
+
+
+def _queries(staging: Sequence[str], indices: Sequence[int]) -> pa.Table:
+    """Ray task: some shards' staging rows -> their query detector queries."""
+    return pa.concat_tables([detector.query_rows(storage.read_parquet(uri), k) for uri, k in zip(staging, indices)]
+                            or [detector.QUERIES_SCHEMA.empty_table()])
+
+
+def _detect_task(cfg: TwoStreamConfig, output: str, window: str | None, *queries: pa.Table) -> tuple[pa.Table, dict]:
+    """Ray task: the query detector over the run (:func:`twostream.batch.detector.detect_run`),
+    from the carried window; writes this run's window; returns the detections and counts."""
+    carried = storage.read_parquet(window) if window else None
+    detections, kept, counts = detector.detect_run(queries, carried, cfg.detector.query_detector())
+    storage.write_parquet(kept, detector.window_uri(output))
+    return detections, counts
+
+
+def _detect(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str) -> tuple[ray.ObjectRef, dict]:
+    """Between the image ids and Algorithm 2: the query detector over every shard's queries in
+    (timestamp, image_id) order, in one task (it is sequential), from the window the ``--state``
+    run carried. Returns the detections (an object ref) and the counts."""
+    if not cfg.detector.enabled:
+        return ray.put(detector.DETECTIONS_SCHEMA.empty_table()), {"enabled": False}
+    window = detector.window_uri(cfg.job.state) if cfg.job.state else None
+    if window and not storage.exists(window):
+        log.info("query detector: --state %s carries no detector window; starting from an empty one", cfg.job.state)
+        window = None
+    per_task = max(1, EVENTS_PER_MAP_TASK // max(cfg.job.files_per_shard, 1))
+    chunks = [list(range(i, min(i + per_task, len(shards)))) for i in range(0, len(shards), per_task)]
+    queries = ray.remote(num_cpus=0.25)(_queries)
+    made = [queries.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c) for c in chunks]
+    detections, counts = ray.remote(num_cpus=1, num_returns=2)(_detect_task).remote(cfg, output, window, *made)
+    try:
+        return detections, {"enabled": True, **ray.get(counts)}
+    except ray.exceptions.RayTaskError as exc:  # a carried window that does not fit: one line
+        if isinstance(exc.cause, detector.WindowError):
+            raise exc.cause from None
+        raise
 
 
 def _split(table: pa.Table | str, parts: int) -> list[pa.Table]:
@@ -235,7 +284,8 @@ def _reduce(part: int, n_state: int, groups: int, cfg: TwoStreamConfig, output: 
     return [responses.filter(group == g) for g in range(groups)] + [stats]
 
 
-def _finalize(output: str, shards: Sequence[tuple[int, str]], *responses: pa.Table) -> list[tuple[int, dict]]:
+def _finalize(output: str, shards: Sequence[tuple[int, str]], detections: pa.Table,
+              *responses: pa.Table) -> list[tuple[int, dict]]:
     """Ray task: a shard group's responses -> the images table of each of its shards; returns
     (shard index, counts) per shard."""
     table = pa.concat_tables(responses)
@@ -244,7 +294,7 @@ def _finalize(output: str, shards: Sequence[tuple[int, str]], *responses: pa.Tab
     results = []
     for k, shard_id in shards:
         lo, hi = np.searchsorted(index, [k, k + 1])
-        staging = storage.read_parquet(outputs.staging_uri(output, shard_id))
+        staging = _staged(outputs.staging_uri(output, shard_id), k, detections)
         results.append((k, reputation.respond(staging, table.slice(lo, hi - lo), output, shard_id)))
     return results
 
@@ -321,8 +371,8 @@ def _partitions(cfg: TwoStreamConfig, nbytes: int) -> int:
     return max(cfg.job.reputation_shards, -(-nbytes * REDUCE_BYTES_FACTOR // budget))
 
 
-def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, state: Sequence[str]
-                ) -> tuple[list, list[dict]]:
+def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, state: Sequence[str],
+                detections: ray.ObjectRef) -> tuple[list, list[dict]]:
     """Phase 2: every shard's events, and the starting state, are partitioned by source; each
     partition is reduced (Algorithm 2) and writes ``sources/part-N``. Returns, per partition, the
     responses of each shard group (object refs, for phase 3) and the partitions' stats."""
@@ -332,8 +382,8 @@ def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, stat
     per_task = max(1, EVENTS_PER_MAP_TASK // max(cfg.job.files_per_shard, 1))
     chunks = [order[i:i + per_task] for i in range(0, len(order), per_task)]
     events = ray.remote(num_cpus=0.25, num_returns=2)(_events)
-    made = [events.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c, cfg.reputation)
-            for c in chunks]
+    made = [events.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c, detections,
+                          cfg.reputation) for c in chunks]
     sizes = ray.get([m[0] for m in made])
     parts = _partitions(cfg, sum(b for _, b in sizes))
     log.info("reputation: %d events in %d partitions, state from %d file(s)", sum(r for r, _ in sizes),
@@ -360,12 +410,12 @@ def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, stat
     return [r[:-1] for r in reduced], stats
 
 
-def _final(shards: Sequence[Shard], output: str, reduced: list) -> list[dict]:
+def _final(shards: Sequence[Shard], output: str, reduced: list, detections: ray.ObjectRef) -> list[dict]:
     """Phase 3: each shard group's images tables, from the responses of every partition."""
     groups = len(reduced)
     final = ray.remote(num_cpus=0.25)(_finalize)
     tasks = [final.remote(output, [(k, s.shard_id) for k, s in enumerate(shards) if k % groups == g],
-                          *[r[g] for r in reduced]) for g in range(groups)]
+                          detections, *[r[g] for r in reduced]) for g in range(groups)]
     by_shard = {k: res for group in ray.get(tasks) for k, res in group}
     return [by_shard[k] for k in range(len(shards))]  # in the order of ``shards``
 
@@ -403,9 +453,11 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     sink = _score(cfg, todo, output, res)
     _unique_ids(cfg, shards, output)
     t1 = time.perf_counter()
-    reduced, rep_stats = _reputation(cfg, shards, output, state)
+    detections, detected = _detect(cfg, shards, output)
+    t_detect = time.perf_counter()
+    reduced, rep_stats = _reputation(cfg, shards, output, state, detections)
     t2 = time.perf_counter()
-    finals = _final(shards, output, reduced)
+    finals = _final(shards, output, reduced, detections)
     t3 = time.perf_counter()
 
     accounting = outputs.account(plan, {s.shard_id: f["rows"] for s, f in zip(shards, finals)})
@@ -413,7 +465,9 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
         input_uri=input_uri, manifest_uri=manifest_uri, output=output,
         shards={"total": len(shards), "resumed_done": len(done), "scored_now": len(todo)},
         finals=finals, sources=rep_stats, scored_now=sink.rows, stage_ms=sink.stage_ms,
-        wall_s={"total": t3 - started, "scoring": t1 - t0, "reputation": t2 - t1, "final": t3 - t2},
+        wall_s={"total": t3 - started, "scoring": t1 - t0, "detector": t_detect - t1, "reputation": t2 - t_detect,
+                "final": t3 - t2},
+        detector=detected,
         resources=res, config=cfg.model_dump(mode="json"),
         accounting=accounting, manifest=plan.match.summary() if plan.match is not None else None,
     )

@@ -137,7 +137,8 @@ def test_output_schemas_are_pinned():
         ("agreement", "double"), ("high_idx", "list<item: int32>"),
         ("high_prob", "list<item: float>"), ("high_labels", "list<item: string>"),
         ("low_idx", "list<item: int32>"), ("low_prob", "list<item: float>"),
-        ("low_labels", "list<item: string>"), ("error", "string"), ("response", "string"),
+        ("low_labels", "list<item: string>"), ("error", "string"), ("query_matches", "list<item: string>"),
+        ("response", "string"),
         ("cc", "int32"), ("blacklisted", "bool"),
     ]
     assert [(f.name, str(f.type)) for f in outputs.SOURCES_SCHEMA] == [

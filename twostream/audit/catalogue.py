@@ -352,10 +352,11 @@ def score_missing(cat: Catalogue, rows: np.ndarray, score_fn: ScoreFn) -> tuple[
 
 def rejected_for(cat: Catalogue, thresholds: ThresholdsConfig | None) -> tuple[np.ndarray, np.ndarray]:
     """(rejected bool, verdict) per catalogue row: the stored verdict when ``thresholds`` is
-    None, else Algorithm 1 recomputed from the top-k columns (rows without them: AuditError)."""
+    None, else Algorithm 1 recomputed from the top-k columns (rows without them: AuditError).
+    A query attack (the query detector's verdict) is rejected under any thresholds."""
     verdict = cat.verdict.copy()
     if thresholds is not None:
-        need = cat.scored & (cat.verdict != Verdict.ERROR)
+        need = cat.scored & (cat.verdict != Verdict.ERROR) & (cat.verdict != Verdict.QUERY_ATTACK)
         lacking = need & ~cat.has_topk
         if lacking.any():
             raise AuditError(
@@ -368,4 +369,4 @@ def rejected_for(cat: Catalogue, thresholds: ThresholdsConfig | None) -> tuple[n
             batch = score_rows(pc.take(cat.ids, pa.array(rows)).to_pylist(), none, none, cat.high_idx[rows],
                                cat.high_prob[rows], cat.low_idx[rows], cat.low_prob[rows], thresholds)
             verdict[rows] = batch.verdict
-    return verdict == Verdict.ADVERSARIAL, verdict
+    return (verdict == Verdict.ADVERSARIAL) | (verdict == Verdict.QUERY_ATTACK), verdict

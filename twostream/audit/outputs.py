@@ -3,7 +3,9 @@
 Files under the output folder: ``sources.parquet`` (:data:`SOURCES_SCHEMA`, ranked most
 suspicious first), ``timeline.parquet`` (:data:`TIMELINE_SCHEMA`), ``bad_lines.parquet``
 (:class:`BadLines`), ``scored_images.parquet`` (:func:`scored_images_table`),
-``what_if.parquet`` (:data:`WHAT_IF_SCHEMA`), ``summary.json`` and ``report.html``.
+``what_if.parquet`` (:data:`WHAT_IF_SCHEMA`), ``clusters.parquet`` (with ``--images``: the query
+detector's clusters of near-identical uploads, :data:`twostream.audit.clusters.CLUSTERS_SCHEMA`),
+``summary.json`` and ``report.html``.
 ``sources.parquet`` is merged from each partition's ranked rows (:class:`SourceRuns`, ordered by
 :func:`rank_key`), so that no step holds every source.
 :class:`AuditResult` is what :func:`twostream.audit.run.run_audit` returns and the report draws.
@@ -37,11 +39,11 @@ TIMELINE_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("timestamp", pa.float64()),  # UTC epoch seconds
     ("image_id", pa.string()),
-    ("verdict", pa.string()),  # accepted | adversarial | error
+    ("verdict", pa.string()),  # accepted | adversarial | query_attack | error
     ("label", pa.string()),  # CIFAR-10 label when accepted
     ("cc", pa.int32()),  # the source's counter after this upload (null for error images)
     ("blacklisted", pa.bool_()),  # the source's standing after this upload (null for errors)
-    ("response", pa.string()),  # a label, adversarial, blocked, or error
+    ("response", pa.string()),  # a label, adversarial, query_attack, blocked, or error
 ])
 INTERVAL = pa.struct([("start", pa.float64()), ("end", pa.float64())])
 SOURCES_SCHEMA = pa.schema([
@@ -248,3 +250,4 @@ class AuditResult:
     bad_sample: list[BadLine]
     what_if: pa.Table | None
     files: dict[str, str]
+    clusters: pa.Table | None = None  # CLUSTERS_SCHEMA (twostream.audit.clusters); None: unavailable

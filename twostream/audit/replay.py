@@ -212,7 +212,8 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
                      reputation: ReputationConfig) -> ReplayedPartition:
     """Algorithm 2 over one partition's sorted records (a source lives in one partition).
 
-    ``rejected`` is per catalogue row; error images leave the state unchanged (response ``error``).
+    ``rejected`` is per catalogue row; error images leave the state unchanged (response ``error``);
+    a rejected query attack (the query detector's verdict) is answered ``query_attack``.
     Each source's final state is kept in the ``src_*`` arrays and dropped from the ledger once its
     uploads are replayed, so that the ledger holds one source at a time.
     """
@@ -233,6 +234,7 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
     ledger = ReputationLedger(reputation.model_copy(update={"forget_default": False}))
     observe, response, cc, blacklisted = ledger.observe, part.response, part.cc, part.blacklisted
     ts_list, err, rej, lab = ts.tolist(), part.error.tolist(), part.rejected.tolist(), part.label.tolist()
+    refusal = np.where(cat.verdict[img] == Verdict.QUERY_ATTACK, Refusal.QUERY_ATTACK, Refusal.ADVERSARIAL).tolist()
     distinct, which = np.unique(img, return_inverse=True)
     distinct_ids = pc.take(cat.ids, pa.array(distinct)).to_pylist()
     ids = [distinct_ids[i] for i in which.tolist()]  # one str per image, shared by its uploads
@@ -243,7 +245,7 @@ def replay_partition(index: int, records: pa.Table, cat: Catalogue, rejected: np
                 response[k] = Refusal.ERROR
                 continue
             r = rej[k]
-            resp = observe(Upload(name, ts_list[k], ids[k], r, Verdict.ADVERSARIAL if r else (lab[k] or Verdict.ACCEPTED)))
+            resp = observe(Upload(name, ts_list[k], ids[k], r, refusal[k] if r else (lab[k] or Verdict.ACCEPTED)))
             response[k] = resp.response
             cc[k] = resp.cc
             blacklisted[k] = resp.blacklisted

@@ -27,6 +27,7 @@ def render_report(result: AuditResult, top: int | None = None) -> str:
     cap = int(result.summary["reputation"]["cap"])
     n_top = top if top is not None else len(result.top_series) or 10
     parts = [*_header(result.summary, cap), *_sources_section(result.sources, max(n_top, 10))]
+    parts += _clusters_section(result.clusters, result.summary.get("query_detector") or {})
     parts.append("<h2>CC over time of the top sources</h2>")
     if result.top_series:
         parts.append('<div class=grid id="cc-plots">')
@@ -91,6 +92,35 @@ def _sources_section(sources: pa.Table, rows_shown: int) -> list[str]:
                "final CC", "user agents"],
               rows, numeric={0, 2, 3, 4, 5, 6, 7, 10, 13}, row_class=classes, table_id="sources"),
     ]
+
+
+CLUSTERS_SHOWN = 100  # clusters listed (all are in clusters.parquet)
+
+
+def _clusters_section(clusters: pa.Table | None, detector: dict[str, Any]) -> list[str]:
+    """The query detector's clusters of near-identical uploads and who sent them, or why there are none."""
+    parts = ["<h2>Clusters of near-identical uploads (query detector)</h2>"]
+    if clusters is None:
+        reason = detector.get("reason") or "the query detector did not run"
+        return parts + [f"<p class=warn id=clusters-unavailable>Unavailable: {esc(reason)}.</p>"]
+    parts.append(
+        f"<p class=muted id=clusters-count>{clusters.num_rows:,} clusters: {detector.get('flagged', 0):,} images "
+        f"flagged as query attacks (<code>verdict = query_attack</code>, counted as rejections) among "
+        f"{detector.get('queries', 0):,} images compared in first-upload order ({detector.get('exact_reuploads', 0):,} "
+        f"exact re-uploads, {detector.get('unreadable', 0):,} unreadable). A cluster is a flagged image with the "
+        "earlier images it matched, joined where they share images; its sources are every source that uploaded "
+        "one of them. All are in <code>clusters.parquet</code>.</p>")
+    if not clusters.num_rows:
+        return parts
+    rows = []
+    for r in clusters.slice(0, CLUSTERS_SHOWN).to_pylist():
+        senders = ", ".join(f"{s} ({n})" for s, n in zip(r["sources"][:10], r["source_uploads"][:10]))
+        rows.append([r["cluster"], len(r["images"]), len(r["flagged"]), r["uploads"], len(r["sources"]),
+                     senders + (", ..." if len(r["sources"]) > 10 else ""), fmt_time(r["first_seen"]),
+                     fmt_time(r["last_seen"]), ", ".join(r["images"][:6]) + (", ..." if len(r["images"]) > 6 else "")])
+    return parts + [table(["#", "images", "flagged", "uploads", "sources", "sent by (uploads)", "first seen",
+                           "last seen", "images (first uploaded first)"], rows, numeric={0, 1, 2, 3, 4},
+                          table_id="clusters")]
 
 
 def _what_if_section(wt: pa.Table, clean_rate: float) -> list[str]:

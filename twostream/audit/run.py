@@ -8,6 +8,9 @@ a short function here over the modules that own the work:
    whatever the lines): records checked, bad lines written, good records spilled,
    hash-partitioned by source (:class:`twostream.audit.replay.Spill`); nothing kept per source.
 3. **Scoring** of the referenced images that no ``--scores`` row covers (a ``score_fn``).
+   Then, with ``--images``, the **query detector** over the log's images in first-upload order
+   (:mod:`twostream.audit.clusters`): the images it flags become ``query_attack`` (rejections)
+   and its matches, grouped, are the clusters of near-identical uploads and their sources.
 4. **Replay** of Algorithm 2 per source (:func:`twostream.audit.replay.replay`), a partition at
    a time: the timeline streamed to Parquet, each partition's per-source rows ranked to a file
    and merged into ``sources.parquet`` (:class:`twostream.audit.outputs.SourceRuns`), the rate
@@ -34,6 +37,7 @@ import pyarrow.compute as pc
 
 from twostream import storage
 from twostream.audit.catalogue import Catalogue, ScoreFn, build_catalogue, rejected_for, score_missing, scorer_score_fn
+from twostream.audit.clusters import Clusters, detect_clusters
 from twostream.audit.logread import AuditError, ColumnMapping, check_chunk, detect_format, read_log
 from twostream.audit.outputs import (
     SOURCES_KEPT,
@@ -47,6 +51,7 @@ from twostream.audit.outputs import (
 from twostream.audit.report import render_report
 from twostream.audit.replay import Spill, WhatIf, replay, what_if
 from twostream.core.config import TwoStreamConfig
+from twostream.core.labels import Verdict
 from twostream.reporting import RateBins, SourceSeries
 
 log = logging.getLogger(__name__)
@@ -126,6 +131,8 @@ def run_audit(
         clock.lap("log")
         newly_scored = _score_unscored(cat, logged.referenced, score_fn, config, files, output_uri)
         clock.lap("score")
+        clusters = _detect(logged, cat, images_uri, config, files, output_uri)
+        clock.lap("detector")
         replayed = _replay(logged, cat, config, files, settings.top, SourceRuns(tmp, settings.partitions))
         clock.lap("replay")
         what_if_table = None
@@ -138,8 +145,10 @@ def run_audit(
         shutil.rmtree(tmp, ignore_errors=True)
     summary = _summary(log_uri, fmt, images_uri, scores_uri, config, cat, logged, bad, replayed, newly_scored,
                        clock)
+    summary["query_detector"] = clusters.summary()
     result = AuditResult(output_uri, summary, replayed.sources, replayed.top_series, replayed.rates,
-                         dict(bad.counts), bad.sample, what_if_table, files)
+                         dict(bad.counts), bad.sample, what_if_table, files,
+                         clusters.table if clusters.available else None)
     _write_report_and_summary(result, settings.report)
     return result
 
@@ -182,6 +191,22 @@ def _score_unscored(cat: Catalogue, referenced: np.ndarray, score_fn: ScoreFn | 
     files["scored_images.parquet"] = storage.join(output_uri, "scored_images.parquet")
     storage.write_parquet(scored_images_table(batch, uris), files["scored_images.parquet"], compression="zstd")
     return len(need)
+
+
+def _detect(logged: _LogPass, cat: Catalogue, images_uri: str | None, config: TwoStreamConfig,
+            files: dict[str, str], output_uri: str) -> Clusters:
+    """The query detector over the log's images (:mod:`twostream.audit.clusters`): the images it
+    flags become ``query_attack`` (rejections for the replay); ``clusters.parquet`` written."""
+    clusters = detect_clusters(logged.spill, cat, images_uri, config.detector.enabled,
+                               config.detector.query_detector(), config.limits)
+    if clusters.available:
+        cat.verdict[clusters.flagged] = Verdict.QUERY_ATTACK
+        cat.label[clusters.flagged] = None
+        files["clusters.parquet"] = storage.join(output_uri, "clusters.parquet")
+        storage.write_parquet(clusters.table, files["clusters.parquet"], compression="zstd")
+    else:
+        log.info("query detector: %s", clusters.reason)
+    return clusters
 
 
 def _replay(logged: _LogPass, cat: Catalogue, config: TwoStreamConfig, files: dict[str, str], top: int,

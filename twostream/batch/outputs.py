@@ -6,7 +6,8 @@ Layout under the output prefix: ``_progress/plan.json`` + ``_progress/listing.pa
 run's fingerprint, :mod:`twostream.batch.resume`), ``_progress/entries/<shard>.parquet`` (each
 shard's planned entries, :func:`twostream.batch.planning.spool_entries`),
 ``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1), ``sources/part-N.parquet``
-(phase 2), ``images/<shard>.parquet`` and ``summary.json`` (phase 3).
+(phase 2), ``detector/window.parquet`` (the query detector's window, carried to the next run),
+``images/<shard>.parquet`` and ``summary.json`` (phase 3).
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ IDENTITY_FIELDS = (
     pa.field("timestamp", pa.float64()),
 )
 _ROW_FIELDS = [SCORE_FIELDS[0], *IDENTITY_FIELDS, *SCORE_FIELDS[1:]]
-STAGING_SCHEMA = pa.schema(_ROW_FIELDS + [pa.field("row", pa.int32())])  # row: position in its shard
+# The query detector's fingerprint of each decoded image (null on error or with the detector off):
+# twostream.core.query_detector.Fingerprint's digest, sample and hashes (little-endian int64s).
+FINGERPRINT_FIELDS = (
+    pa.field("fp_digest", pa.binary()),
+    pa.field("fp_sample", pa.binary()),
+    pa.field("fp_hashes", pa.binary()),
+)
+STAGING_SCHEMA = pa.schema(_ROW_FIELDS + [pa.field("row", pa.int32()), *FINGERPRINT_FIELDS])  # row: position in its shard
 IMAGES_SCHEMA = pa.schema(
     _ROW_FIELDS
     + [
-        pa.field("response", pa.string()),  # Algorithm 2: a label, adversarial, blocked, or error
+        # verdict query_attack: the earlier images the detector matched it to, closest first; else null
+        pa.field("query_matches", pa.list_(pa.string())),
+        pa.field("response", pa.string()),  # Algorithm 2: a label, adversarial, query_attack, blocked, or error
         pa.field("cc", pa.int32()),  # the source's counter after this image (null for errors)
         pa.field("blacklisted", pa.bool_()),  # the source's standing after this image (null for errors)
     ]
@@ -91,8 +101,9 @@ def staging_table(scored: pa.Table, rows: pa.Table) -> pa.Table:
 
 
 def images_table(staging: pa.Table, response: Sequence, cc: Sequence, blacklisted: Sequence) -> pa.Table:
-    """A staging table plus the Algorithm-2 columns -> :data:`IMAGES_SCHEMA` (drops ``row``)."""
-    table = staging.drop_columns(["row"])
+    """A staging table (with the detector's ``query_matches``) plus the Algorithm-2 columns ->
+    :data:`IMAGES_SCHEMA` (drops ``row`` and the fingerprint)."""
+    table = staging.drop_columns(["row", *(f.name for f in FINGERPRINT_FIELDS)])
     table = table.append_column("response", pa.array([str(r) for r in response], pa.string()))
     table = table.append_column("cc", pa.array(list(cc), pa.int32()))
     table = table.append_column("blacklisted", pa.array(list(blacklisted), pa.bool_()))
@@ -220,13 +231,15 @@ def build_summary(
     config: dict,
     accounting: dict,
     manifest: dict | None,
+    detector: dict | None = None,
 ) -> dict:
     """The run's summary (``summary.json``); raises if the verdict/response counts do not add up.
 
     ``finals``: one ``{"rows", "verdict", "response"}`` per shard (Counters); ``sources``: one
     ``{"sources", "blacklisted", "events"}`` per reputation shard; ``wall_s``: total, scoring,
     reputation, final; ``accounting``: :func:`account`'s objects listed against rows written;
-    ``manifest``: its rows matched and unmatched (:meth:`twostream.batch.manifest.Match.summary`).
+    ``manifest``: its rows matched and unmatched (:meth:`twostream.batch.manifest.Match.summary`);
+    ``detector``: the query detector's counts (:func:`twostream.batch.detector.detect_run`).
     """
     verdicts: Counter = Counter()
     responses: Counter = Counter()
@@ -246,6 +259,7 @@ def build_summary(
         "counts_add_up": sum(verdicts.values()) == rows == sum(responses.values()) == accounting["rows_expected"],
         "accounting": accounting,
         "manifest_rows": manifest,
+        "detector": detector or {"enabled": False},
         "sources": sum(s["sources"] for s in sources),
         "blacklisted_sources": sum(s["blacklisted"] for s in sources),
         "shards": shards,
@@ -279,7 +293,7 @@ def format_summary(summary: dict) -> str:
         "=" * 64,
         f"twostream batch scoring  ->  {summary['output']}",
         f"inputs {summary['inputs']}: accepted {v['accepted']}, adversarial {v['adversarial']}, "
-        f"error {v['error']}  (counts add up: {summary['counts_add_up']})",
+        f"query_attack {v.get('query_attack', 0)}, error {v['error']}  (counts add up: {summary['counts_add_up']})",
         "responses: " + ", ".join(f"{k} {n}" for k, n in summary["responses"].items()),
         f"objects listed {summary['accounting']['objects_listed']} (sidecars with their file "
         f"{summary['accounting']['sidecars_attached']}, tar folders {summary['accounting']['tar_directories']}): "
@@ -292,6 +306,11 @@ def format_summary(summary: dict) -> str:
         m = summary["manifest_rows"]
         lines.append(f"manifest rows {m['rows']}: matched {m['matched']}, matching no input {m['unmatched']}"
                      + (f" (first: {', '.join(m['unmatched_first'][:3])})" if m["unmatched"] else ""))
+    d = summary.get("detector") or {}
+    if d.get("enabled"):
+        lines.append(f"query detector: {d['queries']} queries, {d['exact_reuploads']} exact re-uploads, "
+                     f"{d['query_attacks']} query attacks; window {d['window_carried_in']} entries carried in, "
+                     f"{d['window_carried_out']} carried out")
     if summary.get("ground_truth"):
         lines += ground_truth.format_lines(summary["ground_truth"])
     if t["scoring_images_per_s"]:
@@ -300,7 +319,7 @@ def format_summary(summary: dict) -> str:
                      f"{t['end_to_end_images_per_s']:.1f} end to end")
         lines.append(f"per worker: {per_stage}")
     w = summary["wall_s"]
-    lines.append(f"wall {w['total']:.1f}s (scoring {w['scoring']:.1f}, reputation "
+    lines.append(f"wall {w['total']:.1f}s (scoring {w['scoring']:.1f}, detector {w.get('detector', 0):.1f}, reputation "
                  f"{w['reputation']:.1f}, final {w['final']:.1f})")
     lines.append("=" * 64)
     return "\n".join(lines)

@@ -38,7 +38,8 @@ from twostream.reporting import (
 )
 
 REPORT = "report.html"
-IMAGE_COLUMNS = ["image_id", "source", "timestamp", "verdict", "response", "error", "cc"]
+IMAGE_COLUMNS = ["image_id", "source", "timestamp", "verdict", "response", "error", "cc", "query_matches"]
+QUERY_ATTACKS_SHOWN = 200  # query attacks listed (the earliest; all are in images/)
 ERROR_REASONS_SHOWN = 30  # distinct error texts listed (the rest summed in one row)
 LISTED_ROWS = 500  # sources ever blacklisted listed in the report's table (all are in sources/)
 
@@ -53,6 +54,7 @@ class _Tally:
     responses: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     rows: list[pa.Table] = field(default_factory=list)  # the plotted sources' scored rows
+    query_attacks: pa.Table | None = None  # the earliest QUERY_ATTACKS_SHOWN detections
 
     def add(self, part: pa.Table) -> None:
         self.verdicts.update(_counts(part.column("verdict")))
@@ -61,12 +63,18 @@ class _Tally:
         verdict = part.column("verdict").to_numpy(zero_copy_only=False).astype(str)
         scored = verdict != str(Verdict.ERROR)
         self.rates.add(part.column("timestamp").to_numpy(zero_copy_only=False), scored,
-                       verdict == str(Verdict.ADVERSARIAL),
+                       (verdict == str(Verdict.ADVERSARIAL)) | (verdict == str(Verdict.QUERY_ATTACK)),
                        part.column("response").to_numpy(zero_copy_only=False).astype(str))
         mine = part.filter(pc.and_(pc.is_in(part.column("source"), pa.array(sorted(self.plotted), pa.string())),
                                    pc.is_valid(part.column("cc"))))
         if mine.num_rows:
             self.rows.append(mine.select(["source", "timestamp", "image_id", "cc"]))
+        found = part.filter(pc.equal(part.column("verdict"), str(Verdict.QUERY_ATTACK)))
+        if found.num_rows and "query_matches" in found.column_names:
+            found = found.select(["timestamp", "image_id", "source", "response", "query_matches"])
+            merged = found if self.query_attacks is None else pa.concat_tables([self.query_attacks, found])
+            self.query_attacks = merged.sort_by([("timestamp", "ascending"), ("image_id", "ascending")]).slice(
+                0, QUERY_ATTACKS_SHOWN)
 
 
 def _counts(column: pa.ChunkedArray) -> dict[str, int]:
@@ -92,7 +100,8 @@ def write_batch_report(output_uri: str, top: int = 12, listed_rows: int = LISTED
     listed = ever.rows()
     tally = _Tally(RateBins.over(ever.first, ever.last), {r["source"] for r in listed[:top]})
     for uri in storage.list_files(storage.join(output_uri, "images"), (".parquet",)):
-        tally.add(storage.read_parquet(uri).select(IMAGE_COLUMNS))
+        part = storage.read_parquet(uri)  # an older run's images/ has no query_matches
+        tally.add(part.select([c for c in IMAGE_COLUMNS if c in part.column_names]))
     html = render(summary, tally, listed, ever.count, top)
     uri = report_uri(output_uri)
     storage.write_bytes(uri, html.encode())
@@ -149,6 +158,7 @@ def render(summary: dict[str, Any], tally: _Tally, listed: list[dict[str, Any]],
         parts += _ground_truth_section(summary["ground_truth"])
     parts += _counts_section(tally)
     parts += _errors_section(tally.errors)
+    parts += _query_attacks_section(tally, summary.get("detector") or {})
     parts += _blacklisted_section(listed, ever, _series(tally, listed, top, int(rep.get("threshold", 3))), cap)
     parts += ["<h2>Rejection rate over time</h2>", img(rate_plot(tally.rates, "images"), "rejection rate over time",
                                                        "rate-plot")]
@@ -171,7 +181,8 @@ def _header(s: dict[str, Any], tally: _Tally, ever: int) -> list[str]:
         f'cap {esc(r.get("cap"))} &middot; {fmt_time(tally.rates.edges[0])} \u2192 {fmt_time(tally.rates.edges[-1])}'
         "</p>",
         kpis([("images", sum(v.values())), ("accepted", v[str(Verdict.ACCEPTED)]),
-              ("adversarial", v[str(Verdict.ADVERSARIAL)]), ("errors", v[str(Verdict.ERROR)]),
+              ("adversarial", v[str(Verdict.ADVERSARIAL)]), ("query attacks", v[str(Verdict.QUERY_ATTACK)]),
+              ("errors", v[str(Verdict.ERROR)]),
               ("blocked", tally.responses[str(Refusal.BLOCKED)]), ("sources", s.get("sources", 0)),
               ("ever blacklisted", ever), ("blacklisted at the end", s.get("blacklisted_sources", 0))]),
     ]
@@ -184,7 +195,8 @@ def _counts_section(tally: _Tally) -> list[str]:
     return [
         "<h2>Counts by verdict and response</h2>",
         "<p class=muted>Verdict: Algorithm 1 on the image alone. Refusal: what the source was answered "
-        "(Algorithm 2): a label, <code>adversarial</code>, <code>blocked</code> (the source was blacklisted) "
+        "(Algorithm 2): a label, <code>adversarial</code>, <code>query_attack</code> (the query detector matched "
+        "it to earlier near-identical uploads), <code>blocked</code> (the source was blacklisted) "
         "or <code>error</code>.</p>",
         '<div class=grid><div>',
         table(["verdict", "images", "share"], verdicts, numeric={1, 2}, table_id="verdicts"),
@@ -208,6 +220,30 @@ def _errors_section(errors: Counter) -> list[str]:
             "<p class=muted>Inputs that could not be scored (<code>verdict = error</code>), by the text of their "
             "<code>error</code> column; they are not Algorithm-2 events.</p>",
             table(["reason", "images"], rows, numeric={1}, table_id="errors")]
+
+
+def _query_attacks_section(tally: _Tally, detector: dict[str, Any]) -> list[str]:
+    """The query detector's detections: counts, then the earliest detections with what they matched."""
+    parts = ["<h2>Query attacks</h2>"]
+    if not detector.get("enabled"):
+        return parts + ["<p id=no-detector>The query detector was off (<code>detector.enabled</code>).</p>"]
+    count = tally.verdicts[str(Verdict.QUERY_ATTACK)]
+    parts.append(
+        f"<p id=query-attack-count>{count:,} uploads were near-identical to at least "
+        f"{esc(detector.get('min_matches', ''))} earlier ones (verdict <code>query_attack</code>), out of "
+        f"{detector.get('queries', 0):,} scored uploads ({detector.get('exact_reuploads', 0):,} exact re-uploads, "
+        f"never flagged); the window carried {detector.get('window_carried_in', 0):,} entries in and "
+        f"{detector.get('window_carried_out', 0):,} out.</p>")
+    if tally.query_attacks is None:
+        return parts
+    rows = [[fmt_time(r["timestamp"]), r["image_id"], r["source"], r["response"], len(r["query_matches"] or []),
+             ", ".join((r["query_matches"] or [])[:8]) + (", ..." if len(r["query_matches"] or []) > 8 else "")]
+            for r in tally.query_attacks.to_pylist()]
+    if count > len(rows):
+        parts.append(f"<p class=muted>The first {len(rows)} of {count:,}; every one is in <code>images/</code> "
+                     "(<code>verdict = query_attack</code>, <code>query_matches</code>).</p>")
+    return parts + [table(["time", "image", "source", "response", "matches", "matched images (closest first)"],
+                          rows, numeric={4}, table_id="query-attacks")]
 
 
 def _intervals(intervals: list[dict]) -> str:

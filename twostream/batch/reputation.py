@@ -286,8 +286,10 @@ def reduce_partition(
 
 
 def respond(staging: pa.Table, responses: pa.Table, output: str, shard: str) -> dict:
-    """Write a shard's images table: each staging row with the (cc, blacklisted) of its event in
-    ``responses`` (the shard's :data:`RESPONSES_SCHEMA` rows; error rows answer ``error``).
+    """Write a shard's images table: each staging row (with the query detector's verdicts and
+    ``query_matches``, :func:`twostream.batch.detector.apply_detections`) with the (cc,
+    blacklisted) of its event in ``responses`` (the shard's :data:`RESPONSES_SCHEMA` rows; error
+    rows answer ``error``, query attacks ``query_attack`` unless blocked).
     Returns the shard's counts; fails when an event is missing or answered twice."""
     verdict = staging.column("verdict")
     is_error = pc.equal(verdict, str(Verdict.ERROR)).to_numpy(zero_copy_only=False)
@@ -303,9 +305,10 @@ def respond(staging: pa.Table, responses: pa.Table, output: str, shard: str) -> 
     cc[rows] = _col(responses, "cc")
     listed[rows] = _col(responses, "blacklisted")
     cc, listed = cc[staged], listed[staged]
+    refusal = pc.if_else(pc.equal(verdict, str(Verdict.QUERY_ATTACK)), str(Refusal.QUERY_ATTACK), str(Refusal.ADVERSARIAL))
     answer = pc.if_else(
         pa.array(listed), str(Refusal.BLOCKED),
-        pc.if_else(pc.equal(verdict, str(Verdict.ACCEPTED)), staging.column("label"), str(Refusal.ADVERSARIAL)))
+        pc.if_else(pc.equal(verdict, str(Verdict.ACCEPTED)), staging.column("label"), refusal))
     answer = pc.if_else(pa.array(is_error), str(Refusal.ERROR), answer).to_pylist()
     images = images_table(staging, answer, pa.array(cc, mask=is_error).to_pylist(),
                           pa.array(listed, mask=is_error).to_pylist())

@@ -3,7 +3,8 @@
 The fingerprint covers what the rows depend on: the input (every listed object's key, size and
 modification time; a tar's own size and time beside its members' offsets and sizes), the manifest
 (sha256 of its bytes) and every setting that changes results (:func:`result_settings`: models,
-weights (a local weights file's size and time too), thresholds, limits, reputation, the shard
+weights (a local weights file's size and time too), thresholds, limits, reputation, the query
+detector, the shard
 size, the prior state the sources start from and the rule for late events). The first run
 records it in ``_progress/plan.json`` and the listing in
 ``_progress/listing.parquet``; a rerun on the same output with any difference is refused by
@@ -52,7 +53,7 @@ def result_settings(cfg: TwoStreamConfig) -> dict[str, Any]:
         out[f"{kind}.weights"] = stream.weights
         out[f"{kind}.top_k"] = stream.top_k
         out[f"{kind}.weights_file"] = _weights_file(stream.weights)
-    for section in ("thresholds", "limits", "reputation"):
+    for section in ("thresholds", "limits", "reputation", "detector"):
         for name, value in getattr(cfg, section).model_dump(mode="json").items():
             out[f"{section}.{name}"] = value
     for name in ("files_per_shard", "state", "late_events"):  # the sources also start from the state

@@ -3,7 +3,8 @@
 1. :func:`read_decode` - a work unit (part of a shard) -> one row per entry: identity columns and
    each stream's *prepared input* (:func:`~twostream.core.scoring.prepare`, the function the
    library's ``Scorer`` uses: the H-Net's resized tensor at its input size, the L-Net's 32x32),
-   or the error (:data:`DECODED_SCHEMA`). Images are decoded one at a time and prepared from
+   or the error (:data:`DECODED_SCHEMA`), and the query detector's fingerprint of its pixels
+   (:func:`fingerprint_columns`, with ``detector.enabled``). Images are decoded one at a time and prepared from
    Pillow's pixels a strip of rows at a time, with no full-resolution array; only their prepared
    inputs are kept, so a task holds one decoded image at most; it yields a
    block whenever ``job.decode_batch_size`` rows or ``job.decode_bytes_per_batch`` bytes of
@@ -15,8 +16,9 @@
    prepared input (dropped after), zeros where the row has an error. With JPEGs decoded on the
    device, the high stream's actor first decodes the ``encoded`` rows there
    (:func:`~twostream.core.device_decode.decode_on_device`, in calls bounded by decoded bytes)
-   and prepares both streams' inputs from the same pixels; only the L-Net's 32x32 comes back to
-   the CPU, and a row that fails to decode gets its error.
+   and prepares both streams' inputs from the same pixels; only the L-Net's 32x32 (and, with the
+   query detector on, the decoded pixels once, for its fingerprint) comes back to the CPU, and a
+   row that fails to decode gets its error.
 3. :func:`compare` - Algorithm 1 through :func:`~twostream.core.results.score_rows` into
    staging rows (:data:`~twostream.batch.outputs.STAGING_SCHEMA`).
 
@@ -42,15 +44,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from twostream.batch.outputs import staging_table
+from twostream.batch.outputs import FINGERPRINT_FIELDS, staging_table
 from twostream.batch.planning import Shard, attach_identity, read_unit
 from twostream.core.config import TwoStreamConfig
 from twostream.core.results import score_rows
 
 if TYPE_CHECKING:
+    import PIL.Image
     import torch
 
     from twostream.core.models import InputSpec
+    from twostream.core.query_detector import QueryDetectorConfig
 
 FAULT_CRASH_ACTOR = "TWOSTREAM_FAULT_CRASH_ACTOR_ONCE"  # dir: first high-stream batch kills its actor
 KINDS = ("high", "low")
@@ -70,10 +74,12 @@ DECODED_SCHEMA = pa.schema([
     ("high_input", pa.large_binary()),  # prepared H-Net input, (3, h, w) float32; empty on error
     ("low_input", pa.large_binary()),  # prepared L-Net input, (3, h, w) float32; empty on error
     ("encoded", pa.large_binary()),  # a JPEG for the high stream to decode on its device; else empty
+    *FINGERPRINT_FIELDS,  # the query detector's fingerprint (detector.enabled), null on error
     ("t_read_ms", pa.float64()),
     ("t_decode_ms", pa.float64()),
 ])
 _IDENTITY = ("row", "image_id", "key", "uri", "source", "timestamp")
+_FP_NAMES = tuple(f.name for f in FINGERPRINT_FIELDS)
 _PASSED_ON = ("shard_total", "t_read_ms", "t_decode_ms", "t_high_ms", "t_low_ms")  # kept by compare
 
 
@@ -85,6 +91,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
     from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_rgb
     from twostream.core.scoring import prepare
 
+    detector = config.detector.query_detector() if config.detector.enabled else None
     on_device = config.decodes_jpeg_on_device()
     rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
@@ -94,6 +101,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
         attach_identity(row)
         t1 = time.perf_counter()
         error, size, prepared, encoded = row["read_error"], (None, None), {kind: b"" for kind in KINDS}, b""
+        fp: tuple[bytes | None, ...] = (None,) * len(_FP_NAMES)
         if error is None:
             data = row.pop("data")
             error, size = _device_header(data, config) if on_device else (None, (None, None))
@@ -108,6 +116,8 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
                 else:
                     size = (image.height, image.width)
                     prepared = {kind: prepare(specs[kind], [image]).numpy().tobytes() for kind in KINDS}
+                    if detector is not None:
+                        fp = fingerprint_columns(image, detector)
                     del image
         t2 = time.perf_counter()
         out["shard"].append(unit.shard_id)
@@ -120,6 +130,8 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
         for kind in KINDS:
             out[f"{kind}_input"].append(prepared[kind])
         out["encoded"].append(encoded)
+        for name, value in zip(_FP_NAMES, fp):
+            out[name].append(value)
         out["t_read_ms"].append((t1 - t0) * 1e3)
         out["t_decode_ms"].append((t2 - t1) * 1e3)
         held += sum(len(v) for v in prepared.values()) + len(encoded)
@@ -130,6 +142,26 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
         t0 = time.perf_counter()
     if out["row"]:
         yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+
+
+def fingerprint_columns(image: PIL.Image.Image | np.ndarray | torch.Tensor,
+                        config: QueryDetectorConfig) -> tuple[bytes, bytes, bytes]:
+    """The query detector's fingerprint of a decoded image (a Pillow image, read a strip of
+    rows at a time; an (H, W, 3) uint8 array; or the device decoder's (3, H, W) uint8 tensor)
+    as the :data:`~twostream.batch.outputs.FINGERPRINT_FIELDS` values."""
+    from twostream.core.preprocess import STRIP_ROWS, pixel_rows
+    from twostream.core.query_detector import fingerprint_rows
+
+    if isinstance(image, np.ndarray):
+        height, width, strips = image.shape[0], image.shape[1], iter([image])
+    elif hasattr(image, "permute"):  # a device tensor: its pixels come to the CPU once
+        height, width = image.shape[1:]
+        strips = iter([image.permute(1, 2, 0).contiguous().cpu().numpy()])
+    else:
+        height, width = image.height, image.width
+        strips = (pixel_rows(image, top, min(height, top + STRIP_ROWS)) for top in range(0, height, STRIP_ROWS))
+    fp = fingerprint_rows(height, width, strips, config)
+    return fp.digest, fp.sample.tobytes(), np.asarray(fp.hashes, "<i8").tobytes()
 
 
 def _device_header(data: bytes, config: TwoStreamConfig) -> tuple[str | None, tuple[int | None, int | None]]:
@@ -174,6 +206,7 @@ class StreamStage:
         self.scorer = StreamScorer(config, kind)
         self.decodes = kind == "high" and config.decodes_jpeg_on_device()
         self.low_spec = input_spec(config, "low") if self.decodes else None
+        self.detector = config.detector.query_detector() if self.decodes and config.detector.enabled else None
         self.calls = 0
 
     def _decode(self, table: pa.Table) -> tuple[pa.Table, dict[int, "torch.Tensor"]]:
@@ -191,12 +224,16 @@ class StreamStage:
         ok = [i for i, image in enumerate(images) if image is not None]
         high = prepare(self.scorer.stream, [images[i] for i in ok]) if ok else None
         low = prepare(self.low_spec, [images[i] for i in ok]).cpu().numpy() if ok else None
-        columns = {name: table.column(name).to_pylist() for name in ("error", "height", "width", "low_input")}
+        names = ("error", "height", "width", "low_input") + (_FP_NAMES if self.detector is not None else ())
+        columns = {name: table.column(name).to_pylist() for name in names}
         for i, k in enumerate(rows):
             if errors[i] is not None:
                 columns["error"][k], columns["height"][k], columns["width"][k] = errors[i], None, None
         for j, i in enumerate(ok):
             columns["low_input"][rows[i]] = low[j].tobytes()
+            if self.detector is not None:
+                for name, value in zip(_FP_NAMES, fingerprint_columns(images[i], self.detector)):
+                    columns[name][rows[i]] = value
         for name, values in columns.items():
             table = table.set_column(table.schema.get_field_index(name), name,
                                      pa.array(values, table.schema.field(name).type))

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from twostream.core.query_detector import QueryDetectorConfig
+
 ADMIN_TOKEN_ENV = "TWOSTREAM_ADMIN_TOKEN"
 # Attacks too slow on a CPU for every image by default (a seeded subset of this many images).
 SLOW_ATTACK_SUBSET = {"t1-deepfool": 64, "t2-cw": 64, "t2-pixel1": 64, "t2-pixel3": 64}
@@ -346,6 +348,41 @@ class AuditSettings(_Strict):
     report: bool = Field(True, description="write report.html")
 
 
+_QD = QueryDetectorConfig  # the defaults live there, once
+
+
+class DetectorSettings(_Strict):
+    """The ``detector:`` section: the stateful query detector (``docs/detector.md``), on or off,
+    and its :class:`~twostream.core.query_detector.QueryDetectorConfig` fields."""
+
+    enabled: bool = Field(True, description="run the stateful query detector (batch job: across the run and "
+                                            "the state it carries)")
+    windows: int = Field(_QD.windows, description="sampled windows per image")
+    index_windows: int = Field(_QD.index_windows, description="windows hashed into the fingerprint")
+    quant_step: int = Field(_QD.quant_step, description="quantization step of the hashed values")
+    min_shared: int = Field(_QD.min_shared, description="shared hashes that make an earlier image a candidate")
+    max_linf: int = Field(_QD.max_linf, description="largest sampled |difference| of a match (0..255)")
+    min_texture_ratio: float = Field(_QD.min_texture_ratio, description="noise-like: flat/textured change ratio")
+    max_sparse_changed: float = Field(_QD.max_sparse_changed, description="noise-like: most share of values changed")
+    jpeg_texture_ratio: float = Field(_QD.jpeg_texture_ratio, description="JPEG vote: change follows texture")
+    jpeg_channel_corr: float = Field(_QD.jpeg_channel_corr, description="JPEG vote: R, G, B move together")
+    jpeg_block_ratio: float = Field(_QD.jpeg_block_ratio, description="JPEG vote: steps at the block grid")
+    min_matches: int = Field(_QD.min_matches, description="matches that make a query a query attack")
+    max_candidates: int = Field(_QD.max_candidates, description="newest candidates verified per query")
+    max_entries: int = Field(_QD.max_entries, description="remembered images (the window's count bound)")
+    max_age_s: float | None = Field(_QD.max_age_s, description="remembered seconds (the window's age bound)")
+    seed: int = Field(_QD.seed, description="draws the sampled windows; keep it secret in production")
+
+    @model_validator(mode="after")
+    def _valid(self) -> DetectorSettings:
+        self.query_detector()  # QueryDetectorConfig's own checks, named
+        return self
+
+    def query_detector(self) -> QueryDetectorConfig:
+        """The detector's config (the fields but ``enabled``)."""
+        return QueryDetectorConfig(**self.model_dump(exclude={"enabled"}))
+
+
 def _attack_names() -> tuple[str, ...]:
     from twostream.attacks import ATTACKS  # the attacks declare themselves; imported when validated
 
@@ -365,6 +402,7 @@ class TwoStreamConfig(_Strict):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     audit: AuditSettings = AuditSettings()
     simulation: SimulationSettings = SimulationSettings()
+    detector: DetectorSettings = DetectorSettings()
 
     def decodes_jpeg_on_device(self) -> bool:
         """Whether the batch job decodes JPEGs in the high stream's actors (``job.decode``)."""
