@@ -1,0 +1,212 @@
+"""The query detector's state in Redis: :class:`RedisDetectorStore`, a
+:class:`~twostream.core.query_detector.DetectorStore` shared by every ingress replica and every
+source id, and kept over restarts (it lives in the same Redis as the reputation state).
+
+It holds what :class:`~twostream.core.query_detector.MemoryStore` holds, and gives the same
+reports on the same queries (``tests/online/test_detector_store.py``). Keys, under the hash tag
+``{prefix}`` (one Redis Cluster slot; the scripts name the per-entry and per-hash keys themselves,
+inside that slot):
+
+* ``{prefix}:qd:seq`` - the arrival counter; ``{prefix}:qd:order`` - a sorted set, query id ->
+  its arrival number (oldest first: the eviction order, and newest first for candidates);
+* ``{prefix}:qd:e:<query id>`` - a hash per remembered image: ``s`` the sample (raw bytes), ``h``
+  its hashes (decimal, space-separated: 63-bit integers never pass through Lua's doubles), ``d``
+  the digest, ``g`` the geometry ``H,W``, ``t`` the time (17 significant digits), ``n`` the
+  arrival number, ``src`` the source (absent: none);
+* ``{prefix}:qd:h:<hash>`` - a set per hash: the query ids whose fingerprint holds it (the index:
+  an entry's count of shared hashes is the number of the query's sets it is in);
+* ``{prefix}:qd:digests`` - a hash, digest -> query id (exact re-uploads).
+
+Every change is one Lua script (atomic while replicas race): ``add`` refuses a digest that is
+already remembered (two replicas adding the same new image at once keep one entry, so an exact
+copy never counts twice) and an id already remembered; ``evict`` drops the oldest entries beyond
+the bounds, as ``MemoryStore`` does. ``candidates`` returns the samples of the newest
+``verify_limit`` only (the detector verifies no more, ``max_candidates``): entries past them come
+with an empty sample and no hashes, counted in the report and not verified.
+
+Costs: four to five round trips per query (evict, digest, candidates, add, evict); a candidate
+lookup reads the query's 32 index sets, so it grows with the near-duplicates remembered (an
+attack run of k queries makes sets of k ids); an eviction after a long idle time forgets every
+expired entry in one script.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from twostream.core.query_detector import DetectorStore, Entry, Fingerprint
+
+PASSWORD_ENV = "TWOSTREAM_REDIS_PASSWORD"
+
+_FORGET = """
+local function forget(tag, qid)
+  local e = tag .. ':qd:e:' .. qid
+  local f = redis.call('HMGET', e, 'd', 'h')
+  if f[1] and redis.call('HGET', tag .. ':qd:digests', f[1]) == qid then
+    redis.call('HDEL', tag .. ':qd:digests', f[1])
+  end
+  if f[2] then
+    for h in string.gmatch(f[2], '%S+') do redis.call('SREM', tag .. ':qd:h:' .. h, qid) end
+  end
+  redis.call('DEL', e)
+  redis.call('ZREM', tag .. ':qd:order', qid)
+end
+local function evict(tag, now, max_entries, max_age)
+  local order = tag .. ':qd:order'
+  local evicted = 0
+  while true do
+    local first = redis.call('ZRANGE', order, 0, 0)
+    if #first == 0 then break end
+    local t = tonumber(redis.call('HGET', tag .. ':qd:e:' .. first[1], 't'))
+    local too_old = max_age >= 0 and t < now - max_age
+    if redis.call('ZCARD', order) <= max_entries and not too_old then break end
+    forget(tag, first[1])
+    evicted = evicted + 1
+  end
+  return evicted
+end
+"""
+
+EVICT_SCRIPT = _FORGET + """
+-- KEYS: order; ARGV: tag, now, max_entries, max_age (-1: none)
+return evict(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+"""
+
+ADD_SCRIPT = """
+-- KEYS: order, digests, seq, entry; ARGV: tag, query id, digest, geometry, time, sample, hashes,
+-- has source (0/1), source
+if redis.call('EXISTS', KEYS[4]) == 1 then return {'exists'} end
+local same = redis.call('HGET', KEYS[2], ARGV[3])
+if same then return {'duplicate', same} end
+local n = redis.call('INCR', KEYS[3])
+redis.call('ZADD', KEYS[1], n, ARGV[2])
+redis.call('HSET', KEYS[4], 's', ARGV[6], 'h', ARGV[7], 'd', ARGV[3], 'g', ARGV[4], 't', ARGV[5], 'n', n)
+if ARGV[8] == '1' then redis.call('HSET', KEYS[4], 'src', ARGV[9]) end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+for h in string.gmatch(ARGV[7], '%S+') do redis.call('SADD', ARGV[1] .. ':qd:h:' .. h, ARGV[2]) end
+return {'added'}
+"""
+
+FIND_SCRIPT = """
+-- KEYS: digests; ARGV: tag, digest -> {query id, entry fields...} or {}
+local qid = redis.call('HGET', KEYS[1], ARGV[2])
+if not qid then return {} end
+local f = redis.call('HMGET', ARGV[1] .. ':qd:e:' .. qid, 's', 'h', 'd', 'g', 't', 'src')
+return {qid, f[1], f[2], f[3], f[4], f[5], f[6] or false}
+"""
+
+CANDIDATES_SCRIPT = """
+-- KEYS: order; ARGV: tag, geometry, min_shared, verify_limit, hashes...
+-- -> per candidate, newest first: {query id, shared, digest, time, source or false, sample, hashes}
+--    (sample and hashes empty past the first verify_limit)
+local tag = ARGV[1]
+local counts, ids = {}, {}
+for i = 5, #ARGV do
+  for _, qid in ipairs(redis.call('SMEMBERS', tag .. ':qd:h:' .. ARGV[i])) do
+    if counts[qid] then counts[qid] = counts[qid] + 1 else counts[qid] = 1; ids[#ids + 1] = qid end
+  end
+end
+local min_shared, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local found = {}
+for _, qid in ipairs(ids) do
+  if counts[qid] >= min_shared then
+    local f = redis.call('HMGET', tag .. ':qd:e:' .. qid, 'g', 'n')
+    if f[1] == ARGV[2] then found[#found + 1] = {qid, tonumber(f[2])} end
+  end
+end
+table.sort(found, function(a, b) return a[2] > b[2] end)
+local out = {}
+for k, c in ipairs(found) do
+  local e = tag .. ':qd:e:' .. c[1]
+  local f
+  if k <= limit then
+    f = redis.call('HMGET', e, 'd', 't', 'src', 's', 'h')
+  else
+    f = redis.call('HMGET', e, 'd', 't', 'src')
+    f[4], f[5] = '', ''
+  end
+  out[#out + 1] = {c[1], counts[c[1]], f[1], f[2], f[3] or false, f[4], f[5]}
+end
+return out
+"""
+
+
+def _geometry(geometry: tuple[int, int]) -> str:
+    return f"{int(geometry[0])},{int(geometry[1])}"
+
+
+def _entry(query_id: bytes, sample: bytes, hashes: bytes, digest: bytes, geometry: tuple[int, int],
+           time: bytes, source: bytes | None) -> Entry:
+    fp = Fingerprint(geometry, digest, np.frombuffer(sample, np.uint8),
+                     tuple(int(h) for h in hashes.split()))
+    return Entry(query_id.decode(), None if source is None else source.decode("utf-8"), float(time), fp)
+
+
+class RedisDetectorStore(DetectorStore):
+    """The detector's state in Redis (synchronous client: the detector runs in a worker thread).
+
+    ``url``: ``redis://`` or ``rediss://``, the password the URL's or ``$TWOSTREAM_REDIS_PASSWORD``;
+    ``prefix``: the key prefix (a hash tag), the reputation state's; ``verify_limit``: the newest
+    candidates returned with their samples (the detector's ``max_candidates``).
+    """
+
+    def __init__(self, url: str, *, prefix: str = "twostream", verify_limit: int = 64,
+                 timeout_s: float = 2.0) -> None:
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        self.client = redis.Redis.from_url(
+            url, password=os.environ.get(PASSWORD_ENV) or None, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(cap=0.5), 3),
+        )
+        self.tag = "{" + prefix + "}"
+        self.verify_limit = verify_limit
+        self.order_key = f"{self.tag}:qd:order"
+        self.digests_key = f"{self.tag}:qd:digests"
+        self.seq_key = f"{self.tag}:qd:seq"
+        self._evict = self.client.register_script(EVICT_SCRIPT)
+        self._add = self.client.register_script(ADD_SCRIPT)
+        self._find = self.client.register_script(FIND_SCRIPT)
+        self._candidates = self.client.register_script(CANDIDATES_SCRIPT)
+
+    def __len__(self) -> int:
+        return int(self.client.zcard(self.order_key))
+
+    def find_digest(self, digest: bytes) -> Entry | None:
+        found: list[Any] = self._find(keys=[self.digests_key], args=[self.tag, digest])
+        if not found:
+            return None
+        query_id, sample, hashes, digest, geometry, time, source = found
+        height, width = geometry.split(b",")
+        return _entry(query_id, sample, hashes, digest, (int(height), int(width)), time, source)
+
+    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...],
+                   min_shared: int) -> list[tuple[Entry, int]]:
+        rows = self._candidates(keys=[self.order_key],
+                                args=[self.tag, _geometry(geometry), min_shared, self.verify_limit,
+                                      *(str(h) for h in hashes)])
+        return [(_entry(query_id, sample, entry_hashes, digest, geometry, time, source), int(shared))
+                for query_id, shared, digest, time, source, sample, entry_hashes in rows]
+
+    def add(self, entry: Entry) -> None:
+        fp = entry.fingerprint
+        key = f"{self.tag}:qd:e:{entry.query_id}"
+        answer = self._add(
+            keys=[self.order_key, self.digests_key, self.seq_key, key],
+            args=[self.tag, entry.query_id, fp.digest, _geometry(fp.geometry), repr(float(entry.time)),
+                  np.ascontiguousarray(fp.sample, np.uint8).tobytes(), " ".join(str(h) for h in fp.hashes),
+                  int(entry.source is not None), entry.source or ""],
+        )
+        if answer[0] == b"exists":
+            raise ValueError(f"query detector: query id {entry.query_id!r} is already remembered")
+
+    def evict(self, now: float, max_entries: int, max_age_s: float | None) -> int:
+        age = -1.0 if max_age_s is None else float(max_age_s)
+        return int(self._evict(keys=[self.order_key], args=[self.tag, repr(float(now)), max_entries, repr(age)]))
+
+    def close(self) -> None:
+        self.client.close()
