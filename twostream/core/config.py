@@ -190,6 +190,15 @@ class ServeSettings(_Strict):
     ingress_num_cpus: float = Field(
         0.0, ge=0.0, description="CPUs reserved per ingress replica (fused: beside high.num_cpus + low.num_cpus)"
     )
+    answer_detail: Literal["full", "label", "verdict"] = Field(
+        "label",
+        description=(
+            "what a 200 answer of /v1/classify tells the client: full (the label, both streams' top-k "
+            "probabilities, the agreement, timings), label (the CIFAR-10 label or the refusal only), verdict "
+            "(accepted or rejected only). label by default: scores feed score-based query attacks "
+            "(docs/serve.md)"
+        ),
+    )
     max_batch_size: int = Field(8, gt=0, le=1024, description="@serve.batch size per model replica")
     batch_wait_timeout_s: float = Field(
         0.0,

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from twostream.core.query_detector import DetectorStore, Entry, Fingerprint
+from twostream.core.config import TwoStreamConfig
+from twostream.core.query_detector import DetectorStore, Entry, Fingerprint, MemoryStore, QueryDetector
 
 PASSWORD_ENV = "TWOSTREAM_REDIS_PASSWORD"
 
@@ -210,3 +211,20 @@ class RedisDetectorStore(DetectorStore):
 
     def close(self) -> None:
         self.client.close()
+
+
+def endpoint_detector(config: TwoStreamConfig) -> QueryDetector | None:
+    """The endpoint's query detector (``detector:`` section): None when off; its state in the
+    reputation Redis (``serve.redis_url``, ``serve.redis_prefix``) or, ``detector.store: memory``,
+    in this replica only."""
+    section, serve = config.detector, config.serve
+    if not section.enabled:
+        return None
+    rules = section.query_config()
+    if section.store == "memory":
+        return QueryDetector(rules, MemoryStore())
+    if not serve.redis_url:
+        raise ValueError("detector.store=redis needs serve.redis_url (the reputation state's Redis)")
+    store = RedisDetectorStore(serve.redis_url, prefix=serve.redis_prefix, verify_limit=rules.max_candidates,
+                               timeout_s=serve.redis_timeout_s)
+    return QueryDetector(rules, store)
