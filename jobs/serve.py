@@ -183,7 +183,8 @@ class Ingress:
 
     async def _query_attack(self, scored: Scored, source: str, image_id: str) -> bool:
         """Whether the stateful query detector flags the image (False when it is off); it is
-        remembered for later queries. 503 when the detector's Redis does not answer."""
+        remembered for later queries. 503 when the detector's Redis does not answer within
+        ``serve.redis_retry_s``."""
         if self.detector is None or scored.fingerprint is None:
             return False
         from redis.exceptions import RedisError
@@ -192,9 +193,8 @@ class Ingress:
                                   now=time.time())
         try:
             _, flagged = await asyncio.get_running_loop().run_in_executor(self._detector_thread, judge)
-        except (RedisError, OSError) as exc:
-            raise ApiError(503, "detector_unavailable",
-                           f"query detector state unavailable, the image was not answered: {exc}") from None
+        except (RedisError, OSError) as exc:  # the same Redis as the reputation state: the same 503
+            raise unavailable(StoreUnavailable(f"query detector: {exc}")) from None
         if flagged:
             self.metrics.detections.inc()
         return flagged

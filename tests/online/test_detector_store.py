@@ -126,6 +126,8 @@ def test_two_replicas_adding_one_new_image_keep_one_entry(server, photos):
     assert len(a) == 1 and b.find_digest(fp.digest).query_id == "first"
     found = b.find_digest(fp.digest)
     assert (found.query_id, found.source, found.time, found.fingerprint.hashes) == ("first", "s1", 1.0, fp.hashes)
+    a.add(Entry("first", "s1", 1.0, fp))  # a call retried after its answer was lost: no change
+    assert len(a) == 1
     with pytest.raises(ValueError, match="'first' is already remembered"):
         b.add(Entry("first", "s1", 3.0, fingerprint(photos[1], CONFIG)))
 

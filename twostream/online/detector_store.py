@@ -7,22 +7,30 @@ reports on the same queries (``tests/online/test_detector_store.py``). Keys, und
 ``{prefix}`` (one Redis Cluster slot; the scripts name the per-entry and per-hash keys themselves,
 inside that slot):
 
-* ``{prefix}:qd:seq`` - the arrival counter; ``{prefix}:qd:order`` - a sorted set, query id ->
-  its arrival number (oldest first: the eviction order, and newest first for candidates);
-* ``{prefix}:qd:e:<query id>`` - a hash per remembered image: ``s`` the sample (raw bytes), ``h``
-  its hashes (decimal, space-separated: 63-bit integers never pass through Lua's doubles), ``d``
-  the digest, ``g`` the geometry ``H,W``, ``t`` the time (17 significant digits), ``n`` the
-  arrival number, ``src`` the source (absent: none);
-* ``{prefix}:qd:h:<hash>`` - a set per hash: the query ids whose fingerprint holds it (the index:
-  an entry's count of shared hashes is the number of the query's sets it is in);
-* ``{prefix}:qd:digests`` - a hash, digest -> query id (exact re-uploads).
+* ``{prefix}:qd:seq`` - the arrival counter: each remembered image is known inside the store by
+  its arrival number ``n`` (an integer: the index sets stay compact intsets);
+* ``{prefix}:qd:order`` - a list of arrival numbers, oldest first (the eviction order; newest
+  first for candidates is the larger number);
+* ``{prefix}:qd:e:<n>`` - a hash per remembered image: ``q`` its query id, ``s`` the sample (raw
+  bytes), ``h`` its hashes (decimal, space-separated: 63-bit integers never pass through Lua's
+  doubles), ``d`` the digest, ``g`` the geometry ``H,W``, ``t`` the time (shortest repr: exact),
+  ``src`` the source (absent: none);
+* ``{prefix}:qd:h:<hash>`` - a set per hash: the arrival numbers of the images whose fingerprint
+  holds it (the index: an entry's count of shared hashes is the number of the query's sets it
+  is in);
+* ``{prefix}:qd:digests`` and ``{prefix}:qd:ids`` - hashes, digest -> ``n`` (exact re-uploads)
+  and query id -> ``n`` (ids are unique).
 
 Every change is one Lua script (atomic while replicas race): ``add`` refuses a digest that is
 already remembered (two replicas adding the same new image at once keep one entry, so an exact
-copy never counts twice) and an id already remembered; ``evict`` drops the oldest entries beyond
+copy never counts twice) and an id already remembered with another digest (the same one: a call
+retried after a lost answer); ``evict`` drops the oldest entries beyond
 the bounds, as ``MemoryStore`` does. ``candidates`` returns the samples of the newest
 ``verify_limit`` only (the detector verifies no more, ``max_candidates``): entries past them come
 with an empty sample and no hashes, counted in the report and not verified.
+
+Redis unreachable: each call is retried for about ``retry_s`` seconds (then redis-py's
+``ConnectionError``; the endpoint answers 503, as for the reputation state).
 
 Costs: four to five round trips per query (evict, digest, candidates, add, evict); a candidate
 lookup reads the query's 32 index sets, so it grows with the near-duplicates remembered (an
@@ -32,6 +40,7 @@ expired entry in one script.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -43,28 +52,27 @@ from twostream.core.query_detector import DetectorStore, Entry, Fingerprint, Mem
 PASSWORD_ENV = "TWOSTREAM_REDIS_PASSWORD"
 
 _FORGET = """
-local function forget(tag, qid)
-  local e = tag .. ':qd:e:' .. qid
-  local f = redis.call('HMGET', e, 'd', 'h')
-  if f[1] and redis.call('HGET', tag .. ':qd:digests', f[1]) == qid then
-    redis.call('HDEL', tag .. ':qd:digests', f[1])
-  end
+local function forget(tag, n)
+  local e = tag .. ':qd:e:' .. n
+  local f = redis.call('HMGET', e, 'd', 'h', 'q')
+  if f[1] and redis.call('HGET', tag .. ':qd:digests', f[1]) == n then redis.call('HDEL', tag .. ':qd:digests', f[1]) end
+  if f[3] and redis.call('HGET', tag .. ':qd:ids', f[3]) == n then redis.call('HDEL', tag .. ':qd:ids', f[3]) end
   if f[2] then
-    for h in string.gmatch(f[2], '%S+') do redis.call('SREM', tag .. ':qd:h:' .. h, qid) end
+    for h in string.gmatch(f[2], '%S+') do redis.call('SREM', tag .. ':qd:h:' .. h, n) end
   end
   redis.call('DEL', e)
-  redis.call('ZREM', tag .. ':qd:order', qid)
 end
 local function evict(tag, now, max_entries, max_age)
   local order = tag .. ':qd:order'
   local evicted = 0
   while true do
-    local first = redis.call('ZRANGE', order, 0, 0)
-    if #first == 0 then break end
-    local t = tonumber(redis.call('HGET', tag .. ':qd:e:' .. first[1], 't'))
+    local first = redis.call('LINDEX', order, 0)
+    if not first then break end
+    local t = tonumber(redis.call('HGET', tag .. ':qd:e:' .. first, 't'))
     local too_old = max_age >= 0 and t < now - max_age
-    if redis.call('ZCARD', order) <= max_entries and not too_old then break end
-    forget(tag, first[1])
+    if redis.call('LLEN', order) <= max_entries and not too_old then break end
+    forget(tag, first)
+    redis.call('LPOP', order)
     evicted = evicted + 1
   end
   return evicted
@@ -77,26 +85,30 @@ return evict(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 """
 
 ADD_SCRIPT = """
--- KEYS: order, digests, seq, entry; ARGV: tag, query id, digest, geometry, time, sample, hashes,
+-- KEYS: order, digests, seq, ids; ARGV: tag, query id, digest, geometry, time, sample, hashes,
 -- has source (0/1), source
-if redis.call('EXISTS', KEYS[4]) == 1 then return {'exists'} end
-local same = redis.call('HGET', KEYS[2], ARGV[3])
-if same then return {'duplicate', same} end
-local n = redis.call('INCR', KEYS[3])
-redis.call('ZADD', KEYS[1], n, ARGV[2])
-redis.call('HSET', KEYS[4], 's', ARGV[6], 'h', ARGV[7], 'd', ARGV[3], 'g', ARGV[4], 't', ARGV[5], 'n', n)
-if ARGV[8] == '1' then redis.call('HSET', KEYS[4], 'src', ARGV[9]) end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
-for h in string.gmatch(ARGV[7], '%S+') do redis.call('SADD', ARGV[1] .. ':qd:h:' .. h, ARGV[2]) end
+local mine = redis.call('HGET', KEYS[4], ARGV[2])
+if mine then  -- 'added': a retried call of ours (same digest)
+  return {redis.call('HGET', ARGV[1] .. ':qd:e:' .. mine, 'd') == ARGV[3] and 'added' or 'exists'}
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return {'duplicate'} end
+local n = tostring(redis.call('INCR', KEYS[3]))
+local e = ARGV[1] .. ':qd:e:' .. n
+redis.call('RPUSH', KEYS[1], n)
+redis.call('HSET', e, 'q', ARGV[2], 's', ARGV[6], 'h', ARGV[7], 'd', ARGV[3], 'g', ARGV[4], 't', ARGV[5])
+if ARGV[8] == '1' then redis.call('HSET', e, 'src', ARGV[9]) end
+redis.call('HSET', KEYS[4], ARGV[2], n)
+redis.call('HSET', KEYS[2], ARGV[3], n)
+for h in string.gmatch(ARGV[7], '%S+') do redis.call('SADD', ARGV[1] .. ':qd:h:' .. h, n) end
 return {'added'}
 """
 
 FIND_SCRIPT = """
--- KEYS: digests; ARGV: tag, digest -> {query id, entry fields...} or {}
-local qid = redis.call('HGET', KEYS[1], ARGV[2])
-if not qid then return {} end
-local f = redis.call('HMGET', ARGV[1] .. ':qd:e:' .. qid, 's', 'h', 'd', 'g', 't', 'src')
-return {qid, f[1], f[2], f[3], f[4], f[5], f[6] or false}
+-- KEYS: digests; ARGV: tag, digest -> {query id, sample, hashes, digest, geometry, time, source} or {}
+local n = redis.call('HGET', KEYS[1], ARGV[2])
+if not n then return {} end
+local f = redis.call('HMGET', ARGV[1] .. ':qd:e:' .. n, 'q', 's', 'h', 'd', 'g', 't', 'src')
+return {f[1], f[2], f[3], f[4], f[5], f[6], f[7] or false}
 """
 
 CANDIDATES_SCRIPT = """
@@ -106,30 +118,29 @@ CANDIDATES_SCRIPT = """
 local tag = ARGV[1]
 local counts, ids = {}, {}
 for i = 5, #ARGV do
-  for _, qid in ipairs(redis.call('SMEMBERS', tag .. ':qd:h:' .. ARGV[i])) do
-    if counts[qid] then counts[qid] = counts[qid] + 1 else counts[qid] = 1; ids[#ids + 1] = qid end
+  for _, n in ipairs(redis.call('SMEMBERS', tag .. ':qd:h:' .. ARGV[i])) do
+    if counts[n] then counts[n] = counts[n] + 1 else counts[n] = 1; ids[#ids + 1] = n end
   end
 end
 local min_shared, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local found = {}
-for _, qid in ipairs(ids) do
-  if counts[qid] >= min_shared then
-    local f = redis.call('HMGET', tag .. ':qd:e:' .. qid, 'g', 'n')
-    if f[1] == ARGV[2] then found[#found + 1] = {qid, tonumber(f[2])} end
+for _, n in ipairs(ids) do
+  if counts[n] >= min_shared and redis.call('HGET', tag .. ':qd:e:' .. n, 'g') == ARGV[2] then
+    found[#found + 1] = n
   end
 end
-table.sort(found, function(a, b) return a[2] > b[2] end)
+table.sort(found, function(a, b) return tonumber(a) > tonumber(b) end)
 local out = {}
-for k, c in ipairs(found) do
-  local e = tag .. ':qd:e:' .. c[1]
+for k, n in ipairs(found) do
+  local e = tag .. ':qd:e:' .. n
   local f
   if k <= limit then
-    f = redis.call('HMGET', e, 'd', 't', 'src', 's', 'h')
+    f = redis.call('HMGET', e, 'q', 'd', 't', 'src', 's', 'h')
   else
-    f = redis.call('HMGET', e, 'd', 't', 'src')
-    f[4], f[5] = '', ''
+    f = redis.call('HMGET', e, 'q', 'd', 't', 'src')
+    f[5], f[6] = '', ''
   end
-  out[#out + 1] = {c[1], counts[c[1]], f[1], f[2], f[3] or false, f[4], f[5]}
+  out[#out + 1] = {f[1], counts[n], f[2], f[3], f[4] or false, f[5], f[6]}
 end
 return out
 """
@@ -155,27 +166,30 @@ class RedisDetectorStore(DetectorStore):
     """
 
     def __init__(self, url: str, *, prefix: str = "twostream", verify_limit: int = 64,
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, retry_s: float = 5.0) -> None:
         import redis
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
+        # Pauses of 0.1, 0.2, 0.4 s, then 0.5 s: a call is retried for about retry_s.
+        retries = 3 + math.ceil(max(retry_s - 0.7, 0.0) / 0.5) if retry_s > 0 else 0
         self.client = redis.Redis.from_url(
             url, password=os.environ.get(PASSWORD_ENV) or None, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(cap=0.5), 3),
+            socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
         )
         self.tag = "{" + prefix + "}"
         self.verify_limit = verify_limit
         self.order_key = f"{self.tag}:qd:order"
         self.digests_key = f"{self.tag}:qd:digests"
         self.seq_key = f"{self.tag}:qd:seq"
+        self.ids_key = f"{self.tag}:qd:ids"
         self._evict = self.client.register_script(EVICT_SCRIPT)
         self._add = self.client.register_script(ADD_SCRIPT)
         self._find = self.client.register_script(FIND_SCRIPT)
         self._candidates = self.client.register_script(CANDIDATES_SCRIPT)
 
     def __len__(self) -> int:
-        return int(self.client.zcard(self.order_key))
+        return int(self.client.llen(self.order_key))
 
     def find_digest(self, digest: bytes) -> Entry | None:
         found: list[Any] = self._find(keys=[self.digests_key], args=[self.tag, digest])
@@ -195,9 +209,8 @@ class RedisDetectorStore(DetectorStore):
 
     def add(self, entry: Entry) -> None:
         fp = entry.fingerprint
-        key = f"{self.tag}:qd:e:{entry.query_id}"
         answer = self._add(
-            keys=[self.order_key, self.digests_key, self.seq_key, key],
+            keys=[self.order_key, self.digests_key, self.seq_key, self.ids_key],
             args=[self.tag, entry.query_id, fp.digest, _geometry(fp.geometry), repr(float(entry.time)),
                   np.ascontiguousarray(fp.sample, np.uint8).tobytes(), " ".join(str(h) for h in fp.hashes),
                   int(entry.source is not None), entry.source or ""],
@@ -226,5 +239,5 @@ def endpoint_detector(config: TwoStreamConfig) -> QueryDetector | None:
     if not serve.redis_url:
         raise ValueError("detector.store=redis needs serve.redis_url (the reputation state's Redis)")
     store = RedisDetectorStore(serve.redis_url, prefix=serve.redis_prefix, verify_limit=rules.max_candidates,
-                               timeout_s=serve.redis_timeout_s)
+                               timeout_s=serve.redis_timeout_s, retry_s=serve.redis_retry_s)
     return QueryDetector(rules, store)
