@@ -13,9 +13,11 @@ scoring core (docs/serve.md). Two topologies (``serve.topology``), on the same s
   answers (:func:`twostream.online.answers.join_answers`, Algorithm 1).
 
 In both, the ingress checks the request (:mod:`twostream.online.http`) and the image header
-(:func:`twostream.core.preprocess.check_image_header`), and applies Algorithm 2 itself in Redis
+(:func:`twostream.core.preprocess.check_image_header`), judges the image's fingerprint with the
+stateful query detector (:func:`twostream.online.detector_store.endpoint_detector`, its state in
+the same Redis), and applies Algorithm 2 itself in Redis
 (:class:`twostream.online.redis_store.RedisReputation`, one atomic script per image, shared by
-all replicas), then answers (:func:`twostream.online.api.build_classify_response`).
+all replicas), then answers at ``serve.answer_detail`` (:func:`twostream.online.api.build_classify_response`).
 
 ``serve run cluster/serve.yaml`` uses :func:`app_builder` (``serve.redis_url`` required);
 ``twostream serve`` uses :func:`build_app`, with an embedded redis-server when no URL is set.
