@@ -10,7 +10,7 @@ rules, the endpoint's store) and prints Redis's ``used_memory`` growth per remem
 query (fingerprint and the store's round trips, p50/p99), beside the same run on a
 ``MemoryStore``. Distinct images are the worst case for memory: each adds 32 index sets of its
 own (near-duplicates share them). The first ``--photos`` are the ``imagenet-sample``
-photographs (``../shared/assets``, where present), the rest 96x128 random images.
+photographs (``../shared/assets``, where present), the rest crops of them (see :func:`images`).
 """
 
 from __future__ import annotations
@@ -29,16 +29,26 @@ ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-s
 
 
 def images(n: int, photos: int):
-    """``n`` distinct RGB images: up to ``photos`` photographs, then random 96x128 ones."""
+    """``n`` distinct RGB images: up to ``photos`` photographs, then crops of them of random place
+    and size (at least 64x64: mostly geometries of their own, so index sets are rarely shared:
+    about the worst case for memory), or random 96x128 images where there are no photographs."""
     from PIL import Image
 
     paths = sorted(ASSETS.glob("*.JPEG"))[:photos] if ASSETS.is_dir() else []
+    loaded = []
     for path in paths[:n]:
         with Image.open(path) as im:
-            yield np.asarray(im.convert("RGB"))
+            loaded.append(np.asarray(im.convert("RGB")))
+        yield loaded[-1]
     rng = np.random.default_rng(0)
-    for _ in range(n - min(n, len(paths))):
-        yield rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    for _ in range(n - len(loaded)):
+        if not loaded:
+            yield rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+            continue
+        photo = loaded[int(rng.integers(len(loaded)))]
+        height, width = (int(rng.integers(min(64, side), side + 1)) for side in photo.shape[:2])
+        top, left = int(rng.integers(photo.shape[0] - height + 1)), int(rng.integers(photo.shape[1] - width + 1))
+        yield np.ascontiguousarray(photo[top: top + height, left: left + width])
 
 
 def run(detector, n: int, photos: int) -> list[float]:
