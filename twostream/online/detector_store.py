@@ -32,9 +32,9 @@ with an empty sample and no hashes, counted in the report and not verified.
 Redis unreachable: each call is retried for about ``retry_s`` seconds (then redis-py's
 ``ConnectionError``; the endpoint answers 503, as for the reputation state).
 
-Costs: four to five round trips per query (evict, digest, candidates, add, evict); a candidate
-lookup reads the query's 32 index sets, so it grows with the near-duplicates remembered (an
-attack run of k queries makes sets of k ids); an eviction after a long idle time forgets every
+Costs: five round trips per new image (evict, digest, candidates, add, evict), two for an exact
+re-upload; a candidate lookup reads the query's 32 index sets, so it grows with the
+near-duplicates remembered (an attack run of k queries makes sets of up to k numbers); an eviction after a long idle time forgets every
 expired entry in one script.
 """
 
