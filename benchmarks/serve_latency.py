@@ -4,6 +4,7 @@ batched vs unbatched, against the bare forward.
     python benchmarks/serve_latency.py                 # default models (CPU: several minutes)
     python benchmarks/serve_latency.py --small         # tiny random-init models, quick
     python benchmarks/serve_latency.py --topologies fused --clients 1 8 --set serve.max_batch_size=8
+    python benchmarks/serve_latency.py --detector      # p50 at 1 client, query detector on vs off
 
 Prints, for each topology (``serve.topology``), batching (``serve.max_batch_size`` as configured,
 and 1) and number of concurrent clients (1, 8, 32), p50/p95/p99 latency and requests/s; and
@@ -14,6 +15,12 @@ connection, about as light as curl (``requests`` would add some 1.2 ms a call on
 most of what is left of the HTTP path). The reputation state is in an embedded
 redis-server (``appendfsync everysec``, the default) in a temporary directory. Bounded:
 ``--requests`` per scenario and ``--max-seconds`` per scenario; loopback (127.0.0.1) only.
+
+``--detector``: the query detector's cost instead. Two fused applications side by side on the
+same Redis, ``detector.enabled`` true (``/on``) and false (``/off``); one client sends
+``--requests`` distinct photographs (the ``imagenet-sample`` JPEGs where present, else crops of
+the sample of distinct sizes), each to both, in alternating order, so that both see the same
+machine state; prints p50/p95 of each, the difference, and the replica's detector stage.
 """
 
 from __future__ import annotations
@@ -54,6 +61,63 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def distinct_jpegs(n: int) -> list[bytes]:
+    """``n`` distinct photographs as JPEG: ``imagenet-sample``, else crops of the sample."""
+    from PIL import Image
+
+    assets = Path(__file__).resolve().parents[2] / "shared" / "assets" / "imagenet-sample"
+    paths = sorted(assets.glob("*.JPEG"))[:n] if assets.is_dir() else []
+    if len(paths) == n:
+        return [p.read_bytes() for p in paths]
+    with Image.open(io.BytesIO(sample_jpeg())) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    out = []
+    for k in range(n):  # a crop per size: distinct geometries, distinct images
+        buf = io.BytesIO()
+        Image.fromarray(pixels[: 200 + k % 100, : 300 + k // 100]).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def detector_cost(config, port: int, requests_total: int, warmup: int) -> dict:
+    """p50/p95 at 1 client of the fused app with the query detector on and off, side by side."""
+    from ray import serve
+
+    from jobs.serve import build_app
+
+    routes = {}
+    for name, enabled in (("on", True), ("off", False)):
+        cfg = config.model_copy(deep=True)
+        cfg.detector.enabled = enabled
+        cfg.serve.topology = "fused"
+        serve.run(build_app(cfg), name=f"detector-{name}", route_prefix=f"/{name}")
+        routes[name] = f"/{name}/v1/classify"
+    images = distinct_jpegs(warmup + requests_total)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    latencies: dict[str, list[float]] = {"on": [], "off": []}
+    stage: list[float] = []
+    statuses: dict[int, int] = {}
+    for k, image in enumerate(images):
+        for name in (("on", "off") if k % 2 == 0 else ("off", "on")):
+            t0 = time.perf_counter()
+            connection.request("POST", routes[name], body=image,
+                               headers={"Content-Type": "image/jpeg", "X-Source-Id": f"bench-{k}"})
+            answer = connection.getresponse()
+            body = answer.read()
+            elapsed = time.perf_counter() - t0
+            statuses[answer.status] = statuses.get(answer.status, 0) + 1
+            if k >= warmup:
+                latencies[name].append(elapsed)
+                if name == "on" and answer.status == 200:
+                    stage.append(json.loads(body)["timings_ms"]["detector"])
+    connection.close()
+    for name in routes:
+        serve.delete(f"detector-{name}")
+    return {"on": percentiles(latencies["on"]), "off": percentiles(latencies["off"]),
+            "detector_stage_p50_ms": float(np.median(stage)) if stage else float("nan"),
+            "requests": len(latencies["on"]), "statuses": statuses}
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -175,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny random-init models (resnet10t, cifar_resnet20)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--detector", action="store_true", help="the query detector on vs off instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -186,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     from twostream.core.config import load_config
     from twostream.online.redis_server import EmbeddedRedis
 
-    base = ["high.threads=1", "low.threads=1", "high.num_cpus=1", "low.num_cpus=1", "high.device=cpu", "low.device=cpu"]
+    base = ["high.threads=1", "low.threads=1", "high.num_cpus=1", "low.num_cpus=1", "high.device=cpu", "low.device=cpu",
+            "serve.answer_detail=full"]  # the replica's timings are in the full answer
     if args.small:
         base += ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
     port = free_port()
@@ -196,6 +262,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"models: high={config.high.model} ({config.high.weights}), low={config.low.model} ({config.low.weights}); "
           f"image {len(image)} bytes JPEG; torch threads {config.high.threads}; HTTP proxy {config.serve.http_proxy}",
           flush=True)
+
+    if args.detector:
+        with tempfile.TemporaryDirectory() as state, EmbeddedRedis(state) as redis:
+            config.serve.redis_url = redis.url
+            # Two fused apps, each holding high.num_cpus + low.num_cpus: the logical CPUs of both.
+            connect(num_cpus=2 * args.num_cpus, log_to_driver=False, cluster_env=serve_cluster_env(config.serve))
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                cost = detector_cost(config, port, args.requests, args.warmup)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+        on, off = cost["on"], cost["off"]
+        print(f"query detector, fused, 1 client, {cost['requests']} distinct photographs each: "
+              f"on p50 {on['p50']:.2f} ms p95 {on['p95']:.2f} ms | off p50 {off['p50']:.2f} ms p95 {off['p95']:.2f} ms"
+              f" | p50 on - off = {on['p50'] - off['p50']:+.2f} ms (target <= +2 ms); detector stage in the "
+              f"replica p50 {cost['detector_stage_p50_ms']:.2f} ms; statuses {cost['statuses']}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(cost, indent=2))
+        return 0
 
     bare = BareForward(config, image)
     results: dict = {"config": {"max_batch_size": batch, "batch_wait_timeout_s": config.serve.batch_wait_timeout_s,

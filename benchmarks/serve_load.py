@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from twostream.online.redis_store import RedisReputation
 
     base = ["high.threads=1", "low.threads=1", "high.num_cpus=0.5", "low.num_cpus=0.5", "high.device=cpu",
-            "low.device=cpu", "serve.ingress_replicas=2"]
+            "low.device=cpu", "serve.ingress_replicas=2", "serve.answer_detail=full"]
     if args.small:
         base += ["high.model=resnet10t", "high.weights=random", "low.model=cifar_resnet20", "low.weights=random"]
     port = free_port()

@@ -13,9 +13,11 @@ scoring core (docs/serve.md). Two topologies (``serve.topology``), on the same s
   answers (:func:`twostream.online.answers.join_answers`, Algorithm 1).
 
 In both, the ingress checks the request (:mod:`twostream.online.http`) and the image header
-(:func:`twostream.core.preprocess.check_image_header`), and applies Algorithm 2 itself in Redis
+(:func:`twostream.core.preprocess.check_image_header`), judges the image's fingerprint with the
+stateful query detector (:func:`twostream.online.detector_store.endpoint_detector`, its state in
+the same Redis), and applies Algorithm 2 itself in Redis
 (:class:`twostream.online.redis_store.RedisReputation`, one atomic script per image, shared by
-all replicas), then answers (:func:`twostream.online.api.build_classify_response`).
+all replicas), then answers at ``serve.answer_detail`` (:func:`twostream.online.api.build_classify_response`).
 
 ``serve run cluster/serve.yaml`` uses :func:`app_builder` (``serve.redis_url`` required);
 ``twostream serve`` uses :func:`build_app`, with an embedded redis-server when no URL is set.
@@ -23,10 +25,12 @@ all replicas), then answers (:func:`twostream.online.api.build_classify_response
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -47,7 +51,7 @@ from twostream.online.api import (
     CLASSIFY_REQUEST_BODY,
     ERROR_RESPONSES,
     BlockedResponse,
-    ClassifyResponse,
+    ClassifyAnswer,
     ErrorResponse,
     Health,
     ResetResponse,
@@ -63,6 +67,7 @@ from twostream.online.http import (
     new_image_id,
     read_upload,
 )
+from twostream.online.detector_store import endpoint_detector
 from twostream.online.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
 from twostream.online.models import FusedModels, Scored, StreamRunner
 from twostream.online.redis_store import RedisReputation, StoreUnavailable, Step, redact
@@ -141,6 +146,8 @@ class Ingress:
             raise ValueError("serve.trust_source_header=false takes the client address as the source, which the "
                              f"replicas do not see behind HAProxy: start the cluster without {HAPROXY_ENV}=1")
         self._store: RedisReputation | None = None
+        self.detector = endpoint_detector(self.config)
+        self._detector_thread = ThreadPoolExecutor(1, thread_name_prefix="query-detector")
 
     @property
     def store(self) -> RedisReputation:
@@ -173,20 +180,48 @@ class Ingress:
         t0 = time.perf_counter()
         batch = join_answers(image_id, high, low, self.config.thresholds)
         compare = (time.perf_counter() - t0) * 1e3
-        return Scored(batch, 0, {"high_model": high.model_ms, "low_model": low.model_ms, "compare": compare})
+        timings = {"high_model": high.model_ms, "low_model": low.model_ms, "compare": compare}
+        return Scored(batch, 0, timings, low.fingerprint)
+
+    async def _query_attack(self, scored: Scored, source: str, image_id: str) -> bool:
+        """Whether the stateful query detector flags the image (False when it is off); it is
+        remembered for later queries. 503 when the detector's Redis does not answer within
+        ``serve.redis_retry_s``."""
+        if self.detector is None or scored.fingerprint is None:
+            return False
+        from redis.exceptions import RedisError
+
+        judge = functools.partial(self.detector.judge, scored.fingerprint, source=source, query_id=image_id,
+                                  now=time.time())
+        try:
+            _, flagged = await asyncio.get_running_loop().run_in_executor(self._detector_thread, judge)
+        except (RedisError, OSError) as exc:  # the same Redis as the reputation state: the same 503
+            raise unavailable(StoreUnavailable(f"query detector: {exc}")) from None
+        if flagged:
+            self.metrics.detections.inc()
+        return flagged
 
     # -- routes -----------------------------------------------------------------------------
     @api.post(
         "/v1/classify",
-        response_model=ClassifyResponse,
-        responses={403: {"model": BlockedResponse, "description": "the source is blacklisted"}, **ERROR_RESPONSES},
+        response_model=ClassifyAnswer,
+        responses={
+            200: {"description": (
+                "scored: ClassifyResponse (serve.answer_detail full), LabelResponse (label), VerdictResponse "
+                "(verdict); a query attack (the detector matched recent near-identical queries): "
+                "QueryAttackResponse at full and label, VerdictResponse 'rejected' at verdict")},
+            403: {"model": BlockedResponse, "description": "the source is blacklisted"},
+            **ERROR_RESPONSES,
+        },
         openapi_extra=CLASSIFY_REQUEST_BODY,
         summary="Score one image and apply the source's reputation",
     )
     async def classify(self, request: Request):
         """Score one upload. The source id comes from the ``X-Source-Id`` header (name:
         ``serve.source_header``), else the form field ``source``, else the client address.
-        A blacklisted source gets 403; its image is still scored and counted (SPEC 3)."""
+        A blacklisted source gets 403; its image is still scored and counted (SPEC 3). The query
+        detector checks every decoded image; a detection answers ``query_attack`` and counts as
+        a rejection."""
         started = time.perf_counter()
         status = 500
         try:
@@ -221,15 +256,17 @@ class Ingress:
         t2 = time.perf_counter()
         if not batch.scored[row]:  # corrupt past its header: not an Algorithm-2 event either
             raise decode_error_status(batch.error[row])
-        rejected = bool(batch.rejected[row])
-        shown = Refusal.ADVERSARIAL if rejected else batch.label[row]
+        attack = await self._query_attack(scored, source, batch.image_id[row])
+        t3 = time.perf_counter()
+        rejected = bool(batch.rejected[row]) or attack
+        shown = Refusal.QUERY_ATTACK if attack else Refusal.ADVERSARIAL if rejected else batch.label[row]
         try:
             step: Step = await self.store.observe(source, batch.image_id[row], rejected, shown)
         except StoreUnavailable as exc:
             raise unavailable(exc) from None
-        t3 = time.perf_counter()
+        t4 = time.perf_counter()
 
-        stages = {"check": t1 - t0, "streams": t2 - t1, "reputation": t3 - t2}
+        stages = {"check": t1 - t0, "streams": t2 - t1, "detector": t3 - t2, "reputation": t4 - t3}
         self.metrics.observe_scored(batch.verdict[row], step.outcome.response, stages)
         body = build_classify_response(
             batch,
@@ -241,10 +278,12 @@ class Ingress:
                 "check": stages["check"] * 1e3,
                 "streams": stages["streams"] * 1e3,
                 **scored.timings_ms,
+                "detector": stages["detector"] * 1e3,
                 "reputation": stages["reputation"] * 1e3,
                 "total": (time.perf_counter() - started) * 1e3,
             },
             seq=step.seq,
+            detail=self.config.serve.answer_detail,
         )
         status = 403 if isinstance(body, BlockedResponse) else 200
         return JSONResponse(body.model_dump(mode="json"), status_code=status)

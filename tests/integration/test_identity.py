@@ -94,7 +94,8 @@ def serve_answers(images, tmp_path_factory) -> dict[str, tuple[int, dict]]:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "twostream.cli", "serve", "--port", str(port), "--num-cpus", "2",
-             "--set", f"serve.redis_dir={redis_dir}", "--set", "serve.drain_s=1"],  # stops in 1 s, not 30
+             "--set", f"serve.redis_dir={redis_dir}", "--set", "serve.drain_s=1",  # stops in 1 s, not 30
+             "--set", "serve.answer_detail=full"],  # the rows are compared with the scores
             cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"

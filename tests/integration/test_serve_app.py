@@ -4,7 +4,8 @@ reputation state in a real redis-server started for this module (appendfsync alw
 Small random-init models whose weights are saved to files first, so the application and the
 library :class:`~twostream.core.scoring.Scorer` load the very same parameters. The default
 (fused) topology at ``/``, the split one at ``/split`` on the same Redis state. Then hostile
-clients, and kills of a replica and of Redis mid-stream (last: they reset the replica's metrics).
+clients, a query attack over many source ids and both apps with restarts between, and kills of a
+replica and of Redis mid-stream (last: they reset the replica's metrics).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +95,7 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
         f"serve.redis_url={redis.url}", "serve.redis_retry_s=5", "serve.body_timeout_s=3",
         "serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.01",
         "serve.drain_s=1",  # no load balancer in front to wait for: the teardown's shutdown takes 1 s, not 30
+        "serve.answer_detail=full",  # the tests read the scores
         *extra,
     ]
     config = load_config(None, overrides)
@@ -532,6 +535,77 @@ def _replica(app: str, deployment: str) -> str:
         if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#") and a["namespace"] == "serve"
     ]
     return name
+
+
+def _attack_run(n: int, seed: int = 5) -> list[np.ndarray]:
+    """A hand-built query attack: a photograph (a 90x120 crop of a demo photograph: a geometry
+    no other test sends), then steps of -2, 0 or +2 (/255) per value, kept within 8/255 of it."""
+    from twostream.demo.photos import __file__ as photos_py
+
+    with Image.open(sorted((Path(photos_py).parent / "data").glob("*.jpg"))[0]) as im:
+        start = np.asarray(im.convert("RGB"))[:90, :120].astype(np.int16)
+    rng = np.random.default_rng(seed)
+    run, current = [], start.copy()
+    for _ in range(n):
+        run.append(current.astype(np.uint8))
+        current = np.clip(np.clip(current + rng.choice([-2, 0, 2], size=start.shape), start - 8, start + 8), 0, 255)
+    return run
+
+
+def _detections(base: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(requests.get(base + "/metrics", timeout=10).text)}
+    return sum(s.value for s in families["twostream_query_detections"].samples if s.name.endswith("_total"))
+
+
+def test_query_attack_is_answered_across_sources_replicas_and_restarts(setup):
+    """A query attack sent one query per source id, alternately to the fused and the split app
+    (two ingress replicas on one Redis state), with exact re-uploads in between, is answered
+    query_attack exactly where a MemoryStore detector with the same rules predicts (PNG: the
+    replicas decode the very pixels). After the 10th query Redis is restarted and both ingress
+    replicas are killed (their successors hold no state of their own): the next queries are
+    flagged at once, which only the kept state allows. A detection counts as a rejection."""
+    from twostream.core.query_detector import QueryDetector
+
+    base = setup["base"]
+    run = _attack_run(20)
+    plan = [*range(10), 3, *range(10, 20), 12]  # query numbers; 3 and 12 again: exact re-uploads
+    reference = QueryDetector(setup["config"].detector.query_config())
+    expected = [reference.detect(run[q], query_id=str(k))[1] for k, q in enumerate(plan)]
+    assert expected[10] is False and expected[-1] is False  # the re-uploads
+    first = expected.index(True)
+    assert 6 <= first <= 10 and expected[11], expected  # flagged within a handful; right after the restart too
+    urls = [base, base + "/split"]
+    fused_flagged = sum(expected[k] for k in range(0, 10, 2))
+    before = _detections(base)
+    for k, q in enumerate(plan):
+        if k == 11:  # the restarts, between the re-upload and the next query
+            assert _detections(base) - before == fused_flagged
+            redis = setup["redis"]
+            redis.stop()
+            redis.start()
+            for app in ("twostream", "split"):
+                ray.kill(ray.get_actor(_replica(app, "Ingress"), namespace="serve"), no_restart=True)
+            probe = png(np.full((30, 40, 3), 77, np.uint8))
+            for url in urls:  # until each app's new replica answers, three times in a row
+                deadline, answered = time.monotonic() + 300, 0
+                while answered < 3:
+                    try:
+                        fresh = f"after-restart-{time.monotonic_ns()}"  # a new source: never blacklisted
+                        answered = answered + 1 if classify(url, probe, fresh).status_code == 200 else 0
+                    except requests.RequestException:
+                        answered = 0
+                    assert time.monotonic() < deadline, f"{url} did not come back"
+                    time.sleep(0.2)
+        answer = classify(urls[k % 2], png(run[q]), f"attacker-{k}")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        if expected[k]:
+            assert set(body) == {"image_id", "source", "timestamp", "seq", "response", "detail", "standing"}, k
+            assert body["response"] == "query_attack" and body["standing"] == {"cc": 1, "blacklisted": False}
+        else:
+            assert body["response"] != "query_attack" and "high_topk" in body, k
 
 
 def test_replica_and_redis_restarts_mid_stream_lose_nothing(setup, verdict_pool):

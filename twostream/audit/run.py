@@ -198,7 +198,7 @@ def _detect(logged: _LogPass, cat: Catalogue, images_uri: str | None, config: Tw
     """The query detector over the log's images (:mod:`twostream.audit.clusters`): the images it
     flags become ``query_attack`` (rejections for the replay); ``clusters.parquet`` written."""
     clusters = detect_clusters(logged.spill, cat, images_uri, config.detector.enabled,
-                               config.detector.query_detector(), config.limits)
+                               config.detector.query_config(), config.limits)
     if clusters.available:
         cat.verdict[clusters.flagged] = Verdict.QUERY_ATTACK
         cat.label[clusters.flagged] = None

@@ -128,7 +128,7 @@ def detect_run(queries: Iterable[pa.Table], window: pa.Table | None,
             k += 1
             query_id = f"{row['image_id']}#{k}"
         fp = _fingerprint(row["height"], row["width"], row["fp_digest"], row["fp_sample"], row["fp_hashes"])
-        report, flagged = detector.detect_fingerprint(fp, source=row["source"], query_id=query_id,
+        report, flagged = detector.judge(fp, source=row["source"], query_id=query_id,
                                                       now=row["timestamp"])
         duplicates += report.duplicate_of is not None
         if flagged:

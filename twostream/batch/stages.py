@@ -91,7 +91,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
     from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_rgb
     from twostream.core.scoring import prepare
 
-    detector = config.detector.query_detector() if config.detector.enabled else None
+    detector = config.detector.query_config() if config.detector.enabled else None
     on_device = config.decodes_jpeg_on_device()
     rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
@@ -206,7 +206,7 @@ class StreamStage:
         self.scorer = StreamScorer(config, kind)
         self.decodes = kind == "high" and config.decodes_jpeg_on_device()
         self.low_spec = input_spec(config, "low") if self.decodes else None
-        self.detector = config.detector.query_detector() if self.decodes and config.detector.enabled else None
+        self.detector = config.detector.query_config() if self.decodes and config.detector.enabled else None
         self.calls = 0
 
     def _decode(self, table: pa.Table) -> tuple[pa.Table, dict[int, "torch.Tensor"]]:

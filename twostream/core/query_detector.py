@@ -418,12 +418,12 @@ class QueryDetector:
         in seconds for the age bound (the caller's clock, so replays are deterministic; it should
         not go backwards, as eviction takes the oldest arrivals first).
         """
-        return self.detect_fingerprint(fingerprint(image, self.config), source=source, query_id=query_id, now=now)
+        return self.judge(fingerprint(image, self.config), source=source, query_id=query_id, now=now)
 
-    def detect_fingerprint(self, fp: Fingerprint, *, source: str | None = None, query_id: str | None = None,
-                           now: float = 0.0) -> tuple[QueryReport, bool]:
-        """:meth:`detect` of a query whose :func:`fingerprint` was computed elsewhere (where it
-        was decoded, as the batch job does), with the same ``config``."""
+    def judge(self, fp: Fingerprint, *, source: str | None = None, query_id: str | None = None,
+              now: float = 0.0) -> tuple[QueryReport, bool]:
+        """:meth:`detect` on an image's :func:`fingerprint` (made with this detector's config),
+        for callers that fingerprint where the pixels are and judge where the state is."""
         config = self.config
         if query_id is None:
             query_id = f"q{self._count}"

@@ -1,4 +1,5 @@
-"""What a stream replica answers for one image (:class:`StreamAnswer`) and how the ingress joins
+"""What a stream replica answers for one image (:class:`StreamAnswer`: its top-k and, from the
+low stream when the query detector is on, the image's fingerprint) and how the ingress joins
 the two streams' answers into a one-row :class:`~twostream.core.results.ScoredBatch`
 (:func:`join_answers`, Algorithm 1 through :func:`~twostream.core.results.score_rows`)."""
 
@@ -9,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from twostream.core.config import ThresholdsConfig
+from twostream.core.query_detector import Fingerprint
 from twostream.core.results import ScoredBatch, score_rows
 
 
@@ -21,6 +23,7 @@ class StreamAnswer(NamedTuple):
     shape: tuple[int, int] | None  # decoded (height, width)
     error: str | None
     model_ms: float  # decode + resize + forward of the batch the image ran in
+    fingerprint: Fingerprint | None = None  # the query detector's, where this stream makes it (low)
 
 
 def join_answers(

@@ -52,8 +52,46 @@ class ClassifyResponse(BaseModel):
     timings_ms: dict[str, float] = Field(description=(
         "ms: check (header); streams (the model call: fused batch, or both stream replicas "
         "concurrently); high_model/low_model (each stream on the batch this image ran in; split: "
-        "decode included); decode (fused); compare; reputation (the Redis step); total"
+        "decode included); decode (fused); compare; detector (the query detector's step); reputation "
+        "(the Redis step); total"
     ))
+
+
+class LabelResponse(BaseModel):
+    """200 at ``serve.answer_detail: label``: the answer without the scores."""
+
+    image_id: str
+    source: str
+    timestamp: float = Field(description="as in the full answer: the Algorithm-2 order key")
+    seq: int
+    response: str = Field(description="Algorithm 2 response: a CIFAR-10 label, 'adversarial' or 'query_attack'")
+    standing: Standing
+
+
+class VerdictResponse(BaseModel):
+    """200 at ``serve.answer_detail: verdict``: accepted or rejected (adversarial or a query
+    attack alike), no label."""
+
+    image_id: str
+    source: str
+    timestamp: float
+    seq: int
+    verdict: Literal["accepted", "rejected"]
+    standing: Standing
+
+
+class QueryAttackResponse(BaseModel):
+    """200 at ``serve.answer_detail: full`` or ``label`` when the stateful query detector matched
+    the image to several recent near-identical queries (from any source): no label, no scores; it
+    counts in Algorithm 2 as a rejection (at ``verdict``: a :class:`VerdictResponse`, rejected)."""
+
+    image_id: str
+    source: str
+    timestamp: float
+    seq: int
+    response: Literal["query_attack"] = "query_attack"
+    detail: str
+    standing: Standing
 
 
 class BlockedResponse(BaseModel):
@@ -153,6 +191,13 @@ def top_entries(indices: Sequence[int], probs: Sequence[float], labels: Sequence
     ]
 
 
+AnswerDetail = Literal["full", "label", "verdict"]
+# What 200 may carry: which one is serve.answer_detail's (docs/serve.md).
+ClassifyAnswer = ClassifyResponse | LabelResponse | VerdictResponse | QueryAttackResponse
+QUERY_ATTACK_DETAIL = ("the image is one of a run of near-identical recent queries (a query attack); "
+                       "it is not classified and counts as a rejected image of its source")
+
+
 def build_classify_response(
     batch: ScoredBatch,
     row: int,
@@ -162,8 +207,11 @@ def build_classify_response(
     outcome: Outcome,
     timings_ms: dict[str, float],
     seq: int,
-) -> ClassifyResponse | BlockedResponse:
-    """The 200 body of scored image ``row``, or the 403 body when Algorithm 2 answered ``blocked``."""
+    detail: AnswerDetail = "full",
+) -> ClassifyAnswer | BlockedResponse:
+    """The 200 body of scored image ``row`` at answer detail ``detail``, or the 403 body when
+    Algorithm 2 answered ``blocked``. A query attack (``outcome.response``) is answered without a
+    label or scores at every level."""
     result = batch.row(row)
     standing = Standing(cc=outcome.cc, blacklisted=outcome.blacklisted)
     if outcome.response == Refusal.BLOCKED:
@@ -178,6 +226,14 @@ def build_classify_response(
             seq=seq,
             standing=standing,
         )
+    stamp = dict(image_id=result.image_id, source=source, timestamp=timestamp, seq=seq, standing=standing)
+    if detail == "verdict":
+        accepted = outcome.response not in (Refusal.ADVERSARIAL, Refusal.QUERY_ATTACK)
+        return VerdictResponse(verdict="accepted" if accepted else "rejected", **stamp)
+    if outcome.response == Refusal.QUERY_ATTACK:
+        return QueryAttackResponse(detail=QUERY_ATTACK_DETAIL, **stamp)
+    if detail == "label":
+        return LabelResponse(response=outcome.response, **stamp)
     imagenet_names = load_mapping().names
     index = result.imagenet_index
     return ClassifyResponse(

@@ -24,8 +24,12 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.responses = Counter(
-            "twostream_responses", "Algorithm 2 responses (label, adversarial, blocked)", ["response"],
+            "twostream_responses", "Algorithm 2 responses (label, adversarial, query_attack, blocked)", ["response"],
             registry=self.registry,
+        )
+        self.detections = Counter(
+            "twostream_query_detections", "images the stateful query detector flagged (answered query_attack "
+            "unless the source is blocked)", registry=self.registry,
         )
         self.latency = Histogram(
             "twostream_request_latency_seconds", "request latency in the ingress", ["route"],
@@ -45,10 +49,10 @@ class ServiceMetrics:
         self.latency.labels(route=route).observe(seconds)
 
     def observe_scored(self, verdict: str, response: str, stages: dict[str, float]) -> None:
-        """One scored image: its verdict, its response's kind (a label, ``adversarial`` or
-        ``blocked``) and the seconds of each classify stage."""
+        """One scored image: its verdict, its response's kind (a label, ``adversarial``,
+        ``query_attack`` or ``blocked``) and the seconds of each classify stage."""
         self.verdicts.labels(verdict=verdict).inc()
-        kind = response if response in (Refusal.ADVERSARIAL, Refusal.BLOCKED) else "label"
+        kind = response if response in (Refusal.ADVERSARIAL, Refusal.QUERY_ATTACK, Refusal.BLOCKED) else "label"
         self.responses.labels(response=kind).inc()
         for stage, seconds in stages.items():
             self.stage.labels(stage=stage).observe(seconds)
