@@ -5,7 +5,7 @@
     python benchmarks/serve_slow_clients.py --clients 5000 --addresses 100 --hold-s 40
 
 Starts ``twostream serve`` from ``--repo`` (HAProxy ingress, the default; tiny random-init models
-as in tests/test_serve_http.py, an embedded redis-server in a temporary directory) on a loopback
+as in tests/integration/test_serve_app.py, an embedded redis-server in a temporary directory) on a loopback
 port, waits until ``/healthz`` answers, then keeps ``--clients`` connections open that each send a
 request line and one header and never the rest, from ``--addresses`` loopback source addresses
 (127.0.0.0/8 is all loopback on Linux: a crowd of clients, each below the per-client limit). A

@@ -11,7 +11,7 @@ source's state when one is given (with ``reputation.forget_default``, rows of th
 listed with no event are not carried on); it returns the partition's new :data:`SOURCES_SCHEMA` rows and each
 event's (shard, row, cc, blacklisted). :func:`respond` writes a shard's images table from them.
 
-The result equals :func:`twostream.core.reputation.replay` (tests/test_batch_reputation.py),
+The result equals :func:`twostream.core.reputation.replay` (tests/batch/test_reputation.py),
 also when a run starts from the state of a run over the earlier uploads. An event older than
 its source's ``last_seen`` in the state cannot be ordered before the state's events: by
 default (``late="refuse"``) the reduce fails naming it; ``late="after"`` applies it after them,

@@ -76,7 +76,7 @@ def resize_strips(strips: Iterable[Tensor], height: int, width: int, spec: Input
 
     The antialiased resize is separable and torch makes its width pass first, so resizing each
     strip's width and then the whole height gives the same tensor bit for bit
-    (``tests/test_models.py``); for ``spec.interpolation`` in :data:`SEPARABLE` only."""
+    (``tests/core/test_models.py``); for ``spec.interpolation`` in :data:`SEPARABLE` only."""
     if spec.interpolation not in SEPARABLE:
         raise ValueError(f"strip-wise resizing needs a separable interpolation, not {spec.interpolation!r}")
     new = _resized_size(height, width, spec)
