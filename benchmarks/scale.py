@@ -15,7 +15,7 @@ reputation and final phases under 15% of the wall).
 Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
 both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peaks are listed per
-process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
+process), ``compare`` (the sink's write tasks: Algorithm 1 and the shards' rows), ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
 (phase 3 tasks), ``gcs``, ``raylet``, ``ray`` (Ray's other daemons), ``ray-data`` (Ray Data's
 helper actors: its stats actor, autoscaling coordinator and actor location tracker), ``other``
 (idle Ray workers). The report also counts the worker processes Ray started. Only this process's
@@ -51,7 +51,7 @@ log = logging.getLogger("benchmarks.scale")
 TINY = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=cifar_resnet20",
         "low.weights=random", "thresholds.p1=0.0", "thresholds.p2=0.3"]
 KINDS = {  # process title fragment -> kind, first match wins
-    "jobs.score": "driver", "read_decode": "decode", "StreamStage": "stream", "compare": "compare",
+    "jobs.score": "driver", "ReadWorkUnits": "decode", "StreamStage": "stream", "Write": "compare",
     "_events": "reputation", "_split": "reputation", "_reduce": "reputation", "_finalize": "final",
     "_StatsActor": "ray-data", "_AutoscalingCoordinatorActor": "ray-data", "ActorLocationTracker": "ray-data",
     "raylet": "raylet", "gcs_server": "gcs", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",

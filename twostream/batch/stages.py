@@ -33,7 +33,6 @@ adds ~190 MB).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Literal
@@ -52,7 +51,6 @@ if TYPE_CHECKING:
 
     from twostream.core.models import InputSpec
 
-FAULT_CRASH_ACTOR = "TWOSTREAM_FAULT_CRASH_ACTOR_ONCE"  # dir: first high-stream batch kills its actor
 KINDS = ("high", "low")
 
 DECODED_SCHEMA = pa.schema([
@@ -174,7 +172,6 @@ class StreamStage:
         self.scorer = StreamScorer(config, kind)
         self.decodes = kind == "high" and config.decodes_jpeg_on_device()
         self.low_spec = input_spec(config, "low") if self.decodes else None
-        self.calls = 0
 
     def _decode(self, table: pa.Table) -> tuple[pa.Table, dict[int, "torch.Tensor"]]:
         """The ``encoded`` rows decoded on this actor's device, both streams' inputs prepared from
@@ -219,22 +216,9 @@ class StreamStage:
         device = self.scorer.device
         return good, torch.cat([decoded[k] if k in decoded else batch[at[k] : at[k] + 1].to(device) for k in good])
 
-    def _maybe_crash(self) -> None:
-        """Fault injection (tests): with ``$TWOSTREAM_FAULT_CRASH_ACTOR_ONCE`` set, the high
-        stream's first batch kills its process once (Ray restarts the actor, retries the batch)."""
-        marker_dir = os.environ.get(FAULT_CRASH_ACTOR)
-        if self.kind == "high" and marker_dir and self.calls == 1:
-            marker = os.path.join(marker_dir, "crashed")
-            if not os.path.exists(marker):
-                os.makedirs(marker_dir, exist_ok=True)
-                open(marker, "w").close()
-                os._exit(1)
-
     def __call__(self, table: pa.Table) -> pa.Table:
         from twostream.core.scoring import scatter_topk
 
-        self.calls += 1
-        self._maybe_crash()
         t0 = time.perf_counter()
         table, decoded = self._decode(table) if self.decodes else (table, {})
         good, batch = self._prepared(table, decoded)
@@ -243,11 +227,7 @@ class StreamStage:
         table = table.drop_columns([f"{self.kind}_input"] + (["encoded"] if self.kind == "high" else []))
         table = table.append_column(f"{self.kind}_idx", _topk_column(idx, pa.int32()))
         table = table.append_column(f"{self.kind}_prob", _topk_column(prob, pa.float32()))
-        table = table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))
-        if self.config.job.shuffle_stream_output:
-            order = np.random.default_rng(self.calls + os.getpid()).permutation(table.num_rows)
-            table = table.take(pa.array(order))
-        return table
+        return table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))
 
 
 def compare(table: pa.Table, config: TwoStreamConfig) -> pa.Table:
