@@ -72,6 +72,8 @@ DECODED_SCHEMA = pa.schema([
     ("t_decode_ms", pa.float64()),
 ])
 _IDENTITY = ("row", "image_id", "key", "uri", "source", "timestamp")
+_PREPARED = tuple(f"{kind}_input" for kind in ("high", "low"))
+_NONE = np.empty(0, np.uint8)  # no prepared input (an error row, or a JPEG passed on encoded)
 _PASSED_ON = ("shard_total", "t_read_ms", "t_decode_ms", "t_high_ms", "t_low_ms")  # kept by compare
 
 
@@ -91,7 +93,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
     for row in read_unit(unit, config.limits.max_bytes):
         attach_identity(row)
         t1 = time.perf_counter()
-        error, size, prepared, encoded = row["read_error"], (None, None), {kind: b"" for kind in KINDS}, b""
+        error, size, prepared, encoded = row["read_error"], (None, None), {kind: _NONE for kind in KINDS}, b""
         if error is None:
             data = row.pop("data")
             error, size = _device_header(data, config) if on_device else (None, (None, None))
@@ -105,7 +107,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
                     error = str(exc)
                 else:
                     size = (image.height, image.width)
-                    prepared = {kind: prepare(specs[kind], [image]).numpy().tobytes() for kind in KINDS}
+                    prepared = {kind: prepare(specs[kind], [image]).numpy().reshape(-1).view(np.uint8) for kind in KINDS}
                     del image
         t2 = time.perf_counter()
         out["shard"].append(unit.shard_id)
@@ -120,14 +122,31 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
         out["encoded"].append(encoded)
         out["t_read_ms"].append((t1 - t0) * 1e3)
         out["t_decode_ms"].append((t2 - t1) * 1e3)
-        held += sum(len(v) for v in prepared.values()) + len(encoded)
+        held += sum(v.nbytes for v in prepared.values()) + len(encoded)
         if len(out["row"]) >= rows_cap or held >= bytes_cap:
-            yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+            yield _block(out)
             out = {name: [] for name in DECODED_SCHEMA.names}
             held = 0
         t0 = time.perf_counter()
     if out["row"]:
-        yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+        yield _block(out)
+
+
+def _block(columns: dict[str, list]) -> pa.Table:
+    """A :data:`DECODED_SCHEMA` block; each prepared-input column is built from its rows' arrays
+    with one copy (no Python bytes per row)."""
+    arrays = {}
+    for name in DECODED_SCHEMA.names:
+        values = columns[name]
+        if name in _PREPARED:
+            sizes = np.fromiter((v.nbytes for v in values), np.int64, len(values))
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            data = np.concatenate(values) if len(values) else np.empty(0, np.uint8)
+            arrays[name] = pa.LargeBinaryArray.from_buffers(
+                pa.large_binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+        else:
+            arrays[name] = pa.array(values, DECODED_SCHEMA.field(name).type)
+    return pa.Table.from_pydict(arrays, schema=DECODED_SCHEMA)
 
 
 def _device_header(data: bytes, config: TwoStreamConfig) -> tuple[str | None, tuple[int | None, int | None]]:
@@ -144,6 +163,25 @@ def _device_header(data: bytes, config: TwoStreamConfig) -> tuple[str | None, tu
     except ImageDecodeError as exc:
         return str(exc), (None, None)
     return None, (header.height, header.width)
+
+
+def _concatenated(column: pa.ChunkedArray, count: int) -> np.ndarray:
+    """A binary column's values end to end as ``count`` float32 (one copy, writable): the rows
+    without a prepared input hold no bytes, so this is the prepared rows' inputs in row order."""
+    out = np.empty(count, np.float32)
+    raw, at = out.view(np.uint8), 0
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        size = int(offsets[-1] - offsets[0])
+        if at + size > raw.size:
+            raise ValueError(f"prepared inputs hold more than {count} float32")
+        raw[at : at + size] = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        at += size
+    if at != raw.size:
+        raise ValueError(f"prepared inputs hold {at} bytes, not {raw.size}")
+    return out
 
 
 def _topk_column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -208,8 +246,7 @@ class StreamStage:
         column = table.column(f"{self.kind}_input")
         good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
         from_bytes = [k for k in good if k not in decoded]
-        flat = np.frombuffer(b"".join(column[k].as_py() for k in from_bytes), np.float32)
-        batch = torch.from_numpy(flat.copy()).view(len(from_bytes), 3, h, w)
+        batch = torch.from_numpy(_concatenated(column, len(from_bytes) * 3 * h * w)).view(len(from_bytes), 3, h, w)
         if not decoded:
             return good, batch
         at = {k: i for i, k in enumerate(from_bytes)}
