@@ -8,15 +8,16 @@ parts in :mod:`twostream.batch` (planning, stages, reputation, outputs). In shor
 Planning, before Ray starts: the manifest read and checked, every input object listed and
   matched (``plan_input``; each shard's entries spooled to ``_progress/entries/``, so the driver
   holds counts, not entries), the run's fingerprint recorded or a changed rerun refused (``resume``).
-Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure and by bytes
-  per block): work units -> read+decode+prepare (CPU tasks, which take the streams' input
-  geometry from one Ray task and never build a model; only each stream's prepared input
-  travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
-  comparator (CPU tasks) -> driver sink that writes one staging Parquet file per completed
-  input shard, then its ``_progress/<shard>.done`` marker.
+Phase 1, scoring (Ray Data's public interfaces, streaming, memory bounded by Ray Data's
+  backpressure and by bytes per block): work units (:class:`WorkUnits`, a Datasource: one read
+  task per unit: read+decode+prepare, taking the streams' input geometry from one Ray task and
+  never building a model; only each stream's prepared input travels) -> high-resolution stream
+  (actor pool) -> low-resolution stream (actor pool) -> :class:`ShardDatasink`, whose write
+  tasks run the comparator and write the rows by shard, committing each shard (staging Parquet
+  file, then its ``_progress/<shard>.done`` marker) once all its rows are written.
   Each row carries its image id and its own columns through both pools, so nothing is
-  matched by position: pools may return rows in any order (``job.shuffle_stream_output``
-  makes them do so on purpose in the tests).
+  matched by position: pools may return rows in any order (the tests inject stream actors
+  that do so on purpose, :class:`Phase1`).
 Between them, image ids: every id unique over the input (``twostream.batch.ids``): keys and the
   ids claimed by sidecars or the manifest joined by text (partitioned by crc32, Ray tasks); a
   claim of another input's key, or of an id claimed earlier in (timestamp, key) order, becomes

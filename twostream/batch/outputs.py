@@ -5,7 +5,9 @@ progress marker), the accounting of rows against the plan, and the run's summary
 Layout under the output prefix: ``_progress/plan.json`` + ``_progress/listing.parquet`` (the
 run's fingerprint, :mod:`twostream.batch.resume`), ``_progress/entries/<shard>.parquet`` (each
 shard's planned entries, :func:`twostream.batch.planning.spool_entries`),
-``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1), ``sources/part-N.parquet``
+``_progress/parts/<shard>/`` (phase 1's write tasks' rows until the shard is committed,
+:func:`write_rows`), ``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1),
+``sources/part-N.parquet``
 (phase 2), ``images/<shard>.parquet`` and ``summary.json`` (phase 3).
 """
 

@@ -18,7 +18,8 @@
    and prepares both streams' inputs from the same pixels; only the L-Net's 32x32 comes back to
    the CPU, and a row that fails to decode gets its error.
 3. :func:`compare` - Algorithm 1 through :func:`~twostream.core.results.score_rows` into
-   staging rows (:data:`~twostream.batch.outputs.STAGING_SCHEMA`).
+   staging rows (:data:`~twostream.batch.outputs.STAGING_SCHEMA`), in the job's sink (its write
+   tasks, before :func:`~twostream.batch.outputs.write_rows`).
 
 Every row carries its own identity and all earlier columns, so a stage may reorder rows. Each
 stage adds ``t_<stage>_ms`` (its time per row); the read stage adds ``shard_total`` (rows of the
