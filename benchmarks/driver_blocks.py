@@ -60,7 +60,7 @@ def measure(blocks: int) -> dict:
 
     connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = (ray.data.read_datasource(Blocks()).map_batches(lambda b: b, batch_size=None)
+    ds = (ray.data.read_datasource(Blocks(), override_num_blocks=blocks).map_batches(lambda b: b, batch_size=None)
           .map_batches(lambda b: b, batch_size=None))
     sink = Count()
     before, t0 = own_private_mb(), time.perf_counter()

@@ -108,7 +108,8 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
                     error = str(exc)
                 else:
                     size = (image.height, image.width)
-                    prepared = {kind: prepare(specs[kind], [image]).numpy().reshape(-1).view(np.uint8) for kind in KINDS}
+                    prepared = {kind: prepare(specs[kind], [image]).numpy().reshape(-1).view(np.uint8)
+                                for kind in KINDS}
                     del image
         t2 = time.perf_counter()
         out["shard"].append(unit.shard_id)
