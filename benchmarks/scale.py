@@ -51,7 +51,8 @@ log = logging.getLogger("benchmarks.scale")
 TINY = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=cifar_resnet20",
         "low.weights=random", "thresholds.p1=0.0", "thresholds.p2=0.3"]
 KINDS = {  # process title fragment -> kind, first match wins
-    "jobs.score": "driver", "ReadWorkUnits": "decode", "StreamStage": "stream", "Write": "compare",
+    "jobs.score": "driver", "ReadWorkUnits": "decode", "read_decode": "decode", "StreamStage": "stream",
+    "Write": "compare", "compare": "compare",  # the sink's write tasks (earlier: compare tasks)
     "_events": "reputation", "_split": "reputation", "_reduce": "reputation", "_finalize": "final",
     "_StatsActor": "ray-data", "_AutoscalingCoordinatorActor": "ray-data", "ActorLocationTracker": "ray-data",
     "raylet": "raylet", "gcs_server": "gcs", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",
