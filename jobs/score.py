@@ -172,6 +172,9 @@ class ShardDatasink(Datasink):
         self.rows = 0
         self.stage_ms: Counter = Counter()
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "shards": []}  # what a write task gets: it needs no plan
+
     @property
     def min_rows_per_write(self) -> int:
         return self.config.job.rows_per_task  # a shard commits at most about a work unit after its last row

@@ -240,12 +240,11 @@ def stopping_sink(after: int):
     there would (the commits before it stay)."""
     from jobs.score import ShardDatasink
     from twostream import storage
-    from twostream.batch.outputs import progress_uri
 
     class Stopping(ShardDatasink):
         def write(self, blocks, ctx):
             written = super().write(blocks, ctx)
-            done = sum(storage.exists(progress_uri(self.output, s.shard_id)) for s in self.shards)
+            done = len(storage.list_files(storage.join(self.output, "_progress"), (".done",)))
             if done >= after:
                 raise RuntimeError(f"injected fault: stopping after {done} shards")
             return written
