@@ -139,7 +139,6 @@ class WorkUnits(Datasource):
     def __init__(self, units: Sequence[Shard], config: TwoStreamConfig, specs: ray.ObjectRef) -> None:
         super().__init__()
         self.units, self.config, self.specs = [u.to_json() for u in units], config, specs
-        self.rows = sum(u.rows for u in units)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None  # prepared inputs depend on the models; blocks are bounded by job.decode_bytes_per_batch
