@@ -220,7 +220,7 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
     # as many blocks asked for as there are units: else Ray Data splits each unit's output into
     # more, smaller blocks to reach its default parallelism ("ReadWorkUnits->SplitBlocks(29)")
     ds = ray.data.read_datasource(WorkUnits(units, cfg, _input_specs.remote(cfg)), override_num_blocks=len(units),
-                                  ray_remote_args={"num_cpus": res["decode"]})
+                                  num_cpus=res["decode"])
     for kind in stages.KINDS:
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(
