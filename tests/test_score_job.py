@@ -242,12 +242,10 @@ def stopping_sink(after: int):
     from twostream import storage
 
     class Stopping(ShardDatasink):
-        def write(self, blocks, ctx):
-            written = super().write(blocks, ctx)
+        def committed(self, shard_id):
             done = len(storage.list_files(storage.join(self.output, "_progress"), (".done",)))
             if done >= after:
                 raise RuntimeError(f"injected fault: stopping after {done} shards")
-            return written
 
     return Stopping
 

@@ -18,7 +18,7 @@ import json
 import time
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -148,12 +148,12 @@ def _rows_in(name: str) -> int:
     return int(name.rsplit("/", 1)[-1].split("-")[1][1:])
 
 
-def write_rows(output: str, table: pa.Table) -> dict:
+def write_rows(output: str, table: pa.Table, on_commit: Callable[[str], None] | None = None) -> dict:
     """Phase 1's sink, for one write task (any rows, any order): each shard's rows become one part
     file; a shard whose parts then hold all its rows (``shard_total``) is committed
     (:func:`commit_shard`: exactly rows ``0..n-1``, each once). Several tasks may see one shard
-    complete at once: each writes the same staging rows. Returns the rows written, the shards
-    committed here and the summed per-stage times."""
+    complete at once: each writes the same staging rows. ``on_commit(shard_id)`` follows each
+    commit. Returns the rows written, the shards committed here and the summed per-stage times."""
     stage_ms = {stage: pc.sum(table.column(f"t_{stage}_ms")).as_py() or 0.0 for stage in STAGE_TIMES}
     committed = []
     shards = table.column("shard")
@@ -170,6 +170,8 @@ def write_rows(output: str, table: pa.Table) -> dict:
         if held == total:
             commit_shard(output, shard_id, [storage.read_parquet(name) for name in names], total)
             committed.append(shard_id)
+            if on_commit is not None:
+                on_commit(shard_id)
     return {"rows": table.num_rows, "committed": committed, "stage_ms": stage_ms}
 
 
