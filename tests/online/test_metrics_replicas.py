@@ -98,7 +98,9 @@ def two_replicas(tmp_path_factory):
         f"serve.port={port}", f"serve.redis_url={redis.url}", "serve.ingress_replicas=2",
         "serve.ingress_num_cpus=0.25", "serve.drain_s=1", "serve.http_proxy=ray",
     ])
-    env = {**serve_cluster_env(config.serve), "RAY_metrics_report_interval_ms": "500"}
+    env = {**serve_cluster_env(config.serve), "RAY_metrics_report_interval_ms": "500",
+           # a loaded machine starts a proxy's process in more than Serve's 5 s
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "180", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
     saved = {k: os.environ.get(k) for k in env}
     connect(num_cpus=2, log_to_driver=False, cluster_env=env)
     try:
