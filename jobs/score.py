@@ -229,9 +229,8 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
     for kind in stages.KINDS:
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(
-            # a work unit per call (the actor scores it batch_size rows at a time): one block out
-            # per unit, and a shard commits at most that many rows after its last row
-            parts.stream, batch_size=cfg.job.rows_per_task, batch_format="pyarrow",
+            # at most a work unit per call: a shard commits at most that many rows after its last row
+            parts.stream, batch_size=min(scfg.batch_size, cfg.job.rows_per_task), batch_format="pyarrow",
             fn_constructor_kwargs={"config": cfg, "kind": kind},
             compute=ray.data.ActorPoolStrategy(size=scfg.pool_size),
             num_cpus=res[kind], num_gpus=scfg.num_gpus or None,

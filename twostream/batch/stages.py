@@ -256,27 +256,17 @@ class StreamStage:
         return good, torch.cat([decoded[k] if k in decoded else batch[at[k] : at[k] + 1].to(device) for k in good])
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        """The table's rows with this stream's top-k, taken ``batch_size`` rows at a time (a call
-        may hold a whole work unit: one block out per call, and its inputs prepared a batch at a
-        time)."""
-        t0 = time.perf_counter()
-        step = self.scorer.config.batch_size
-        parts = [self._scored(table.slice(start, step)) for start in range(0, max(table.num_rows, 1), step)]
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        elapsed = (time.perf_counter() - t0) * 1e3 / max(table.num_rows, 1)
-        return table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))
-
-    def _scored(self, table: pa.Table) -> pa.Table:
-        """One batch: decoded on the device where it does so, its top-k columns added, this
-        stream's input columns dropped."""
         from twostream.core.scoring import scatter_topk
 
+        t0 = time.perf_counter()
         table, decoded = self._decode(table) if self.decodes else (table, {})
         good, batch = self._prepared(table, decoded)
         idx, prob = scatter_topk(table.num_rows, good, *self.scorer.topk_prepared(batch))
+        elapsed = (time.perf_counter() - t0) * 1e3 / max(table.num_rows, 1)
         table = table.drop_columns([f"{self.kind}_input"] + (["encoded"] if self.kind == "high" else []))
         table = table.append_column(f"{self.kind}_idx", _topk_column(idx, pa.int32()))
-        return table.append_column(f"{self.kind}_prob", _topk_column(prob, pa.float32()))
+        table = table.append_column(f"{self.kind}_prob", _topk_column(prob, pa.float32()))
+        return table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))
 
 
 def compare(table: pa.Table, config: TwoStreamConfig) -> pa.Table:
