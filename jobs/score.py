@@ -174,10 +174,6 @@ class ShardDatasink(Datasink):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "shards": []}  # what a write task gets: it needs no plan
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.config.job.rows_per_task  # a shard commits at most about a work unit after its last row
-
     def write(self, blocks: Iterable[Block], ctx: object) -> dict:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
