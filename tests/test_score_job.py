@@ -337,7 +337,7 @@ def test_datasource_and_datasink_every_row_once(ray_head, tmp_path):
     units = work_units(plan.shards, cfg.job.rows_per_task)
     specs = ray.put({kind: input_spec(cfg, kind) for kind in ("high", "low")})
     source = WorkUnits(units, cfg, specs)
-    assert len(source.get_read_tasks(1)) == len(units) == 9  # shards of 7, 7, 7, 3 rows in units of 3
+    assert len(source.get_read_tasks(1)) == len(units) == 10  # shards of 7, 7, 7, 3 rows: units of 3+3+1 (x3), 3
 
     def scored(table):  # the streams' columns, as the stream actors add them (no model needed here)
         import pyarrow as pa
