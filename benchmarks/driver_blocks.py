@@ -53,10 +53,10 @@ def measure(blocks: int) -> dict:
         rows = 0
 
         def write(self, blocks, ctx):
-            return sum(b.num_rows for b in blocks)
+            return int(sum(b.num_rows for b in blocks))
 
         def on_write_complete(self, write_result):
-            self.rows = sum(write_result.write_returns)
+            self.rows = int(sum(write_result.write_returns))
 
     connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
