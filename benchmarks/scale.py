@@ -15,7 +15,7 @@ reputation and final phases under 15% of the wall).
 Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
 both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peaks are listed per
-process), ``compare``, ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
+process), ``compare`` (the sink's write tasks: Algorithm 1 and the shards' rows), ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
 (phase 3 tasks), ``gcs``, ``raylet``, ``ray`` (Ray's other daemons), ``ray-data`` (Ray Data's
 helper actors: its stats actor, autoscaling coordinator and actor location tracker), ``other``
 (idle Ray workers). The report also counts the worker processes Ray started. Only this process's
@@ -51,7 +51,8 @@ log = logging.getLogger("benchmarks.scale")
 TINY = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=cifar_resnet20",
         "low.weights=random", "thresholds.p1=0.0", "thresholds.p2=0.3"]
 KINDS = {  # process title fragment -> kind, first match wins
-    "jobs.score": "driver", "read_decode": "decode", "StreamStage": "stream", "compare": "compare",
+    "jobs.score": "driver", "ReadWorkUnits": "decode", "read_decode": "decode", "StreamStage": "stream",
+    "Write": "compare", "compare": "compare",  # the sink's write tasks (earlier: compare tasks)
     "_events": "reputation", "_split": "reputation", "_reduce": "reputation", "_finalize": "final",
     "_StatsActor": "ray-data", "_AutoscalingCoordinatorActor": "ray-data", "ActorLocationTracker": "ray-data",
     "raylet": "raylet", "gcs_server": "gcs", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",
@@ -266,6 +267,48 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
     }
 
 
+def plain_loop(folder: Path, batch: int = 64) -> dict:
+    """The images of ``folder``'s tars scored by ``Scorer.score_batch`` in this process, one torch
+    thread, ``batch`` at a time: CPU seconds of the scoring alone (reading the tars apart)."""
+    import torch
+
+    from twostream.core.config import load_config
+    from twostream.core.scoring import Scorer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    scorer = Scorer(load_config(None, TINY + ["high.threads=1"]))
+    cpu, n, pending = 0.0, 0, []
+
+    def score() -> float:
+        t0 = time.process_time()
+        scorer.score_batch(pending)
+        return time.process_time() - t0
+
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    pending.append(tar.extractfile(member).read())
+                    if len(pending) == batch:
+                        cpu, n, pending = cpu + score(), n + len(pending), []
+    if pending:
+        cpu, n = cpu + score(), n + len(pending)
+    return {"images": n, "cpu_s": round(cpu, 1), "cpu_ms_per_image": round(cpu * 1e3 / n, 3)}
+
+
+def cpu_per_image(job: dict, loop: dict) -> dict:
+    """The job's CPU per image by kind, its total, its excess over the loop's, and outside the
+    stream actors."""
+    n = job["images"]
+    per_kind = {k: round(v * 1e3 / n, 3) for k, v in job["cpu_s"].items()}
+    total = sum(job["cpu_s"].values()) * 1e3 / n
+    outside = total - job["cpu_s"].get("stream", 0.0) * 1e3 / n
+    return {"job_ms_per_image_by_kind": per_kind, "job_ms_per_image": round(total, 3),
+            "loop_ms_per_image": loop["cpu_ms_per_image"], "excess_ms_per_image": round(total - loop["cpu_ms_per_image"], 3),
+            "outside_stream_actors_ms_per_image": round(outside, 3), "job_over_loop": round(total / loop["cpu_ms_per_image"], 3)}
+
+
 def reduce_only(n: int, sources: int) -> dict:
     """The phase-2 reduce alone on ``n`` events of ``sources`` sources: events/s and peak RSS."""
     import pyarrow as pa
@@ -331,6 +374,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="write the figures here (JSON)")
     parser.add_argument("--reduce-only", action="store_true", help="time the reputation reduce alone")
     parser.add_argument("--plan-only", action="store_true", help="the driver's planning alone: time, peak RSS")
+    parser.add_argument("--plain", action="store_true", help="then the same images in a plain loop: CPU per image")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -339,11 +383,13 @@ def main() -> None:
     elif args.plan_only:
         with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
             figures = plan_only(args.n, args.sources, args.per_tar, args.workdir or Path(tmp))
-    elif args.workdir:
-        figures = run_job(args.n, args.sources, args.per_tar, args.workdir, args.overrides)
     else:
         with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
-            figures = run_job(args.n, args.sources, args.per_tar, Path(tmp), args.overrides)
+            workdir = args.workdir or Path(tmp)
+            figures = run_job(args.n, args.sources, args.per_tar, workdir, args.overrides)
+            if args.plain:
+                figures["plain_loop"] = plain_loop(workdir / "in")
+                figures["cpu_per_image"] = cpu_per_image(figures, figures["plain_loop"])
     text = json.dumps(figures, indent=2)
     log.info("figures:\n%s", text)
     if args.report:

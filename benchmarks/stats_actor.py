@@ -1,8 +1,8 @@
-"""Ray Data's stats actor and the driver while a driver takes a dataset's blocks, three ways side
+"""Ray Data's stats actor and the driver while a driver takes a dataset's blocks, two ways side
 by side in one run: ``ds.iter_batches`` (whose iterator sends the dataset's stats, a BlockStats per
-block so far, to the stats actor every 5 s), ``ds.iter_internal_ref_bundles`` + ``ray.get``, and
-``jobs.score.result_blocks`` (what the job does: by reference, and each operator's list of
-BlockStats emptied as blocks arrive, ray-project/ray#66016). For each: the stats actor's and the
+block so far, to the stats actor every 5 s) and ``ds.iter_internal_ref_bundles`` + ``ray.get``.
+(The batch job takes no block in its driver any more: its rows end in a Datasink's write tasks;
+``benchmarks/driver_blocks.py`` measures its driver.) For each: the stats actor's and the
 driver's private memory (RssAnon) before and after, their growth per 1,000 blocks, the BlockStats
 the dataset's stats still hold at the end, and their pickled size.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("benchmarks.stats_actor")
-WAYS = ("iter_batches", "ref_bundles", "result_blocks")
+WAYS = ("iter_batches", "ref_bundles")
 
 
 def measure(way: str, blocks: int) -> dict:
@@ -35,17 +35,14 @@ def measure(way: str, blocks: int) -> dict:
     from scale import private_mb
 
     from jobs.ray_cluster import connect
-    from jobs.score import result_blocks
 
     connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ds = (ray.data.range(blocks * 4, override_num_blocks=blocks)
           .map_batches(lambda b: b, batch_size=None).map_batches(lambda b: b, batch_size=None))
     if way == "iter_batches":
         taken = ds.iter_batches(batch_size=None)
-    elif way == "ref_bundles":
-        taken = (block for bundle in ds.iter_internal_ref_bundles() for block in ray.get(bundle.block_refs))
     else:
-        taken = result_blocks(ds)
+        taken = (block for bundle in ds.iter_internal_ref_bundles() for block in ray.get(bundle.block_refs))
     t0, n, before = time.perf_counter(), 0, None
     for _ in taken:
         n += 1
@@ -95,8 +92,6 @@ def main() -> None:
     per_block = {way: row["stats_actor_kb_per_block"] for way, row in rows.items()}
     ratio = per_block["iter_batches"] / max(per_block["ref_bundles"], 0.01)
     log.info("the stats actor grew %.1fx as much per block under iter_batches as under ref bundles", ratio)
-    log.info("the driver grew %.2f kB per block under ref bundles, %.2f kB under result_blocks",
-             rows["ref_bundles"]["driver_kb_per_block"], rows["result_blocks"]["driver_kb_per_block"])
 
 
 if __name__ == "__main__":

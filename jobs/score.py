@@ -8,15 +8,16 @@ parts in :mod:`twostream.batch` (planning, stages, reputation, outputs). In shor
 Planning, before Ray starts: the manifest read and checked, every input object listed and
   matched (``plan_input``; each shard's entries spooled to ``_progress/entries/``, so the driver
   holds counts, not entries), the run's fingerprint recorded or a changed rerun refused (``resume``).
-Phase 1, scoring (Ray Data, streaming, memory bounded by Ray Data's backpressure and by bytes
-  per block): work units -> read+decode+prepare (CPU tasks, which take the streams' input
-  geometry from one Ray task and never build a model; only each stream's prepared input
-  travels) -> high-resolution stream (actor pool) -> low-resolution stream (actor pool) ->
-  comparator (CPU tasks) -> driver sink that writes one staging Parquet file per completed
-  input shard, then its ``_progress/<shard>.done`` marker.
+Phase 1, scoring (Ray Data's public interfaces, streaming, memory bounded by Ray Data's
+  backpressure and by bytes per block): work units (:class:`WorkUnits`, a Datasource: one read
+  task per unit: read+decode+prepare, taking the streams' input geometry from one Ray task and
+  never building a model; only each stream's prepared input travels) -> high-resolution stream
+  (actor pool) -> low-resolution stream (actor pool) -> :class:`ShardDatasink`, whose write
+  tasks run the comparator and write the rows by shard, committing each shard (staging Parquet
+  file, then its ``_progress/<shard>.done`` marker) once all its rows are written.
   Each row carries its image id and its own columns through both pools, so nothing is
-  matched by position: pools may return rows in any order (``job.shuffle_stream_output``
-  makes them do so on purpose in the tests).
+  matched by position: pools may return rows in any order (the tests inject stream actors
+  that do so on purpose, :class:`Phase1`).
 Between them, image ids: every id unique over the input (``twostream.batch.ids``): keys and the
   ids claimed by sidecars or the manifest joined by text (partitioned by crc32, Ray tasks); a
   claim of another input's key, or of an id claimed earlier in (timestamp, key) order, becomes
@@ -43,20 +44,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import logging
-import os
-import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data.block import BlockAccessor
+from ray.data import Datasink, Datasource, ReadTask
+from ray.data.block import Block, BlockAccessor, BlockMetadata
+from ray.data.datasource import WriteResult
 
 from jobs.ray_cluster import connect
 from twostream import storage
@@ -71,7 +75,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("twostream.jobs.score")
 
-FAULT_STOP_AFTER = "TWOSTREAM_FAULT_STOP_AFTER_SHARDS"  # driver fails after K committed shards
 # What a user can fix (input, manifest, config, a refused resume): one line, no traceback.
 USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused, reputation.StateError,
                detector.WindowError)
@@ -79,15 +82,6 @@ EVENTS_PER_MAP_TASK = 100_000  # staging rows one reputation map task reads (abo
 REDUCE_BYTES_FACTOR = 8  # a reduce task's peak memory / its events' Arrow bytes (benchmarks/scale.py)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 4 << 20  # decode tasks: larger allocations are mmapped (_return_large_frees_to_the_os)
-
-def read_decode_batch(batch: dict, *, config: TwoStreamConfig, specs: ray.ObjectRef) -> Iterator[pa.Table]:
-    """Ray Data task: work units (parts of shards) -> :func:`twostream.batch.stages.read_decode`
-    blocks, bounded by rows and prepared bytes; ``specs``: :func:`_input_specs`' result."""
-    _return_large_frees_to_the_os()
-    input_specs = ray.get(specs)
-    for unit in batch["unit"]:
-        yield from stages.read_decode(Shard.from_json(str(unit)), config, input_specs)
-
 
 def _return_large_frees_to_the_os() -> None:
     """In this worker process (glibc only): serve allocations over 4 MiB with mmap, so that their
@@ -142,73 +136,114 @@ def _fit_resources(cfg: TwoStreamConfig, total_cpus: float) -> dict[str, float]:
     return {"high": high, "low": low, "decode": decode, "compare": compare}
 
 
-def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[str, float]) -> outputs.ShardSink:
+class WorkUnits(Datasource):
+    """Phase 1's input: one read task per work unit (at most ``job.rows_per_task`` entries of one
+    shard), each yielding :func:`twostream.batch.stages.read_decode`'s blocks, a row per entry;
+    ``specs``: :func:`_input_specs`' result, which the read tasks wait for."""
+
+    def __init__(self, units: Sequence[Shard], config: TwoStreamConfig, specs: ray.ObjectRef) -> None:
+        super().__init__()
+        self.units, self.config, self.specs = [u.to_json() for u in units], config, specs
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # prepared inputs depend on the models; blocks are bounded by job.decode_bytes_per_batch
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: ray.data.DataContext | None = None) -> list[ReadTask]:
+        """One task per work unit, whatever ``parallelism`` Ray Data asks for."""
+        return [ReadTask(functools.partial(_read_unit, unit, self.config, self.specs),
+                         BlockMetadata(num_rows=Shard.from_json(unit).rows, size_bytes=None,
+                                       exec_stats=None, input_files=None))
+                for unit in self.units]
+
+
+def _read_unit(unit: str, config: TwoStreamConfig, specs: ray.ObjectRef) -> Iterator[pa.Table]:
+    """A read task: a work unit's blocks (:func:`twostream.batch.stages.read_decode`)."""
+    _return_large_frees_to_the_os()
+    yield from stages.read_decode(Shard.from_json(unit), config, ray.get(specs))
+
+
+class ShardDatasink(Datasink):
+    """Phase 1's output: each write task runs Algorithm 1 on its rows (:func:`stages.compare`) and
+    writes them by shard, committing every shard whose rows are then all written
+    (:func:`twostream.batch.outputs.write_rows`: staging rows, then the progress marker);
+    completion checks that every shard was committed, commits the shards without rows and sums
+    the write tasks' counts (:attr:`rows`, :attr:`stage_ms`)."""
+
+    def __init__(self, config: TwoStreamConfig, output: str, shards: Sequence[Shard]) -> None:
+        self.config, self.output = config, output
+        self.shards = list(shards)
+        self.rows = 0
+        self.stage_ms: Counter = Counter()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "shards": []}  # what a write task gets: it needs no plan
+
+    def write(self, blocks: Iterable[Block], ctx: object) -> dict:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return {"rows": 0, "committed": [], "stage_ms": {}}
+        return outputs.write_rows(self.output, stages.compare(pa.concat_tables(tables), self.config),
+                                  on_commit=self.committed)
+
+    def committed(self, shard_id: str) -> None:
+        """In a write task, after each shard it commits (nothing here; tests inject a sink that
+        fails there, as a job killed after K commits)."""
+
+    def on_write_complete(self, write_result: WriteResult[dict]) -> None:
+        self.close(write_result.write_returns)
+
+    def close(self, written: Sequence[dict]) -> None:
+        """Commit the shards without rows, fail on any other shard not committed; sum the counts."""
+        for r in written:
+            self.rows += r["rows"]
+            self.stage_ms.update(r["stage_ms"])
+        outputs.close_shards(self.output, self.shards)
+
+
+@dataclass(frozen=True)
+class Phase1:
+    """What phase 1 runs, as objects: the stream actors' class, the sink's class, and the order the
+    shards are scored and reduced in. The job uses the defaults; tests inject subclasses (rows
+    permuted, an actor that crashes, a sink that stops after K commits) and a shuffled order."""
+
+    stream: type[stages.StreamStage] = stages.StreamStage
+    sink: type[ShardDatasink] = ShardDatasink
+    order: Callable[[list], list] = list
+
+
+def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[str, float],
+           parts: Phase1) -> ShardDatasink:
     """Phase 1: the Ray Data pipeline over the shards to do, committed shard by shard."""
-    fault_after = int(os.environ.get(FAULT_STOP_AFTER, "0") or 0)
-    faults = {k: v for k, v in os.environ.items() if k.startswith("TWOSTREAM_FAULT_")}
-    fault_env = {"runtime_env": {"env_vars": faults}} if faults else {}
-    sink = outputs.ShardSink(output, stop_after=fault_after)
+    outputs.clear_parts(output)
+    sink = parts.sink(cfg, output, todo)
     units = work_units(todo, cfg.job.rows_per_task)
     if not units:
+        sink.close([])
         return sink
-    ds = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
-    # resolved while the actor pools start; the decode tasks wait for it
-    specs = _input_specs.remote(cfg)
-    ds = ds.map_batches(read_decode_batch, batch_size=1, batch_format="numpy", num_cpus=res["decode"],
-                        fn_kwargs={"config": cfg, "specs": specs})
-    for kind in ("high", "low"):
+    # resolved while the actor pools start; the read tasks wait for it
+    # as many blocks asked for as there are units: else Ray Data splits each unit's output into
+    # more, smaller blocks to reach its default parallelism ("ReadWorkUnits->SplitBlocks(29)")
+    ds = ray.data.read_datasource(WorkUnits(units, cfg, _input_specs.remote(cfg)), override_num_blocks=len(units),
+                                  num_cpus=res["decode"])
+    for kind in stages.KINDS:
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(
             # at most a work unit per call: a shard commits at most that many rows after its last row
-            stages.StreamStage, batch_size=min(scfg.batch_size, cfg.job.rows_per_task), batch_format="pyarrow",
+            parts.stream, batch_size=min(scfg.batch_size, cfg.job.rows_per_task), batch_format="pyarrow",
             fn_constructor_kwargs={"config": cfg, "kind": kind},
             compute=ray.data.ActorPoolStrategy(size=scfg.pool_size),
-            num_cpus=res[kind], num_gpus=scfg.num_gpus or None, **fault_env,
+            num_cpus=res[kind], num_gpus=scfg.num_gpus or None,
         )
-    ds = ds.map_batches(stages.compare, batch_size=None, batch_format="pyarrow",
-                        num_cpus=res["compare"], fn_kwargs={"config": cfg})
     try:
-        for block in result_blocks(ds):
-            sink.add(block)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": res["compare"]})
     except ray.exceptions.RayError:
         problem = ray.get(_stream_problem.remote(cfg))
         if problem:
             raise ConfigError(problem) from None
         raise
-    sink.close(todo)
     return sink
-
-
-def result_blocks(ds: ray.data.Dataset) -> Iterator[pa.Table]:
-    """The dataset's output blocks, as Arrow tables, in a bounded driver.
-
-    Taken by reference, not through ``ds.iter_batches``: Ray Data's batch iterator sends the
-    dataset's stats, which hold a BlockStats per block so far, to its stats actor every 5 s, a
-    message that grows with the run and a stats actor that grows with it (docs/results.md, "Ray
-    Data's stats actor"). And each map operator's list of those BlockStats is emptied as blocks
-    arrive: Ray Data keeps it in the driver until the dataset is done (ray-project/ray#66016),
-    about 0.9 kB per block, 0.9 GB more at 10M images in ``benchmarks/scale.py``. Only the
-    dataset's final stats summary, which the job does not use, loses the blocks' rows; the
-    operators' metrics are untouched.
-    """
-    bundles, _, executor = ds._execute_to_iterator(capture_executor=False)
-    kept = _block_stats_lists(executor)
-    for bundle in bundles:
-        for stats in kept:
-            stats.clear()  # one C call under the GIL: the executor's thread appends whole lists
-        for block in ray.get(bundle.block_refs):
-            yield BlockAccessor.for_block(block).to_arrow()
-
-
-def _block_stats_lists(executor: object | None) -> list[list]:
-    """The per-block stats lists of the executor's operators (``_output_blocks_stats`` in Ray
-    2.60); none, with a warning, where this Ray keeps them elsewhere."""
-    operators = getattr(executor, "_topology", None) or {}
-    kept = [op._output_blocks_stats for op in operators if isinstance(getattr(op, "_output_blocks_stats", None), list)]
-    if executor is not None and not kept:
-        log.warning("Ray %s: no per-block stats lists found on Ray Data's operators; the driver may grow "
-                    "by about 0.9 kB per block (ray-project/ray#66016)", ray.__version__)
-    return kept
 
 
 def _staged(uri: str, k: int, detections: pa.Table) -> pa.Table:
@@ -372,13 +407,12 @@ def _partitions(cfg: TwoStreamConfig, nbytes: int) -> int:
 
 
 def _reputation(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str, state: Sequence[str],
-                detections: ray.ObjectRef) -> tuple[list, list[dict]]:
-    """Phase 2: every shard's events, and the starting state, are partitioned by source; each
-    partition is reduced (Algorithm 2) and writes ``sources/part-N``. Returns, per partition, the
-    responses of each shard group (object refs, for phase 3) and the partitions' stats."""
-    order = list(range(len(shards)))
-    if cfg.job.shard_order_seed is not None:
-        random.Random(cfg.job.shard_order_seed + 1).shuffle(order)
+                detections: ray.ObjectRef, order: Callable[[list], list] = list) -> tuple[list, list[dict]]:
+    """Phase 2: every shard's events (read in ``order``), and the starting state, are partitioned
+    by source; each partition is reduced (Algorithm 2) and writes ``sources/part-N``. Returns, per
+    partition, the responses of each shard group (object refs, for phase 3) and the partitions'
+    stats."""
+    order = order(list(range(len(shards))))
     per_task = max(1, EVENTS_PER_MAP_TASK // max(cfg.job.files_per_shard, 1))
     chunks = [order[i:i + per_task] for i in range(0, len(order), per_task)]
     events = ray.remote(num_cpus=0.25, num_returns=2)(_events)
@@ -421,8 +455,9 @@ def _final(shards: Sequence[Shard], output: str, reduced: list, detections: ray.
 
 
 def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str | None = None,
-            progress: bool = True) -> dict:
-    """Run the three phases against the current Ray cluster; returns the summary dict."""
+            progress: bool = True, parts: Phase1 = Phase1()) -> dict:
+    """Run the three phases against the current Ray cluster; returns the summary dict. ``parts``:
+    what phase 1 runs (:class:`Phase1`; tests inject their own)."""
     started = time.perf_counter()
     # Planning first: a bad input, manifest or refused resume fails before Ray is touched.
     manifest_table, manifest_sha256 = read_manifest(manifest_uri) if manifest_uri else (None, None)
@@ -443,19 +478,18 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     ctx.target_max_block_size = cfg.job.decode_bytes_per_batch
     done = outputs.done_shards(output, shards) if cfg.job.resume else set()
     todo = [s for s in shards if s.shard_id not in done]
-    if cfg.job.shard_order_seed is not None:
-        random.Random(cfg.job.shard_order_seed).shuffle(todo)
+    todo = parts.order(todo)
     log.info("%d objects in %d shards, %d shards already done, %d to score",
              plan.rows, len(shards), len(done), len(todo))
     res = _fit_resources(cfg, float(ray.cluster_resources().get("CPU", 1)))
 
     t0 = time.perf_counter()
-    sink = _score(cfg, todo, output, res)
+    sink = _score(cfg, todo, output, res, parts)
     _unique_ids(cfg, shards, output)
     t1 = time.perf_counter()
     detections, detected = _detect(cfg, shards, output)
     t_detect = time.perf_counter()
-    reduced, rep_stats = _reputation(cfg, shards, output, state, detections)
+    reduced, rep_stats = _reputation(cfg, shards, output, state, detections, parts.order)
     t2 = time.perf_counter()
     finals = _final(shards, output, reduced, detections)
     t3 = time.perf_counter()

@@ -33,6 +33,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import urllib.request
+
+import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
@@ -68,11 +71,46 @@ from twostream.online.http import (
     read_upload,
 )
 from twostream.online.detector_store import endpoint_detector
-from twostream.online.metrics import METRICS_CONTENT_TYPE, ServiceMetrics
+from twostream.online.metrics import METRICS_CONTENT_TYPE, MetricDef, ServiceMetrics, merge_exports
 from twostream.online.models import FusedModels, Scored, StreamRunner
 from twostream.online.redis_store import RedisReputation, StoreUnavailable, Step, redact
 
 log = logging.getLogger("twostream.serve")
+EXPORT_TIMEOUT_S = 5.0  # reading one node's metrics export (GET /metrics)
+
+
+class RayMetrics:
+    """The ingress's metrics as Ray's (``ray.util.metrics``): every node's metrics agent exports
+    them, one series per replica process; :func:`cluster_metrics` sums them."""
+
+    def make(self, metric: MetricDef):
+        from ray.util.metrics import Counter, Histogram
+
+        if metric.kind == "counter":
+            return _RayRecorder(Counter(metric.name, metric.help, tag_keys=metric.labels), "inc")
+        made = Histogram(metric.name, metric.help, boundaries=list(metric.buckets), tag_keys=metric.labels)
+        return _RayRecorder(made, "observe")
+
+
+class _RayRecorder:
+    def __init__(self, metric: Any, method: str) -> None:
+        self.record_fn = getattr(metric, method)
+
+    def record(self, value: float, labels: dict[str, str]) -> None:
+        self.record_fn(value, tags=labels or None)
+
+
+def cluster_metrics(state: dict[str, float | None]) -> str:
+    """:data:`twostream.online.metrics.METRICS` summed over every replica of every live node
+    (each node's metrics export, read over HTTP), with the reputation state's gauges. A node whose
+    export cannot be read fails the scrape (a partial sum would look like counters going back)."""
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+    texts = []
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=EXPORT_TIMEOUT_S) as answer:
+            texts.append(answer.read().decode())
+    return merge_exports(texts, prefix="ray_", state=state)
 
 # --------------------------------------------------------------------------------------------
 # Stream deployments (split topology)
@@ -138,7 +176,7 @@ class Ingress:
             self.models = FusedModels(self.config)
             self._fused.set_max_batch_size(settings.max_batch_size)
             self._fused.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(RayMetrics())
         self.admin_token = settings.resolved_admin_token()
         # Behind HAProxy every peer is HAProxy: the client's address is not known here.
         self.client_address_known = os.environ.get(HAPROXY_ENV) != "1"
@@ -198,7 +236,7 @@ class Ingress:
         except (RedisError, OSError) as exc:  # the same Redis as the reputation state: the same 503
             raise unavailable(StoreUnavailable(f"query detector: {exc}")) from None
         if flagged:
-            self.metrics.detections.inc()
+            self.metrics.inc("twostream_query_detections")
         return flagged
 
     # -- routes -----------------------------------------------------------------------------
@@ -231,7 +269,7 @@ class Ingress:
         except ApiError as exc:
             status = exc.status
             if exc.status in (413, 415, 422):
-                self.metrics.verdicts.labels(verdict=Verdict.ERROR).inc()
+                self.metrics.inc("twostream_verdicts", verdict=str(Verdict.ERROR))
             raise
         except ClientDisconnect:  # the client went away mid-body: nothing was held, nothing to answer
             status = 499
@@ -381,13 +419,19 @@ class Ingress:
         return {"status": "ok", "sources": sources, "blacklist_size": listed,
                 "redis": redact(self.config.serve.redis_url), "topology": self.config.serve.topology}
 
-    @api.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
+    @api.get("/metrics", summary="Prometheus metrics of the whole deployment (every replica, every node)",
+             response_class=Response)
     async def metrics(self):
         try:
             sources, blacklist = await self.store.counts()
         except StoreUnavailable:
             blacklist = sources = None
-        return Response(self.metrics.render(blacklist, sources), media_type=METRICS_CONTENT_TYPE)
+        state = {"twostream_blacklist_size": blacklist, "twostream_sources": sources}
+        try:
+            text = await asyncio.to_thread(cluster_metrics, state)
+        except OSError as exc:
+            raise ApiError(503, "metrics_unavailable", f"a node's metrics export could not be read: {exc}") from None
+        return Response(text.encode(), media_type=METRICS_CONTENT_TYPE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -196,23 +196,66 @@ def data(tmp_path_factory, s3):
     return {"root": root, "truth": truth, "overrides": overrides, "by_id": by_id, "ledger": ledger}
 
 
-def _run_in_cluster(ray_head, output: Path, overrides: list[str], env: dict | None = None,
+def _run_in_cluster(ray_head, output: Path, overrides: list[str], parts=None,
                     input_uri: str = "s3://twostream-test/in", manifest: str = "s3://twostream-test/manifest.csv"):
-    """run_job in this process as a Ray client of the test head (same code as the job)."""
+    """run_job in this process as a Ray client of the test head (same code as the job); ``parts``:
+    what phase 1 runs (``jobs.score.Phase1``), the job's own by default."""
     import ray
 
-    from jobs.score import run_job
+    from jobs.score import Phase1, run_job
     from twostream.core.config import load_config
 
-    for k, v in (env or {}).items():
-        os.environ[k] = v
-    try:
-        if not ray.is_initialized():
-            ray.init(address=ray_head["address"], runtime_env={"env_vars": _aws_env()})
-        return run_job(load_config(None, overrides), input_uri, str(output), manifest, progress=False)
-    finally:
-        for k in env or {}:
-            os.environ.pop(k, None)
+    if not ray.is_initialized():
+        ray.init(address=ray_head["address"], runtime_env={"env_vars": _aws_env()})
+    return run_job(load_config(None, overrides), input_uri, str(output), manifest, progress=False,
+                   parts=parts or Phase1())
+
+
+def permuting_stage(crash_marker: Path | None = None):
+    """A stream actor class that permutes its output rows (and, given ``crash_marker``, kills its
+    process on the high stream's first batch, once: Ray restarts the actor and retries the batch).
+    Defined here, so Ray pickles it by value for the workers."""
+    from twostream.batch.stages import StreamStage
+
+    class Permuting(StreamStage):
+        calls = 0
+
+        def __call__(self, table):
+            self.calls += 1
+            if crash_marker is not None and self.kind == "high" and self.calls == 1:
+                marker = crash_marker / "crashed"
+                if not marker.exists():
+                    crash_marker.mkdir(parents=True, exist_ok=True)
+                    marker.touch()
+                    os._exit(1)
+            table = super().__call__(table)
+            order = np.random.default_rng(self.calls + os.getpid()).permutation(table.num_rows)
+            return table.take(order)
+
+    return Permuting
+
+
+def stopping_sink(after: int):
+    """A phase-1 sink whose write tasks fail once ``after`` shards are committed, as a job killed
+    there would (the commits before it stay)."""
+    from jobs.score import ShardDatasink
+    from twostream import storage
+
+    class Stopping(ShardDatasink):
+        def committed(self, shard_id):
+            done = len(storage.list_files(storage.join(self.output, "_progress"), (".done",)))
+            if done >= after:
+                raise RuntimeError(f"injected fault: stopping after {done} shards")
+
+    return Stopping
+
+
+def shuffled(seed: int):
+    """An order of shards (for phase 1, then phase 2's reads) shuffled with ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    return lambda items: rng.sample(list(items), len(items))
 
 
 def _aws_env() -> dict:
@@ -242,24 +285,26 @@ def test_order_independent_and_actor_crash(ray_head, data, tmp_path):
     JPEGs decoded by the high stream's actors (job.decode=device; the CPU device's decoder gives
     Pillow's pixels), and the first high-stream batch crashes its actor: the same rows and source
     states."""
+    from jobs.score import Phase1
+
     overrides = data["overrides"] + [
-        "high.pool_size=2", "low.pool_size=2", "job.reputation_shards=3", "job.shard_order_seed=7",
-        "job.shuffle_stream_output=true", "high.batch_size=4", "job.files_per_shard=4", "job.decode=device",
+        "high.pool_size=2", "low.pool_size=2", "job.reputation_shards=3",
+        "high.batch_size=4", "job.files_per_shard=4", "job.decode=device",
     ]
     marker = tmp_path / "crash"
     summary = _run_in_cluster(ray_head, tmp_path / "out", overrides,
-                              {"TWOSTREAM_FAULT_CRASH_ACTOR_ONCE": str(marker)})
+                              Phase1(stream=permuting_stage(marker), order=shuffled(7)))
     assert (marker / "crashed").exists(), "the injected actor crash happened"
     assert summary["counts_add_up"]
     check_output(tmp_path / "out", data["by_id"], data["ledger"])
 
 
 def test_resume_after_kill(ray_head, data, tmp_path):
-    from jobs.score import FAULT_STOP_AFTER
+    from jobs.score import Phase1
 
     out = tmp_path / "out"
     with pytest.raises(Exception, match="injected fault"):
-        _run_in_cluster(ray_head, out, data["overrides"], {FAULT_STOP_AFTER: "2"})
+        _run_in_cluster(ray_head, out, data["overrides"], Phase1(sink=stopping_sink(2)))
     done = sorted(p.name for p in (out / "_progress").glob("*.done"))
     assert 2 <= len(done) < 5 and not (out / "summary.json").exists()
     summary = _run_in_cluster(ray_head, out, data["overrides"])
@@ -268,33 +313,54 @@ def test_resume_after_kill(ray_head, data, tmp_path):
     check_output(out, data["by_id"], data["ledger"])
 
 
-def _block_stats(stats) -> int:
-    """BlockStats held in a dataset's stats (Ray Data's own stats objects), its parents included."""
-    return sum(len(v) for v in stats.metadata.values()) + sum(_block_stats(p) for p in stats.parents)
-
-
-def test_result_blocks_every_row_once_without_per_block_stats(ray_head):
-    """The driver takes every row exactly once, and Ray Data's operators no longer hold a BlockStats
-    per block taken; the same dataset iterated as Ray Data does it holds one per block."""
+def test_datasource_and_datasink_every_row_once(ray_head, tmp_path):
+    """The job's Ray Data input and output alone: one read task per work unit, and every row of
+    every shard written once and committed, whatever the blocks; the driver reads no block."""
     import ray
 
-    from jobs.score import result_blocks
+    from jobs.score import ShardDatasink, WorkUnits
+    from twostream.batch.outputs import STAGE_TIMES, staging_uri
+    from twostream.batch.planning import plan_input, work_units
+    from twostream.core.config import load_config
+    from twostream.core.scoring import input_spec
 
     if not ray.is_initialized():
         ray.init(address=ray_head["address"], runtime_env={"env_vars": _aws_env()})
-    blocks, rows = 60, 300
+    root = tmp_path / "in"
+    root.mkdir()
+    for k in range(23):
+        (root / f"{k:02d}.jpg").write_bytes(_jpeg(k))
+    (root / "bad.jpg").write_bytes(b"no image")
+    cfg = load_config(None, SMALL + ["job.files_per_shard=7", "job.rows_per_task=3", "job.decode_batch_size=2"])
+    out = str(tmp_path / "out")
+    plan = plan_input(str(root), cfg.job.files_per_shard, spool=str(tmp_path / "out" / "_progress" / "entries"))
+    units = work_units(plan.shards, cfg.job.rows_per_task)
+    specs = ray.put({kind: input_spec(cfg, kind) for kind in ("high", "low")})
+    source = WorkUnits(units, cfg, specs)
+    assert len(source.get_read_tasks(1)) == len(units) == 10  # shards of 7, 7, 7, 3 rows: units of 3+3+1 (x3), 3
 
-    def dataset():
-        return (ray.data.range(rows, override_num_blocks=blocks)
-                .map_batches(lambda b: b, batch_size=None).map_batches(lambda b: {"id": b["id"] * 3}, batch_size=None))
+    def scored(table):  # the streams' columns, as the stream actors add them (no model needed here)
+        import pyarrow as pa
 
-    ours = dataset()
-    taken = [v for table in result_blocks(ours) for v in table.column("id").to_pylist()]
-    assert sorted(taken) == [3 * i for i in range(rows)]
-    plain = dataset()
-    assert sum(len(ray.get(b.block_refs)) for b in plain.iter_internal_ref_bundles()) == blocks
-    assert _block_stats(plain._cache.get_stats()) >= blocks  # Ray Data keeps one per block
-    assert _block_stats(ours._cache.get_stats()) <= 2  # at most the last bundle's
+        n = table.num_rows
+        for kind, k in (("high", 5), ("low", 2)):
+            offsets = pa.array([i * k for i in range(n + 1)], pa.int32())
+            for name, value, type_ in (("idx", 0, pa.int32()), ("prob", 0.5, pa.float32())):
+                column = pa.ListArray.from_arrays(offsets, pa.array([value] * n * k, type_))
+                table = table.append_column(f"{kind}_{name}", column)
+            table = table.append_column(f"t_{kind}_ms", pa.array([0.0] * n))
+        return table.drop_columns(["high_input", "low_input", "encoded"])
+
+    sink = ShardDatasink(cfg, out, plan.shards)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(units))
+    ds.map_batches(scored, batch_size=4, batch_format="pyarrow").write_datasink(sink)
+    assert sink.rows == 24 and set(sink.stage_ms) == set(STAGE_TIMES)
+    for shard in plan.shards:
+        rows = pq.read_table(staging_uri(out, shard.shard_id))
+        assert rows.column("row").to_pylist() == list(range(shard.rows))
+    keys = [k for s in plan.shards for k in pq.read_table(staging_uri(out, s.shard_id)).column("key").to_pylist()]
+    assert sorted(keys) == sorted([f"{k:02d}.jpg" for k in range(23)] + ["bad.jpg"])
+    assert not list((tmp_path / "out" / "_progress").rglob("parts/**/*.parquet"))  # the parts removed
 
 
 def test_hostile_folder_every_object_one_row(ray_head, tmp_path):

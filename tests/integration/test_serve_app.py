@@ -102,6 +102,7 @@ def start_app(tmp, extra: list[str] = ()) -> dict:
     split = config.model_copy(deep=True)
     split.serve.topology = "split"
     env = serve_cluster_env(config.serve)  # the default: HAProxy in front of the replicas
+    env["RAY_metrics_report_interval_ms"] = "500"  # /metrics sums Ray's exports: let them follow closely
     saved = {k: os.environ.get(k) for k in env}
     connect(num_cpus=2, log_to_driver=False, cluster_env=env)
     try:

@@ -226,7 +226,7 @@ def test_metrics_render_prometheus_text():
     metrics = ServiceMetrics()
     metrics.observe_request("classify", 200, 0.02)
     metrics.observe_request("classify", 422, 0.001)
-    metrics.verdicts.labels(verdict="accepted").inc()
+    metrics.inc("twostream_verdicts", verdict="accepted")
     text = metrics.render(blacklist_size=3, sources=5).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families["twostream_blacklist_size"].samples[0].value == 3

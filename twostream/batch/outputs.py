@@ -5,9 +5,10 @@ progress marker), the accounting of rows against the plan, and the run's summary
 Layout under the output prefix: ``_progress/plan.json`` + ``_progress/listing.parquet`` (the
 run's fingerprint, :mod:`twostream.batch.resume`), ``_progress/entries/<shard>.parquet`` (each
 shard's planned entries, :func:`twostream.batch.planning.spool_entries`),
-``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1), ``sources/part-N.parquet``
-(phase 2), ``detector/window.parquet`` (the query detector's window, carried to the next run),
-``images/<shard>.parquet`` and ``summary.json`` (phase 3).
+``_progress/parts/<shard>/`` (phase 1's write tasks' rows until the shard is committed,
+:func:`write_rows`), ``_staging/<shard>.parquet`` + ``_progress/<shard>.done`` (phase 1),
+``sources/part-N.parquet`` (phase 2), ``detector/window.parquet`` (the query detector's window,
+carried to the next run), ``images/<shard>.parquet`` and ``summary.json`` (phase 3).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -137,48 +140,71 @@ def commit_shard(output: str, shard_id: str, parts: Sequence[pa.Table], total: i
                         json.dumps({"rows": table.num_rows, "at": time.time()}).encode())
 
 
-class ShardSink:
-    """Collects phase 1's rows (any order, any batching) and commits each shard once all of its
-    rows arrived (``shard_total`` of them); sums the per-stage times. ``stop_after`` > 0 (fault
-    injection, tests): fail right after that many commits, as a driver killed there would."""
+def parts_folder(output: str, shard_id: str | None = None) -> str:
+    """Where phase 1's write tasks put a shard's rows before the shard is committed."""
+    folder = storage.join(output, "_progress", "parts")
+    return storage.join(folder, shard_id) if shard_id is not None else folder
 
-    def __init__(self, output: str, stop_after: int = 0) -> None:
-        self.output = output
-        self.stop_after = stop_after
-        self.pending: dict[str, list[pa.Table]] = defaultdict(list)
-        self.counts: Counter = Counter()
-        self.stage_ms: Counter = Counter()
-        self.committed = 0  # shards
-        self.rows = 0  # rows of the committed shards
 
-    def add(self, batch: pa.Table) -> None:
-        if batch.num_rows == 0:
-            return
-        for stage in STAGE_TIMES:
-            self.stage_ms[stage] += pc.sum(batch.column(f"t_{stage}_ms")).as_py()
-        for shard_id in set(batch.column("shard").to_pylist()):
-            part = batch.filter(pc.equal(batch.column("shard"), shard_id))
-            self.pending[shard_id].append(part)
-            self.counts[shard_id] += part.num_rows
-            total = part.column("shard_total")[0].as_py()
-            if self.counts[shard_id] == total:
-                commit_shard(self.output, shard_id, self.pending.pop(shard_id), total)
-                self.rows += total
-                self.committed += 1
-                if self.stop_after and self.committed >= self.stop_after:
-                    raise RuntimeError(f"injected fault: stopping after {self.committed} shards")
-            elif self.counts[shard_id] > total:
-                raise RuntimeError(f"shard {shard_id}: {self.counts[shard_id]} rows > {total}")
+def _part_name(rows: pa.Array) -> str:
+    """A part's file name from the rows it holds (first row, count, crc32 of the sorted rows): a
+    retried write task writes the same rows under the same name, and the row count is read from
+    the names alone."""
+    ordered = np.sort(rows.to_numpy())
+    return f"r{ordered[0]:09d}-n{len(ordered):09d}-{zlib.crc32(ordered.astype('<i4').tobytes()):08x}.parquet"
 
-    def close(self, shards: Sequence[Shard]) -> None:
-        """Fail on incomplete shards; commit the shards that had no rows at all (a tar of folders)."""
-        if self.pending:
-            raise RuntimeError(f"incomplete shards after the scan: {sorted(self.pending)}")
-        for shard in shards:
-            if not storage.exists(progress_uri(self.output, shard.shard_id)):
-                if shard.rows:
-                    raise RuntimeError(f"shard {shard.shard_id}: none of its {shard.rows} rows arrived")
-                commit_shard(self.output, shard.shard_id, [], 0)
+
+def _rows_in(name: str) -> int:
+    return int(name.rsplit("/", 1)[-1].split("-")[1][1:])
+
+
+def write_rows(output: str, table: pa.Table, on_commit: Callable[[str], None] | None = None) -> dict:
+    """Phase 1's sink, for one write task (any rows, any order): each shard's rows become one part
+    file; a shard whose parts then hold all its rows (``shard_total``) is committed
+    (:func:`commit_shard`: exactly rows ``0..n-1``, each once). Several tasks may see one shard
+    complete at once: each writes the same staging rows. ``on_commit(shard_id)`` follows each
+    commit. Returns the rows written, the shards committed here and the summed per-stage times."""
+    stage_ms = {stage: pc.sum(table.column(f"t_{stage}_ms")).as_py() or 0.0 for stage in STAGE_TIMES}
+    committed = []
+    shards = table.column("shard")
+    for shard_id in pc.unique(shards).to_pylist():
+        part = table.filter(pc.equal(shards, shard_id))
+        total = part.column("shard_total")[0].as_py()
+        folder = parts_folder(output, shard_id)
+        storage.write_parquet(part.select(STAGING_SCHEMA.names).cast(STAGING_SCHEMA),
+                              storage.join(folder, _part_name(part.column("row").combine_chunks())))
+        names = storage.list_files(folder, (".parquet",))
+        held = sum(_rows_in(name) for name in names)
+        if held > total:
+            raise RuntimeError(f"shard {shard_id}: {held} rows written for {total} inputs ({len(names)} parts)")
+        if held == total:
+            commit_shard(output, shard_id, [storage.read_parquet(name) for name in names], total)
+            committed.append(shard_id)
+            if on_commit is not None:
+                on_commit(shard_id)
+    return {"rows": table.num_rows, "committed": committed, "stage_ms": stage_ms}
+
+
+def clear_parts(output: str) -> None:
+    """Remove the parts an earlier, interrupted run left (its shards are scored again)."""
+    try:
+        names = storage.list_files(parts_folder(output))
+    except FileNotFoundError:
+        return
+    for name in names:
+        storage.remove(name)
+
+
+def close_shards(output: str, shards: Sequence[Shard]) -> None:
+    """After phase 1: fail on a shard that has rows but no commit (naming it); commit the shards
+    that had no rows at all (a tar of folders); remove the parts."""
+    missing = [s.shard_id for s in shards if s.rows and not storage.exists(progress_uri(output, s.shard_id))]
+    if missing:
+        raise RuntimeError(f"incomplete shards after the scan: {missing[:10]} ({len(missing)} in all)")
+    for shard in shards:
+        if not shard.rows and not storage.exists(progress_uri(output, shard.shard_id)):
+            commit_shard(output, shard.shard_id, [], 0)
+    clear_parts(output)
 
 
 def account(plan: Plan, written: dict[str, int]) -> dict:

@@ -20,7 +20,8 @@
    query detector on, the decoded pixels once, for its fingerprint) comes back to the CPU, and a
    row that fails to decode gets its error.
 3. :func:`compare` - Algorithm 1 through :func:`~twostream.core.results.score_rows` into
-   staging rows (:data:`~twostream.batch.outputs.STAGING_SCHEMA`).
+   staging rows (:data:`~twostream.batch.outputs.STAGING_SCHEMA`), in the job's sink (its write
+   tasks, before :func:`~twostream.batch.outputs.write_rows`).
 
 Every row carries its own identity and all earlier columns, so a stage may reorder rows. Each
 stage adds ``t_<stage>_ms`` (its time per row); the read stage adds ``shard_total`` (rows of the
@@ -35,7 +36,6 @@ adds ~190 MB).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Literal
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from twostream.core.models import InputSpec
     from twostream.core.query_detector import QueryDetectorConfig
 
-FAULT_CRASH_ACTOR = "TWOSTREAM_FAULT_CRASH_ACTOR_ONCE"  # dir: first high-stream batch kills its actor
 KINDS = ("high", "low")
 
 DECODED_SCHEMA = pa.schema([
@@ -80,6 +79,8 @@ DECODED_SCHEMA = pa.schema([
 ])
 _IDENTITY = ("row", "image_id", "key", "uri", "source", "timestamp")
 _FP_NAMES = tuple(f.name for f in FINGERPRINT_FIELDS)
+_PREPARED = tuple(f"{kind}_input" for kind in ("high", "low"))
+_NONE = np.empty(0, np.uint8)  # no prepared input (an error row, or a JPEG passed on encoded)
 _PASSED_ON = ("shard_total", "t_read_ms", "t_decode_ms", "t_high_ms", "t_low_ms")  # kept by compare
 
 
@@ -100,7 +101,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
     for row in read_unit(unit, config.limits.max_bytes):
         attach_identity(row)
         t1 = time.perf_counter()
-        error, size, prepared, encoded = row["read_error"], (None, None), {kind: b"" for kind in KINDS}, b""
+        error, size, prepared, encoded = row["read_error"], (None, None), {kind: _NONE for kind in KINDS}, b""
         fp: tuple[bytes | None, ...] = (None,) * len(_FP_NAMES)
         if error is None:
             data = row.pop("data")
@@ -115,7 +116,8 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
                     error = str(exc)
                 else:
                     size = (image.height, image.width)
-                    prepared = {kind: prepare(specs[kind], [image]).numpy().tobytes() for kind in KINDS}
+                    prepared = {kind: prepare(specs[kind], [image]).numpy().reshape(-1).view(np.uint8)
+                                for kind in KINDS}
                     if detector is not None:
                         fp = fingerprint_columns(image, detector)
                     del image
@@ -134,14 +136,31 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
             out[name].append(value)
         out["t_read_ms"].append((t1 - t0) * 1e3)
         out["t_decode_ms"].append((t2 - t1) * 1e3)
-        held += sum(len(v) for v in prepared.values()) + len(encoded)
+        held += sum(v.nbytes for v in prepared.values()) + len(encoded)
         if len(out["row"]) >= rows_cap or held >= bytes_cap:
-            yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+            yield _block(out)
             out = {name: [] for name in DECODED_SCHEMA.names}
             held = 0
         t0 = time.perf_counter()
     if out["row"]:
-        yield pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+        yield _block(out)
+
+
+def _block(columns: dict[str, list]) -> pa.Table:
+    """A :data:`DECODED_SCHEMA` block; each prepared-input column is built from its rows' arrays
+    with one copy (no Python bytes per row)."""
+    arrays = {}
+    for name in DECODED_SCHEMA.names:
+        values = columns[name]
+        if name in _PREPARED:
+            sizes = np.fromiter((v.nbytes for v in values), np.int64, len(values))
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            data = np.concatenate(values) if len(values) else np.empty(0, np.uint8)
+            arrays[name] = pa.LargeBinaryArray.from_buffers(
+                pa.large_binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+        else:
+            arrays[name] = pa.array(values, DECODED_SCHEMA.field(name).type)
+    return pa.Table.from_pydict(arrays, schema=DECODED_SCHEMA)
 
 
 def fingerprint_columns(image: PIL.Image.Image | np.ndarray | torch.Tensor,
@@ -180,6 +199,25 @@ def _device_header(data: bytes, config: TwoStreamConfig) -> tuple[str | None, tu
     return None, (header.height, header.width)
 
 
+def _concatenated(column: pa.ChunkedArray, count: int) -> np.ndarray:
+    """A binary column's values end to end as ``count`` float32 (one copy, writable): the rows
+    without a prepared input hold no bytes, so this is the prepared rows' inputs in row order."""
+    out = np.empty(count, np.float32)
+    raw, at = out.view(np.uint8), 0
+    for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        size = int(offsets[-1] - offsets[0])
+        if at + size > raw.size:
+            raise ValueError(f"prepared inputs hold more than {count} float32")
+        raw[at : at + size] = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        at += size
+    if at != raw.size:
+        raise ValueError(f"prepared inputs hold {at} bytes, not {raw.size}")
+    return out
+
+
 def _topk_column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     """(N, k) -> a list<type_> column of N rows of k."""
     offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * values.shape[1])
@@ -207,7 +245,6 @@ class StreamStage:
         self.decodes = kind == "high" and config.decodes_jpeg_on_device()
         self.low_spec = input_spec(config, "low") if self.decodes else None
         self.detector = config.detector.query_config() if self.decodes and config.detector.enabled else None
-        self.calls = 0
 
     def _decode(self, table: pa.Table) -> tuple[pa.Table, dict[int, "torch.Tensor"]]:
         """The ``encoded`` rows decoded on this actor's device, both streams' inputs prepared from
@@ -248,30 +285,16 @@ class StreamStage:
         column = table.column(f"{self.kind}_input")
         good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
         from_bytes = [k for k in good if k not in decoded]
-        flat = np.frombuffer(b"".join(column[k].as_py() for k in from_bytes), np.float32)
-        batch = torch.from_numpy(flat.copy()).view(len(from_bytes), 3, h, w)
+        batch = torch.from_numpy(_concatenated(column, len(from_bytes) * 3 * h * w)).view(len(from_bytes), 3, h, w)
         if not decoded:
             return good, batch
         at = {k: i for i, k in enumerate(from_bytes)}
         device = self.scorer.device
         return good, torch.cat([decoded[k] if k in decoded else batch[at[k] : at[k] + 1].to(device) for k in good])
 
-    def _maybe_crash(self) -> None:
-        """Fault injection (tests): with ``$TWOSTREAM_FAULT_CRASH_ACTOR_ONCE`` set, the high
-        stream's first batch kills its process once (Ray restarts the actor, retries the batch)."""
-        marker_dir = os.environ.get(FAULT_CRASH_ACTOR)
-        if self.kind == "high" and marker_dir and self.calls == 1:
-            marker = os.path.join(marker_dir, "crashed")
-            if not os.path.exists(marker):
-                os.makedirs(marker_dir, exist_ok=True)
-                open(marker, "w").close()
-                os._exit(1)
-
     def __call__(self, table: pa.Table) -> pa.Table:
         from twostream.core.scoring import scatter_topk
 
-        self.calls += 1
-        self._maybe_crash()
         t0 = time.perf_counter()
         table, decoded = self._decode(table) if self.decodes else (table, {})
         good, batch = self._prepared(table, decoded)
@@ -280,11 +303,7 @@ class StreamStage:
         table = table.drop_columns([f"{self.kind}_input"] + (["encoded"] if self.kind == "high" else []))
         table = table.append_column(f"{self.kind}_idx", _topk_column(idx, pa.int32()))
         table = table.append_column(f"{self.kind}_prob", _topk_column(prob, pa.float32()))
-        table = table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))
-        if self.config.job.shuffle_stream_output:
-            order = np.random.default_rng(self.calls + os.getpid()).permutation(table.num_rows)
-            table = table.take(pa.array(order))
-        return table
+        return table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))
 
 
 def compare(table: pa.Table, config: TwoStreamConfig) -> pa.Table:

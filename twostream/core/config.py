@@ -332,7 +332,7 @@ class JobSettings(_Strict):
         "auto", description="where JPEGs are decoded: cpu (the read/decode tasks), device (the high stream's "
                             "actors, on their device: nvJPEG on CUDA; other formats stay on the CPU), auto "
                             "(device when high.num_gpus > 0)")
-    compare_num_cpus: float = Field(0.25, gt=0, description="CPUs per comparator task")
+    compare_num_cpus: float = Field(0.25, gt=0, description="CPUs per comparator and write task")
     reputation_shards: int = Field(4, gt=0, description="fewest reputation partitions (by crc32(source))")
     reputation_memory_mb: int = Field(
         1024, gt=0, description="memory budget of one reputation reduce task: more partitions when exceeded")
@@ -342,8 +342,6 @@ class JobSettings(_Strict):
         "refuse", description="events older than their source's last_seen in the state: refuse the run, "
                               "or apply them after the state's events")
     fit_cpus: bool = Field(True, description="scale actor CPU requests down to fit a small cluster")
-    shuffle_stream_output: bool = Field(False, description="testing: pools permute their output rows")
-    shard_order_seed: int | None = Field(None, description="testing: shuffle shard order with this seed")
     resume: bool = Field(True, description="skip shards recorded as done in the output")
     actor_init_deaths: int = Field(
         3, ge=-1, description="stream actors that may die while starting before the job fails (-1: no limit)")
