@@ -9,6 +9,10 @@ must see of each answer, its defaults; :func:`run_blackbox` runs one through ART
 | ``square`` | Andriushchenko et al., *Square Attack* (ECCV 2020) | score | full | ART ``SquareAttack`` (L-inf) |
 | ``simba`` | Guo et al., *Simple Black-box Adversarial Attacks* (ICML 2019) | score | full | ART ``SimBA`` (DCT basis) |
 
+SimBA's step is 2.0 on an orthonormal DCT coefficient of the whole 256x256 image (about 4/255 per
+pixel): ART's 0.2 changes pixels by well under one 8-bit level, so every upload rounds back to the
+same image (200 queries, 1 distinct upload; 2.0: 200 distinct).
+
 Decision-based attacks start from an image already answered with another label (another
 photograph, ``x_init``) and walk towards the original; score-based ones start at the original and
 keep every query inside the L-inf ball (``project``: the attacker projects before it sends).
@@ -50,7 +54,7 @@ BLACKBOX_ATTACKS: dict[str, BlackBoxAttack] = {
         ("full",), True, {"max_iter": 10_000, "p_init": 0.05, "nb_restarts": 1}),
     "simba": BlackBoxAttack(
         "simba", "Guo, Gardner, You, Wilson & Weinberger, Simple Black-box Adversarial Attacks, ICML 2019",
-        "score", ("full",), True, {"attack": "dct", "max_iter": 10_000, "epsilon": 0.2, "freq_dim": 32,
+        "score", ("full",), True, {"attack": "dct", "max_iter": 10_000, "epsilon": 2.0, "freq_dim": 32,
                                    "order": "random"}),
 }
 BLACKBOX = tuple(BLACKBOX_ATTACKS)

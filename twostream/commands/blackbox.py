@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "defence (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="folder for runs.jsonl, table.md, transfer.json")
+    parser.add_argument("--summarise", action="store_true",
+                        help="only write table.md again from the runs.jsonl already in --out (a stopped run's too)")
     add_config_args(parser)
     parser.set_defaults(run=run)
 
@@ -74,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from twostream.evaluation import blackbox as bb
     from twostream.evaluation.datasets import from_batch, load_images, open_dataset, to_batch
 
+    if args.summarise:
+        results = bb.read_runs((args.out / "runs.jsonl").read_text().splitlines())
+        table = bb.markdown_table(bb.summarise(results))
+        (args.out / "table.md").write_text(table + "\n")
+        sys.stdout.write(table + "\n")
+        return 0
     config = config_from_args(args)
     scorer = Scorer(config)
     data = open_dataset(args.dataset).in_scope().subset(max(8 * args.n, 40), seed=args.seed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import json
 import logging
 import time
 from collections import Counter
@@ -431,6 +432,17 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
             "refusals": dict(refusals), "wall_s": round(sum(r.wall_s for r in runs), 1),
         })
     return rows
+
+
+def read_runs(lines: Sequence[str]) -> list[RunResult]:
+    """:class:`RunResult` objects back from ``runs.jsonl`` lines (as :meth:`RunResult.to_dict` wrote them)."""
+    out = []
+    for line in lines:
+        if line.strip():
+            row = json.loads(line)
+            row.pop("success", None)
+            out.append(RunResult(**row))
+    return out
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
