@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from twostream.core.config import config_from_args
+    from twostream.core.labels import CIFAR10_LABELS
     from twostream.core.query_detector import QueryDetector
     from twostream.core.scoring import Scorer
     from twostream.evaluation import blackbox as bb
@@ -88,9 +89,8 @@ def run(args: argparse.Namespace) -> int:
     data = open_dataset(args.dataset).in_scope().subset(max(8 * args.n, 40), seed=args.seed)
     images = load_images(data, args.size)
     clean = scorer.score(list(images), data.ids).results()
-    from twostream.core.labels import CIFAR10_LABELS
-
-    correct = [k for k, r in enumerate(clean) if r.label is not None and CIFAR10_LABELS.index(r.label) == data.labels[k]]
+    correct = [k for k, r in enumerate(clean)
+               if r.label is not None and CIFAR10_LABELS.index(r.label) == data.labels[k]]
     if len(correct) < args.n:
         raise SystemExit(f"only {len(correct)} of {len(data)} photographs are accepted correctly; need --n {args.n}")
     chosen = correct[: args.n]

@@ -168,7 +168,8 @@ class HttpOracle:
                                       tuple((e["cifar10"], e["prob"]) for e in body.get("high_topk") or ()),
                                       tuple((e["cifar10"], e["prob"]) for e in body.get("low_topk") or ())))
             else:
-                raise RuntimeError(f"{self.base}: upload from {source!r} answered {reply.status_code}: {reply.text[:300]}")
+                raise RuntimeError(
+                    f"{self.base}: upload from {source!r} answered {reply.status_code}: {reply.text[:300]}")
         return answers
 
 
@@ -460,7 +461,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def transfer(oracle: Oracle, x_adv: np.ndarray, labels: np.ndarray, ids: Sequence[str], run: str) -> list[dict[str, Any]]:
+def transfer(oracle: Oracle, x_adv: np.ndarray, labels: np.ndarray, ids: Sequence[str],
+             run: str) -> list[dict[str, Any]]:
     """Score transferred images (uint8, crafted elsewhere) with the defence, one query each from a
     fresh source: accepted with a wrong label is a success."""
     answers = oracle.ask(list(x_adv), [f"tr-{run}-{k}" for k in range(len(x_adv))])
