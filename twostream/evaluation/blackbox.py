@@ -142,7 +142,8 @@ class LocalOracle:
 
 class HttpOracle:
     """A running ``twostream serve``: each upload a lossless PNG posted to ``/v1/classify`` with
-    its source in ``X-Source-Id``, one request at a time, in order."""
+    its source in ``X-Source-Id``, one request at a time, in order; the answer is the body's
+    ``response`` (200, or 403 ``blocked``), any other reply an error naming the source."""
 
     def __init__(self, base_url: str, timeout_s: float = 60.0) -> None:
         import requests
@@ -160,10 +161,9 @@ class HttpOracle:
             Image.fromarray(image).save(buf, format="PNG", compress_level=1)
             reply = self.session.post(f"{self.base}/v1/classify", data=buf.getvalue(), timeout=self.timeout_s,
                                       headers={"Content-Type": "image/png", "X-Source-Id": source})
-            body = reply.json()
-            if reply.status_code == 403:
-                answers.append(Answer(Refusal.BLOCKED))
-            elif reply.status_code == 200:
+            body = reply.json() if reply.headers.get("content-type", "").startswith("application/json") else {}
+            if reply.status_code in (200, 403) and isinstance(body.get("response"), str):
+                # 403: a blacklisted source ("blocked"); a reduced answer detail leaves the top-k out.
                 answers.append(Answer(body["response"],
                                       tuple((e["cifar10"], e["prob"]) for e in body.get("high_topk") or ()),
                                       tuple((e["cifar10"], e["prob"]) for e in body.get("low_topk") or ())))
