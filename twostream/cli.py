@@ -17,7 +17,7 @@ from twostream.core.config import ConfigError
 
 # Module names under twostream.commands, in the order shown by --help.
 COMMANDS = ["classify", "audit", "sample", "score", "cluster", "serve", "reputation", "eval", "simulate", "train_low",
-            "robustness", "calibrate"]
+            "robustness", "calibrate", "blackbox"]
 
 
 def build_parser() -> argparse.ArgumentParser:
