@@ -9,7 +9,9 @@ import ipaddress
 import numpy as np
 import pytest
 
+from twostream.core.config import PrefixGrouping
 from twostream.core.labels import CIFAR10_LABELS, Refusal
+from twostream.core.reputation import reputation_key
 from twostream.evaluation.blackbox import (
     Answer,
     Campaign,
@@ -17,7 +19,6 @@ from twostream.evaluation.blackbox import (
     RunResult,
     attack_image,
     attacker_scores,
-    prefix_group,
     source_for,
     summarise,
 )
@@ -137,9 +138,10 @@ def test_identities_rotate_as_declared():
     addresses = [ipaddress.IPv6Address(s) for s in oracle.sources]
     assert len(set(addresses)) == 25 == result.distinct_sources
     assert {ipaddress.IPv6Network(f"{a}/64", strict=False) for a in addresses} == {
-        ipaddress.IPv6Network(prefix_group(oracle.sources[0]))}
+        ipaddress.IPv6Network(reputation_key(oracle.sources[0], PrefixGrouping()))}
     assert source_for("ipv6-64", "other", 0) != source_for("ipv6-64", "r", 0)
-    assert prefix_group("192.0.2.77") == "192.0.2.0/24" and prefix_group("user-17") == "user-17"
+    grouping = PrefixGrouping(ipv4=24, ipv6=64)
+    assert reputation_key("192.0.2.77", grouping) == "192.0.2.0/24" and reputation_key("user-17", grouping) == "user-17"
 
 
 @pytest.fixture(scope="module")

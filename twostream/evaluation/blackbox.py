@@ -13,7 +13,7 @@ endpoint, counted query by query, from rotating identities, and transfer attacks
   true class, never like progress).
 * **Identities** (:func:`source_for`): query ``k`` comes from ``k mod n`` of ``n`` ids, or from
   its own address in one IPv6 /64 (``ipv6-64``); with ``group_prefix`` Algorithm 2 counts per
-  network (:func:`prefix_group`).
+  network (:func:`~twostream.core.reputation.reputation_key`, IPv4 /24 and IPv6 /64).
 * **Success**: an answered query accepted with a wrong label within ``eps`` (L-inf, on the
   uint8 upload) of the original. :class:`Campaign` counts every query, stops at the budget or
   at the first success, and records the first detection.
@@ -33,7 +33,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from twostream.core.config import PrefixGrouping
 from twostream.core.labels import CIFAR10_LABELS, Refusal
+from twostream.core.reputation import reputation_key
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,7 @@ class Oracle(Protocol):
     def ask(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[Answer]: ...
 
 
-def prefix_group(source: str) -> str:
-    """The network a source id counts under with prefix grouping: an IPv6 address -> its /64,
-    an IPv4 address -> its /24, anything else unchanged."""
-    try:
-        address = ipaddress.ip_address(source)
-    except ValueError:
-        return source
-    bits = 64 if address.version == 6 else 24
-    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
+PREFIXES = PrefixGrouping(ipv4=24, ipv6=64)  # the networks of ``group_prefix``
 
 
 def source_for(identities: str, run: str, k: int) -> str:
@@ -133,7 +127,7 @@ class LocalOracle:
                 rejected = row.verdict != Verdict.ACCEPTED
                 high = tuple(zip(row.high_labels, row.high_prob))
                 low = tuple(zip(row.low_labels, row.low_prob))
-            key = prefix_group(source) if self.group_prefix else source
+            key = reputation_key(source, PREFIXES if self.group_prefix else None)
             outcome = self.ledger.observe(Upload(key, times[k], ids[k], rejected, str(verdict)))
             answers.append(Answer(str(outcome.response), high if outcome.response != Refusal.BLOCKED else (),
                                   low if outcome.response != Refusal.BLOCKED else ()))
