@@ -582,6 +582,9 @@ def test_query_attack_is_answered_across_sources_replicas_and_restarts(setup):
     before = _detections(base)
     for k, q in enumerate(plan):
         if k == 11:  # the restarts, between the re-upload and the next query
+            deadline = time.monotonic() + 60  # Ray's metrics agents report every 0.5 s here
+            while _detections(base) - before != fused_flagged and time.monotonic() < deadline:
+                time.sleep(0.5)
             assert _detections(base) - before == fused_flagged
             redis = setup["redis"]
             redis.stop()
