@@ -15,12 +15,44 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest_plugins = ["plugins.own_process"]
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TWOSTREAM_ASSETS", REPO.parent / "shared" / "assets"))
+DEMO_PHOTOS = sorted((REPO / "twostream" / "demo" / "data").glob("*.jpg"))  # shipped with the package
+
+
+def demo_photo(k: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:
+    """Shipped demo photograph ``k`` as RGB ``uint8``, resized to ``size`` (width, height)."""
+    from PIL import Image
+
+    with Image.open(DEMO_PHOTOS[k]) as im:
+        return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``pixels`` (RGB ``uint8``) as a lossless PNG file's bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def embedded_redis(tmp_path_factory):
+    """A real redis-server of this module (``appendfsync always``, so a restart keeps every write)."""
+    from twostream.online.redis_server import EmbeddedRedis
+
+    redis = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendfsync="always")
+    redis.start()
+    yield redis
+    redis.stop()
 
 
 @pytest.fixture(scope="session")

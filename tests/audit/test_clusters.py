@@ -8,7 +8,6 @@ without ``--images`` the clusters are said to be unavailable."""
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -17,25 +16,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from conftest import demo_photo, png_bytes
 from twostream.audit.run import run_audit
 from twostream.core.config import TwoStreamConfig, load_config
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
 from twostream.core.results import ScoredBatch, score_rows
 
-DEMO = sorted((Path(__file__).resolve().parents[2] / "twostream" / "demo" / "data").glob("*.jpg"))
 T = 1_700_000_000
 STEPS = 12
-
-
-def photo(k: int) -> np.ndarray:
-    with Image.open(DEMO[k]) as im:
-        return np.asarray(im.convert("RGB").resize((96, 72), Image.BILINEAR))
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def accept_all(uris: list[str], ids: list[str]) -> ScoredBatch:
@@ -50,21 +38,21 @@ def build(tmp: Path) -> tuple[Path, Path, list[tuple[float, str, str]]]:
     images = tmp / "images"
     images.mkdir()
     rng = np.random.default_rng(3)
-    x0 = photo(1).astype(np.int16)
+    x0 = demo_photo(1).astype(np.int16)
     x = x0.copy()
     records = []
     for k in range(STEPS):
         x = np.clip(x + rng.choice([-2, 2], size=x.shape), x0 - 8, x0 + 8).clip(0, 255)
-        (images / f"att-{k:02d}.png").write_bytes(png(x.astype(np.uint8)))
+        (images / f"att-{k:02d}.png").write_bytes(png_bytes(x.astype(np.uint8)))
         records.append((T + 10.0 * k, f"10.9.0.{k % 4}", f"att-{k:02d}"))
         if k % 3 == 0:  # uploaded again later, by another source
             records.append((T + 10.0 * k + 500, "10.9.9.9", f"att-{k:02d}"))
-    popular = png(photo(2))
+    popular = png_bytes(demo_photo(2))
     for k in range(8):  # one photograph's bytes under eight names, from eight sources
         (images / f"copy-{k}.png").write_bytes(popular)
         records.append((T + 7.0 * k + 3, f"10.1.0.{k}", f"copy-{k}"))
     for k in range(4):
-        (images / f"photo-{k}.png").write_bytes(png(photo(k + 3)))
+        (images / f"photo-{k}.png").write_bytes(png_bytes(demo_photo(k + 3)))
         records.append((T + 11.0 * k + 1, "10.2.0.1", f"photo-{k}"))
     log = tmp / "uploads.csv"
     log.write_text("time,client_ip,request_uri\n" + "".join(f"{t},{s},/u/{i}.png\n" for t, s, i in records))

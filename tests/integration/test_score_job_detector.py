@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import demo_photo, png_bytes
 from twostream.core.config import ReputationConfig
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
 from twostream.core.reputation import Upload, replay
@@ -28,7 +29,6 @@ from twostream.core.reputation import Upload, replay
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = sorted((REPO / "twostream" / "demo" / "data").glob("*.jpg"))
 SMALL = [
     "high.model=mobilenetv3_small_050", "high.weights=random", "high.batch_size=8",
     "low.model=cifar_resnet20", "low.weights=random", "low.batch_size=16",
@@ -37,32 +37,21 @@ SMALL = [
 STEPS, SPLIT = 20, 12  # queries of the run; the first SPLIT go to the first job
 
 
-def photo(k: int) -> np.ndarray:
-    with Image.open(DEMO[k]) as im:
-        return np.asarray(im.convert("RGB").resize((96, 72), Image.BILINEAR))
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def uploads() -> dict[str, list[tuple[str, str, float, bytes]]]:
     """(image id, source, timestamp, PNG bytes) per job: 'first' and 'second'."""
     rng = np.random.default_rng(7)
-    x0 = photo(1).astype(np.int16)
+    x0 = demo_photo(1).astype(np.int16)
     x = x0.copy()
     out: dict[str, list] = {"first": [], "second": []}
     for k in range(STEPS):
         x = np.clip(x + rng.choice([-2, 2], size=x.shape), x0 - 8, x0 + 8).clip(0, 255)
         half = "first" if k < SPLIT else "second"
-        out[half].append((f"att-{k:02d}", f"attacker-{k % 7}", 100.0 + 10 * k, png(x.astype(np.uint8))))
-    popular = png(photo(2))
+        out[half].append((f"att-{k:02d}", f"attacker-{k % 7}", 100.0 + 10 * k, png_bytes(x.astype(np.uint8))))
+    popular = png_bytes(demo_photo(2))
     for k in range(10):  # the same bytes from ten accounts, across both jobs
         out["first" if k < 5 else "second"].append((f"copy-{k}", f"fan-{k}", 105.0 + 20 * k, popular))
     for k in range(6):  # distinct photographs
-        out["first" if k < 3 else "second"].append((f"photo-{k}", "honest", 103.0 + 30 * k, png(photo(k + 3))))
+        out["first" if k < 3 else "second"].append((f"photo-{k}", "honest", 103.0 + 30 * k, png_bytes(demo_photo(k + 3))))
     return out
 
 

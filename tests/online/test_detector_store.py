@@ -30,11 +30,8 @@ _prefixes = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    redis = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendfsync="always")
-    redis.start()
-    yield redis
-    redis.stop()
+def server(embedded_redis):
+    return embedded_redis
 
 
 @pytest.fixture(scope="module")

@@ -17,39 +17,35 @@ the headline mean blacklisted at some point of the run (the paper counts users e
 
 from __future__ import annotations
 
-import io
 from collections import Counter, defaultdict
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from twostream import storage
 from twostream.core.records.columns import FIELDS
+from twostream.core.records.formats import decompress, detect_format
+from twostream.core.records.reader import read_chunks
 from twostream.core.labels import Verdict
 
 HONEST, OUT_OF_SCOPE, ATTACKER = "honest", "honest-out-of-scope", "attacker"
 
 
 def read_truth(manifest_uri: str) -> pa.Table | None:
-    """The manifest's ``image_id, source, role[, category, attack]`` as text (None without ``role``)."""
+    """The manifest's ``image_id, source, role[, category, attack]`` as text (None without ``role``),
+    read through the one reader of upload records (the manifest was checked by then)."""
     data = storage.read_bytes(manifest_uri)
-    name = str(manifest_uri).lower()
-    if name.endswith((".parquet", ".pq")):
-        table = pq.read_table(io.BytesIO(data))
-    elif name.endswith((".jsonl", ".ndjson", ".json")):
-        table = pajson.read_json(io.BytesIO(data))
-    else:
-        delimiter = "\t" if name.endswith(".tsv") else ","
-        table = pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(delimiter=delimiter))
-    lower = {n.lower().strip(): n for n in table.column_names}
+    blocks = [chunk.table for chunk in read_chunks(decompress(data, manifest_uri), detect_format(manifest_uri) or "csv")
+              if chunk.table is not None]
+    if not blocks:
+        return None
+    lower = {n.lower().strip(): n for n in blocks[0].column_names}
     found = {target: next((lower[a] for a in aliases if a in lower), None)
              for target, aliases in (("image_id", FIELDS["image_id"] + ("key",)), ("source", FIELDS["source"]),
                                      ("role", ("role",)), ("category", ("category",)), ("attack", ("attack",)))}
     if found["role"] is None or found["source"] is None or found["image_id"] is None:
         return None
-    return pa.table({k: table.column(v).cast(pa.string()) for k, v in found.items() if v is not None})
+    return pa.concat_tables([pa.table({k: block.column(v).cast(pa.string()) for k, v in found.items() if v is not None})
+                             for block in blocks])
 
 
 def _read_folder(output: str, folder: str, columns: list[str]) -> pa.Table:
