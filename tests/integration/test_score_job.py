@@ -300,11 +300,16 @@ def test_order_independent_and_actor_crash(ray_head, data, tmp_path):
 
 
 def test_resume_after_kill(ray_head, data, tmp_path):
+    import ray
+
     from jobs.score import Phase1
 
     out = tmp_path / "out"
     with pytest.raises(Exception, match="injected fault"):
         _run_in_cluster(ray_head, out, data["overrides"], Phase1(sink=stopping_sink(2)))
+    # The failed job's driver goes away, as a killed `ray job submit` driver does: its actor pools
+    # with it (in one driver, an actor of the failed dataset can hold the CPU the rerun's pools need).
+    ray.shutdown()
     done = sorted(p.name for p in (out / "_progress").glob("*.done"))
     assert 2 <= len(done) < 5 and not (out / "summary.json").exists()
     summary = _run_in_cluster(ray_head, out, data["overrides"])
