@@ -11,7 +11,11 @@ of times) from many sources, each upload the original file, a JPEG re-encoding (
 crop (80-95% of each side, re-encoded). Attack runs (a fresh detector each, one query per source
 id): random-noise walks (+-2/255 steps within 8/255, Square/SimBA-like noise), Square-like
 square redraws, SimBA-like single-value steps, and HopSkipJump-like boundary walks (binary-search
-interpolations towards the original from another photograph plus Gaussian probes).
+interpolations towards the original from another photograph plus Gaussian probes). The attacker
+who knows the detector (``--only adaptive``): the Square-like run on ``eps - margin``, each query
+re-randomised by one of ``attacks.blackbox.ADAPTIVE_MODES`` and projected onto the 8/255 ball.
+Each adaptive mode runs from one source id and from a new id per query. Near-duplicate counts
+(``QueryReport.near``, and those from the upload's own source) are reported beside the flags.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from twostream.attacks.blackbox import ADAPTIVE_MODES, adaptive_perturbation
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
 
 log = logging.getLogger("benchmarks.query_detector")
@@ -72,7 +77,7 @@ def honest_stream(paths: list[Path], uploads: int, seed: int, config: QueryDetec
     picks = order[rng.choice(len(paths), size=uploads, p=weights / weights.sum())]
     detector = QueryDetector(config)
     cache: dict[int, np.ndarray] = {}
-    flagged, dups, times, by_kind = [], 0, [], {}
+    flagged, dups, times, by_kind, near = [], 0, [], {}, []
     for i, p in enumerate(picks):
         image = cache.get(int(p))
         if image is None:
@@ -82,6 +87,7 @@ def honest_stream(paths: list[Path], uploads: int, seed: int, config: QueryDetec
         report, is_adv = detector.detect(upload, source=f"user{int(rng.integers(0, 5000))}", query_id=f"h{i}", now=float(i))
         times.append(time.perf_counter() - t0)
         dups += report.duplicate_of is not None
+        near.append((len(report.near), report.source_near))
         by_kind[kind] = by_kind.get(kind, 0) + 1
         if is_adv:
             flagged.append((i, paths[p].name, kind, len(report.matches)))
@@ -89,22 +95,27 @@ def honest_stream(paths: list[Path], uploads: int, seed: int, config: QueryDetec
             log.info("honest: %d uploads, %d flagged", i + 1, len(flagged))
     top = np.bincount(picks).max()
     return {"uploads": uploads, "flagged": flagged, "duplicates": dups, "times": times, "kinds": by_kind,
-            "most_popular": int(top), "remembered": len(detector.store)}
+            "most_popular": int(top), "remembered": len(detector.store), "near": near}
 
 
-def every_variant(paths: list[Path], photographs: int, seed: int, config: QueryDetectorConfig) -> tuple[int, int, int]:
+def every_variant(paths: list[Path], photographs: int, seed: int,
+                  config: QueryDetectorConfig) -> tuple[int, int, int, list[int]]:
     """The honest worst case: every JPEG quality 50-100 with both chroma layouts of one
     photograph at its own size (102 distinct near-duplicates), shuffled, per photograph in its own
-    detector. Returns (uploads, flagged uploads, photographs with a flagged upload)."""
+    detector. Returns (uploads, flagged uploads, photographs with a flagged upload, the largest
+    near-duplicate count per photograph)."""
     rng = np.random.default_rng(seed)
     uploads = flagged = hit = 0
+    most: list[int] = []
     for p in rng.choice(len(paths), size=photographs, replace=False):
         image = load(paths[int(p)])
         variants = [jpeg(image, q, sub) for q in range(50, 101) for sub in (0, 2)]
         detector = QueryDetector(config)
-        n = sum(detector.detect(variants[i], query_id=f"v{i}")[1] for i in rng.permutation(len(variants)))
+        reports = [detector.detect(variants[i], query_id=f"v{i}")[0] for i in rng.permutation(len(variants))]
+        n = sum(r.is_adversarial for r in reports)
         uploads, flagged, hit = uploads + len(variants), flagged + n, hit + (n > 0)
-    return uploads, flagged, hit
+        most.append(max(len(r.near) for r in reports))
+    return uploads, flagged, hit, most
 
 
 def noise_run(x0: np.ndarray, rng: np.random.Generator, step: int = 2, eps: int = 8):
@@ -153,10 +164,20 @@ def boundary_run(x0: np.ndarray, other: np.ndarray, rng: np.random.Generator, pr
         yield np.round((1 - alpha) * x + alpha * y).clip(0, 255).astype(np.uint8)
 
 
-def queries_to_detection(run, limit: int, config: QueryDetectorConfig) -> int | None:
+def adaptive_run(x0: np.ndarray, mode: str, rng: np.random.Generator, eps: int = 8):
+    """The Square-like run on ``eps`` less the mode's margin, each query re-randomised by ``mode``
+    and projected onto the L-inf ball of ``x0``, as the harness's detector-aware attacker does."""
+    perturb, margin = adaptive_perturbation(mode, rng)
+    low = np.clip(x0.astype(np.int16) - eps, 0, 255).astype(np.uint8)
+    high = np.clip(x0.astype(np.int16) + eps, 0, 255).astype(np.uint8)
+    for x in square_run(x0, rng, eps=eps - margin):
+        yield np.clip(perturb(x), low, high)
+
+
+def queries_to_detection(run, limit: int, config: QueryDetectorConfig, one_source: bool = False) -> int | None:
     detector = QueryDetector(config)
     for i, image in zip(range(limit), run):
-        _, flagged = detector.detect(image, source=f"attacker{i}", query_id=f"a{i}")
+        _, flagged = detector.detect(image, source="attacker" if one_source else f"attacker{i}", query_id=f"a{i}")
         if flagged:
             return i + 1
     return None
@@ -179,7 +200,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=40, help="attack runs per attack kind")
     ap.add_argument("--limit", type=int, default=200, help="queries per attack run at most")
     ap.add_argument("--min-matches", type=int, default=QueryDetectorConfig.min_matches)
-    ap.add_argument("--only", choices=["honest", "variants", "attacks", "cost"], action="append",
+    ap.add_argument("--min-source-near", type=lambda v: None if v == "off" else int(v),
+                    default=QueryDetectorConfig.min_source_near,
+                    help="near-duplicates from the query's own source that flag it, or off (the rules before "
+                         "the veto fix: off with --jpeg-min-inner 0)")
+    ap.add_argument("--jpeg-min-inner", type=float, default=QueryDetectorConfig.jpeg_min_inner)
+    ap.add_argument("--adaptive", default="jpeg:4,jpeg:2,grid16:4,blockrgb:4,blockac:3,texture:4,realjpeg:70,noise:4",
+                    help=f"the detector-aware modes run by --only adaptive (KIND:A, comma-separated; KIND one of "
+                         f"{', '.join(ADAPTIVE_MODES)})")
+    ap.add_argument("--only", choices=["honest", "variants", "attacks", "adaptive", "cost"], action="append",
                     help="run only these parts (repeatable; default all)")
     ap.add_argument("--variant-photos", type=int, default=20, help="photographs for the every-variant case")
     ap.add_argument("--assets", type=Path, default=REPO.parent / "shared" / "assets")
@@ -190,10 +219,11 @@ def main() -> None:
     paths = sorted((args.assets / "imagenet-sample").glob("*.JPEG"))
     if not paths:
         raise SystemExit(f"no photographs under {args.assets / 'imagenet-sample'}")
-    config = QueryDetectorConfig(min_matches=args.min_matches)
+    config = QueryDetectorConfig(min_matches=args.min_matches, min_source_near=args.min_source_near,
+                                 jpeg_min_inner=args.jpeg_min_inner)
     log.info("config: %s", config)
 
-    parts = set(args.only or ["honest", "variants", "attacks", "cost"])
+    parts = set(args.only or ["honest", "variants", "attacks", "adaptive", "cost"])
     if "honest" in parts:
         t0 = time.perf_counter()
         honest = honest_stream(paths, args.uploads, args.seed, config)
@@ -205,15 +235,20 @@ def main() -> None:
         log.info("honest false positives: %d / %d = %.4f%% (target <= 0.1%%)", fp, honest["uploads"], 100 * fp / honest["uploads"])
         for row in honest["flagged"][:10]:
             log.info("  flagged: upload %d, %s, %s, %d matches", *row)
+        near = np.array([n for n, _ in honest["near"]])
+        own = np.array([n for _, n in honest["near"]])
+        log.info("honest near-duplicates per upload: mean %.2f, p99 %d, p99.9 %d, max %d; from the upload's own "
+                 "source: max %d", near.mean(), np.percentile(near, 99), np.percentile(near, 99.9), near.max(), own.max())
         log.info("detect() per honest upload: mean %.3f ms, p50 %.3f ms, p99 %.3f ms",
                  ms.mean(), np.percentile(ms, 50), np.percentile(ms, 99))
         log.info("honest stream wall time (with the uploads' re-encoding): %.1f s", time.perf_counter() - t0)
 
     if "variants" in parts:
-        uploads, flagged, hit = every_variant(paths, args.variant_photos, args.seed + 2, config)
+        uploads, flagged, hit, most = every_variant(paths, args.variant_photos, args.seed + 2, config)
         log.info("honest worst case, every JPEG variant (quality 50-100 x 4:2:0/4:4:4) of %d photographs, shuffled: "
-                 "%d / %d uploads flagged (%.3f%%), %d photographs with a flagged upload", args.variant_photos, flagged,
-                 uploads, 100 * flagged / uploads, hit)
+                 "%d / %d uploads flagged (%.3f%%), %d photographs with a flagged upload; the most near-duplicates "
+                 "of one upload per photograph: median %d, max %d", args.variant_photos, flagged, uploads,
+                 100 * flagged / uploads, hit, statistics.median(most), max(most))
 
     if "attacks" in parts:
         rng = np.random.default_rng(args.seed + 1)
@@ -235,6 +270,18 @@ def main() -> None:
             log.info("attack %-8s: %d/%d runs detected within %d queries; queries to the first detection: "
                      "median %s, max %s", name, len(found), len(counts), args.limit,
                      statistics.median(found) if found else None, max(found) if found else None)
+
+    if "adaptive" in parts:
+        rng = np.random.default_rng(args.seed + 3)
+        originals = [load(paths[int(i)]) for i in rng.choice(len(paths), size=args.runs, replace=False)]
+        for mode in args.adaptive.split(","):
+            for one in (False, True):
+                counts = [queries_to_detection(adaptive_run(x0, mode, rng), args.limit, config, one) for x0 in originals]
+                found = [c for c in counts if c is not None]
+                log.info("adaptive %-12s %-13s: %d/%d runs detected within %d queries; queries to the first "
+                         "detection: median %s, max %s", mode, "one source" if one else "id per query", len(found),
+                         len(counts), args.limit, statistics.median(found) if found else None,
+                         max(found) if found else None)
 
     if "cost" in parts:
         sample = [load(p) for p in paths[:1000]]

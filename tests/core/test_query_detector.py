@@ -26,17 +26,18 @@ def photo(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+def jpeg(image: np.ndarray, quality: int, subsampling: int = -1) -> np.ndarray:
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "JPEG", quality=quality)
+    Image.fromarray(image).save(buf, "JPEG", quality=quality, subsampling=subsampling)
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
 def reference_match(query: np.ndarray, earlier: np.ndarray, config: QueryDetectorConfig) -> dict | None:
     """The match rule by hand from the module docstring: same geometry, distinct pixels,
     >= min_shared equal hashes at the same index position, sampled |diff| <= max_linf, not
-    JPEG-like (two of: follows texture, channels correlated, steps at block edges) and noise-like
-    (few values changed, or spread evenly over flat and textured windows)."""
+    JPEG-like (two of: follows texture, channels correlated, steps at block edges; and varying
+    inside blocks) and noise-like (few values changed, or spread evenly over flat and textured
+    windows). ``near`` says whether it is within max_linf at all (the near-duplicate count)."""
     if query.shape != earlier.shape or np.array_equal(query, earlier):
         return None
     fq, fe = fingerprint(query, config), fingerprint(earlier, config)
@@ -70,12 +71,14 @@ def reference_match(query: np.ndarray, earlier: np.ndarray, config: QueryDetecto
     at_edge = [s for s, on in zip(step, edge) if on]
     inside = [s for s, on in zip(step, edge) if not on]
     block = (sum(at_edge) / len(at_edge) + 0.05) / (sum(inside) / len(inside) + 0.05) if at_edge and inside else 1.0
+    inner = (sum(inside) / len(inside) + 0.05) / (sum(diffs) / len(diffs) + 0.05)
     linf = max(diffs)
     votes = (ratio < config.jpeg_texture_ratio) + (corr >= config.jpeg_channel_corr) + (block >= config.jpeg_block_ratio)
+    jpeg_like = votes >= 2 and inner >= config.jpeg_min_inner
     noise_like = ratio >= config.min_texture_ratio or changed <= config.max_sparse_changed
-    if linf > config.max_linf or votes >= 2 or not noise_like:
-        return None
-    return {"shared": shared, "linf": linf, "ratio": ratio, "changed": changed, "corr": corr, "block": block}
+    return {"shared": shared, "linf": linf, "ratio": ratio, "changed": changed, "corr": corr, "block": block,
+            "inner": inner, "near": linf <= config.max_linf,
+            "match": linf <= config.max_linf and not jpeg_like and noise_like}
 
 
 def run_and_check(images: list[np.ndarray], config: QueryDetectorConfig = CONFIG,
@@ -92,9 +95,14 @@ def run_and_check(images: list[np.ndarray], config: QueryDetectorConfig = CONFIG
         twin = next((qid for qid, old in remembered if np.array_equal(old, image)), None)
         assert report.duplicate_of == twin
         if twin is None:
-            expected = {qid: reference_match(image, old, config) for qid, old in remembered}
-            expected = {qid: m for qid, m in expected.items() if m is not None}
+            compared = {qid: reference_match(image, old, config) for qid, old in remembered}
+            verified = [(qid, m) for qid, m in reversed(compared.items()) if m is not None][: config.max_candidates]
+            expected = {qid: m for qid, m in compared.items() if m is not None and m["match"]}
             got = {m.query_id: m for m in report.matches}
+            assert report.near == tuple(qid for qid, m in verified if m["near"]), i
+            own = sum(m["near"] and (sources[int(qid[1:])] if sources else f"s{qid[1:]}") == source
+                      for qid, m in verified)
+            assert report.source_near == own
             assert set(got) == set(expected), i
             for qid, m in expected.items():
                 assert (got[qid].shared, got[qid].linf) == (m["shared"], m["linf"])
@@ -102,7 +110,9 @@ def run_and_check(images: list[np.ndarray], config: QueryDetectorConfig = CONFIG
                 assert got[qid].changed == pytest.approx(m["changed"], abs=1e-3)
                 assert got[qid].channel_corr == pytest.approx(m["corr"], abs=1e-3)
                 assert got[qid].block_ratio == pytest.approx(m["block"], abs=1e-3)
-            assert flagged == (len(expected) >= config.min_matches)
+                assert got[qid].inner_ratio == pytest.approx(m["inner"], abs=1e-3)
+            by_source = config.min_source_near is not None and own >= config.min_source_near
+            assert flagged == (len(expected) >= config.min_matches or by_source)
             remembered.append((f"q{i}", image))
         else:
             assert not flagged and report.matches == ()
@@ -169,6 +179,58 @@ def test_a_square_like_run_is_flagged() -> None:
     assert first_flag(reports) is not None and first_flag(reports) <= CONFIG.min_matches + 6
 
 
+def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise() -> None:
+    """The measured evasion (``twostream blackbox --adaptive jpeg:4``: 0 detections in 4,400
+    queries): queries that differ by an offset constant per 8x8 block, the same on R, G and B.
+    Built so that the rules work out by hand: query k is x0 + c_k * P with P = +-1 per block,
+    c_k = -4..4, x0 kept in [16, 239] (nothing clips). Between queries i and j the sampled
+    difference is (c_i - c_j) * P: |diff| = |c_i - c_j| <= 8 on every value (small), the same on
+    flat and textured windows (texture ratio exactly 1: noise-like), R, G and B equal
+    (correlation 1) and stepping only across block edges (step 0 inside blocks, block ratio
+    >= 1.15): two JPEG traces, so the old veto called every pair JPEG-like and none matched. But
+    it does not vary inside the blocks, as requantization error does: inner ratio =
+    0.05 / (|c_i - c_j| + 0.05) <= 0.048 < jpeg_min_inner = 0.3. So every pair matches, query k
+    has k matches, and the 9th query (min_matches + 1) is flagged, as a plain noise run is."""
+    rng = np.random.default_rng(11)
+    x0 = np.clip(photo(DEMO[0]), 16, 239).astype(np.int16)
+    h, w = x0.shape[:2]
+    pattern = np.repeat(np.repeat(rng.choice([-1, 1], size=(-(-h // 8), -(-w // 8), 1)), 8, 0), 8, 1)[:h, :w]
+    run = [(x0 + c * pattern).astype(np.uint8) for c in rng.permutation(np.arange(-4, 5))]
+    reports = run_and_check(run)
+    assert [len(r.matches) for r in reports] == list(range(9))
+    assert all(m.inner_ratio == pytest.approx(0.05 / (m.linf + 0.05), abs=1e-4) for m in reports[-1].matches)
+    assert all(m.channel_corr == pytest.approx(1.0) and m.texture_ratio == pytest.approx(1.0)
+               and m.block_ratio >= CONFIG.jpeg_block_ratio for m in reports[-1].matches)
+    assert first_flag(reports) == CONFIG.min_matches
+    before = QueryDetectorConfig(jpeg_min_inner=0.0, min_source_near=None)  # the rules of the measured evasion
+    assert not any(r.matches or r.is_adversarial for r in run_and_check(run, before))
+
+
+def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicates() -> None:
+    """An attacker who shapes its changes so that no pair rule calls them a match (here: fresh
+    noise of +-8 on the textured third of the image only, which is not noise-like: the flat half
+    of the windows does not change, ratio 0.05 / (mean + 0.05) < 0.85, and a third of the values
+    change, > 20%). Every query is still within 16 of every earlier one, so query k has k
+    near-duplicates and no match. From one source, query min_source_near + 1 is flagged by the
+    source's near-duplicate count; from a new source per query it is not (the known weakness)."""
+    rng = np.random.default_rng(5)
+    x0 = np.full((96, 96, 3), 128, np.int16)
+    x0[:, 64:] = rng.integers(40, 216, size=(96, 32, 3))
+    run = []
+    for _ in range(CONFIG.min_source_near + 3):
+        x = x0.copy()
+        x[:, 64:] += rng.integers(-8, 9, size=(96, 32, 3))
+        run.append(x.astype(np.uint8))
+    one, many = QueryDetector(CONFIG), QueryDetector(CONFIG)
+    reports = [one.detect(x, source="mallory", query_id=f"q{k}")[0] for k, x in enumerate(run)]
+    assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, k, 0) for k in range(len(run))]
+    assert [r.is_adversarial for r in reports] == [k >= CONFIG.min_source_near for k in range(len(run))]
+    rotated = [many.detect(x, source=f"id{k}", query_id=f"q{k}")[0] for k, x in enumerate(run)]
+    assert [(len(r.near), r.source_near, r.is_adversarial) for r in rotated] == [(k, 0, False) for k in range(len(run))]
+    # the reference agrees on a short prefix (it is slow): same near-duplicates, same own-source counts
+    run_and_check(run[:6], sources=["mallory"] * 6)
+
+
 def test_distinct_photographs_are_never_matched() -> None:
     images = [photo(p) for p in DEMO]
     reports = run_and_check(images)
@@ -224,6 +286,25 @@ def test_a_shuffled_honest_stream_of_shared_photographs_is_not_flagged(assets_di
     assert sum(r.duplicate_of is not None for r in reports) == len(paths)  # the copies
 
 
+def test_every_jpeg_reencoding_of_shared_photographs_stays_undetected(assets_dir: Path) -> None:
+    """The honest worst case of one size: all 102 JPEG re-encodings (quality 50-100, 4:4:4 and
+    4:2:0) of a shared photograph, shuffled, each from its own source: near-duplicates of each
+    other, yet no query gathers min_matches matches or min_near near-duplicates."""
+    paths = sorted((assets_dir / "imagenet-sample").glob("*.JPEG"))[3::331]
+    if not paths:
+        pytest.skip(f"no photographs in {assets_dir / 'imagenet-sample'}")
+    rng = np.random.default_rng(9)
+    for path in paths:
+        image = photo(path)
+        variants = [jpeg(image, q, sub) for q in range(50, 101) for sub in (0, 2)]
+        detector = QueryDetector(CONFIG)
+        reports = [detector.detect(variants[i], source=f"user{i}", query_id=f"v{i}")[0]
+                   for i in rng.permutation(len(variants))]
+        assert not any(r.is_adversarial for r in reports), path.name
+        assert max(len(r.matches) for r in reports) < CONFIG.min_matches
+        assert max(len(r.near) for r in reports) > 0  # near-duplicates of each other, not matches
+
+
 def test_the_same_bytes_in_another_geometry_are_not_a_reupload() -> None:
     pixels = np.arange(2 * 6 * 3, dtype=np.uint8)
     detector = QueryDetector()
@@ -266,6 +347,8 @@ def test_refusals_name_the_input() -> None:
         QueryDetectorConfig(min_matches=0)
     with pytest.raises(ValueError, match="max_candidates=3"):
         QueryDetectorConfig(max_candidates=3)
+    with pytest.raises(ValueError, match="min_source_near=0"):
+        QueryDetectorConfig(min_source_near=0)
     store = MemoryStore()
     image = photo(DEMO[0])
     detector = QueryDetector(store=store)

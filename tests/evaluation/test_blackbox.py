@@ -190,3 +190,22 @@ def test_summarise_rows():
     assert row["success"] == 1 and row["median_queries_to_success"] == 40
     assert row["detected"] == 2 and row["median_first_detection"] == 10
     assert row["queries"] == 240 and row["refusals"] == {"query_attack": 9}
+
+
+def test_the_jpeg_like_adaptive_attacker_is_answered_query_attack(rejecting_scorer):
+    """``--adaptive jpeg:4`` (a fresh +-4 offset per 8x8 block, equal on R, G and B, on every
+    query) evaded the detector's JPEG veto: 0 detections in 4,400 queries. The offsets are
+    constant inside each block, which no re-encode's error is, so the pairs match as noise does:
+    the k-th query has k-1 matches and min_matches 8 flags from the 9th on; under the old rules
+    (no inside-block test) none is flagged."""
+    from twostream.attacks.blackbox import adaptive_perturbation
+    from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
+
+    original = photo(5, 64)
+    for config, expected in ((QueryDetectorConfig(), list(range(9, 15))),
+                             (QueryDetectorConfig(jpeg_min_inner=0.0, min_source_near=None), [])):
+        oracle = LocalOracle(rejecting_scorer, detector=QueryDetector(config))
+        camp, result = campaign(oracle, original, identities="1000")
+        camp.perturb = adaptive_perturbation("jpeg:4", np.random.default_rng(1))[0]
+        answers = camp.send([camp.upload(original / 255.0) for _ in range(14)])
+        assert [k + 1 for k, a in enumerate(answers) if a.response == Refusal.QUERY_ATTACK] == expected

@@ -16,10 +16,17 @@ same image (200 queries, 1 distinct upload; 2.0: 200 distinct).
 Decision-based attacks start from an image already answered with another label (another
 photograph, ``x_init``) and walk towards the original; score-based ones start at the original and
 keep every query inside the L-inf ball (``project``: the attacker projects before it sends).
+
+The attacker who knows the stateful query detector (:mod:`twostream.core.query_detector`)
+re-randomises every query on its own (:func:`adaptive_perturbation`, ``ADAPTIVE_MODES``), shaping
+the difference between two queries so that the detector's rules do not call them a match: noise,
+or offsets per block that look like JPEG requantization (Feng et al., 2023, adaptive rejection
+sampling, evade stateful detectors the same way: by knowing their rules).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,3 +135,72 @@ def _generate(name: str, p: dict[str, Any], classifier: Any, batch: np.ndarray, 
     attack = SimBA(classifier, attack=p["attack"], max_iter=p["max_iter"], epsilon=p["epsilon"],
                    freq_dim=p["freq_dim"], order=p["order"], verbose=False)
     return attack.generate(batch, y)
+
+
+ADAPTIVE_MODES: dict[str, str] = {
+    "noise": "fresh uniform noise in [-A, A] on every value",
+    "jpeg": "a fresh offset in [-A, A] per 8x8 block, the same on R, G and B (JPEG-like: moves the channels "
+            "together, steps at the block grid)",
+    "grid16": "the same on a 16x16 grid",
+    "blockrgb": "a fresh offset in [-A, A] per 8x8 block and channel",
+    "blockac": "jpeg:A plus fresh +-1 per pixel, the same on R, G and B (varies inside the blocks, as a "
+               "re-encode's AC error does)",
+    "texture": "jpeg:A with each block's offset scaled by its texture (0 on flat blocks, A on the most textured "
+               "tenth: follows the texture, as requantization error does)",
+    "realjpeg": "the query re-encoded as a real JPEG at a fresh quality in [A, 95], 4:2:0 or 4:4:4 (A is a "
+                "quality here, and takes nothing from the L-inf budget: the projection keeps the upload inside)",
+}
+
+
+def adaptive_perturbation(mode: str, rng: np.random.Generator) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """The detector-aware attacker's per-query re-randomisation ``KIND:A`` (``ADAPTIVE_MODES``; A
+    in 0..255 units) as ``(apply, margin)``: ``apply`` maps a uint8 (H, W, 3) upload to the
+    re-randomised one, ``margin`` is the L-inf it takes from the attack's budget (the score-based
+    attacks spend ``eps - margin`` on their own steps). A bad mode is a ValueError naming it."""
+    kind, _, amount = mode.partition(":")
+    try:
+        a = int(amount)
+    except ValueError:
+        a = -1
+    if kind not in ADAPTIVE_MODES or a < 0 or (kind == "realjpeg" and not 1 <= a <= 95):
+        raise ValueError(f"adaptive mode {mode!r}: expected KIND:A with KIND one of {', '.join(ADAPTIVE_MODES)} "
+                         "and A >= 0 (a quality 1..95 for realjpeg)")
+
+    def blocks(h: int, w: int, side: int, channels: int) -> np.ndarray:
+        offsets = rng.integers(-a, a + 1, (-(-h // side), -(-w // side), channels))
+        return np.repeat(np.repeat(offsets, side, 0), side, 1)[:h, :w]
+
+    def apply(image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        if kind == "realjpeg":
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, "JPEG", quality=int(rng.integers(a, 96)), subsampling=int(rng.choice([0, 2])))
+            with Image.open(io.BytesIO(buf.getvalue())) as im:
+                return np.asarray(im.convert("RGB"))
+        if kind == "noise":
+            delta = rng.integers(-a, a + 1, image.shape)
+        elif kind == "blockrgb":
+            delta = blocks(h, w, 8, 3)
+        else:
+            delta = blocks(h, w, 16 if kind == "grid16" else 8, 1)
+            if kind == "blockac":
+                delta = delta + rng.integers(-1, 2, (h, w, 1))
+            elif kind == "texture":
+                delta = np.round(delta * _block_texture(image)).astype(np.int16)
+        return np.clip(image.astype(np.int16) + delta, 0, 255).astype(np.uint8)
+
+    return apply, 0 if kind == "realjpeg" else a + (kind == "blockac")
+
+
+def _block_texture(image: np.ndarray) -> np.ndarray:
+    """Each 8x8 block's mean horizontal luma step, scaled to [0, 1] by the 90th percentile, as an
+    (H, W, 1) map."""
+    h, w = image.shape[:2]
+    luma = image.astype(np.float32).mean(axis=2)
+    step = np.zeros((-(-h // 8) * 8, -(-w // 8) * 8), np.float32)
+    step[:h, : w - 1] = np.abs(np.diff(luma, axis=1))
+    per_block = step.reshape(step.shape[0] // 8, 8, step.shape[1] // 8, 8).mean(axis=(1, 3))
+    per_block = np.clip(per_block / max(float(np.percentile(per_block, 90)), 1e-6), 0, 1)
+    return np.repeat(np.repeat(per_block, 8, 0), 8, 1)[:h, :w, None]

@@ -35,8 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-prefix", action="store_true",
                         help="Algorithm 2 counts per network (/64, /24) instead of per source id")
     parser.add_argument("--adaptive", type=_csv, default=("",),
-                        help="detector-aware query shaping per query: noise:A, jpeg:A (A in 0..255 units); "
-                             "comma-separated, an empty item for none")
+                        help="detector-aware query shaping per query, KIND:A (A in 0..255 units): noise, jpeg, "
+                             "grid16, blockrgb, blockac, texture, realjpeg (A a quality); comma-separated, "
+                             "an empty item for none")
     parser.add_argument("--budget", type=int, default=10_000, help="queries per image")
     parser.add_argument("--stop-at-detection", action="store_true",
                         help="end each run at its first query_attack answer (measures queries to detection)")

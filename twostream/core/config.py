@@ -301,7 +301,9 @@ class DetectorSettings(_Strict):
     jpeg_texture_ratio: float = QueryDetectorConfig.jpeg_texture_ratio
     jpeg_channel_corr: float = QueryDetectorConfig.jpeg_channel_corr
     jpeg_block_ratio: float = QueryDetectorConfig.jpeg_block_ratio
+    jpeg_min_inner: float = QueryDetectorConfig.jpeg_min_inner
     min_matches: int = QueryDetectorConfig.min_matches
+    min_source_near: int | None = QueryDetectorConfig.min_source_near
     max_candidates: int = QueryDetectorConfig.max_candidates
     max_entries: int = QueryDetectorConfig.max_entries
     max_age_s: float | None = QueryDetectorConfig.max_age_s

@@ -91,8 +91,11 @@ class QueryDetectorConfig:
     max_sparse_changed: float = 0.2  # noise-like too: at most this share of sampled values changed
     jpeg_texture_ratio: float = 0.95  # JPEG-like votes (two of three): the change follows texture,
     jpeg_channel_corr: float = 0.4  # R, G, B differences correlate at least this much,
-    jpeg_block_ratio: float = 1.15  # the difference steps this much more across block edges
+    jpeg_block_ratio: float = 1.15  # the difference steps this much more across block edges,
+    jpeg_min_inner: float = 0.3  # and varies inside blocks: step inside / mean |diff| at least this
     min_matches: int = 8  # matches within the window that make a query adversarial
+    min_source_near: int | None = 16  # near-duplicates (within max_linf, any shape) from the query's own
+    #                                   source that do too (None: off; counted among the verified candidates)
     max_candidates: int = 64  # the newest candidates verified per query (bounds the cost)
     max_entries: int = 50_000  # remembered images (oldest evicted first)
     max_age_s: float | None = 3600.0  # remembered for at most this long (None: count only)
@@ -105,7 +108,9 @@ class QueryDetectorConfig:
             "quant_step": 2 <= self.quant_step <= 256,
             "min_shared": 1 <= self.min_shared <= self.index_windows,
             "max_linf": 0 <= self.max_linf <= 255, "min_matches": self.min_matches >= 1,
+            "min_source_near": self.min_source_near is None or self.min_source_near >= 1,
             "max_candidates": self.max_candidates >= self.min_matches,
+            "jpeg_min_inner": self.jpeg_min_inner >= 0,
             "min_texture_ratio": self.min_texture_ratio >= 0,
             "max_sparse_changed": 0 <= self.max_sparse_changed <= 1,
             "max_entries": self.max_entries >= 1,
@@ -149,6 +154,7 @@ class Match:
     changed: float
     channel_corr: float
     block_ratio: float
+    inner_ratio: float
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,8 @@ class QueryReport:
     duplicate_of: str | None = None  # an exact re-upload of this remembered query
     matches: tuple[Match, ...] = field(default_factory=tuple)
     candidates: int = 0  # images the index proposed (the newest max_candidates are verified)
+    near: tuple[str, ...] = ()  # the verified candidates within max_linf, matched or not, newest first
+    source_near: int = 0  # how many of them the query's own source sent
 
 
 class DetectorStore(Protocol):
@@ -342,16 +350,20 @@ class Differences:
     changed: np.ndarray  # share of sampled values that differ
     channel_corr: np.ndarray  # mean correlation of the difference between R, G and B
     block_ratio: np.ndarray  # the difference's step across a JPEG block edge / inside a block
+    inner_ratio: np.ndarray  # the difference's step inside a block / its mean size
 
     def jpeg_like(self, config: QueryDetectorConfig) -> np.ndarray:
         """Two of the three traces of JPEG requantization: the difference follows the texture
         (ratio below ``jpeg_texture_ratio``), the channels move together (the error is mostly in
         luma: correlation >= ``jpeg_channel_corr``), it steps at the 8-pixel block grid (block
-        ratio >= ``jpeg_block_ratio``). Each alone is common in attacks (an interpolation moves
-        the channels together); two together are rare (``docs/detector.md``)."""
+        ratio >= ``jpeg_block_ratio``); each alone is common in attacks (an interpolation moves
+        the channels together), two together are rare (``docs/detector.md``). And it varies
+        inside the blocks (``inner_ratio`` >= ``jpeg_min_inner``): requantization rounds every
+        DCT coefficient, so its error has AC content; an offset constant per block (DC only) is
+        not what a re-encode produces."""
         votes = ((self.texture_ratio < config.jpeg_texture_ratio).astype(int)
                  + (self.channel_corr >= config.jpeg_channel_corr) + (self.block_ratio >= config.jpeg_block_ratio))
-        return votes >= 2
+        return (votes >= 2) & (self.inner_ratio >= config.jpeg_min_inner)
 
     def matches(self, config: QueryDetectorConfig) -> np.ndarray:
         """Small (``max_linf``), without the traces of JPEG requantization, and noise-like:
@@ -372,7 +384,9 @@ def differences(sample: np.ndarray, earlier: np.ndarray, margin: int, block_edge
     (ties by position) into a flat and a textured half. With fewer than 16 such windows the
     ratio is 1 (no evidence either way). ``block_edge`` marks the windows that straddle a JPEG
     block edge; the block ratio compares the difference's step between the two pixels there with
-    the step elsewhere (1 for noise; 0.05 keeps 0/0 at 1 in both ratios).
+    the step elsewhere (1 for noise; 0.05 keeps 0/0 at 1 in both ratios); the inner ratio compares
+    the step inside blocks with the mean |difference| (about 1.35 for uniform noise, 0 for an
+    offset constant per block; 0.05 again keeps 0/0 finite).
     """
     query = sample.astype(np.int16).reshape(-1, 2, 3)
     signed = earlier.astype(np.int16).reshape(len(earlier), -1, 2, 3) - query  # (m, windows, 2, 3)
@@ -398,8 +412,9 @@ def differences(sample: np.ndarray, earlier: np.ndarray, margin: int, block_edge
         block = (step[:, block_edge].mean(axis=1) + 0.05) / (step[:, ~block_edge].mean(axis=1) + 0.05)
     else:
         block = np.ones(len(earlier))
+    inner = (step[:, ~block_edge].mean(axis=1) + 0.05) / (diff.mean(axis=(1, 2, 3)) + 0.05)
     return Differences(diff.max(axis=(1, 2, 3)), ratio, (diff > 0).mean(axis=(1, 2, 3)),
-                       np.mean(corr, axis=0), block)
+                       np.mean(corr, axis=0), block, inner)
 
 
 class QueryDetector:
@@ -434,22 +449,29 @@ class QueryDetector:
             report = QueryReport(query_id, source, False, duplicate_of=same.query_id)
             return report, False
         found = self.store.candidates(fp.geometry, fp.hashes, config.min_shared)
-        matches = []
+        matches: list[Match] = []
+        near: tuple[str, ...] = ()
+        source_near = 0
         samples = np.stack([entry.fingerprint.sample for entry, _ in found[: config.max_candidates]]) if found else None
         if samples is not None:  # the cheap L-inf first, the statistics for the small ones only
             small = np.flatnonzero(np.abs(samples.astype(np.int16) - fp.sample).max(axis=1) <= config.max_linf)
+            near = tuple(found[k][0].query_id for k in small)
+            source_near = 0 if source is None else sum(found[k][0].source == source for k in small)
             if len(small):
                 diff = differences(fp.sample, samples[small], config.max_linf // 2, _layout(*fp.geometry, config)[4])
                 ok = diff.matches(config)
                 matches = [Match(found[k][0].query_id, found[k][0].source, found[k][1], int(diff.linf[i]),
-                                 *(round(float(v[i]), 4) for v in (diff.texture_ratio, diff.changed,
-                                                                   diff.channel_corr, diff.block_ratio)))
+                                 *(round(float(v[i]), 4) for v in (diff.texture_ratio, diff.changed, diff.channel_corr,
+                                                                   diff.block_ratio, diff.inner_ratio)))
                            for i, k in enumerate(small) if ok[i]]
                 matches.sort(key=lambda m: (m.linf, -m.shared, m.query_id))
         self.store.add(Entry(query_id, source, now, fp))
         self.store.evict(now, config.max_entries, config.max_age_s)
-        flagged = len(matches) >= config.min_matches
+        flagged = len(matches) >= config.min_matches or (
+            config.min_source_near is not None and source_near >= config.min_source_near)
         if flagged:
-            log.info("query %s from %s: %d near-duplicates (closest %s from %s)", query_id, source,
-                     len(matches), matches[0].query_id, matches[0].source)
-        return QueryReport(query_id, source, flagged, None, tuple(matches), len(found)), flagged
+            log.info("query %s from %s: %d matches, %d near-duplicates (%d from the same source; closest %s)",
+                     query_id, source, len(matches), len(near), source_near,
+                     matches[0].query_id if matches else near[0])
+        return QueryReport(query_id, source, flagged, None, tuple(matches), len(found), near,
+                           source_near), flagged

@@ -206,26 +206,6 @@ class Detected(Exception):
     queries to the first detection on more images for the same cost)."""
 
 
-def adaptive_noise(kind: str, amount: int, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
-    """The detector-aware attacker's per-query re-randomisation, ``amount`` in 0..255 units:
-    ``noise`` adds fresh uniform noise in [-amount, amount] to every value; ``jpeg`` adds a fresh
-    random offset in [-amount, amount] per 8x8 block, the same on R, G and B (a difference that
-    carries two JPEG traces: it moves the channels together and steps at the block grid)."""
-    if kind not in ("noise", "jpeg") or amount < 0:
-        raise ValueError(f"adaptive mode must be noise:A or jpeg:A with A >= 0, got {kind}:{amount}")
-
-    def apply(image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        if kind == "noise":
-            delta = rng.integers(-amount, amount + 1, image.shape)
-        else:
-            blocks = rng.integers(-amount, amount + 1, (-(-h // 8), -(-w // 8)))
-            delta = np.repeat(np.repeat(blocks, 8, 0), 8, 1)[:h, :w, None]
-        return np.clip(image.astype(np.int16) + delta, 0, 255).astype(np.uint8)
-
-    return apply
-
-
 @dataclass
 class RunResult:
     """One attacked image: every query counted, the first success and first detection (1-based
@@ -364,10 +344,11 @@ def attack_image(
 ) -> RunResult:
     """Run black-box ``attack`` on one uint8 image through ``oracle``; see :class:`Campaign`.
 
-    ``adaptive``: ``""`` or ``noise:A`` / ``jpeg:A`` (:func:`adaptive_noise`); the score-based
-    attacks then spend ``eps - A/255`` on their own steps so that every upload stays in the ball.
+    ``adaptive``: ``""`` or a ``KIND:A`` of :func:`~twostream.attacks.blackbox.adaptive_perturbation`;
+    the score-based attacks then spend ``eps`` less its margin on their own steps so that every
+    upload stays in the ball.
     """
-    from twostream.attacks.blackbox import BLACKBOX_ATTACKS, run_blackbox
+    from twostream.attacks.blackbox import BLACKBOX_ATTACKS, adaptive_perturbation, run_blackbox
 
     spec = BLACKBOX_ATTACKS[attack]
     if detail not in spec.views:
@@ -375,9 +356,8 @@ def attack_image(
     result = RunResult(attack, detail, identities, detector, image_id, label, budget, adaptive=adaptive)
     perturb, own_eps = None, eps
     if adaptive:
-        kind, _, amount = adaptive.partition(":")
-        perturb = adaptive_noise(kind, int(amount or 0), np.random.default_rng(seed + 1))
-        own_eps = eps - int(amount or 0) / 255.0
+        perturb, margin = adaptive_perturbation(adaptive, np.random.default_rng(seed + 1))
+        own_eps = eps - margin / 255.0
     campaign = Campaign(oracle, original, label, detail=detail, identities=identities, budget=budget, eps=eps,
                         run=run, project=spec.project, perturb=perturb, result=result,
                         stop_at_detection=stop_at_detection)
