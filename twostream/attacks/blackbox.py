@@ -176,7 +176,8 @@ def adaptive_perturbation(mode: str, rng: np.random.Generator) -> tuple[Callable
             from PIL import Image
 
             buf = io.BytesIO()
-            Image.fromarray(image).save(buf, "JPEG", quality=int(rng.integers(a, 96)), subsampling=int(rng.choice([0, 2])))
+            quality, subsampling = int(rng.integers(a, 96)), int(rng.choice([0, 2]))
+            Image.fromarray(image).save(buf, "JPEG", quality=quality, subsampling=subsampling)
             with Image.open(io.BytesIO(buf.getvalue())) as im:
                 return np.asarray(im.convert("RGB"))
         if kind == "noise":

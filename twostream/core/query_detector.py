@@ -34,18 +34,28 @@ yields
    - noise-like: confined to few values (``max_sparse_changed``: Square and SimBA steps) or spread
      over flat and textured windows alike (``min_texture_ratio``);
    - and not JPEG-like: at most one of the three traces of JPEG requantization (the change
-     follows the texture, R, G and B move together, it steps at the 8-pixel block grid), see
-     :meth:`Differences.jpeg_like`.
-3. A query is *adversarial* when it has at least ``min_matches`` matches within the window.
+     follows the texture, R, G and B move together, it steps at the 8-pixel block grid), or, with
+     two, a change that does not vary inside the blocks (``jpeg_min_inner``: requantization
+     rounds every DCT coefficient, so its error has AC content; an offset constant per block,
+     which the detector-aware attacker of ``twostream blackbox --adaptive jpeg:A`` sent, does
+     not), see :meth:`Differences.jpeg_like`.
+3. A query is *adversarial* when it has at least ``min_matches`` matches within the window, or
+   at least ``min_source_near`` near-duplicates (verified candidates within ``max_linf``, of any
+   shape) sent by its own source (the source id as the caller gives it, compared as text): an
+   attacker that shapes its changes past rule 2 (like texture, like JPEG, real JPEG re-encodes)
+   from one source id is still caught.
 
 Why honest traffic stays honest: resizes and crops change the geometry or move the content (a
 large difference), so they match nothing; exact copies are rule 1; two JPEG re-encodings of one
 photograph at one size are often within 16/255 of each other on the sample (close qualities), but
-their difference carries the JPEG traces, so a match between them is rare (about 1-6% of pairs
-of close qualities, measured) and ``min_matches`` of them at once rarer still (0 in 20,000 honest
-uploads, and 0 when all 102 JPEG variants of a photograph arrive: ``docs/detector.md``). An
-attack run adds a new distinct near-duplicate with every query, so its k-th query has up to k-1
-matches: it is flagged after about ``min_matches`` + 1 queries, whatever account sent each.
+their difference carries the JPEG traces and varies inside the blocks, so a match between them is
+rare (about 1-6% of pairs of close qualities, measured) and ``min_matches`` of them at once rarer
+still (0 in 20,000 honest uploads, and 0 when all 102 JPEG variants of a photograph arrive:
+``docs/detector.md``). Near-duplicates of a popular photograph are many (up to 42 of one query
+among 102 variants), but they come from many sources: one honest source rarely sends
+``min_source_near`` distinct near-copies of one image within the window. An attack run adds a new
+distinct near-duplicate with every query, so its k-th query has up to k-1 matches: it is flagged
+after about ``min_matches`` + 1 queries, whatever account sent each.
 
 **State** (:class:`DetectorStore`, the interface; :class:`MemoryStore`, in this process): the
 remembered images, oldest first, bounded by a count (``max_entries``) and an age (``max_age_s``,
@@ -55,9 +65,10 @@ sample of an entry), so a Redis store can hold the same state for every replica.
 
 Known weaknesses (``docs/detector.md``): an attacker who knows the rules can space its queries
 (more than ``max_entries`` or ``max_age_s`` apart), perturb each query enough to leave
-``max_linf``, or shape its changes like JPEG error (Feng et al., 2023, adaptive rejection
-sampling); it can change the geometry of each query by a pixel (a match needs the same size);
-the positions are drawn from a secret ``seed``, which hides where the sample lies, not the rules.
+``max_linf``, or shape its changes past rule 2 (like JPEG error with AC content, or confined to
+texture) *and* rotate source ids (Feng et al., 2023, adaptive rejection sampling); it can change
+the geometry of each query by a pixel (a match needs the same size); the positions are drawn
+from a secret ``seed``, which hides where the sample lies, not the rules.
 """
 
 from __future__ import annotations
