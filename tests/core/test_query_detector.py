@@ -71,7 +71,7 @@ def reference_match(query: np.ndarray, earlier: np.ndarray, config: QueryDetecto
     at_edge = [s for s, on in zip(step, edge) if on]
     inside = [s for s, on in zip(step, edge) if not on]
     block = (sum(at_edge) / len(at_edge) + 0.05) / (sum(inside) / len(inside) + 0.05) if at_edge and inside else 1.0
-    inner = (sum(inside) / len(inside) + 0.05) / (sum(diffs) / len(diffs) + 0.05)
+    inner = (sum(inside) / len(inside) + 0.05) / (sum(diffs) / len(diffs) + 0.05) if inside else 1.0
     linf = max(diffs)
     votes = (ratio < config.jpeg_texture_ratio) + (corr >= config.jpeg_channel_corr) + (block >= config.jpeg_block_ratio)
     jpeg_like = votes >= 2 and inner >= config.jpeg_min_inner
@@ -149,6 +149,7 @@ def test_a_noise_run_is_flagged_after_min_matches_queries_and_names_the_earlier_
     assert {m.query_id for m in flagged.matches} == {f"q{i}" for i in range(CONFIG.min_matches)}
     assert {m.source for m in flagged.matches} == {f"attacker-{i}" for i in range(CONFIG.min_matches)}
     assert flagged.matches[0].query_id == f"q{CONFIG.min_matches - 1}"  # the closest: the last step
+    assert flagged.evidence == tuple(m.query_id for m in flagged.matches)
 
 
 def test_an_hsj_like_interpolation_run_is_flagged_within_a_handful() -> None:
@@ -225,6 +226,7 @@ def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicat
     reports = [one.detect(x, source="mallory", query_id=f"q{k}")[0] for k, x in enumerate(run)]
     assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, k, 0) for k in range(len(run))]
     assert [r.is_adversarial for r in reports] == [k >= CONFIG.min_source_near for k in range(len(run))]
+    assert reports[-1].evidence == tuple(f"q{k}" for k in reversed(range(len(run) - 1)))  # newest first
     rotated = [many.detect(x, source=f"id{k}", query_id=f"q{k}")[0] for k, x in enumerate(run)]
     assert [(len(r.near), r.source_near, r.is_adversarial) for r in rotated] == [(k, 0, False) for k in range(len(run))]
     # the reference agrees on a short prefix (it is slow): same near-duplicates, same own-source counts

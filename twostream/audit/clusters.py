@@ -135,7 +135,7 @@ def detect_clusters(spill: Spill, cat: Catalogue, images_uri: str | None, enable
         counts["exact_reuploads"] += report.duplicate_of is not None
         if hit:
             flagged[img] = True
-            edges += [(img, row_of[m.query_id]) for m in report.matches]
+            edges += [(img, row_of[q]) for q in report.evidence]
     counts["flagged"] = int(flagged.sum())
     log.info("query detector: %d images, %d exact re-uploads, %d flagged, %d unreadable", counts["queries"],
              counts["exact_reuploads"], counts["flagged"], counts["unreadable"])

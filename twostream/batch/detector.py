@@ -134,7 +134,7 @@ def detect_run(queries: Iterable[pa.Table], window: pa.Table | None,
         if flagged:
             out["shard"].append(row["shard"])
             out["row"].append(row["row"])
-            out["query_matches"].append([m.query_id for m in report.matches])
+            out["query_matches"].append(list(report.evidence))
     detections = pa.table(out, schema=DETECTIONS_SCHEMA)
     counts = {"queries": table.num_rows, "exact_reuploads": duplicates, "query_attacks": detections.num_rows,
               "window_carried_in": len(carried), "window_carried_out": len(store), "min_matches": config.min_matches}

@@ -180,6 +180,7 @@ class QueryReport:
     candidates: int = 0  # images the index proposed (the newest max_candidates are verified)
     near: tuple[str, ...] = ()  # the verified candidates within max_linf, matched or not, newest first
     source_near: int = 0  # how many of them the query's own source sent
+    evidence: tuple[str, ...] = ()  # a flagged query's reason: its matches, else its source's near-duplicates
 
 
 class DetectorStore(Protocol):
@@ -423,7 +424,10 @@ def differences(sample: np.ndarray, earlier: np.ndarray, margin: int, block_edge
         block = (step[:, block_edge].mean(axis=1) + 0.05) / (step[:, ~block_edge].mean(axis=1) + 0.05)
     else:
         block = np.ones(len(earlier))
-    inner = (step[:, ~block_edge].mean(axis=1) + 0.05) / (diff.mean(axis=(1, 2, 3)) + 0.05)
+    if block_edge.all():  # no window inside a block (never at sizes that have blocks): no evidence
+        inner = np.ones(len(earlier))
+    else:
+        inner = (step[:, ~block_edge].mean(axis=1) + 0.05) / (diff.mean(axis=(1, 2, 3)) + 0.05)
     return Differences(diff.max(axis=(1, 2, 3)), ratio, (diff > 0).mean(axis=(1, 2, 3)),
                        np.mean(corr, axis=0), block, inner)
 
@@ -462,12 +466,14 @@ class QueryDetector:
         found = self.store.candidates(fp.geometry, fp.hashes, config.min_shared)
         matches: list[Match] = []
         near: tuple[str, ...] = ()
+        own: tuple[str, ...] = ()
         source_near = 0
         samples = np.stack([entry.fingerprint.sample for entry, _ in found[: config.max_candidates]]) if found else None
         if samples is not None:  # the cheap L-inf first, the statistics for the small ones only
             small = np.flatnonzero(np.abs(samples.astype(np.int16) - fp.sample).max(axis=1) <= config.max_linf)
             near = tuple(found[k][0].query_id for k in small)
-            source_near = 0 if source is None else sum(found[k][0].source == source for k in small)
+            own = tuple(found[k][0].query_id for k in small if source is not None and found[k][0].source == source)
+            source_near = len(own)
             if len(small):
                 diff = differences(fp.sample, samples[small], config.max_linf // 2, _layout(*fp.geometry, config)[4])
                 ok = diff.matches(config)
@@ -478,11 +484,12 @@ class QueryDetector:
                 matches.sort(key=lambda m: (m.linf, -m.shared, m.query_id))
         self.store.add(Entry(query_id, source, now, fp))
         self.store.evict(now, config.max_entries, config.max_age_s)
-        flagged = len(matches) >= config.min_matches or (
-            config.min_source_near is not None and source_near >= config.min_source_near)
+        by_matches = len(matches) >= config.min_matches
+        flagged = by_matches or (config.min_source_near is not None and source_near >= config.min_source_near)
+        evidence = () if not flagged else tuple(m.query_id for m in matches) if by_matches else own
         if flagged:
             log.info("query %s from %s: %d matches, %d near-duplicates (%d from the same source; closest %s)",
                      query_id, source, len(matches), len(near), source_near,
                      matches[0].query_id if matches else near[0])
         return QueryReport(query_id, source, flagged, None, tuple(matches), len(found), near,
-                           source_near), flagged
+                           source_near, evidence), flagged
