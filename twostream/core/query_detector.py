@@ -52,8 +52,8 @@ their difference carries the JPEG traces and varies inside the blocks, so a matc
 rare (about 1-6% of pairs of close qualities, measured) and ``min_matches`` of them at once rarer
 still (0 in 20,000 honest uploads, and 0 when all 102 JPEG variants of a photograph arrive:
 ``docs/detector.md``). Near-duplicates of a popular photograph are many (up to 64 of one query,
-all the candidates verified, among 102 variants), but they come from many sources: one honest source rarely sends
-``min_source_near`` distinct near-copies of one image within the window. An attack run adds a new
+all the candidates verified, among 102 variants), but they come from many sources: one honest
+source rarely sends ``min_source_near`` distinct near-copies of one image within the window. An attack run adds a new
 distinct near-duplicate with every query, so its k-th query has up to k-1 matches: it is flagged
 after about ``min_matches`` + 1 queries, whatever account sent each.
 
