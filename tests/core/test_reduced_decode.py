@@ -199,3 +199,13 @@ def test_the_pixel_limit_is_checked_on_the_full_size():
 def test_a_margin_below_one_is_refused():
     with pytest.raises(ValueError, match="reduced_decode must be 0 \\(off\\) or at least 1"):
         LimitsConfig(reduced_decode=0.5)
+
+
+def test_an_mpo_is_scored_by_its_frame_0_reduced_as_that_jpeg_alone():
+    first, second = photo(2048, 1536, noise=8), photo(2048, 1536, noise=8, seed=1)[::-1].copy()
+    mpo, alone = io.BytesIO(), io.BytesIO()
+    Image.fromarray(first).save(mpo, "MPO", save_all=True, append_images=[Image.fromarray(second)], quality=90)
+    Image.fromarray(first).save(alone, "JPEG", quality=90)
+    got = decode_image(mpo.getvalue(), LIMITS, STREAMS)
+    assert got.shape == (768, 1024, 3)
+    assert np.array_equal(got, decode_image(alone.getvalue(), LIMITS, STREAMS))
