@@ -89,8 +89,8 @@ def test_scale_keeps_every_stream_above_the_margin(height, width, margin, stream
         return (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
 
     def keeps(s: int) -> bool:
-        return all(math.ceil(height / s) >= margin * target(spec)[0] and math.ceil(width / s) >= margin * target(spec)[1]
-                   for spec in streams)
+        return all(math.ceil(height / s) >= margin * target(spec)[0]
+                   and math.ceil(width / s) >= margin * target(spec)[1] for spec in streams)
 
     s = jpeg_scale(height, width, streams, margin)
     assert s in (1, 2, 4, 8)

@@ -40,7 +40,8 @@ def encoded_images() -> dict[str, bytes]:
     files = {f"{name}.jpg": encode(getattr(skdata, name)(), "JPEG") for name in ("chelsea", "astronaut", "coffee", "rocket")}
     files["chelsea_mirror.png"] = encode(np.ascontiguousarray(skdata.chelsea()[:, ::-1]), "PNG")
     # decoded at 1/2 (limits.reduced_decode): 600 rows still hold 2x the H-Net's 256
-    files["chelsea_large.jpg"] = encode(np.asarray(Image.fromarray(skdata.chelsea()).resize((1804, 1200), Image.BICUBIC)), "JPEG")
+    large = Image.fromarray(skdata.chelsea()).resize((1804, 1200), Image.BICUBIC)
+    files["chelsea_large.jpg"] = encode(np.asarray(large), "JPEG")
     files["corrupt.jpg"] = files["coffee.jpg"][:2000]  # header intact, pixels cut off
     return files
 

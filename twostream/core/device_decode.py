@@ -163,7 +163,8 @@ def decode_on_device(
         if errors[k] is not None:
             continue
         try:
-            image = orient(decoded[k], headers[k].orientation) if k in decoded else _cpu_decode(bytes(data), limits, streams, device)
+            image = (orient(decoded[k], headers[k].orientation) if k in decoded
+                     else _cpu_decode(bytes(data), limits, streams, device))
             check_min_side(*image.shape[-2:], limits)
             images[k] = image
         except ImageDecodeError as exc:
