@@ -240,6 +240,29 @@ def test_large_compressible_images_travel_as_prepared_inputs(tmp_path):
     assert table.column("high_input")[0].as_py() == want
 
 
+def test_a_large_jpeg_travels_as_the_librarys_reduced_prepared_inputs(tmp_path):
+    """A 2048x1536 JPEG is decoded at 1/2 (limits.reduced_decode) in the decode task: its row
+    reports 1024x768 and carries, bit for bit, the prepared inputs of the library's decode for
+    both streams (what the Scorer and the endpoint feed the same models)."""
+    from twostream.core.preprocess import decode_image
+    from twostream.core.scoring import prepare, stream_specs
+
+    rng = np.random.default_rng(0)
+    pixels = np.asarray(Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((2048, 1536)))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    (tmp_path / "large.jpg").write_bytes(buf.getvalue())
+    cfg = load_config(None, SMALL)
+    (unit,) = planning.work_units(planning.plan_input(str(tmp_path)).shards, 256)
+    specs = {kind: input_spec(cfg, kind) for kind in stages.KINDS}
+    table = pa.concat_tables(stages.read_decode(unit, cfg, specs))
+    assert (table.column("height")[0].as_py(), table.column("width")[0].as_py()) == (768, 1024)
+    image = decode_image(buf.getvalue(), cfg.limits, stream_specs(cfg))
+    assert image.shape == (768, 1024, 3)
+    for kind in stages.KINDS:
+        assert table.column(f"{kind}_input")[0].as_py() == prepare(specs[kind], [image]).numpy().tobytes()
+
+
 def test_read_decode_takes_geometry_and_never_imports_timm(tmp_path):
     """The decode tasks get each stream's input geometry and never build a model: in a fresh
     process, reading and preparing a unit imports neither timm nor torchvision (about 190 MB a

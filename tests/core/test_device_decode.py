@@ -171,3 +171,21 @@ def test_an_exif_orientation_out_of_range_is_ignored_as_pillow_ignores_it(orient
     (images, errors), (expected, expected_errors) = decode_both([data])
     assert errors == expected_errors == [None]
     np.testing.assert_array_equal(images[0], expected[0])
+
+
+def test_the_device_decodes_large_jpegs_at_full_size_and_its_fallback_reduces_as_the_cpu() -> None:
+    """The documented difference (module docstring): the device has no DCT scaling, so a JPEG that
+    the CPU decoder reduces (2048x1536 -> 1024x768 for these streams) comes off the device at full
+    size, equal to the CPU decoder's with reduced decoding off; a CMYK one, which goes to the CPU
+    decoder, is reduced exactly as ``decode_many`` reduces it."""
+    streams = (InputSpec((224, 224), (0.5,) * 3, (0.5,) * 3, crop_pct=0.875, interpolation="bicubic"),
+               InputSpec((32, 32), (0.5,) * 3, (0.5,) * 3, squash=True))
+    large = picture(1536, 2048)
+    items = [encode(large), encode(large, mode="CMYK")]
+    images, errors = decode_on_device(items, LIMITS, "cpu", streams=streams)
+    assert errors == [None, None]
+    full, _ = decode_many(items[:1], LimitsConfig(reduced_decode=0), streams)
+    reduced, _ = decode_many(items, LIMITS, streams)
+    assert as_array(images[0]).shape == (1536, 2048, 3) and reduced[0].shape == (768, 1024, 3)
+    np.testing.assert_array_equal(as_array(images[0]), full[0])
+    np.testing.assert_array_equal(as_array(images[1]), reduced[1])

@@ -3,7 +3,8 @@
 rows: verdict, label, ImageNet index, agreement (to 1e-6) and both top-k, with the default models.
 
 Real photographs (scikit-image's chelsea, a cat: in scope; astronaut, coffee, rocket: out of
-scope), chelsea mirrored as PNG, and a JPEG cut off after its header (corrupt)."""
+scope), chelsea mirrored as PNG, chelsea upscaled to 1804x1200 (a JPEG decoded reduced, at 1/2),
+and a JPEG cut off after its header (corrupt)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def encoded_images() -> dict[str, bytes]:
 
     files = {f"{name}.jpg": encode(getattr(skdata, name)(), "JPEG") for name in ("chelsea", "astronaut", "coffee", "rocket")}
     files["chelsea_mirror.png"] = encode(np.ascontiguousarray(skdata.chelsea()[:, ::-1]), "PNG")
+    # decoded at 1/2 (limits.reduced_decode): 600 rows still hold 2x the H-Net's 256
+    large = Image.fromarray(skdata.chelsea()).resize((1804, 1200), Image.BICUBIC)
+    files["chelsea_large.jpg"] = encode(np.asarray(large), "JPEG")
     files["corrupt.jpg"] = files["coffee.jpg"][:2000]  # header intact, pixels cut off
     return files
 
@@ -121,6 +125,13 @@ def test_the_photographs_cover_each_kind_of_row(library_rows) -> None:
     assert verdicts["chelsea.jpg"] == "accepted" and library_rows["chelsea.jpg"]["label"] == "cat"
     assert verdicts["astronaut.jpg"] == "adversarial"  # out of scope: no CIFAR-10 class agrees
     assert verdicts["corrupt.jpg"] == "error" and library_rows["corrupt.jpg"]["error"]
+
+
+def test_a_large_jpeg_is_scored_from_its_reduced_decode(library_rows) -> None:
+    """1804x1200 is decoded at 902x600 (the size scored and reported), and still read as a cat."""
+    row = library_rows["chelsea_large.jpg"]
+    assert (row["width"], row["height"]) == (902, 600)
+    assert (row["verdict"], row["label"]) == ("accepted", "cat")
 
 
 def test_batch_job_rows_equal_the_library(library_rows, batch_rows) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +33,9 @@ from twostream.audit.replay import Spill
 from twostream.core.config import LimitsConfig
 from twostream.core.labels import Verdict
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
+
+if TYPE_CHECKING:
+    from twostream.core.models import InputSpec
 
 log = logging.getLogger("twostream.audit")
 
@@ -99,8 +104,11 @@ def _components(edges: list[tuple[int, int]]) -> dict[int, int]:
 
 
 def detect_clusters(spill: Spill, cat: Catalogue, images_uri: str | None, enabled: bool,
-                    config: QueryDetectorConfig, limits: LimitsConfig) -> Clusters:
-    """Run the detector over the log's images (module docstring) and group its matches."""
+                    config: QueryDetectorConfig, limits: LimitsConfig,
+                    streams: Callable[[], Sequence["InputSpec"]] = tuple) -> Clusters:
+    """Run the detector over the log's images (module docstring) and group its matches, each
+    image decoded for ``streams()`` (``scoring.stream_specs``: the pixels the batch job and the
+    endpoint fingerprint; asked for only when there are images to decode)."""
     if not images_uri:
         return Clusters(False, "no --images: the audit has no pixels to compare, so clusters of near-identical "
                                "uploads are unavailable (rerun with --images)")
@@ -108,6 +116,7 @@ def detect_clusters(spill: Spill, cat: Catalogue, images_uri: str | None, enable
         return Clusters(False, "the query detector is off (detector.enabled=false)")
     from twostream.core.preprocess import ImageDecodeError, decode_image
 
+    specs = streams()
     firsts = _first_uploads(spill)
     order = np.lexsort((pc.take(cat.ids, firsts.column("img")).to_numpy(zero_copy_only=False),
                         firsts.column("ts").to_numpy()))
@@ -123,7 +132,7 @@ def detect_clusters(spill: Spill, cat: Catalogue, images_uri: str | None, enable
             counts["unreadable"] += 1
             continue
         try:
-            pixels = decode_image(storage.read_bytes(uri, limits.max_bytes), limits)
+            pixels = decode_image(storage.read_bytes(uri, limits.max_bytes), limits, specs)
         except (OSError, ImageDecodeError) as exc:
             log.warning("query detector: %s: %s", uri, exc)
             counts["unreadable"] += 1

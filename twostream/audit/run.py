@@ -197,8 +197,13 @@ def _detect(logged: _LogPass, cat: Catalogue, images_uri: str | None, config: Tw
             files: dict[str, str], output_uri: str) -> Clusters:
     """The query detector over the log's images (:mod:`twostream.audit.clusters`): the images it
     flags become ``query_attack`` (rejections for the replay); ``clusters.parquet`` written."""
+    def streams() -> tuple:
+        from twostream.core.scoring import stream_specs  # torch: only when there are images to decode
+
+        return stream_specs(config)
+
     clusters = detect_clusters(logged.spill, cat, images_uri, config.detector.enabled,
-                               config.detector.query_config(), config.limits)
+                               config.detector.query_config(), config.limits, streams)
     if clusters.available:
         cat.verdict[clusters.flagged] = Verdict.QUERY_ATTACK
         cat.label[clusters.flagged] = None

@@ -110,7 +110,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
                 encoded = data
             elif error is None:
                 try:  # prepared from Pillow's pixels a strip at a time: no full-resolution array
-                    image = decode_rgb(data, config.limits)
+                    image = decode_rgb(data, config.limits, tuple(specs.values()))
                     check_min_side(image.height, image.width, config.limits)
                 except ImageDecodeError as exc:
                     error = str(exc)
@@ -257,7 +257,8 @@ class StreamStage:
         rows = [k for k, n in enumerate(pc.binary_length(encoded).to_pylist()) if n]
         if not rows:
             return table, {}
-        images, errors = decode_on_device([encoded[k].as_py() for k in rows], self.config.limits, self.scorer.device)
+        images, errors = decode_on_device([encoded[k].as_py() for k in rows], self.config.limits, self.scorer.device,
+                                          streams=(self.scorer.stream.spec, self.low_spec))
         ok = [i for i, image in enumerate(images) if image is not None]
         high = prepare(self.scorer.stream, [images[i] for i in ok]) if ok else None
         low = prepare(self.low_spec, [images[i] for i in ok]).cpu().numpy() if ok else None

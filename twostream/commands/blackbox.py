@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     scorer = Scorer(config)
     data = open_dataset(args.dataset).in_scope().subset(max(8 * args.n, 40), seed=args.seed)
-    images = load_images(data, args.size)
+    images = load_images(data, args.size, config.limits, (scorer.high.spec, scorer.low.spec))
     clean = scorer.score(list(images), data.ids).results()
     correct = [k for k, r in enumerate(clean)
                if r.label is not None and CIFAR10_LABELS.index(r.label) == data.labels[k]]

@@ -125,6 +125,18 @@ class LimitsConfig(_Strict):
     max_pixels: int = Field(
         40_000_000, gt=0, description="largest accepted width*height (the only pixel limit: Pillow's own is off)")
     min_side: int = Field(8, gt=0, description="smallest accepted width and height, px (smaller: an error row)")
+    reduced_decode: float = Field(
+        2.0, ge=0.0,
+        description=("JPEGs are decoded at 1/2, 1/4 or 1/8 of their size (libjpeg's DCT scaling) as far as "
+                     "every stream's resize still shrinks each side by at least this factor; 0: always at "
+                     "full size (the pixel limit is checked on the full size either way)"))
+
+    @field_validator("reduced_decode")
+    @classmethod
+    def _margin_at_least_one(cls, value: float) -> float:
+        if 0.0 < value < 1.0:
+            raise ValueError(f"reduced_decode must be 0 (off) or at least 1 (a stream's own size), not {value}")
+        return value
 
 
 class ServeSettings(_Strict):

@@ -10,6 +10,12 @@ than JPEG, MPO, CMYK and YCCK JPEGs, and any JPEG the device refuses. A batch th
 is decoded again one image at a time, so one damaged upload fails alone, with the CPU decoder's
 reason, and its neighbours stay on the device. Images come back as (3, H, W) uint8 tensors on
 the device, which :func:`~twostream.core.scoring.prepare` takes as it takes (H, W, 3) arrays.
+
+The device decodes every JPEG it takes at full size: torchvision's ``decode_jpeg`` has no DCT
+scaling, so the CPU decoder's reduced-size decoding (``limits.reduced_decode``) is not made
+here, and a JPEG large enough to be reduced on the CPU is prepared from its full-size pixels (on
+top of nvJPEG's own difference of a level or two). What goes to the CPU decoder is decoded as
+the CPU path decodes it, reduced alike (``streams``).
 """
 
 from __future__ import annotations
@@ -22,10 +28,16 @@ import numpy as np
 import torch
 
 from twostream.core.config import LimitsConfig
-from twostream.core.preprocess import ImageDecodeError, check_image_header, check_min_side, decode_image
+from twostream.core.models import InputSpec
+from twostream.core.preprocess import (
+    EXIF_ORIENTATION,
+    ImageDecodeError,
+    check_image_header,
+    check_min_side,
+    decode_image,
+)
 
 DEVICE_MODES = frozenset({"RGB", "L"})  # JPEG colour modes the device decodes as Pillow does
-EXIF_ORIENTATION = 0x0112
 BATCH_BYTES = 1 << 30  # decoded RGB bytes of one batched device call (one image may exceed it alone)
 
 
@@ -89,8 +101,8 @@ def _device_decode(blobs: Sequence[bytes], device: torch.device) -> list[torch.T
         return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
-def _cpu_decode(data: bytes, limits: LimitsConfig, device: torch.device) -> torch.Tensor:
-    pixels = np.require(decode_image(data, limits), requirements="W")  # Pillow's are read-only
+def _cpu_decode(data: bytes, limits: LimitsConfig, streams: Sequence[InputSpec], device: torch.device) -> torch.Tensor:
+    pixels = np.require(decode_image(data, limits, streams), requirements="W")  # Pillow's are read-only
     return torch.from_numpy(pixels).permute(2, 0, 1).to(device)
 
 
@@ -124,12 +136,16 @@ def _decode_batch(items: Sequence[bytes], batch: list[int], device: torch.device
 
 
 def decode_on_device(
-    items: Sequence[bytes], limits: LimitsConfig, device: torch.device | str, batch_bytes: int = BATCH_BYTES
+    items: Sequence[bytes],
+    limits: LimitsConfig,
+    device: torch.device | str,
+    batch_bytes: int = BATCH_BYTES,
+    streams: Sequence[InputSpec] = (),
 ) -> tuple[list[torch.Tensor | None], list[str | None]]:
     """Decode uploads to (3, H, W) uint8 RGB tensors on ``device``: JPEGs by the device's decoder
-    in batched calls of at most ``batch_bytes`` decoded bytes, the rest by the CPU decoder (module
-    docstring). A failure becomes ``None`` with its reason, as in
-    :func:`~twostream.core.scoring.decode_many`."""
+    in batched calls of at most ``batch_bytes`` decoded bytes (full size), the rest by the CPU
+    decoder, for ``streams`` as :func:`~twostream.core.scoring.decode_many` (module docstring).
+    A failure becomes ``None`` with its reason, as in :func:`~twostream.core.scoring.decode_many`."""
     device = torch.device(device)
     images: list[torch.Tensor | None] = [None] * len(items)
     errors: list[str | None] = [None] * len(items)
@@ -147,7 +163,8 @@ def decode_on_device(
         if errors[k] is not None:
             continue
         try:
-            image = orient(decoded[k], headers[k].orientation) if k in decoded else _cpu_decode(bytes(data), limits, device)
+            image = (orient(decoded[k], headers[k].orientation) if k in decoded
+                     else _cpu_decode(bytes(data), limits, streams, device))
             check_min_side(*image.shape[-2:], limits)
             images[k] = image
         except ImageDecodeError as exc:

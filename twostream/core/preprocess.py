@@ -17,6 +17,16 @@ even when the animation does not show it). A PNG whose text chunks (``tEXt``/``z
 exceed Pillow's ``PngImagePlugin.MAX_TEXT_CHUNK`` or ``MAX_TEXT_MEMORY`` is scored on its pixels,
 decoded again with its text chunks left out: metadata is not pixels, and the limits stay in
 force, so a text bomb costs no memory either.
+
+**Reduced-size decoding.** Given the input geometry of the streams the pixels are for (their
+:class:`~twostream.core.models.InputSpec`), a JPEG is decoded at 1/2, 1/4 or 1/8 of its size
+(libjpeg's DCT scaling, Pillow's ``draft``) as far as every stream's resize still shrinks each
+side of the decoded image by at least ``limits.reduced_decode`` (:func:`jpeg_scale`); the
+streams' antialiased resize then does the rest. With the default 2, a 4000x3000 photograph
+feeding a 224x224 crop of its 256-px shorter side is decoded at 1000x750; a 768x512 one is not
+reduced. The header checks (size, format, pixel count) are made on the full size first, and EXIF
+orientation is applied to the reduced image. Without streams, or with ``reduced_decode`` 0,
+every image is decoded at full size, bit for bit as before.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -32,12 +42,16 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from twostream.core.config import LimitsConfig
+from twostream.core.models.stream import InputSpec, resized_size
 from twostream.storage import compressed_kind
 
 # limits.max_pixels, checked in _open_checked before any pixel is decoded, replaces Pillow's limit.
 Image.MAX_IMAGE_PIXELS = None
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+JPEG_SCALES = (8, 4, 2)  # libjpeg's DCT scaling: 1/8, 1/4, 1/2 of each side, tried largest first
+EXIF_ORIENTATION = 0x0112
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap the axes (transpose, rotations by 90)
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0}
 
 
@@ -157,9 +171,38 @@ def _decode_errors() -> Iterator[None]:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
 
 
-def _decode_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
+def jpeg_scale(height: int, width: int, streams: Sequence[InputSpec], margin: float) -> int:
+    """The DCT scaling ``s`` (1, 2, 4 or 8) at which a ``height`` x ``width`` JPEG (as displayed,
+    EXIF orientation applied) is decoded: the largest for which the decoded size
+    ``ceil(height / s)`` x ``ceil(width / s)`` is still at least ``margin`` times the size each
+    of ``streams`` resizes the full image to (:func:`~twostream.core.models.stream.resized_size`,
+    before any crop), side by side. 1 (full size) for no streams or ``margin`` 0."""
+    if not streams or margin <= 0:
+        return 1
+    targets = [resized_size(height, width, spec) for spec in streams]
+    need_h, need_w = margin * max(h for h, _ in targets), margin * max(w for _, w in targets)
+    for s in JPEG_SCALES:
+        if -(-height // s) >= need_h and -(-width // s) >= need_w:
+            return s
+    return 1
+
+
+def _reduce(image: Image.Image, streams: Sequence[InputSpec], margin: float) -> None:
+    """Set a JPEG, opened and not yet decoded, to be decoded at :func:`jpeg_scale`'s size."""
+    if image.format not in ("JPEG", "MPO") or not streams or margin <= 0:
+        return
+    width, height = image.size
+    if image.getexif().get(EXIF_ORIENTATION, 1) in _SWAPPED_ORIENTATIONS:
+        width, height = height, width
+    s = jpeg_scale(height, width, streams, margin)
+    if s > 1:  # Pillow picks the largest of 8, 4, 2 that keeps at least the size asked: s here
+        image.draft(None, (image.width // s, image.height // s))
+
+
+def _decode_checked(data: bytes, limits: LimitsConfig, streams: Sequence[InputSpec] = ()) -> Image.Image:
     image = _open_checked(data, limits)
     image.seek(0)
+    _reduce(image, streams, limits.reduced_decode)
     image.load()
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a large image
     return _to_rgb(image)
@@ -176,17 +219,20 @@ def _text_tolerant(step, data: bytes, limits: LimitsConfig) -> Image.Image:
     return step(without_png_text(data), limits)
 
 
-def decode_rgb(data: bytes, limits: LimitsConfig | None = None) -> Image.Image:
+def decode_rgb(data: bytes, limits: LimitsConfig | None = None, streams: Sequence[InputSpec] = ()) -> Image.Image:
     """Decode image bytes to an RGB Pillow image (checked, oriented, converted), or raise
     :class:`ImageDecodeError`. Its pixels: :func:`pixel_rows`; as one array: :func:`decode_image`.
-    Frame 0 of a multi-frame image (see the module docstring)."""
+    Frame 0 of a multi-frame image (see the module docstring). ``streams``: the input geometry of
+    the streams the pixels are for (``scoring.stream_specs``); a large JPEG is then decoded
+    reduced as ``limits.reduced_decode`` allows (module docstring); none: full size."""
     with _decode_errors():
-        return _text_tolerant(_decode_checked, data, limits or LimitsConfig())
+        return _text_tolerant(lambda d, lim: _decode_checked(d, lim, streams), data, limits or LimitsConfig())
 
 
-def decode_image(data: bytes, limits: LimitsConfig | None = None) -> np.ndarray:
-    """Decode image bytes to an (H, W, 3) uint8 RGB array, or raise :class:`ImageDecodeError`."""
-    image = decode_rgb(data, limits)
+def decode_image(data: bytes, limits: LimitsConfig | None = None, streams: Sequence[InputSpec] = ()) -> np.ndarray:
+    """Decode image bytes to an (H, W, 3) uint8 RGB array (:func:`decode_rgb`), or raise
+    :class:`ImageDecodeError`."""
+    image = decode_rgb(data, limits, streams)
     with _decode_errors():
         return _pixels(image)
 

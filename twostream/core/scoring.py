@@ -57,9 +57,12 @@ def use_threads(cfg: StreamConfig) -> int:
 
 
 def decode_many(
-    items: Sequence[bytes | np.ndarray], limits: LimitsConfig
+    items: Sequence[bytes | np.ndarray], limits: LimitsConfig, streams: Sequence[InputSpec] = ()
 ) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """Decode each item (bytes, or an already decoded (H, W, 3) uint8 array, checked).
+    """Decode each item (bytes, or an already decoded (H, W, 3) uint8 array, checked) for
+    ``streams``, the input geometry of both streams (:func:`stream_specs`; every scoring caller
+    passes it): a large JPEG is decoded reduced as ``limits.reduced_decode`` allows
+    (:func:`~twostream.core.preprocess.decode_image`); without streams, at full size.
 
     A failure becomes ``None`` with its reason instead of an exception. An image narrower or
     lower than ``limits.min_side`` is a failure too (nothing to classify; not a reputation event).
@@ -73,7 +76,7 @@ def decode_many(
                     raise ImageDecodeError(f"expected (H, W, 3) uint8, got {item.shape} {item.dtype}")
                 image = item
             else:
-                image = decode_image(bytes(item), limits)
+                image = decode_image(bytes(item), limits, streams)
             check_min_side(*image.shape[:2], limits)
             images.append(image)
             errors.append(None)
@@ -131,6 +134,12 @@ def input_spec(config: TwoStreamConfig, kind: Literal["high", "low"]) -> InputSp
     """The :class:`InputSpec` of a stream's model (what :func:`prepare` needs), without loading
     its weights; cached per process."""
     return _input_spec(kind, getattr(config, kind).model)
+
+
+def stream_specs(config: TwoStreamConfig) -> tuple[InputSpec, InputSpec]:
+    """Both streams' :class:`InputSpec` (high, low): what every decode of an upload is for
+    (:func:`decode_many`, ``limits.reduced_decode``); without weights, cached per process."""
+    return input_spec(config, "high"), input_spec(config, "low")
 
 
 def stream_topk(
@@ -214,7 +223,7 @@ class Scorer:
         if len(ids) != len(images):
             raise ValueError(f"{len(ids)} ids for {len(images)} images")
         started = time.perf_counter()
-        decoded, errors = decode_many(images, self.config.limits)
+        decoded, errors = decode_many(images, self.config.limits, (self.high.spec, self.low.spec))
         t0 = time.perf_counter()
         good = [k for k, image in enumerate(decoded) if image is not None]
         good_images = [decoded[k] for k in good]

@@ -26,6 +26,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,9 @@ import numpy as np
 from PIL import Image
 
 from twostream import storage
+from twostream.core.config import LimitsConfig
 from twostream.core.labels import CIFAR10_LABELS
+from twostream.core.models.stream import InputSpec
 from twostream.core.preprocess import decode_image
 
 if TYPE_CHECKING:
@@ -177,11 +180,14 @@ def to_working_size(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def load_images(dataset: Dataset, size: int = 256) -> np.ndarray:
-    """Decode every image and bring it to ``size x size``: (N, size, size, 3) uint8."""
+def load_images(dataset: Dataset, size: int = 256, limits: LimitsConfig | None = None,
+                streams: Sequence[InputSpec] = ()) -> np.ndarray:
+    """Decode every image as an upload is decoded for ``streams`` (``scoring.stream_specs``: a
+    large JPEG reduced as ``limits.reduced_decode`` allows) and bring it to ``size x size``:
+    (N, size, size, 3) uint8."""
     out = np.empty((len(dataset), size, size, 3), np.uint8)
     for k, uri in enumerate(dataset.uris):
-        out[k] = to_working_size(decode_image(storage.read_bytes(uri)), size)
+        out[k] = to_working_size(decode_image(storage.read_bytes(uri), limits, streams), size)
     return out
 
 

@@ -89,6 +89,7 @@ def cache_key(dataset: Dataset, attack: str, config: TwoStreamConfig) -> dict[st
         "size": s.size, "params": attack_params(attack, s.params.get(attack)),
         "high": [config.high.model, config.high.weights], "low": [config.low.model, config.low.weights],
         "thresholds": [config.thresholds.p1, config.thresholds.p2] if attack.startswith("adaptive") else None,
+        "reduced_decode": config.limits.reduced_decode,  # the clean images' pixels (load_images)
     }
 
 
@@ -135,7 +136,7 @@ def run_cell(cell: Cell, config: TwoStreamConfig, output: str, scorer=None) -> p
             return done
     scorer = scorer or Scorer(config)
     started = time.perf_counter()
-    clean = load_images(dataset, s.size)
+    clean = load_images(dataset, s.size, config.limits, (scorer.high.spec, scorer.low.spec))
     cached = _load_cached(npz_uri, meta_uri, digest)
     if cached is not None:
         adv, meta = cached

@@ -23,7 +23,7 @@ import torch
 from twostream.core.config import TwoStreamConfig
 from twostream.core.query_detector import Fingerprint, QueryDetectorConfig, fingerprint
 from twostream.core.results import ScoredBatch, score_rows
-from twostream.core.scoring import StreamScorer, decode_many, scatter_topk
+from twostream.core.scoring import StreamScorer, decode_many, scatter_topk, stream_specs
 from twostream.online.answers import StreamAnswer
 
 WARMUP = np.zeros((32, 32, 3), np.uint8)
@@ -55,12 +55,13 @@ class StreamRunner:
     def __init__(self, config: TwoStreamConfig, kind: Literal["high", "low"]) -> None:
         self.scorer = StreamScorer(config, kind)
         self.limits = config.limits
+        self.streams = stream_specs(config)  # both streams': each runner decodes as the other does
         self.detector = detector_config(config) if kind == "low" else None  # the cheaper stream fingerprints
         self.answers([WARMUP])  # allocations, lazy init
 
     def answers(self, items: Sequence[bytes | np.ndarray]) -> list[StreamAnswer]:
         started = time.perf_counter()
-        images, errors = decode_many(items, self.limits)
+        images, errors = decode_many(items, self.limits, self.streams)
         rows = [k for k, image in enumerate(images) if image is not None]
         idx, prob = scatter_topk(len(items), rows, *self.scorer.topk([images[k] for k in rows]))
         ms = (time.perf_counter() - started) * 1e3
@@ -87,7 +88,8 @@ class FusedModels:
 
     def score(self, items: Sequence[tuple[bytes | np.ndarray, str]]) -> list[Scored]:
         t0 = time.perf_counter()
-        images, errors = decode_many([data for data, _ in items], self.config.limits)
+        images, errors = decode_many([data for data, _ in items], self.config.limits,
+                                     (self.high.stream.spec, self.low.stream.spec))
         rows = [k for k, image in enumerate(images) if image is not None]
         good = [images[k] for k in rows]
         t1 = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SEPARABLE", "TTA", "InputSpec", "Stream", "resize_image", "resize_strips"]
+__all__ = ["SEPARABLE", "TTA", "InputSpec", "Stream", "resize_image", "resize_strips", "resized_size"]
 
 TTA = ("none", "flip")  # test-time augmentation of a stream's forward
 
@@ -63,7 +63,7 @@ def resize_image(x01: Tensor, spec: InputSpec) -> Tensor:
         raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x01.shape)}")
     if not x01.is_floating_point():
         raise ValueError(f"expected a float tensor in [0, 1], got {x01.dtype}")
-    new = _resized_size(int(x01.shape[-2]), int(x01.shape[-1]), spec)
+    new = resized_size(int(x01.shape[-2]), int(x01.shape[-1]), spec)
     return _crop(_interpolate(x01, new, spec.interpolation), spec)
 
 
@@ -79,14 +79,14 @@ def resize_strips(strips: Iterable[Tensor], height: int, width: int, spec: Input
     (``tests/core/test_models.py``); for ``spec.interpolation`` in :data:`SEPARABLE` only."""
     if spec.interpolation not in SEPARABLE:
         raise ValueError(f"strip-wise resizing needs a separable interpolation, not {spec.interpolation!r}")
-    new = _resized_size(height, width, spec)
+    new = resized_size(height, width, spec)
     narrow = torch.cat([_interpolate(s, (int(s.shape[-2]), new[1]), spec.interpolation) for s in strips], dim=2)
     if narrow.shape[-2] != height:
         raise ValueError(f"the strips hold {narrow.shape[-2]} rows, not {height}")
     return _crop(_interpolate(narrow, new, spec.interpolation), spec)
 
 
-def _resized_size(H: int, W: int, spec: InputSpec) -> tuple[int, int]:
+def resized_size(H: int, W: int, spec: InputSpec) -> tuple[int, int]:
     """The size an ``H`` x ``W`` image is resized to before the centre crop."""
     h, w = spec.size
     sh, sw = math.floor(h / spec.crop_pct), math.floor(w / spec.crop_pct)
