@@ -255,27 +255,36 @@ class RunResult:
         return dict(asdict(self), success=self.success)
 
 
+@dataclass(frozen=True)
+class CampaignSettings:
+    """How one :class:`Campaign` plays: what the attacker sees (``detail``), from which
+    ``identities`` (:func:`source_for`, with ``run`` in the ids), how many queries (``budget``),
+    the L-inf ``eps`` in [0, 1] of a success, whether uploads are projected onto that ball
+    (``project``) and re-randomised (``perturb``), and whether it ends at the first detection."""
+
+    detail: str
+    identities: str
+    budget: int
+    eps: float
+    run: str
+    project: bool
+    perturb: Callable[[np.ndarray], np.ndarray] | None = None
+    stop_at_detection: bool = False
+
+
 class Campaign:
     """One attacker against one image: turns the attack's float queries into uploads (projected
     onto the L-inf ball when ``project``, re-randomised by ``perturb``, rounded to uint8), sends
     them from the declared identities, counts them, and scores the answers for the attack."""
 
-    def __init__(self, oracle: Oracle, original: np.ndarray, label: int, *, detail: str, identities: str,
-                 budget: int, eps: float, run: str, project: bool,
-                 perturb: Callable[[np.ndarray], np.ndarray] | None = None, result: RunResult,
-                 stop_at_detection: bool = False) -> None:
+    def __init__(self, oracle: Oracle, original: np.ndarray, label: int, settings: CampaignSettings, *,
+                 result: RunResult) -> None:
         self.oracle = oracle
         self.original = original
         self.label = label
-        self.detail = detail
-        self.identities = identities
-        self.budget = budget
-        self.eps_u8 = int(np.floor(eps * 255 + 1e-6))
-        self.run = run
-        self.project = project
-        self.perturb = perturb
+        self.settings = settings
+        self.eps_u8 = int(np.floor(settings.eps * 255 + 1e-6))
         self.result = result
-        self.stop_at_detection = stop_at_detection
         self.sources: set[str] = set()
         self.low = np.clip(original.astype(np.int16) - self.eps_u8, 0, 255).astype(np.uint8)
         self.high = np.clip(original.astype(np.int16) + self.eps_u8, 0, 255).astype(np.uint8)
@@ -283,9 +292,9 @@ class Campaign:
     def upload(self, x: np.ndarray) -> np.ndarray:
         """A float (H, W, 3) query in [0, 1] as the uint8 image the attacker sends."""
         image = np.clip(np.round(np.asarray(x, np.float64) * 255), 0, 255).astype(np.uint8)
-        if self.perturb is not None:
-            image = self.perturb(image)
-        if self.project:
+        if self.settings.perturb is not None:
+            image = self.settings.perturb(image)
+        if self.settings.project:
             image = np.clip(image, self.low, self.high)
         return image
 
@@ -293,11 +302,12 @@ class Campaign:
         """Send uint8 uploads (as many as the budget allows; raises :class:`BudgetSpent` after
         the last one it may send, :class:`Succeeded` after a batch with a success)."""
         res = self.result
-        room = self.budget - res.queries
+        room = self.settings.budget - res.queries
         images = list(images)[: max(room, 0)]
         if not images:
             raise BudgetSpent
-        sources = [source_for(self.identities, self.run, res.queries + k) for k in range(len(images))]
+        sources = [source_for(self.settings.identities, self.settings.run, res.queries + k)
+                   for k in range(len(images))]
         answers = self.oracle.ask(images, sources)
         if len(answers) != len(images):
             raise RuntimeError(f"oracle answered {len(answers)} of {len(images)} queries")
@@ -313,9 +323,9 @@ class Campaign:
                 res.success_query = res.queries
         if res.success_query is not None:
             raise Succeeded
-        if self.stop_at_detection and res.first_detection is not None:
+        if self.settings.stop_at_detection and res.first_detection is not None:
             raise Detected
-        if res.queries >= self.budget:
+        if res.queries >= self.settings.budget:
             raise BudgetSpent
         return answers
 
@@ -326,7 +336,7 @@ class Campaign:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """ART's view: (N, H, W, 3) float queries -> (N, 10) scores."""
         answers = self.send([self.upload(q) for q in x])
-        return np.stack([attacker_scores(a, self.detail, self.label) for a in answers])
+        return np.stack([attacker_scores(a, self.settings.detail, self.label) for a in answers])
 
 
 def find_start(campaign: Campaign, candidates: Sequence[tuple[np.ndarray, int]]) -> np.ndarray | None:
@@ -338,7 +348,7 @@ def find_start(campaign: Campaign, candidates: Sequence[tuple[np.ndarray, int]])
             continue
         answer = campaign.send([image])[0]
         if answer.accepted and (CIFAR10_LABELS.index(answer.response) != campaign.label
-                                if campaign.detail != "verdict" else True):
+                                if campaign.settings.detail != "verdict" else True):
             return image.astype(np.float32) / 255.0
     return None
 
@@ -378,9 +388,9 @@ def attack_image(
         kind, _, amount = adaptive.partition(":")
         perturb = adaptive_noise(kind, int(amount or 0), np.random.default_rng(seed + 1))
         own_eps = eps - int(amount or 0) / 255.0
-    campaign = Campaign(oracle, original, label, detail=detail, identities=identities, budget=budget, eps=eps,
-                        run=run, project=spec.project, perturb=perturb, result=result,
-                        stop_at_detection=stop_at_detection)
+    settings = CampaignSettings(detail=detail, identities=identities, budget=budget, eps=eps, run=run,
+                                project=spec.project, perturb=perturb, stop_at_detection=stop_at_detection)
+    campaign = Campaign(oracle, original, label, settings, result=result)
     started = time.perf_counter()
     try:
         start = None
