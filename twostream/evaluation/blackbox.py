@@ -282,9 +282,15 @@ class Campaign:
         self.oracle = oracle
         self.original = original
         self.label = label
-        self.settings = settings
+        self.detail = settings.detail
+        self.identities = settings.identities
+        self.budget = settings.budget
         self.eps_u8 = int(np.floor(settings.eps * 255 + 1e-6))
+        self.run = settings.run
+        self.project = settings.project
+        self.perturb = settings.perturb
         self.result = result
+        self.stop_at_detection = settings.stop_at_detection
         self.sources: set[str] = set()
         self.low = np.clip(original.astype(np.int16) - self.eps_u8, 0, 255).astype(np.uint8)
         self.high = np.clip(original.astype(np.int16) + self.eps_u8, 0, 255).astype(np.uint8)
@@ -292,9 +298,9 @@ class Campaign:
     def upload(self, x: np.ndarray) -> np.ndarray:
         """A float (H, W, 3) query in [0, 1] as the uint8 image the attacker sends."""
         image = np.clip(np.round(np.asarray(x, np.float64) * 255), 0, 255).astype(np.uint8)
-        if self.settings.perturb is not None:
-            image = self.settings.perturb(image)
-        if self.settings.project:
+        if self.perturb is not None:
+            image = self.perturb(image)
+        if self.project:
             image = np.clip(image, self.low, self.high)
         return image
 
@@ -302,12 +308,11 @@ class Campaign:
         """Send uint8 uploads (as many as the budget allows; raises :class:`BudgetSpent` after
         the last one it may send, :class:`Succeeded` after a batch with a success)."""
         res = self.result
-        room = self.settings.budget - res.queries
+        room = self.budget - res.queries
         images = list(images)[: max(room, 0)]
         if not images:
             raise BudgetSpent
-        sources = [source_for(self.settings.identities, self.settings.run, res.queries + k)
-                   for k in range(len(images))]
+        sources = [source_for(self.identities, self.run, res.queries + k) for k in range(len(images))]
         answers = self.oracle.ask(images, sources)
         if len(answers) != len(images):
             raise RuntimeError(f"oracle answered {len(answers)} of {len(images)} queries")
@@ -323,9 +328,9 @@ class Campaign:
                 res.success_query = res.queries
         if res.success_query is not None:
             raise Succeeded
-        if self.settings.stop_at_detection and res.first_detection is not None:
+        if self.stop_at_detection and res.first_detection is not None:
             raise Detected
-        if res.queries >= self.settings.budget:
+        if res.queries >= self.budget:
             raise BudgetSpent
         return answers
 
@@ -336,7 +341,7 @@ class Campaign:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """ART's view: (N, H, W, 3) float queries -> (N, 10) scores."""
         answers = self.send([self.upload(q) for q in x])
-        return np.stack([attacker_scores(a, self.settings.detail, self.label) for a in answers])
+        return np.stack([attacker_scores(a, self.detail, self.label) for a in answers])
 
 
 def find_start(campaign: Campaign, candidates: Sequence[tuple[np.ndarray, int]]) -> np.ndarray | None:
@@ -348,7 +353,7 @@ def find_start(campaign: Campaign, candidates: Sequence[tuple[np.ndarray, int]])
             continue
         answer = campaign.send([image])[0]
         if answer.accepted and (CIFAR10_LABELS.index(answer.response) != campaign.label
-                                if campaign.settings.detail != "verdict" else True):
+                                if campaign.detail != "verdict" else True):
             return image.astype(np.float32) / 255.0
     return None
 
