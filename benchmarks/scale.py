@@ -9,7 +9,8 @@ reputation and final phases under 15% of the wall).
 
     nice python benchmarks/scale.py --n 100000 --report out/scale-100k.json
     nice python benchmarks/scale.py --n 1000000 --report out/scale-1m.json   # over an hour here
-    python benchmarks/scale.py --reduce-only --n 1000000   # the reputation reduce alone, events/s
+    python benchmarks/scale.py --reduce-only --n 1000000   # the reputation reduce alone, events/s,
+                                                           # and its speed over the sequential reference
     python benchmarks/scale.py --plan-only --n 1000000     # the driver's planning alone, peak RSS
 
 Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
@@ -310,7 +311,8 @@ def cpu_per_image(job: dict, loop: dict) -> dict:
 
 
 def reduce_only(n: int, sources: int) -> dict:
-    """The phase-2 reduce alone on ``n`` events of ``sources`` sources: events/s and peak RSS."""
+    """The phase-2 reduce alone on ``n`` events of ``sources`` sources: events/s and peak RSS, then
+    the sequential reference on the same events (:func:`reference_rate`)."""
     import pyarrow as pa
 
     from twostream.batch import reputation
@@ -328,7 +330,7 @@ def reduce_only(n: int, sources: int) -> dict:
     with open("/proc/self/clear_refs", "w") as handle:  # reset the peak (VmHWM) to the current RSS
         handle.write("5")
     t0 = time.perf_counter()
-    table, _ = reputation.reduce_partition(events, None, ReputationConfig())
+    table, responses = reputation.reduce_partition(events, None, ReputationConfig())
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     reputation.reduce_partition(events, table, ReputationConfig(), late="after")  # from a state
@@ -336,7 +338,28 @@ def reduce_only(n: int, sources: int) -> dict:
     growth = (_status_kb("VmHWM") - before) / 1024
     return {"events": n, "sources": table.num_rows, "events_per_s": round(n / first),
             "events_per_s_with_state": round(n / with_state), "events_mb": round(events.nbytes / 2**20, 1),
-            "peak_growth_mb": round(growth), "peak_growth_per_event_byte": round(growth * 2**20 / events.nbytes, 1)}
+            "peak_growth_mb": round(growth), "peak_growth_per_event_byte": round(growth * 2**20 / events.nbytes, 1),
+            **reference_rate(events, responses, first)}
+
+
+def reference_rate(events, responses, reduce_s: float) -> dict:
+    """Algorithm 2's sequential reference (``core.reputation.replay``, one upload at a time) on the
+    events the reduce took ``reduce_s`` over, in the same process: its events/s, the reduce's speed
+    over it, and whether both gave every event the same (cc, blacklisted)."""
+    from twostream.core.config import ReputationConfig
+    from twostream.core.reputation import Upload, replay
+
+    cols = events.to_pydict()
+    uploads = [Upload(s, t, i, r, "adversarial" if r else "cat")
+               for s, t, i, r in zip(cols["source"], cols["timestamp"], cols["image_id"], cols["rejected"])]
+    t0 = time.perf_counter()
+    outcomes, _ = replay(uploads, ReputationConfig())
+    reference_s = time.perf_counter() - t0
+    answers = responses.to_pydict()
+    got = {(s, r): (c, b) for s, r, c, b in zip(answers["shard"], answers["row"], answers["cc"], answers["blacklisted"])}
+    want = {(s, r): (o.cc, o.blacklisted) for s, r, o in zip(cols["shard"], cols["row"], outcomes)}
+    return {"reference_events_per_s": round(len(uploads) / reference_s),
+            "reduce_over_reference": round(reference_s / reduce_s, 1), "reduce_equals_reference": got == want}
 
 
 def plan_only(n: int, sources: int, per_tar: int, workdir: Path) -> dict:

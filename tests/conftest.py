@@ -23,6 +23,12 @@ pytest_plugins = ["plugins.own_process"]
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TWOSTREAM_ASSETS", REPO.parent / "shared" / "assets"))
 DEMO_PHOTOS = sorted((REPO / "twostream" / "demo" / "data").glob("*.jpg"))  # shipped with the package
+# The Ray batch-job tests' tiny random-weight streams (config overrides); each module adds its own
+# p2 threshold, reputation and sharding settings where it defines its list.
+SMALL_JOB = [
+    "high.model=mobilenetv3_small_050", "high.weights=random", "high.batch_size=8",
+    "low.model=cifar_resnet20", "low.weights=random", "low.batch_size=16", "thresholds.p1=0.0",
+]
 
 
 def demo_photo(k: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:

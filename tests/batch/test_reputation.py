@@ -139,12 +139,10 @@ def test_inconsistent_state_refused():
         reputation.check_state(ok.drop_columns(["cc"]))
 
 
-@pytest.mark.timing
-def test_reduce_rate():
-    """The reduce runs at >= 1M events/s on this machine (1M events, 100k sources); a loose floor
-    here (CI machines vary), the figure itself comes from benchmarks/scale.py --reduce-only."""
-    import time
-
+def test_reduce_at_a_million_events():
+    """1M events of 100k sources in one partition: one sources row per distinct source, one response
+    per event. Its rate, and its speed over the sequential reference, are benchmarks/scale.py
+    --reduce-only's figures."""
     rng = np.random.default_rng(0)
     n = 1_000_000
     names = np.array([f"10.0.{i // 256}.{i % 256}" for i in range(100_000)])
@@ -153,8 +151,5 @@ def test_reduce_rate():
         "image_id": pa.array(np.char.add("i", np.arange(n).astype(str))), "rejected": rng.random(n) < 0.3,
         "error": np.zeros(n, bool), "shard": np.zeros(n, np.int32), "row": np.arange(n, dtype=np.int32),
     }, schema=reputation.EVENTS_SCHEMA)
-    t0 = time.perf_counter()
     sources, responses = reputation.reduce_partition(events, None, ReputationConfig())
-    rate = n / (time.perf_counter() - t0)
     assert sources.num_rows == len(np.unique(events.column("source"))) and responses.num_rows == n
-    assert rate > 2e5, rate

@@ -79,6 +79,24 @@ def _given(value: object) -> bool:
     return value is not None and value != ""
 
 
+def _csv_text(header: tuple[str, ...], rows: list[tuple[str, ...]], delimiter: str = ",") -> str:
+    """``rows`` under ``header`` as CSV text, one line each (line breaks in values made spaces)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(tuple(v.replace("\n", " ").replace("\r", " ") for v in r) for r in rows)
+    return buf.getvalue()
+
+
+def _parquet_or_skip(path: Path, columns: dict[str, pa.Array], field: str, column: pa.Array) -> None:
+    """``columns`` with ``field`` replaced by ``column`` as a Parquet file; skip when Parquet cannot
+    store the column's type."""
+    try:
+        pq.write_table(pa.table({**columns, field: column}), path)
+    except (pa.ArrowException, ValueError):
+        pytest.skip(f"Parquet cannot store {column.type}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sidecars
 # ---------------------------------------------------------------------------------------------
@@ -183,14 +201,8 @@ def test_manifest_and_sidecar_accept_the_same_identity(image_id, source, timesta
 @HYPO
 @given(st.lists(st.tuples(TEXT, TEXT, TEXT), min_size=1, max_size=4))
 def test_any_csv_manifest_is_read_or_refused_naming_its_line(tmp_path_factory, rows) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image_id", "source", "timestamp"])
-    clean = [tuple(v.replace("\n", " ").replace("\r", " ") for v in r) for r in rows]
-    for r in clean:
-        writer.writerow(r)
     path = tmp_path_factory.mktemp("m") / "m.csv"
-    path.write_bytes(buf.getvalue().encode("utf-8", "surrogatepass"))
+    path.write_bytes(_csv_text(("image_id", "source", "timestamp"), rows).encode("utf-8", "surrogatepass"))
     try:
         table, _ = read_manifest(str(path))
     except ManifestError as exc:
@@ -214,11 +226,7 @@ ARROW_COLUMNS = [
 def test_any_parquet_manifest_column_is_read_or_refused_naming_its_row(tmp_path: Path, field, column) -> None:
     base = {"image_id": pa.array(["i1", "i2"]), "key": pa.array(["a.jpg", "b.jpg"]),
             "source": pa.array(["s", "t"]), "timestamp": pa.array([1.0, 2.0])}
-    base[field] = column
-    try:
-        pq.write_table(pa.table(base), tmp_path / "m.parquet")
-    except (pa.ArrowException, ValueError):
-        pytest.skip(f"Parquet cannot store {column.type}")
+    _parquet_or_skip(tmp_path / "m.parquet", base, field, column)
     try:
         table, _ = read_manifest(str(tmp_path / "m.parquet"))
     except ManifestError as exc:
@@ -246,18 +254,17 @@ def test_jsonl_manifest_refusals(tmp_path: Path, text: bytes, error: str) -> Non
     assert str(info.value) == error
 
 
-def test_csv_manifest_refusals(tmp_path: Path) -> None:
-    cases = {
-        "image_id,source,Source\ni,a,b\n": "manifest has the column 'source' more than once",
-        "image_id,source\ni,a\nj," + "s" * (MAX_TEXT_CHARS + 1) + "\n":
-            f"manifest line 3: source '{'s' * 79}... (1,027 characters) is 1,025 characters long (at most 1,024)",
-        "image_id,source\ni,\x01\n": "manifest line 2: source '\\x01' holds the control character U+0001",
-    }
-    for k, (text, error) in enumerate(cases.items()):
-        (tmp_path / f"m{k}.csv").write_text(text)
-        with pytest.raises(ManifestError) as info:
-            read_manifest(str(tmp_path / f"m{k}.csv"))
-        assert str(info.value).startswith(error), str(info.value)
+@pytest.mark.parametrize("text, error", [
+    ("image_id,source,Source\ni,a,b\n", "manifest has the column 'source' more than once"),
+    ("image_id,source\ni,a\nj," + "s" * (MAX_TEXT_CHARS + 1) + "\n",
+     f"manifest line 3: source '{'s' * 79}... (1,027 characters) is 1,025 characters long (at most 1,024)"),
+    ("image_id,source\ni,\x01\n", "manifest line 2: source '\\x01' holds the control character U+0001"),
+])
+def test_csv_manifest_refusals(tmp_path: Path, text: str, error: str) -> None:
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(tmp_path / "m.csv"))
+    assert str(info.value).startswith(error), str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,18 +300,13 @@ def test_any_jsonl_log_line_is_good_or_bad(tmp_path_factory, records: list[dict]
 @HYPO
 @given(st.lists(st.tuples(TEXT, TEXT, TEXT), min_size=1, max_size=5), st.sampled_from(["csv", "tsv"]))
 def test_any_csv_log_line_is_good_or_bad(tmp_path_factory, records, fmt: str) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
-    writer.writerow(LOG_FIELDS)
-    rows = [tuple(v.replace("\n", " ").replace("\r", " ") for v in r) for r in records]
-    for r in rows:
-        writer.writerow(r)
+    text = _csv_text(LOG_FIELDS, records, "," if fmt == "csv" else "\t")
     path = tmp_path_factory.mktemp("log") / f"log.{fmt}"
-    path.write_bytes(buf.getvalue().encode("utf-8", "surrogatepass"))
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
     good, bad = _audit_pass(path, fmt)
-    written = buf.getvalue().split("\n")[1:-1]
+    written = text.split("\n")[1:-1]
     blank = {k + 2 for k, line in enumerate(written) if not line.strip(" \t")}  # only blanks and tabs: no record
-    assert sorted([*good, *bad]) == sorted(set(range(2, len(rows) + 2)) - blank)
+    assert sorted([*good, *bad]) == sorted(set(range(2, len(records) + 2)) - blank)
 
 
 @HYPO
@@ -323,11 +325,7 @@ def test_any_clf_log_line_is_good_or_bad(tmp_path_factory, records) -> None:
 @pytest.mark.parametrize("column", ARROW_COLUMNS, ids=[str(c.type) for c in ARROW_COLUMNS])
 def test_any_parquet_log_column_is_good_or_bad(tmp_path: Path, field: str, column: pa.Array) -> None:
     base = {"timestamp": pa.array([1.7e9, 1.7e9 + 1]), "source": pa.array(["s", "t"]), "image": pa.array(["i", "j"])}
-    base[field] = column
-    try:
-        pq.write_table(pa.table(base), tmp_path / "log.parquet")
-    except (pa.ArrowException, ValueError):
-        pytest.skip(f"Parquet cannot store {column.type}")
+    _parquet_or_skip(tmp_path / "log.parquet", base, field, column)
     good, bad = _audit_pass(tmp_path / "log.parquet", "parquet")
     assert sorted([*good, *bad]) == [1, 2]
 

@@ -15,6 +15,7 @@ from twostream.core.reputation import reputation_key
 from twostream.evaluation.blackbox import (
     Answer,
     Campaign,
+    CampaignSettings,
     LocalOracle,
     RunResult,
     attack_image,
@@ -49,8 +50,9 @@ def photo(seed: int = 0, size: int = 32) -> np.ndarray:
 
 def campaign(oracle, original, *, budget=100, identities="1", detail="label", project=False):
     result = RunResult("test", detail, identities, False, "img", CAT, budget)
-    return Campaign(oracle, original, CAT, detail=detail, identities=identities, budget=budget, eps=8 / 255,
-                    run="r", project=project, result=result), result
+    settings = CampaignSettings(detail=detail, identities=identities, budget=budget, eps=8 / 255, run="r",
+                                project=project)
+    return Campaign(oracle, original, CAT, settings, result=result), result
 
 
 def test_success_needs_accepted_with_a_wrong_label_within_the_budget():

@@ -17,17 +17,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import kill_ray_node, ray_start_node
+from conftest import SMALL_JOB, kill_ray_node, ray_start_node
 from PIL import Image
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = [
-    "high.model=mobilenetv3_small_050", "high.weights=random", "high.batch_size=8",
-    "low.model=cifar_resnet20", "low.weights=random", "low.batch_size=16",
-    "thresholds.p1=0.0", "thresholds.p2=0.0", "job.files_per_shard=6", "job.reputation_shards=2",
-]
+SMALL = SMALL_JOB + ["thresholds.p2=0.0", "job.files_per_shard=6", "job.reputation_shards=2"]
 
 
 def _jpeg(seed: int, size=(36, 44)) -> bytes:

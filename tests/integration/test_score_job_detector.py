@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import demo_photo, png_bytes
+from conftest import SMALL_JOB, demo_photo, png_bytes
 from twostream.core.config import ReputationConfig
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
 from twostream.core.reputation import Upload, replay
@@ -29,11 +29,7 @@ from twostream.core.reputation import Upload, replay
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = [
-    "high.model=mobilenetv3_small_050", "high.weights=random", "high.batch_size=8",
-    "low.model=cifar_resnet20", "low.weights=random", "low.batch_size=16",
-    "thresholds.p1=0.0", "thresholds.p2=0.3", "reputation.threshold=2", "job.files_per_shard=8",
-]
+SMALL = SMALL_JOB + ["thresholds.p2=0.3", "reputation.threshold=2", "job.files_per_shard=8"]
 STEPS, SPLIT = 20, 12  # queries of the run; the first SPLIT go to the first job
 
 

@@ -18,15 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import local_s3_env
+from conftest import SMALL_JOB, local_s3_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_process, pytest.mark.timeout(900)]
 
-SMALL = [
-    "high.model=mobilenetv3_small_050", "high.weights=random", "high.batch_size=8",
-    "low.model=cifar_resnet20", "low.weights=random", "low.batch_size=16",
-    "thresholds.p1=0.0", "thresholds.p2=0.3", "reputation.threshold=2", "job.files_per_shard=8",
-]
+SMALL = SMALL_JOB + ["thresholds.p2=0.3", "reputation.threshold=2", "job.files_per_shard=8"]
 SPLIT = 10.0  # the point in time between the two runs
 
 

@@ -59,11 +59,11 @@ async def _apply(store: RedisReputation, events: list[tuple[str, bool]]) -> list
     return steps
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_script_equals_the_ledger_on_random_sequences(make_store, seed):
+@pytest.mark.parametrize("seed, config", enumerate([
+    ReputationConfig(), ReputationConfig(cap=6, threshold=2, step_up=2, step_down=1),
+    ReputationConfig(cap=15, threshold=3, step_up=1, step_down=3), ReputationConfig(threshold=1)]))
+def test_script_equals_the_ledger_on_random_sequences(make_store, seed, config):
     rng = random.Random(seed)
-    config = [ReputationConfig(), ReputationConfig(cap=6, threshold=2, step_up=2, step_down=1),
-              ReputationConfig(cap=15, threshold=3, step_up=1, step_down=3), ReputationConfig(threshold=1)][seed]
     sources = rng.sample(WEIRD_IDS, 3) + ["plain"]
     bias = {s: rng.uniform(0.2, 0.8) for s in sources}
     events = [(s := rng.choice(sources), rng.random() < bias[s]) for _ in range(400)]
@@ -276,9 +276,13 @@ def test_export_import_round_trip_with_a_batch_run_is_exact(tmp_path, server, mo
     assert pc.sum(table.column("blacklisted")).as_py() > 0 and pc.sum(table.column("errors")).as_py() == 3
     monkeypatch.delenv("TWOSTREAM_REDIS_PASSWORD", raising=False)
     url = ["--redis-url", server.url, "--set", "serve.redis_prefix=roundtrip"]
-    assert main(["reputation", "import", "--from", str(tmp_path / "run"), *url]) == 0
-    assert main(["reputation", "export", "--to", str(tmp_path / "out.parquet"), *url]) == 0
-    exported = read_sources(str(tmp_path / "out.parquet"))
+
+    def import_then_export(source: Path, name: str, *flags: str) -> pa.Table:
+        assert main(["reputation", "import", *flags, "--from", str(source), *url]) == 0
+        assert main(["reputation", "export", "--to", str(tmp_path / name), *url]) == 0
+        return read_sources(str(tmp_path / name))
+
+    exported = import_then_export(tmp_path / "run", "out.parquet")
     assert exported.schema == SOURCES_SCHEMA
     assert exported.equals(table.sort_by("source"))
     # Merge keeps other live sources; --replace forgets them.
@@ -286,12 +290,8 @@ def test_export_import_round_trip_with_a_batch_run_is_exact(tmp_path, server, mo
     from twostream import storage
 
     storage.write_parquet(extra, str(tmp_path / "extra.parquet"))
-    assert main(["reputation", "import", "--from", str(tmp_path / "extra.parquet"), *url]) == 0
-    assert main(["reputation", "export", "--to", str(tmp_path / "merged.parquet"), *url]) == 0
-    assert read_sources(str(tmp_path / "merged.parquet")).num_rows == table.num_rows + 1
-    assert main(["reputation", "import", "--replace", "--from", str(tmp_path / "extra.parquet"), *url]) == 0
-    assert main(["reputation", "export", "--to", str(tmp_path / "replaced.parquet"), *url]) == 0
-    assert read_sources(str(tmp_path / "replaced.parquet")).equals(extra)
+    assert import_then_export(tmp_path / "extra.parquet", "merged.parquet").num_rows == table.num_rows + 1
+    assert import_then_export(tmp_path / "extra.parquet", "replaced.parquet", "--replace").equals(extra)
 
 
 def test_imported_state_goes_on_online(make_store):

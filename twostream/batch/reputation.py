@@ -216,12 +216,7 @@ def reduce_partition(
     pos = np.arange(n) - starts[src]
     names = encoded.dictionary.take(pa.array(code[starts]))
 
-    # each event source's starting state (a fresh one when the state does not know it)
-    at = pc.fill_null(pc.index_in(names, value_set=state.column("source")), -1).to_numpy()
-    known = at >= 0
-    start_state = pa.concat_tables([state.take(pa.array(at[known])), _fresh_state(names.filter(pa.array(~known)))])
-    start_state = start_state.take(pa.array(np.argsort(np.r_[np.flatnonzero(known), np.flatnonzero(~known)])))
-    start_state = start_state.combine_chunks()
+    start_state = _start_states(names, state)
 
     last_seen = start_state.column("last_seen").fill_null(-np.inf).to_numpy()
     too_old = ts < last_seen[src]
@@ -260,19 +255,7 @@ def reduce_partition(
         },
         schema=SOURCES_SCHEMA,
     )
-    # sources without events this run: the state's as they were (with forget_default, those at the
-    # default standing are not carried on), and new ones with only errors
-    rest = state.filter(pc.invert(pc.is_in(state.column("source"), value_set=names)))
-    if config.forget_default:
-        rest = rest.filter(pc.or_(pc.greater(rest.column("cc"), 0), rest.column("blacklisted")))
-    seen = pa.concat_arrays([names, rest.column("source").combine_chunks()])
-    new = errors.column("source").filter(pc.invert(pc.is_in(errors.column("source"), value_set=seen)))
-    table = pa.concat_tables([updated, rest, _fresh_state(new.combine_chunks())]).combine_chunks()
-    found = pc.index_in(table.column("source"), value_set=errors.column("source"))
-    extra = pc.fill_null(pc.take(errors.column("source_count"), found), 0)
-    table = table.set_column(4, "errors", pc.add(table.column("errors"), extra))
-    table = table.sort_by("source")
-
+    table = _all_sources(updated, names, state, errors, config)
     responses = pa.table(
         {
             "shard": pa.array(_col(scored, "shard")[order.to_numpy()]),
@@ -283,6 +266,34 @@ def reduce_partition(
         schema=RESPONSES_SCHEMA,
     )
     return table, responses
+
+
+def _start_states(names: pa.Array, state: pa.Table) -> pa.Table:
+    """Each of ``names``' starting state, in their order: its row of ``state``, or a fresh one
+    when the state does not know it."""
+    at = pc.fill_null(pc.index_in(names, value_set=state.column("source")), -1).to_numpy()
+    known = at >= 0
+    start_state = pa.concat_tables([state.take(pa.array(at[known])), _fresh_state(names.filter(pa.array(~known)))])
+    start_state = start_state.take(pa.array(np.argsort(np.r_[np.flatnonzero(known), np.flatnonzero(~known)])))
+    return start_state.combine_chunks()
+
+
+def _all_sources(updated: pa.Table, names: pa.Array, state: pa.Table, errors: pa.Table,
+                 config: ReputationConfig) -> pa.Table:
+    """The partition's sources table, sorted by source: the ``updated`` rows of the sources with
+    events (``names``); the state's sources without events this run as they were (with
+    forget_default, those at the default standing are not carried on); new ones with only errors;
+    every source's error rows (``errors``: source, source_count) added to its count."""
+    rest = state.filter(pc.invert(pc.is_in(state.column("source"), value_set=names)))
+    if config.forget_default:
+        rest = rest.filter(pc.or_(pc.greater(rest.column("cc"), 0), rest.column("blacklisted")))
+    seen = pa.concat_arrays([names, rest.column("source").combine_chunks()])
+    new = errors.column("source").filter(pc.invert(pc.is_in(errors.column("source"), value_set=seen)))
+    table = pa.concat_tables([updated, rest, _fresh_state(new.combine_chunks())]).combine_chunks()
+    found = pc.index_in(table.column("source"), value_set=errors.column("source"))
+    extra = pc.fill_null(pc.take(errors.column("source_count"), found), 0)
+    table = table.set_column(4, "errors", pc.add(table.column("errors"), extra))
+    return table.sort_by("source")
 
 
 def respond(staging: pa.Table, responses: pa.Table, output: str, shard: str) -> dict:

@@ -6,6 +6,10 @@ import argparse
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from twostream.core.config import TwoStreamConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,30 +46,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _print_config(config: TwoStreamConfig) -> None:
+    """``--print-config``: the resolved config as JSON, the admin token and Redis password hidden."""
     import json
 
+    shown = config.model_dump(mode="json")
+    if shown["serve"]["admin_token"]:
+        shown["serve"]["admin_token"] = "***"
+    if shown["serve"]["redis_url"]:
+        from twostream.online.redis_store import redact
+
+        shown["serve"]["redis_url"] = redact(shown["serve"]["redis_url"])
+    print(json.dumps(shown, indent=2))
+
+
+def _print_cluster_env(config: TwoStreamConfig) -> None:
+    """``--print-cluster-env``: ``export`` lines of the environment ``ray start`` needs for ``serve.*``."""
+    import shlex
+
+    from jobs.ray_cluster import serve_cluster_env
+
+    for key, value in serve_cluster_env(config.serve).items():
+        print(f"export {key}={shlex.quote(value)}")
+
+
+def run(args: argparse.Namespace) -> int:
     from twostream.core.config import config_from_args
 
     config = config_from_args(args, {"serve": {"host": args.host, "port": args.port}})
     if args.print_config:
-        shown = config.model_dump(mode="json")
-        if shown["serve"]["admin_token"]:
-            shown["serve"]["admin_token"] = "***"
-        if shown["serve"]["redis_url"]:
-            from twostream.online.redis_store import redact
-
-            shown["serve"]["redis_url"] = redact(shown["serve"]["redis_url"])
-        print(json.dumps(shown, indent=2))
+        _print_config(config)
         return 0
-
     if args.print_cluster_env:
-        import shlex
-
-        from jobs.ray_cluster import serve_cluster_env
-
-        for key, value in serve_cluster_env(config.serve).items():
-            print(f"export {key}={shlex.quote(value)}")
+        _print_cluster_env(config)
         return 0
 
     import ray

@@ -13,13 +13,14 @@ field (:class:`ConfigError`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from twostream.core.query_detector import QueryDetectorConfig
 
@@ -284,10 +285,11 @@ class ServeSettings(_Strict):
         return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
 
 
-class DetectorSettings(_Strict):
+class _DetectorSection(_Strict):
     """The ``detector:`` section: the stateful query detector (``core/query_detector``,
     docs/detector.md) of the endpoint, the batch job and the audit. The rule fields are
-    :class:`QueryDetectorConfig`'s, with its defaults and checks (:meth:`query_config`).
+    :class:`QueryDetectorConfig`'s, generated from it (:data:`DetectorSettings`: its names, types
+    and defaults), with its checks (:meth:`query_config`).
 
     On by default: a query attack (hundreds of near-identical images from any number of source
     ids) is what an endpoint facing untrusted clients meets, the detector costs about a
@@ -303,32 +305,30 @@ class DetectorSettings(_Strict):
             "its own, lost on restart; for a single replica or tests)"
         ),
     )
-    windows: int = QueryDetectorConfig.windows
-    index_windows: int = QueryDetectorConfig.index_windows
-    quant_step: int = QueryDetectorConfig.quant_step
-    min_shared: int = QueryDetectorConfig.min_shared
-    max_linf: int = QueryDetectorConfig.max_linf
-    min_texture_ratio: float = QueryDetectorConfig.min_texture_ratio
-    max_sparse_changed: float = QueryDetectorConfig.max_sparse_changed
-    jpeg_texture_ratio: float = QueryDetectorConfig.jpeg_texture_ratio
-    jpeg_channel_corr: float = QueryDetectorConfig.jpeg_channel_corr
-    jpeg_block_ratio: float = QueryDetectorConfig.jpeg_block_ratio
-    jpeg_min_inner: float = QueryDetectorConfig.jpeg_min_inner
-    min_matches: int = QueryDetectorConfig.min_matches
-    min_source_near: int | None = QueryDetectorConfig.min_source_near
-    max_candidates: int = QueryDetectorConfig.max_candidates
-    max_entries: int = QueryDetectorConfig.max_entries
-    max_age_s: float | None = QueryDetectorConfig.max_age_s
-    seed: int = Field(QueryDetectorConfig.seed, description="draws the sampled places: keep it secret in production")
 
     @model_validator(mode="after")
-    def _valid_rules(self) -> "DetectorSettings":
+    def _valid_rules(self) -> "_DetectorSection":
         self.query_config()  # QueryDetectorConfig's checks, its message naming each bad field
         return self
 
     def query_config(self) -> QueryDetectorConfig:
         """The detector's rules and bounds of this section."""
         return QueryDetectorConfig(**self.model_dump(exclude={"enabled", "store"}))
+
+
+_RULE_NOTES = {"seed": "draws the sampled places: keep it secret in production"}
+
+
+def _rule_fields() -> dict[str, Any]:
+    """:class:`QueryDetectorConfig`'s fields as pydantic field definitions: its names, types and defaults."""
+    types = get_type_hints(QueryDetectorConfig)
+    return {f.name: (types[f.name], Field(f.default, description=_RULE_NOTES.get(f.name)))
+            for f in dataclasses.fields(QueryDetectorConfig)}
+
+
+DetectorSettings: type[_DetectorSection] = create_model(
+    "DetectorSettings", __base__=_DetectorSection, __module__=__name__, __doc__=_DetectorSection.__doc__,
+    **_rule_fields())
 
 
 class JobSettings(_Strict):

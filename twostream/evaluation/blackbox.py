@@ -235,27 +235,42 @@ class RunResult:
         return dict(asdict(self), success=self.success)
 
 
+@dataclass(frozen=True)
+class CampaignSettings:
+    """How one :class:`Campaign` plays: what the attacker sees (``detail``), from which
+    ``identities`` (:func:`source_for`, with ``run`` in the ids), how many queries (``budget``),
+    the L-inf ``eps`` in [0, 1] of a success, whether uploads are projected onto that ball
+    (``project``) and re-randomised (``perturb``), and whether it ends at the first detection."""
+
+    detail: str
+    identities: str
+    budget: int
+    eps: float
+    run: str
+    project: bool
+    perturb: Callable[[np.ndarray], np.ndarray] | None = None
+    stop_at_detection: bool = False
+
+
 class Campaign:
     """One attacker against one image: turns the attack's float queries into uploads (projected
     onto the L-inf ball when ``project``, re-randomised by ``perturb``, rounded to uint8), sends
     them from the declared identities, counts them, and scores the answers for the attack."""
 
-    def __init__(self, oracle: Oracle, original: np.ndarray, label: int, *, detail: str, identities: str,
-                 budget: int, eps: float, run: str, project: bool,
-                 perturb: Callable[[np.ndarray], np.ndarray] | None = None, result: RunResult,
-                 stop_at_detection: bool = False) -> None:
+    def __init__(self, oracle: Oracle, original: np.ndarray, label: int, settings: CampaignSettings, *,
+                 result: RunResult) -> None:
         self.oracle = oracle
         self.original = original
         self.label = label
-        self.detail = detail
-        self.identities = identities
-        self.budget = budget
-        self.eps_u8 = int(np.floor(eps * 255 + 1e-6))
-        self.run = run
-        self.project = project
-        self.perturb = perturb
+        self.detail = settings.detail
+        self.identities = settings.identities
+        self.budget = settings.budget
+        self.eps_u8 = int(np.floor(settings.eps * 255 + 1e-6))
+        self.run = settings.run
+        self.project = settings.project
+        self.perturb = settings.perturb
         self.result = result
-        self.stop_at_detection = stop_at_detection
+        self.stop_at_detection = settings.stop_at_detection
         self.sources: set[str] = set()
         self.low = np.clip(original.astype(np.int16) - self.eps_u8, 0, 255).astype(np.uint8)
         self.high = np.clip(original.astype(np.int16) + self.eps_u8, 0, 255).astype(np.uint8)
@@ -358,9 +373,9 @@ def attack_image(
     if adaptive:
         perturb, margin = adaptive_perturbation(adaptive, np.random.default_rng(seed + 1))
         own_eps = eps - margin / 255.0
-    campaign = Campaign(oracle, original, label, detail=detail, identities=identities, budget=budget, eps=eps,
-                        run=run, project=spec.project, perturb=perturb, result=result,
-                        stop_at_detection=stop_at_detection)
+    settings = CampaignSettings(detail=detail, identities=identities, budget=budget, eps=eps, run=run,
+                                project=spec.project, perturb=perturb, stop_at_detection=stop_at_detection)
+    campaign = Campaign(oracle, original, label, settings, result=result)
     started = time.perf_counter()
     try:
         start = None

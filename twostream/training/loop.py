@@ -35,6 +35,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -184,39 +185,12 @@ def train(opts: TrainOptions, command: str = "") -> dict:
     adversarial = opts.attack != "none" and opts.eps > 0
     quick_n = min(len(held_idx), opts.quick_eval)
     stopped = None
-    steps_per_epoch = -(-len(train_idx) // opts.batch_size)
-    total = steps_per_epoch * opts.epochs
     eval_kw = dict(eps=opts.eps, steps=opts.eval_pgd_steps, restarts=opts.eval_restarts,
                    batch_size=opts.batch_size, seed=opts.seed, device=device)
     began = time.monotonic()
     for epoch in range(start, opts.epochs):
-        gen = _epoch_generator(opts.seed, epoch)
-        order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-        stream.train()
-        loss_sum = correct = seen = 0
-        bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="img", leave=False)
-        for k, (x, y) in enumerate(_batches(data, order, opts.batch_size, device)):
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(epoch * steps_per_epoch + k, total, opts.lr)
-            if opts.serving_augmentation():
-                x = serving_augment(x, gen, stream.spec, crop_scale=opts.crop_scale, rescale=opts.rescale,
-                                    rescale_max=opts.rescale_max, jpeg=opts.jpeg, jpeg_p=opts.jpeg_p,
-                                    color_jitter=opts.color_jitter)
-            if opts.augment:
-                x = augment(x, gen, pad=opts.translate)
-            logits = stream(attack(stream, x, y, gen))
-            loss = F.cross_entropy(logits, y, label_smoothing=opts.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if average is not None:
-                average.update(stream.net, epoch * steps_per_epoch + k)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.update(len(y))
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
+        loss_sum, correct, seen = _train_epoch(opts, epoch, stream, data, train_idx, optimizer, attack, average,
+                                               device)
         if average is not None:
             judged.net.load_state_dict(average.state)
         clean, robust = evaluate(judged, data, held_idx[: opts.quick_eval], **eval_kw)
@@ -258,6 +232,46 @@ def train(opts: TrainOptions, command: str = "") -> dict:
     log.info("wrote %s (epoch %d): held-out clean %.4f, PGD-%d %.4f", out, selected, clean,
              opts.eval_pgd_steps, robust)
     return meta
+
+
+def _train_epoch(opts: TrainOptions, epoch: int, stream: Stream, data: LabelledImages, train_idx: torch.Tensor,
+                 optimizer: torch.optim.Optimizer,
+                 attack: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+                 average: WeightAverage | None,
+                 device: torch.device) -> tuple[float, int, int]:
+    """Epoch ``epoch`` (0-based) over the training images in its seeded order, a step per batch
+    (the learning rate of the one-cycle schedule, augmentation, the attack, the weight average);
+    returns the loss summed over the images, the images classified right, and the images seen."""
+    steps_per_epoch = -(-len(train_idx) // opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    gen = _epoch_generator(opts.seed, epoch)
+    order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+    stream.train()
+    loss_sum = correct = seen = 0
+    bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{opts.epochs}", unit="img", leave=False)
+    for k, (x, y) in enumerate(_batches(data, order, opts.batch_size, device)):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(epoch * steps_per_epoch + k, total, opts.lr)
+        if opts.serving_augmentation():
+            x = serving_augment(x, gen, stream.spec, crop_scale=opts.crop_scale, rescale=opts.rescale,
+                                rescale_max=opts.rescale_max, jpeg=opts.jpeg, jpeg_p=opts.jpeg_p,
+                                color_jitter=opts.color_jitter)
+        if opts.augment:
+            x = augment(x, gen, pad=opts.translate)
+        logits = stream(attack(stream, x, y, gen))
+        loss = F.cross_entropy(logits, y, label_smoothing=opts.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if average is not None:
+            average.update(stream.net, epoch * steps_per_epoch + k)
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.update(len(y))
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    return loss_sum, correct, seen
 
 
 def _cpu_state(stream: Stream) -> dict[str, torch.Tensor]:
