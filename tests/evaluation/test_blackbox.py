@@ -181,6 +181,12 @@ def test_local_oracle_answers_query_attack_for_a_near_duplicate_run(rejecting_sc
     # The k-th distinct near-duplicate has k-1 earlier matches: min_matches 8 flags from the 9th on.
     assert flagged == list(range(9, 15)) and result.first_detection == 9
     assert result.distinct_sources == 14
+    assert oracle.detections == 6
+    # From one source Algorithm 2 blocks it at its third rejection: the detector still flags the
+    # same six images (the endpoint's detections counter), but they are answered ``blocked``.
+    single = LocalOracle(rejecting_scorer, detector=QueryDetector())
+    answers = single.ask(walk, ["one"] * len(walk))
+    assert [a.response for a in answers] == ["adversarial"] * 2 + ["blocked"] * 12 and single.detections == 6
 
 
 def test_summarise_rows():

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -196,10 +198,19 @@ def _check_server(args: argparse.Namespace, server, replay) -> None:
         chunk = server.sent[k:k + 64]
         local += [a.response for a in replay.ask([im for im, _, _ in chunk], [src for _, src, _ in chunk])]
     differ = [k + 1 for k, ((_, _, answer), mine) in enumerate(zip(server.sent, local)) if answer != mine]
+    detections = None  # the server's counter, once Ray's metrics agents have reported it (up to 60 s)
+    for _ in range(12):
+        text = server.session.get(f"{server.base}/metrics", timeout=60).text
+        found = re.search(r"^twostream_query_detections_total (\S+)$", text, re.M)
+        detections = float(found.group(1)) if found else None
+        if detections == replay.detections:
+            break
+        time.sleep(5)
     report = {"queries": len(server.sent), "sources": len(server.tally), "server_sources": listing["count"],
               "source_problems": problems, "replay_differs_at": differ,
               "query_attack": {"server": sum(a == "query_attack" for _, _, a in server.sent),
                                "replay": local.count("query_attack")},
+              "detections": {"server_metrics": detections, "replay": replay.detections},
               "per_source": {src: dict(tally) for src, tally in sorted(server.tally.items())}}
     (args.out / "server_check.json").write_text(json.dumps(report, indent=1))
     log.info("server check: %d queries from %d sources; %d per-source disagreements; the in-process replay "

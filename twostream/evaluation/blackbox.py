@@ -84,7 +84,8 @@ class LocalOracle:
     """The endpoint's answer function in process: the query detector first (a match answers
     ``query_attack`` without a forward pass, as the model's answer would not be used), then both
     streams and Algorithm 1, then Algorithm 2 per source (or per network with ``group_prefix``).
-    ``detector`` None: no detector. Each query advances the clock by ``tick_s``."""
+    ``detector`` None: no detector. Each query advances the clock by ``tick_s``. ``detections``
+    counts the images the detector flagged (a blacklisted source's answer stays ``blocked``)."""
 
     def __init__(self, scorer: Any, *, detector: Any | None = None, reputation: Any | None = None,
                  group_prefix: bool = False, tick_s: float = 0.01) -> None:
@@ -97,6 +98,7 @@ class LocalOracle:
         self.tick_s = tick_s
         self.now = 0.0
         self.count = 0
+        self.detections = 0
 
     def ask(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[Answer]:
         from twostream.core.labels import Verdict
@@ -111,6 +113,7 @@ class LocalOracle:
             hit = False
             if self.detector is not None:
                 _, hit = self.detector.detect(image, source=source, query_id=ids[-1], now=self.now)
+                self.detections += hit
             flagged.append(hit)
         scored = [k for k, hit in enumerate(flagged) if not hit]
         batch = self.scorer.score([images[k] for k in scored], [ids[k] for k in scored]) if scored else None
