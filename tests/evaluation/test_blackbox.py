@@ -285,3 +285,22 @@ def test_restart_spends_the_whole_budget_when_the_attack_gives_up(attack):
         assert runs[restart].queries == len(oracle.uploads)
     assert runs[False].stopped == "attack" and runs[False].queries < 60 and runs[False].restarts == 0
     assert runs[True].stopped == "budget" and runs[True].queries == 60 and runs[True].restarts >= 1
+
+
+def test_a_restart_without_an_accepted_start_ends_the_run_as_no_start():
+    original, start = photo(1), photo(2)
+    seen = []
+
+    def rule(image):  # the start photograph is accepted once, then refused (its sources blacklisted)
+        if np.array_equal(image, start):
+            seen.append(1)
+            return Answer("dog") if len(seen) == 1 else Answer(Refusal.BLOCKED)
+        return Answer(Refusal.ADVERSARIAL)
+
+    oracle = CountingOracle(rule)
+    result = attack_image("boundary", oracle, original, CAT, image_id="img", detail="label", identities="1",
+                          budget=500, eps=8 / 255, run="r", detector=False,
+                          params={"max_iter": 2, "num_trial": 2, "sample_size": 2},
+                          candidates=[(start, DOG)], restart=True)
+    assert (result.stopped, result.restarts) == ("no-start", 1)
+    assert result.queries == len(oracle.uploads) < 500

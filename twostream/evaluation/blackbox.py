@@ -281,7 +281,9 @@ class RunResult:
     wall_s: float = 0.0
     adaptive: str = ""
     restarts: int = 0
-    stopped: str = ""  # success | budget | detected | no-start | attack (ended on its own) | interrupted
+    # success | budget | detected | attack (ended on its own) | interrupted | no-start (no candidate
+    # photograph accepted as another class: for the first start, or for a restart when restarts > 0)
+    stopped: str = ""
 
     def key(self) -> tuple:
         """The run's identity in a campaign: its cell, its image and its budget."""
@@ -457,7 +459,7 @@ def attack_image(
     except RuntimeError as exc:
         if "no candidate" not in str(exc):
             raise
-        result.stopped = "no-start" if result.restarts == 0 else "attack"
+        result.stopped = "no-start"  # with restarts > 0: no candidate was accepted for a restart
     result.wall_s = round(time.perf_counter() - started, 2)
     return result
 
