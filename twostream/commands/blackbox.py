@@ -12,8 +12,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from twostream.evaluation.blackbox import HttpOracle, LocalOracle
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +189,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_server(args: argparse.Namespace, server, replay) -> None:
+def _check_server(args: argparse.Namespace, server: HttpOracle, replay: LocalOracle) -> None:
     """After a campaign over HTTP: the server's per-source standing against the harness's answers
-    (``server_agreement``), and every upload replayed in order through the in-process oracle
-    (``replay``, the same config) answer for answer; written to ``server_check.json``."""
+    (``server_agreement``; the server lists at most ``serve.max_sources_listed`` sources, 1,000 by
+    default), every upload replayed in order through the in-process oracle (``replay``, the same
+    config) answer for answer, and the server's detections counter against the replay's flags;
+    written to ``server_check.json``."""
     from twostream.evaluation.blackbox import server_agreement
 
     listing = server.session.get(f"{server.base}/v1/sources", params={"limit": 1000}, timeout=60).json()
