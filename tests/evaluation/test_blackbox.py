@@ -5,6 +5,7 @@ oracles), identities rotating as declared, and the in-process oracle's Algorithm
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import numpy as np
 import pytest
@@ -182,6 +183,12 @@ def test_local_oracle_answers_query_attack_for_a_near_duplicate_run(rejecting_sc
     # The k-th distinct near-duplicate has k-1 earlier matches: min_matches 8 flags from the 9th on.
     assert flagged == list(range(9, 15)) and result.first_detection == 9
     assert result.distinct_sources == 14
+    assert oracle.detections == 6
+    # From one source Algorithm 2 blocks it at its third rejection: the detector still flags the
+    # same six images (the endpoint's detections counter), but they are answered ``blocked``.
+    single = LocalOracle(rejecting_scorer, detector=QueryDetector())
+    answers = single.ask(walk, ["one"] * len(walk))
+    assert [a.response for a in answers] == ["adversarial"] * 2 + ["blocked"] * 12 and single.detections == 6
 
 
 def test_summarise_rows():
@@ -211,3 +218,110 @@ def test_the_jpeg_like_adaptive_attacker_is_answered_query_attack(rejecting_scor
         camp.perturb = adaptive_perturbation("jpeg:4", np.random.default_rng(1))[0]
         answers = camp.send([camp.upload(original / 255.0) for _ in range(14)])
         assert [k + 1 for k, a in enumerate(answers) if a.response == Refusal.QUERY_ATTACK] == expected
+
+
+def test_grid_runs_image_by_image_and_shards_cover_every_run_once():
+    from twostream.evaluation.blackbox import Grid, run_grid
+
+    grid = Grid(attacks=("square",), details=("full",), identities=("1", "10"), detector=(False,), budget=12)
+    images = np.stack([photo(k) for k in range(3)])
+    refuse = lambda image: Answer(Refusal.ADVERSARIAL)  # noqa: E731
+    whole = run_grid(grid, lambda on: CountingOracle(refuse), images, np.full(3, CAT), ["a", "b", "c"], [])
+    # Image-major: every cell of the first image before the second image.
+    assert [(r.image_id, r.identities) for r in whole] == [(i, n) for i in "abc" for n in ("1", "10")]
+    assert all(r.queries == 12 and r.stopped == "budget" for r in whole)
+    parts = [run_grid(grid, lambda on: CountingOracle(refuse), images, np.full(3, CAT), ["a", "b", "c"], [],
+                      shard=(i, 4)) for i in range(4)]
+    assert sorted(r.key() for part in parts for r in part) == sorted(r.key() for r in whole)
+    assert [len(p) for p in parts] == [2, 2, 1, 1]
+    with pytest.raises(ValueError, match="shard"):
+        run_grid(grid, lambda on: CountingOracle(refuse), images, np.full(3, CAT), ["a"], [], shard=(2, 2))
+
+
+def test_an_interrupted_campaign_records_the_partial_run_and_resumes_without_rerunning_finished_ones():
+    from twostream.evaluation.blackbox import Grid, one_per_run, read_runs, run_grid
+
+    grid = Grid(attacks=("square",), details=("full",), identities=("1", "10"), detector=(False,), budget=20)
+    images = np.stack([photo(k) for k in range(2)])
+    sent = []
+
+    def make_oracle(stop_at):
+        def rule(image):
+            sent.append(1)
+            if len(sent) == stop_at:  # SIGTERM arrives while this query is being answered
+                raise KeyboardInterrupt
+            return Answer(Refusal.ADVERSARIAL)
+        return lambda on: CountingOracle(rule)
+
+    recorded = []
+    with pytest.raises(KeyboardInterrupt):  # runs 1 and 2 finish (40 queries); run 3 stops at its 7th
+        run_grid(grid, make_oracle(47), images, np.full(2, CAT), ["a", "b"], [], on_result=recorded.append)
+    assert [(r.image_id, r.identities, r.stopped, r.queries) for r in recorded] == [
+        ("a", "1", "budget", 20), ("a", "10", "budget", 20), ("b", "1", "interrupted", 6)]
+    stored = read_runs([json.dumps(r.to_dict()) for r in recorded])
+    sent.clear()
+    resumed = run_grid(grid, make_oracle(0), images, np.full(2, CAT), ["a", "b"], [], done=stored)
+    assert len(sent) == 40  # only image b's two runs again
+    assert [(r.image_id, r.identities, r.stopped) for r in resumed] == [
+        ("a", "1", "budget"), ("a", "10", "budget"), ("b", "1", "budget"), ("b", "10", "budget")]
+    # The campaign's file now holds both of b/1's runs: the finished one counts, once.
+    everything = one_per_run(stored + resumed[2:])
+    assert len(everything) == 4 and all(r.stopped == "budget" for r in everything)
+    one_id, ten_ids = summarise(stored)
+    assert (one_id["n"], one_id["interrupted"], one_id["queries"]) == (2, 1, 26)
+    assert (ten_ids["n"], ten_ids["interrupted"], ten_ids["queries"]) == (1, 0, 20)
+
+
+def test_server_agreement_hand_worked():
+    from collections import Counter
+
+    from twostream.evaluation.blackbox import server_agreement
+
+    tally = {"s1": Counter({"cat": 2, "adversarial": 1, "query_attack": 2, "blocked": 3}),
+             "s2": Counter({"dog": 1}), "s3": Counter({"cat": 1})}
+    rows = [{"source": "s1", "images": 8, "rejected": 4, "blocked": 3},  # 3 refused + 1 blocked image rejected
+            {"source": "s2", "images": 2, "rejected": 0, "blocked": 0}]
+    assert server_agreement(tally, rows) == ["s2: server counts 2 images, harness 1",
+                                             "s3: 1 answers, but the server lists no such source"]
+    rows[0]["rejected"] = 7  # more than refused + blocked
+    assert server_agreement({"s1": tally["s1"]}, rows) == [
+        "s1: server counts 7 rejected, harness saw 3 refused and 3 blocked"]
+
+
+@pytest.mark.parametrize("attack", ["boundary", "simba"])
+def test_restart_spends_the_whole_budget_when_the_attack_gives_up(attack):
+    original, start = photo(1), photo(2)
+
+    def rule(image):
+        return Answer("dog") if np.array_equal(image, start) else Answer(Refusal.ADVERSARIAL, (("cat", 0.5),), ())
+
+    detail = "full" if attack == "simba" else "label"
+    params = {"max_iter": 2, "num_trial": 2, "sample_size": 2} if attack == "boundary" else {"max_iter": 5}
+    runs = {}
+    for restart in (False, True):
+        oracle = CountingOracle(rule)
+        runs[restart] = attack_image(attack, oracle, original, CAT, image_id="img", detail=detail, identities="1",
+                                     budget=60, eps=8 / 255, run="r", detector=False, params=params,
+                                     candidates=[(start, DOG)], restart=restart)
+        assert runs[restart].queries == len(oracle.uploads)
+    assert runs[False].stopped == "attack" and runs[False].queries < 60 and runs[False].restarts == 0
+    assert runs[True].stopped == "budget" and runs[True].queries == 60 and runs[True].restarts >= 1
+
+
+def test_a_restart_without_an_accepted_start_ends_the_run_as_no_start():
+    original, start = photo(1), photo(2)
+    seen = []
+
+    def rule(image):  # the start photograph is accepted once, then refused (its sources blacklisted)
+        if np.array_equal(image, start):
+            seen.append(1)
+            return Answer("dog") if len(seen) == 1 else Answer(Refusal.BLOCKED)
+        return Answer(Refusal.ADVERSARIAL)
+
+    oracle = CountingOracle(rule)
+    result = attack_image("boundary", oracle, original, CAT, image_id="img", detail="label", identities="1",
+                          budget=500, eps=8 / 255, run="r", detector=False,
+                          params={"max_iter": 2, "num_trial": 2, "sample_size": 2},
+                          candidates=[(start, DOG)], restart=True)
+    assert (result.stopped, result.restarts) == ("no-start", 1)
+    assert result.queries == len(oracle.uploads) < 500

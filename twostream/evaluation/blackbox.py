@@ -84,7 +84,8 @@ class LocalOracle:
     """The endpoint's answer function in process: the query detector first (a match answers
     ``query_attack`` without a forward pass, as the model's answer would not be used), then both
     streams and Algorithm 1, then Algorithm 2 per source (or per network with ``group_prefix``).
-    ``detector`` None: no detector. Each query advances the clock by ``tick_s``."""
+    ``detector`` None: no detector. Each query advances the clock by ``tick_s``. ``detections``
+    counts the images the detector flagged (a blacklisted source's answer stays ``blocked``)."""
 
     def __init__(self, scorer: Any, *, detector: Any | None = None, reputation: Any | None = None,
                  group_prefix: bool = False, tick_s: float = 0.01) -> None:
@@ -97,6 +98,7 @@ class LocalOracle:
         self.tick_s = tick_s
         self.now = 0.0
         self.count = 0
+        self.detections = 0
 
     def ask(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[Answer]:
         from twostream.core.labels import Verdict
@@ -111,6 +113,7 @@ class LocalOracle:
             hit = False
             if self.detector is not None:
                 _, hit = self.detector.detect(image, source=source, query_id=ids[-1], now=self.now)
+                self.detections += hit
             flagged.append(hit)
         scored = [k for k, hit in enumerate(flagged) if not hit]
         batch = self.scorer.score([images[k] for k in scored], [ids[k] for k in scored]) if scored else None
@@ -137,14 +140,19 @@ class LocalOracle:
 class HttpOracle:
     """A running ``twostream serve``: each upload a lossless PNG posted to ``/v1/classify`` with
     its source in ``X-Source-Id``, one request at a time, in order; the answer is the body's
-    ``response`` (200, or 403 ``blocked``), any other reply an error naming the source."""
+    ``response`` (200, or 403 ``blocked``), any other reply an error naming the source.
+    ``tally`` counts the answers per source, for :func:`server_agreement`; with ``record`` every
+    (upload, source, response) is kept in ``sent``, to replay through a :class:`LocalOracle`."""
 
-    def __init__(self, base_url: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 60.0, record: bool = False) -> None:
         import requests
 
         self.base = base_url.rstrip("/")
         self.session = requests.Session()
         self.timeout_s = timeout_s
+        self.tally: dict[str, Counter[str]] = {}
+        self.record = record
+        self.sent: list[tuple[np.ndarray, str, str]] = []
 
     def ask(self, images: Sequence[np.ndarray], sources: Sequence[str]) -> list[Answer]:
         from PIL import Image
@@ -161,10 +169,37 @@ class HttpOracle:
                 answers.append(Answer(body["response"],
                                       tuple((e["cifar10"], e["prob"]) for e in body.get("high_topk") or ()),
                                       tuple((e["cifar10"], e["prob"]) for e in body.get("low_topk") or ())))
+                self.tally.setdefault(source, Counter())[body["response"]] += 1
+                if self.record:
+                    self.sent.append((image, source, body["response"]))
             else:
                 raise RuntimeError(
                     f"{self.base}: upload from {source!r} answered {reply.status_code}: {reply.text[:300]}")
         return answers
+
+
+def server_agreement(tally: dict[str, Counter[str]], listing: Sequence[dict[str, Any]]) -> list[str]:
+    """Where a server's per-source standing (``GET /v1/sources`` rows: ``images``, ``rejected``,
+    ``blocked``) disagrees with the answers the harness got from each source (``tally``); empty
+    when they agree. Per source: images = answers; blocked = ``blocked`` answers; rejected lies
+    between the ``adversarial`` + ``query_attack`` answers and that plus the ``blocked`` ones (a
+    blocked image is still scored, and its verdict hidden from the client)."""
+    rows = {row["source"]: row for row in listing}
+    problems = []
+    for source, answers in sorted(tally.items()):
+        row = rows.get(source)
+        if row is None:
+            problems.append(f"{source}: {sum(answers.values())} answers, but the server lists no such source")
+            continue
+        refused = answers[Refusal.ADVERSARIAL] + answers[Refusal.QUERY_ATTACK]
+        if row["images"] != sum(answers.values()):
+            problems.append(f"{source}: server counts {row['images']} images, harness {sum(answers.values())}")
+        if row["blocked"] != answers[Refusal.BLOCKED]:
+            problems.append(f"{source}: server counts {row['blocked']} blocked, harness {answers[Refusal.BLOCKED]}")
+        if not refused <= row["rejected"] <= refused + answers[Refusal.BLOCKED]:
+            problems.append(f"{source}: server counts {row['rejected']} rejected, harness saw {refused} refused "
+                            f"and {answers[Refusal.BLOCKED]} blocked")
+    return problems
 
 
 def attacker_scores(answer: Answer, detail: str, label: int) -> np.ndarray:
@@ -225,7 +260,14 @@ class RunResult:
     distinct_sources: int = 0
     wall_s: float = 0.0
     adaptive: str = ""
-    stopped: str = ""  # success | budget | detected | no-start | attack (the attack ended on its own)
+    restarts: int = 0
+    # success | budget | detected | attack (ended on its own) | interrupted | no-start (no candidate
+    # photograph accepted as another class: for the first start, or for a restart when restarts > 0)
+    stopped: str = ""
+
+    def key(self) -> tuple:
+        """The run's identity in a campaign: its cell, its image and its budget."""
+        return (self.attack, self.detail, self.identities, self.detector, self.adaptive, self.image_id, self.budget)
 
     @property
     def success(self) -> bool:
@@ -258,7 +300,7 @@ class Campaign:
     them from the declared identities, counts them, and scores the answers for the attack."""
 
     def __init__(self, oracle: Oracle, original: np.ndarray, label: int, settings: CampaignSettings, *,
-                 result: RunResult) -> None:
+                 result: RunResult, progress: Callable[[int], None] | None = None) -> None:
         self.oracle = oracle
         self.original = original
         self.label = label
@@ -271,6 +313,7 @@ class Campaign:
         self.perturb = settings.perturb
         self.result = result
         self.stop_at_detection = settings.stop_at_detection
+        self.progress = progress
         self.sources: set[str] = set()
         self.low = np.clip(original.astype(np.int16) - self.eps_u8, 0, 255).astype(np.uint8)
         self.high = np.clip(original.astype(np.int16) + self.eps_u8, 0, 255).astype(np.uint8)
@@ -306,6 +349,8 @@ class Campaign:
             wrong = answer.accepted and CIFAR10_LABELS.index(answer.response) != self.label
             if wrong and res.success_query is None and self.within(image):
                 res.success_query = res.queries
+        if self.progress is not None:
+            self.progress(len(images))
         if res.success_query is not None:
             raise Succeeded
         if self.stop_at_detection and res.first_detection is not None:
@@ -356,12 +401,20 @@ def attack_image(
     adaptive: str = "",
     seed: int = 0,
     stop_at_detection: bool = False,
+    restart: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run black-box ``attack`` on one uint8 image through ``oracle``; see :class:`Campaign`.
 
     ``adaptive``: ``""`` or a ``KIND:A`` of :func:`~twostream.attacks.blackbox.adaptive_perturbation`;
     the score-based attacks then spend ``eps`` less its margin on their own steps so that every
     upload stays in the ball.
+    ``restart``: an attack that ends on its own before the budget is spent is run again (a fresh
+    seed; a decision-based one from the first accepted candidate again), as an attacker with
+    queries left would, until the budget, a success or an attack that sends nothing ends the run
+    (``restarts`` counts them). ``progress`` is told the number of queries of each batch sent.
+    A ``KeyboardInterrupt`` (the command turns SIGTERM into one) ends the run as ``interrupted``
+    with what it counted so far: the caller records it and stops.
     """
     from twostream.attacks.blackbox import BLACKBOX_ATTACKS, adaptive_perturbation, run_blackbox
 
@@ -375,16 +428,20 @@ def attack_image(
         own_eps = eps - margin / 255.0
     settings = CampaignSettings(detail=detail, identities=identities, budget=budget, eps=eps, run=run,
                                 project=spec.project, perturb=perturb, stop_at_detection=stop_at_detection)
-    campaign = Campaign(oracle, original, label, settings, result=result)
+    campaign = Campaign(oracle, original, label, settings, result=result, progress=progress)
     started = time.perf_counter()
     try:
-        start = None
-        if spec.kind == "decision":
-            start = find_start(campaign, candidates)
-            if start is None:
-                raise RuntimeError(f"{image_id}: no candidate photograph was accepted as another class")
-        run_blackbox(attack, original.astype(np.float32) / 255.0, label, campaign.predict, eps=own_eps,
-                     params=params, x_init=start, seed=seed)
+        while True:
+            start, sent = None, result.queries
+            if spec.kind == "decision":
+                start = find_start(campaign, candidates)
+                if start is None:
+                    raise RuntimeError(f"{image_id}: no candidate photograph was accepted as another class")
+            run_blackbox(attack, original.astype(np.float32) / 255.0, label, campaign.predict, eps=own_eps,
+                         params=params, x_init=start, seed=seed + 7919 * result.restarts)
+            if not restart or result.queries == sent:
+                break
+            result.restarts += 1
         result.stopped = "attack"
     except Succeeded:
         result.stopped = "success"
@@ -392,19 +449,35 @@ def attack_image(
         result.stopped = "budget"
     except Detected:
         result.stopped = "detected"
+    except KeyboardInterrupt:
+        result.stopped = "interrupted"
     except RuntimeError as exc:
         if "no candidate" not in str(exc):
             raise
-        result.stopped = "no-start"
+        result.stopped = "no-start"  # with restarts > 0: no candidate was accepted for a restart
     result.wall_s = round(time.perf_counter() - started, 2)
     return result
 
 
+def one_per_run(results: Sequence[RunResult]) -> list[RunResult]:
+    """One result per run key (:meth:`RunResult.key`), as a resumed campaign's ``runs.jsonl``
+    holds an interrupted run and its rerun: a finished run wins, else the partial one that
+    counted the most queries; first-seen order."""
+    best: dict[tuple, RunResult] = {}
+    for r in results:
+        held = best.get(r.key())
+        rank = (r.stopped != "interrupted", r.queries)
+        if held is None or rank > (held.stopped != "interrupted", held.queries):
+            best[r.key()] = r
+    return list(best.values())
+
+
 def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     """One row per (attack, detail, identities, detector, adaptive): successes, the median
-    queries to success and to the first detection, queries spent, wall time."""
+    queries to success and to the first detection, queries spent, wall time, and how many runs
+    were interrupted before their end (their counts are partial)."""
     groups: dict[tuple, list[RunResult]] = {}
-    for r in results:
+    for r in one_per_run(results):
         groups.setdefault((r.attack, r.detail, r.identities, r.detector, r.adaptive), []).append(r)
     rows = []
     for (attack, detail, identities, detector, adaptive), runs in groups.items():
@@ -420,6 +493,7 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
             "detected": len(hits), "median_first_detection": float(np.median(hits)) if hits else None,
             "queries": int(sum(r.queries for r in runs)), "budget": runs[0].budget,
             "refusals": dict(refusals), "wall_s": round(sum(r.wall_s for r in runs), 1),
+            "interrupted": sum(r.stopped == "interrupted" for r in runs),
         })
     return rows
 
@@ -440,11 +514,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ("| attack | sees | identities | detector | adaptive | success | median queries to success "
             "| detected | median queries to 1st detection | queries (budget/image) | wall s |")
     lines = [head, "|" + " --- |" * 11]
+    fmt = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
     for r in rows:
-        fmt = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
+        partial = f" ({r['interrupted']} interrupted)" if r["interrupted"] else ""
         lines.append(
             f"| {r['attack']} | {r['detail']} | {r['identities']} | {'on' if r['detector'] else 'off'} "
-            f"| {r['adaptive'] or '-'} | {r['success']}/{r['n']} | {fmt(r['median_queries_to_success'])} "
+            f"| {r['adaptive'] or '-'} | {r['success']}/{r['n']}{partial} | {fmt(r['median_queries_to_success'])} "
             f"| {r['detected']}/{r['n']} | {fmt(r['median_first_detection'])} | {r['queries']} ({r['budget']}) "
             f"| {r['wall_s']:g} |")
     return "\n".join(lines)
@@ -475,6 +550,7 @@ class Grid:
     group_prefix: bool = False
     seed: int = 0
     stop_at_detection: bool = False
+    restart: bool = False
 
     def cells(self) -> list[tuple[str, str, str, bool, str]]:
         from twostream.attacks.blackbox import BLACKBOX_ATTACKS
@@ -493,22 +569,40 @@ def run_grid(
     *,
     params: dict[str, dict[str, Any]] | None = None,
     on_result: Callable[[RunResult], None] | None = None,
+    done: Sequence[RunResult] = (),
+    shard: tuple[int, int] = (0, 1),
+    progress: Callable[[int], None] | None = None,
 ) -> list[RunResult]:
-    """Every cell of ``grid`` on every image; ``make_oracle(detector_on)`` gives each run its
-    own oracle (fresh state) or one shared oracle (run ids keep the sources apart)."""
-    results = []
-    for c, (attack, detail, identities, detector, adaptive) in enumerate(grid.cells()):
-        for k, (image, label, image_id) in enumerate(zip(images, labels, ids)):
-            result = attack_image(
-                attack, make_oracle(detector), image, int(label), image_id=image_id, detail=detail,
-                identities=identities, budget=grid.budget, eps=grid.eps, run=f"{grid.seed}.{c}.{k}",
-                detector=detector, params=(params or {}).get(attack), candidates=candidates, adaptive=adaptive,
-                seed=grid.seed + k, stop_at_detection=grid.stop_at_detection)
-            log.info("%s/%s/%s/%s%s %s: %s after %d queries (success %s, 1st detection %s, %.1fs)", attack,
-                     detail, identities, "on" if detector else "off", f"/{adaptive}" if adaptive else "",
-                     image_id, result.stopped, result.queries, result.success_query, result.first_detection,
-                     result.wall_s)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
+    """Every cell of ``grid`` on every image, image by image (so that a campaign stopped early
+    has about as many images in every cell); ``make_oracle(detector_on)`` gives each run its own
+    oracle (fresh state) or one shared oracle (run ids keep the sources apart).
+
+    ``done``: results already recorded (a resumed campaign); their runs are not run again unless
+    they were interrupted, and they are returned first. ``shard`` ``(i, n)``: only the runs whose
+    index in that order is ``i`` modulo ``n`` (campaigns split over processes). An interrupted run
+    is recorded (``on_result``) and the ``KeyboardInterrupt`` raised again."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    finished = {r.key(): r for r in one_per_run(done) if r.stopped != "interrupted"}
+    results = list(finished.values())
+    todo = [(c, cell, k) for k in range(len(ids)) for c, cell in enumerate(grid.cells())]
+    for j, (c, (attack, detail, identities, detector, adaptive), k) in enumerate(todo):
+        key = (attack, detail, identities, detector, adaptive, ids[k], grid.budget)
+        if j % count != index or key in finished:
+            continue
+        result = attack_image(
+            attack, make_oracle(detector), images[k], int(labels[k]), image_id=ids[k], detail=detail,
+            identities=identities, budget=grid.budget, eps=grid.eps, run=f"{grid.seed}.{c}.{k}",
+            detector=detector, params=(params or {}).get(attack), candidates=candidates, adaptive=adaptive,
+            seed=grid.seed + k, stop_at_detection=grid.stop_at_detection, restart=grid.restart, progress=progress)
+        log.info("%s/%s/%s/%s%s %s: %s after %d queries (success %s, 1st detection %s, %.1fs)", attack,
+                 detail, identities, "on" if detector else "off", f"/{adaptive}" if adaptive else "",
+                 ids[k], result.stopped, result.queries, result.success_query, result.first_detection,
+                 result.wall_s)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+        if result.stopped == "interrupted":
+            raise KeyboardInterrupt
     return results
