@@ -151,16 +151,32 @@ def observe_calls(store: RedisReputation, sha: str, images: Iterable[tuple[str, 
         yield source, command
 
 
-def used(client, quiet_s: int = 3, limit_s: float = 300.0) -> tuple[int, int, int, int]:
-    """(used_memory, used_memory_rss, keys, keys with a TTL) of db 0, once ``used_memory`` has not
-    changed for ``quiet_s`` seconds in a row: Redis grows and shrinks its key tables incrementally
-    (two tables while it rehashes; a table emptied by deletions is shrunk a few seconds later, and
-    not while an append-only-file rewrite runs), so a reading right after a phase is transient."""
+def rehashing(client) -> bool:
+    """Whether Redis holds two tables for db 0's keys or their TTLs (an incremental rehash under
+    way): ``MEMORY STATS`` counts each dict as entries x (dictEntry [+ robj]) + slots x pointer, and
+    the slots of one table are a power of two (64-bit Redis 7: 24, 16 and 8 bytes)."""
+    with client.pipeline(transaction=True) as pipe:  # both read at one moment
+        stats, keyspace = pipe.memory_stats().info("keyspace").execute()
+    stats, db = stats.get("db.0"), keyspace.get("db0", {"keys": 0, "expires": 0})
+    if not stats:
+        return False
+    main = (int(stats["overhead.hashtable.main"]) - int(db["keys"]) * (24 + 16)) // 8
+    expires = (int(stats["overhead.hashtable.expires"]) - int(db["expires"]) * 24) // 8
+    return any(slots & (slots - 1) for slots in (main, expires))
+
+
+def used(client, quiet_s: int = 3, limit_s: float = 900.0) -> tuple[int, int, int, int]:
+    """(used_memory, used_memory_rss, keys, keys with a TTL) of db 0, once no rehash is under way
+    and ``used_memory`` has not changed for ``quiet_s`` seconds in a row: Redis grows and shrinks
+    its key tables incrementally (two tables while it rehashes; a table emptied by deletions is
+    shrunk a few seconds later), so a reading right after a phase can be transient."""
     deadline = time.monotonic() + limit_s
     last, same = -1, 0
-    while same < quiet_s and time.monotonic() < deadline:
+    while same < quiet_s:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"used_memory did not settle within {limit_s:.0f} s")
         now = int(client.info("memory")["used_memory"])
-        same = same + 1 if now == last else 0
+        same = same + 1 if now == last and not rehashing(client) else 0
         last = now
         time.sleep(1.0)
     info = client.info()
