@@ -205,16 +205,18 @@ def drop_answers(pipe: Pipe, store: RedisReputation, images: Iterable[tuple[str,
         raise RuntimeError(f"{sent[0]:,} answers to delete, {deleted[0]:,} found")
 
 
-def honest_ids(mode: str, n: int) -> Iterable[str]:
-    """``n`` distinct source ids: IPv6 addresses of 2001:db8:0:1::/64 in mode ``prefix``, else names."""
+def honest_ids(mode: str, ids: range) -> Iterable[str]:
+    """Distinct source ids number ``ids``: IPv6 addresses of 2001:db8:0:1::/64 in mode ``prefix``, else names."""
     if mode == "prefix":
-        return (f"2001:db8:0:1:0:{i >> 32 & 0xffff:x}:{i >> 16 & 0xffff:x}:{i & 0xffff:x}" for i in range(n))
-    return (f"honest-{i}" for i in range(n))
+        return (f"2001:db8:0:1:0:{i >> 32 & 0xffff:x}:{i >> 16 & 0xffff:x}:{i & 0xffff:x}" for i in ids)
+    return (f"honest-{i}" for i in ids)
 
 
-def measure(mode: str, n: int, listed: int, chunk: int, aof: bool) -> dict:
+def measure(mode: str, n: int, listed: int, chunk: int, aof: bool, expire_every: int) -> dict:
     """One row: a fresh embedded Redis (``aof``: its append-only file on, as the product runs it),
-    ``n`` honest ids, their answers dropped, ``listed`` listed ids."""
+    ``n`` honest ids, their answers dropped (after every ``expire_every`` ids where that is below
+    ``n``: then the figures with the answers kept are not taken), ``listed`` listed ids."""
+    step = expire_every if 0 < expire_every < n else n
     import redis
 
     config = ReputationConfig(**MODES[mode][1])
@@ -233,16 +235,23 @@ def measure(mode: str, n: int, listed: int, chunk: int, aof: bool) -> dict:
             def tally(match: re.Match) -> None:
                 replies[match.group(1, 2, 3)] += 1
 
-            t0 = time.perf_counter()
-            sent = pipe.run(observe_calls(store, sha, image_ids(honest_ids(mode, n), 1), False), chunk,
-                            OBSERVE_REPLY, tally)
-            seconds = time.perf_counter() - t0
+            sent, seconds, drop_s = 0, 0.0, 0.0
+            for lo in range(0, n, step):
+                ids = range(lo, min(lo + step, n))
+                t0 = time.perf_counter()
+                sent += pipe.run(observe_calls(store, sha, image_ids(honest_ids(mode, ids), 1), False), chunk,
+                                 OBSERVE_REPLY, tally)
+                seconds += time.perf_counter() - t0
+                if step == n:
+                    mem, rss, keys, expires = used(client)
+                t0 = time.perf_counter()
+                drop_answers(pipe, store, image_ids(honest_ids(mode, ids), 1), chunk)
+                drop_s += time.perf_counter() - t0
+                log.info("%s: %s ids sent, their answers dropped", mode, f"{ids.stop:,}")
             if replies != Counter({(b"0", b"0", b"0"): n}):
                 raise RuntimeError(f"{n:,} honest images: expected every one accepted at CC 0, got {dict(replies)}")
-            mem, rss, keys, expires = used(client)
-            t0 = time.perf_counter()
-            drop_answers(pipe, store, image_ids(honest_ids(mode, n), 1), chunk)
-            drop_s = time.perf_counter() - t0
+            if step < n:
+                mem = rss = keys = expires = None
             mem_after, rss_after, keys_after, _ = used(client)
             replies.clear()
             t0 = time.perf_counter()
@@ -259,8 +268,10 @@ def measure(mode: str, n: int, listed: int, chunk: int, aof: bool) -> dict:
         finally:
             pipe.close()
             client.close()
+    kept = mem is not None
     return dict(mode=mode, aof=aof, n=n, sent=sent, s=seconds, per_s=n / seconds, drop_s=drop_s, keys=keys,
-                expires=expires, mb=(mem - empty) / 2**20, b_per_id=(mem - empty) / n, rss_mb=rss / 2**20,
+                expires=expires, mb=(mem - empty) / 2**20 if kept else None,
+                b_per_id=(mem - empty) / n if kept else None, rss_mb=rss / 2**20 if kept else None,
                 keys_after=keys_after, mb_after=(mem_after - empty) / 2**20, b_per_id_after=(mem_after - empty) / n,
                 rss_after_mb=rss_after / 2**20, listed=blacklist, listed_s=listed_s, keys_listed=keys_listed,
                 b_per_listed=(mem_listed - mem_after) / max(listed, 1))
@@ -272,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listed", type=int, default=100_000, help="source ids that get blacklisted")
     parser.add_argument("--chunk", type=int, default=10_000, help="EVALSHA calls per round trip")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--expire-every", type=int, default=0, metavar="IDS",
+                        help="drop the answers after every IDS ids (what their TTL does within the hour; caps "
+                             "the server's peak on a small machine), not only at the end; no figures with "
+                             "the answers kept then")
     parser.add_argument("--aof", choices=["on", "off"], default="on",
                         help="the append-only file (on: the product's EmbeddedRedis as it runs; off: less disk "
                              "and CPU for the largest N; used_memory does not hold the file)")
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n in args.n:
         for mode in args.modes:
-            row = measure(mode, n, args.listed, args.chunk, args.aof == "on")
+            row = measure(mode, n, args.listed, args.chunk, args.aof == "on", args.expire_every)
             log.info("%s", row)
             rows.append(row)
     header = ("| mode | append-only file | honest ids | keys (answers kept 1 h) | used_memory MB | B/id | keys after answers expire | "
@@ -289,7 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     for r in rows:
-        print(f"| {MODES[r['mode']][0]} | {'on' if r['aof'] else 'off'} | {r['n']:,} | {r['keys']:,} | {r['mb']:.1f} | {r['b_per_id']:.0f} | "
+        kept = (f"{r['keys']:,} | {r['mb']:.1f} | {r['b_per_id']:.0f}" if r["keys"] is not None
+                else "not taken | | ")
+        print(f"| {MODES[r['mode']][0]} | {'on' if r['aof'] else 'off'} | {r['n']:,} | {kept} | "
               f"{r['keys_after']:,} | {r['mb_after']:.2f} | {r['b_per_id_after']:.1f} | {r['listed']:,} | "
               f"{r['b_per_listed']:.0f} | {r['per_s']:,.0f} | {r['s']:.0f} |")
 
