@@ -247,7 +247,11 @@ def measure(mode: str, n: int, listed: int, chunk: int, aof: bool, expire_every:
                 t0 = time.perf_counter()
                 drop_answers(pipe, store, image_ids(honest_ids(mode, ids), 1), chunk)
                 drop_s += time.perf_counter() - t0
-                log.info("%s: %s ids sent, their answers dropped", mode, f"{ids.stop:,}")
+                if step < n:  # a measured point on the way (a run stopped short still has them)
+                    now, _, now_keys, _ = used(client)
+                    log.info("%s: %s ids sent, their answers dropped: %s keys, used_memory %.1f MB above the empty "
+                             "server, %.1f B per id", mode, f"{ids.stop:,}", f"{now_keys:,}", (now - empty) / 2**20,
+                             (now - empty) / ids.stop)
             if replies != Counter({(b"0", b"0", b"0"): n}):
                 raise RuntimeError(f"{n:,} honest images: expected every one accepted at CC 0, got {dict(replies)}")
             if step < n:
