@@ -71,7 +71,7 @@ def resp(*parts: str | int) -> bytes:
 
 class Pipe:
     """Commands written down one socket ``chunk`` at a time, the next chunk sent before the
-    replies of the last are read (so Redis never waits on this process); every reply parsed."""
+    replies of the last are read (so Redis has work while this process reads); every reply parsed."""
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -87,9 +87,11 @@ class Pipe:
                     break
                 error = ERROR_REPLY.match(self.buffer, self.pos)
                 if error:
-                    raise RuntimeError(f"Redis refused the call for {names[k]}: {error.group(1).decode(errors='replace')}")
+                    message = error.group(1).decode(errors="replace")
+                    raise RuntimeError(f"Redis refused the call for {names[k]}: {message}")
                 if len(self.buffer) - self.pos > 4096:  # every reply expected here is under 100 bytes
-                    raise RuntimeError(f"unexpected reply for {names[k]}: {bytes(self.buffer[self.pos: self.pos + 200])!r}")
+                    head = bytes(self.buffer[self.pos: self.pos + 200])
+                    raise RuntimeError(f"unexpected reply for {names[k]}: {head!r}")
                 data = self.sock.recv(1 << 20)
                 if not data:
                     raise RuntimeError(f"Redis closed the connection before answering {names[k]}")
@@ -303,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
             row = measure(mode, n, args.listed, args.chunk, args.aof == "on", args.expire_every)
             log.info("%s", row)
             rows.append(row)
-    header = ("| mode | append-only file | honest ids | keys (answers kept 1 h) | used_memory MB | B/id | keys after answers expire | "
-              "used_memory MB | B/id | listed ids | B per listed id | EVALSHA/s | wall s |")
+    header = ("| mode | append-only file | honest ids | keys (answers kept 1 h) | used_memory MB | B/id | "
+              "keys after answers expire | used_memory MB | B/id | listed ids | B per listed id | EVALSHA/s | wall s |")
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     for r in rows:
