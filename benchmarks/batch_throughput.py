@@ -137,7 +137,7 @@ def ray_jobs(folder: Path, out: Path, runs: list[tuple[str, list[str]]],
                 done = subprocess.run(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             sampler.stop.set()
             sampler.join()
-            cpu[run] = sampler.cpu_seconds()
+            cpu[run] = sampler.cpu_seconds()  # without the sampler's own (scale.Sampler.cpu_seconds)
             if done.returncode:
                 sys.exit(f"the {run} job failed ({done.returncode}):\n" + (out / f"{run}.log").read_text()[-4000:])
             summaries[run] = json.loads((out / run / "summary.json").read_text())
