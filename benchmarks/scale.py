@@ -11,6 +11,7 @@ reputation and final phases under 15% of the wall).
     nice python benchmarks/scale.py --n 1000000 --report out/scale-1m.json   # over an hour here
     python benchmarks/scale.py --reduce-only --n 1000000   # the reputation reduce alone, events/s
     python benchmarks/scale.py --plan-only --n 1000000     # the driver's planning alone, peak RSS
+    python benchmarks/scale.py --n 20000 --plain --code /tmp/main   # another checkout's job, this sampler
 
 Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
@@ -386,7 +387,12 @@ def main() -> None:
     parser.add_argument("--plan-only", action="store_true", help="the driver's planning alone: time, peak RSS")
     parser.add_argument("--plain", action="store_true", help="then the same images in a plain loop: CPU per image")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--code", type=Path, help="run the job (and the plain loop) from this checkout, e.g. main's "
+                                                  "for a before/after pair in one window; this script measures")
     args = parser.parse_args()
+    if args.code:  # first on this process's path and on its Ray workers' (they inherit PYTHONPATH)
+        sys.path.insert(0, str(args.code.resolve()))
+        os.environ["PYTHONPATH"] = str(args.code.resolve())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.reduce_only:
         figures = reduce_only(args.n, args.sources)

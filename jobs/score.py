@@ -235,10 +235,13 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
     for kind in stages.KINDS:
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(
-            # a read task's block per call, as it is (no rows copied into batches of another size;
-            # the actor scores it batch_size rows at a time): at most a work unit, so a shard
-            # commits at most that many rows after its last row
-            parts.stream, batch_size=None, batch_format="pyarrow",
+            # high: a read task's block per call, as it is (its prepared inputs or pixels are not
+            # copied into batches of another size; the actor scores them high.batch_size rows at
+            # a time); low: the high pool's blocks, a few kB a row, joined into calls of its own
+            # batch size, so it and the sink see fewer, larger blocks. Both at most a work unit,
+            # so a shard commits at most that many rows after its last row.
+            parts.stream, batch_size=None if kind == "high" else min(scfg.batch_size, cfg.job.rows_per_task),
+            batch_format="pyarrow",
             fn_constructor_kwargs={"config": cfg, "kind": kind},
             compute=ray.data.ActorPoolStrategy(size=scfg.pool_size),
             num_cpus=res[kind], num_gpus=scfg.num_gpus or None, runtime_env=STREAM_ENV,
