@@ -4,6 +4,7 @@ sizes, same images), and their ratios.
     python benchmarks/batch_throughput.py --n 4096                      # default models
     python benchmarks/batch_throughput.py --n 512 --small               # tiny models: overhead-bound
     python benchmarks/batch_throughput.py --n 1024 --small --detector   # the query detector off vs on
+    python benchmarks/batch_throughput.py --n 4096 --code /tmp/main      # another checkout's job (before/after)
     python benchmarks/batch_throughput.py --detector-phase 20000        # its sequential phase alone
 
 The plain loop: read files -> decode_many -> prepare+stream_topk (high) -> prepare+stream_topk
@@ -112,11 +113,12 @@ def steady_rate(output: Path, started: float) -> tuple[float | None, float]:
     return sum(rows for _, rows in commits[1:]) / (commits[-1][0] - commits[0][0]), first
 
 
-def ray_jobs(folder: Path, out: Path, runs: list[tuple[str, list[str]]],
-             timeline: Path | None = None) -> tuple[dict[str, dict], dict[str, dict[str, float]], dict[str, tuple]]:
+def ray_jobs(folder: Path, out: Path, runs: list[tuple[str, list[str]]], timeline: Path | None = None,
+             code: Path = ROOT) -> tuple[dict[str, dict], dict[str, dict[str, float]], dict[str, tuple]]:
     """``summary.json``, CPU seconds per process kind and :func:`steady_rate` of each of ``runs``
     (name, overrides), one after another on one fresh local cluster (the first is the cold job,
-    module docstring); ``timeline``: the cluster's Ray timeline of all (Chrome trace JSON)."""
+    module docstring), each ``python -m jobs.score`` of ``code``; ``timeline``: the cluster's Ray
+    timeline of all (Chrome trace JSON)."""
     import ray
     from scale import Sampler
 
@@ -134,10 +136,10 @@ def ray_jobs(folder: Path, out: Path, runs: list[tuple[str, list[str]]],
             sampler.start()
             started = time.time()
             with open(out / f"{run}.log", "w") as log:
-                done = subprocess.run(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                done = subprocess.run(command, env=env, cwd=code, stdout=log, stderr=subprocess.STDOUT)
             sampler.stop.set()
             sampler.join()
-            cpu[run] = sampler.cpu_seconds()
+            cpu[run] = sampler.cpu_seconds()  # without the sampler's own (scale.Sampler.cpu_seconds)
             if done.returncode:
                 sys.exit(f"the {run} job failed ({done.returncode}):\n" + (out / f"{run}.log").read_text()[-4000:])
             summaries[run] = json.loads((out / run / "summary.json").read_text())
@@ -158,9 +160,13 @@ def main() -> None:
     parser.add_argument("--detector", action="store_true",
                         help="the query detector's cost: after a cold job, warm jobs with the detector off and on "
                              "alternately (off, on, off, on), their images/s side by side and the ratio on/off")
+    parser.add_argument("--code", type=Path, help="run the jobs from this checkout (e.g. main's, for a before/after "
+                                                  "pair in one window): the cluster's workers and the job drivers")
     parser.add_argument("--detector-phase", type=int, metavar="N",
                         help="only time the detector's sequential phase over N uploads, in this process")
     args = parser.parse_args()
+    if args.code:  # the local Ray started below, and each job's driver, inherit it
+        os.environ["PYTHONPATH"] = str(args.code.resolve())
     if args.detector_phase:
         print(json.dumps(detector_phase(args.detector_phase), indent=2))
         return
@@ -176,7 +182,7 @@ def main() -> None:
             runs = [("cold", off), ("off-1", off), ("on-1", on), ("off-2", off), ("on-2", on)]
         else:
             runs = [("cold", overrides), ("warm", overrides)]
-        summaries, cpu, steady = ray_jobs(Path(tmp) / "in", Path(tmp), runs, args.timeline)
+        summaries, cpu, steady = ray_jobs(Path(tmp) / "in", Path(tmp), runs, args.timeline, args.code or ROOT)
         after = plain_loop(cfg, paths)
     plain, plain_cpu = (before[0] + after[0]) / 2, (before[2] + after[2]) / 2
     result = {"images": args.n, "models": "small" if args.small else "default",

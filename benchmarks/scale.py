@@ -12,6 +12,8 @@ reputation and final phases under 15% of the wall).
     python benchmarks/scale.py --reduce-only --n 1000000   # the reputation reduce alone, events/s,
                                                            # and its speed over the sequential reference
     python benchmarks/scale.py --plan-only --n 1000000     # the driver's planning alone, peak RSS
+    python benchmarks/scale.py --stages-only --n 2000      # phase 1's stages without Ray vs the plain loop
+    python benchmarks/scale.py --n 20000 --plain --code /tmp/main   # another checkout's job, this sampler
 
 Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
@@ -107,6 +109,7 @@ class Sampler(threading.Thread):
         self.cpu_ticks: dict[str, int] = defaultdict(int)  # CPU time per kind while sampled
         self._ticks_seen: dict[int, int] = {}  # per process: its CPU ticks at the last sample
         self._sampled = False
+        self.own_cpu_s = 0.0  # this thread's CPU in the samples that count: not the driver's work
         self.stop = threading.Event()
 
     @staticmethod
@@ -160,9 +163,14 @@ class Sampler(threading.Thread):
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds per kind while sampled (to the last sample: a process's time after it is
-        lost if it ends between two samples)."""
+        lost if it ends between two samples). The sampler's own thread runs in this process,
+        whose kind is ``driver``: its CPU (:attr:`own_cpu_s`, reading /proc for every process
+        twice a second) is taken out of the driver's."""
         hz = os.sysconf("SC_CLK_TCK")
-        return {k: round(v / hz, 1) for k, v in sorted(self.cpu_ticks.items()) if v}
+        seconds = {k: v / hz for k, v in self.cpu_ticks.items()}
+        if "driver" in seconds:
+            seconds["driver"] = max(0.0, seconds["driver"] - self.own_cpu_s)
+        return {k: round(v, 1) for k, v in sorted(seconds.items()) if v}
 
     def committed(self) -> int:
         """Shards committed so far (their markers in the output's ``_progress/``)."""
@@ -173,7 +181,10 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         t0 = last = time.monotonic()
         while not self.stop.wait(self.period):
+            counted, c0 = self._sampled, time.thread_time()
             now = self.sample()
+            if counted:
+                self.own_cpu_s += time.thread_time() - c0
             if time.monotonic() - last >= self.timeline_period:
                 last = time.monotonic()
                 self.timeline.append({"s": round(last - t0), "shards": self.committed(),
@@ -263,6 +274,7 @@ def run_job(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[s
         "worker_processes_started": started,
         "private_mb_per_100_shards": sampler.growth_per_100_shards(),
         "cpu_s": sampler.cpu_seconds(),
+        "sampler_cpu_s": round(sampler.own_cpu_s, 1),  # this benchmark's own, left out of cpu_s
         "overrides": overrides,
         "timeline": sampler.timeline,
     }
@@ -384,6 +396,44 @@ def plan_only(n: int, sources: int, per_tar: int, workdir: Path) -> dict:
             "rss_before_mb": round(before / 1024), "peak_rss_mb": round(_status_kb("VmHWM") / 1024)}
 
 
+def stages_only(n: int, sources: int, per_tar: int, workdir: Path, overrides: list[str]) -> dict:
+    """Phase 1's stages without Ray, in this process, one torch thread: every work unit read and
+    decoded (``read_decode``), both streams (``StreamStage``), the comparator; CPU per image of
+    each, beside the plain loop over the same images (what the job's per-row work costs before
+    Ray's own; with ``--code``, another checkout's stages)."""
+    import torch
+
+    from twostream.batch import planning, stages
+    from twostream.core.config import load_config
+    from twostream.core.scoring import input_spec
+
+    torch.set_num_threads(1)
+    write_shards(workdir / "in", n, sources, per_tar)
+    cfg = load_config(None, TINY + ["high.threads=1"] + overrides)
+    specs = {kind: input_spec(cfg, kind) for kind in stages.KINDS}
+    actors = {kind: stages.StreamStage(cfg, kind) for kind in stages.KINDS}
+    cpu: dict[str, float] = defaultdict(float)
+    units = planning.work_units(planning.plan_input(str(workdir / "in"), cfg.job.files_per_shard).shards,
+                                cfg.job.rows_per_task)
+    for unit in units:
+        t0 = time.process_time()
+        blocks = list(stages.read_decode(unit, cfg, specs))
+        cpu["read_decode"] += time.process_time() - t0
+        for block in blocks:
+            for kind in stages.KINDS:
+                t0 = time.process_time()
+                block = actors[kind](block)
+                cpu[kind] += time.process_time() - t0
+            t0 = time.process_time()
+            stages.compare(block, cfg)
+            cpu["compare"] += time.process_time() - t0
+    per_image = {k: round(v * 1e3 / n, 3) for k, v in cpu.items()}
+    loop = plain_loop(workdir / "in")
+    total = sum(cpu.values()) * 1e3 / n
+    return {"images": n, "stages_ms_per_image": per_image, "stages_total_ms_per_image": round(total, 3),
+            "plain_loop": loop, "stages_over_loop": round(total / loop["cpu_ms_per_image"], 3)}
+
+
 def _status_kb(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
@@ -397,12 +447,22 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="write the figures here (JSON)")
     parser.add_argument("--reduce-only", action="store_true", help="time the reputation reduce alone")
     parser.add_argument("--plan-only", action="store_true", help="the driver's planning alone: time, peak RSS")
+    parser.add_argument("--stages-only", action="store_true",
+                        help="phase 1's stages in this process without Ray, beside the plain loop: CPU per image")
     parser.add_argument("--plain", action="store_true", help="then the same images in a plain loop: CPU per image")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--code", type=Path, help="run the job (and the plain loop) from this checkout, e.g. main's "
+                                                  "for a before/after pair in one window; this script measures")
     args = parser.parse_args()
+    if args.code:  # first on this process's path and on its Ray workers' (they inherit PYTHONPATH)
+        sys.path.insert(0, str(args.code.resolve()))
+        os.environ["PYTHONPATH"] = str(args.code.resolve())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.reduce_only:
         figures = reduce_only(args.n, args.sources)
+    elif args.stages_only:
+        with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+            figures = stages_only(args.n, args.sources, args.per_tar, args.workdir or Path(tmp), args.overrides)
     elif args.plan_only:
         with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
             figures = plan_only(args.n, args.sources, args.per_tar, args.workdir or Path(tmp))

@@ -82,6 +82,11 @@ EVENTS_PER_MAP_TASK = 100_000  # staging rows one reputation map task reads (abo
 REDUCE_BYTES_FACTOR = 8  # a reduce task's peak memory / its events' Arrow bytes (benchmarks/scale.py)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 4 << 20  # decode tasks: larger allocations are mmapped (_return_large_frees_to_the_os)
+# The stream actors' OpenMP threads sleep between parallel regions instead of spinning (libgomp's
+# default spins): their node's cores are shared with the decode and write tasks and the other
+# pool. MobileNetV3 at 224, batches of 16, 2 threads on this loaded 2-core machine: 36 ms of CPU
+# per image spinning against 4.0 passive (3.0-3.5 with one thread); see docs/batch.md.
+STREAM_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 def _return_large_frees_to_the_os() -> None:
     """In this worker process (glibc only): serve allocations over 4 MiB with mmap, so that their
@@ -230,11 +235,16 @@ def _score(cfg: TwoStreamConfig, todo: Sequence[Shard], output: str, res: dict[s
     for kind in stages.KINDS:
         scfg = getattr(cfg, kind)
         ds = ds.map_batches(
-            # at most a work unit per call: a shard commits at most that many rows after its last row
-            parts.stream, batch_size=min(scfg.batch_size, cfg.job.rows_per_task), batch_format="pyarrow",
+            # high: a read task's block per call, as it is (its prepared inputs or pixels are not
+            # copied into batches of another size; the actor scores them high.batch_size rows at
+            # a time); low: the high pool's blocks, a few kB a row, joined into calls of its own
+            # batch size, so it and the sink see fewer, larger blocks. Both at most a work unit,
+            # so a shard commits at most that many rows after its last row.
+            parts.stream, batch_size=None if kind == "high" else min(scfg.batch_size, cfg.job.rows_per_task),
+            batch_format="pyarrow",
             fn_constructor_kwargs={"config": cfg, "kind": kind},
             compute=ray.data.ActorPoolStrategy(size=scfg.pool_size),
-            num_cpus=res[kind], num_gpus=scfg.num_gpus or None,
+            num_cpus=res[kind], num_gpus=scfg.num_gpus or None, runtime_env=STREAM_ENV,
         )
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": res["compare"]})
@@ -476,6 +486,9 @@ def run_job(cfg: TwoStreamConfig, input_uri: str, output: str, manifest_uri: str
     # Ray Data merges a task's small outputs up to this size (128 MiB by default) before storing
     # them: the decode tasks' bound on bytes per block is the one that applies.
     ctx.target_max_block_size = cfg.job.decode_bytes_per_batch
+    # Ray Data's default polls each map task's USS (/proc/<pid>/smaps, every second) for its
+    # stats: CPU in every stream actor and decode task that no figure of the job uses.
+    ctx.memory_usage_poll_interval_s = None
     done = outputs.done_shards(output, shards) if cfg.job.resume else set()
     todo = [s for s in shards if s.shard_id not in done]
     todo = parts.order(todo)

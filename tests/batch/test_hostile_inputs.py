@@ -431,3 +431,43 @@ def test_jpegs_decoded_on_cuda_give_the_cpu_rows(tmp_path):
         for g, w in zip(got.column(name).to_pylist(), want.column(name).to_pylist()):
             if w is not None:
                 np.testing.assert_allclose(g, w, atol=0.02)
+
+
+def test_small_images_travel_as_pixels_and_score_as_their_prepared_inputs(tmp_path):
+    """An image with fewer pixel bytes than the H-Net's prepared input travels as its decoded
+    pixels (``high_pixels``), a larger one as its prepared input; the high actor's top-k over
+    those rows equals its top-k over every row's prepared input computed here from
+    ``decode_image`` + ``prepare`` (the library's path), bit for bit."""
+    from twostream.core.preprocess import decode_image
+    from twostream.core.scoring import prepare
+
+    cfg = load_config(None, SMALL)
+    spec = input_spec(cfg, "high")
+    high_bytes = 3 * spec.size[0] * spec.size[1] * 4
+    side = int((high_bytes / 3) ** 0.5) + 8  # a square image just over the threshold
+    tall = (260, int(high_bytes / 3 / 260 * 0.9))  # under it, over 256 rows: prepared strip by strip
+    rgba = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (30, 41, 4), dtype=np.uint8), "RGBA").save(rgba, "PNG")
+    files = {"a.jpg": _jpeg((20, 24), 1), "b.jpg": _jpeg(tall, 2), "c.jpg": _jpeg((side, side), 3),
+             "d.png": rgba.getvalue(), "e.jpg": b"garbage"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (unit,) = planning.work_units(planning.plan_input(str(tmp_path)).shards, 256)
+    table = pa.concat_tables(stages.read_decode(unit, cfg, {kind: input_spec(cfg, kind) for kind in stages.KINDS}))
+    keys = table.column("key").to_pylist()
+    assert keys == sorted(files)
+    decoded = {k: decode_image(files[k], cfg.limits) for k in keys[:4]}
+    assert table.column("high_pixels").to_pylist() == [True, True, False, True, False]
+    want = {k: prepare(spec, [image]).numpy().tobytes() for k, image in decoded.items()}
+    for key, sent, pixels in zip(keys[:4], table.column("high_input").to_pylist(), table.column("high_pixels").to_pylist()):
+        assert sent == (decoded[key].tobytes() if pixels else want[key]), key
+    assert table.column("high_input")[4].as_py() == b""
+    as_prepared = table.set_column(table.schema.get_field_index("high_input"), "high_input",
+                                   pa.array([want.get(k, b"") for k in keys], pa.large_binary()))
+    as_prepared = as_prepared.set_column(as_prepared.schema.get_field_index("high_pixels"), "high_pixels",
+                                         pa.array([False] * len(keys)))
+    stage = stages.StreamStage(cfg, "high")
+    got, reference = stage(table), stage(as_prepared)
+    for name in ("high_idx", "high_prob"):
+        assert got.column(name).to_pylist() == reference.column(name).to_pylist(), name
+    assert "high_pixels" not in got.column_names and "high_input" not in got.column_names

@@ -70,7 +70,9 @@ DECODED_SCHEMA = pa.schema([
     ("error", pa.string()),  # why the input cannot be scored, else null
     ("height", pa.int32()),  # decoded size, null on error
     ("width", pa.int32()),
-    ("high_input", pa.large_binary()),  # prepared H-Net input, (3, h, w) float32; empty on error
+    ("high_input", pa.large_binary()),  # prepared H-Net input, (3, h, w) float32, or (high_pixels) the
+    # decoded pixels, (height, width, 3) uint8, where they are fewer bytes; empty on error
+    ("high_pixels", pa.bool_()),  # high_input holds the decoded pixels (the high actor prepares them)
     ("low_input", pa.large_binary()),  # prepared L-Net input, (3, h, w) float32; empty on error
     ("encoded", pa.large_binary()),  # a JPEG for the high stream to decode on its device; else empty
     *FINGERPRINT_FIELDS,  # the query detector's fingerprint (detector.enabled), null on error
@@ -89,12 +91,13 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
     for each stream's ``specs[kind]`` (:func:`~twostream.core.scoring.input_spec`; or, for the
     device, check JPEGs' headers and pass them on encoded); yields :data:`DECODED_SCHEMA` blocks
     bounded by rows and by bytes held."""
-    from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_rgb
+    from twostream.core.preprocess import ImageDecodeError, check_min_side, decode_rgb, pixel_rows
     from twostream.core.scoring import prepare
 
     detector = config.detector.query_config() if config.detector.enabled else None
     on_device = config.decodes_jpeg_on_device()
     rows_cap, bytes_cap = config.job.decode_batch_size, config.job.decode_bytes_per_batch
+    high_bytes = 3 * specs["high"].size[0] * specs["high"].size[1] * 4  # one prepared H-Net input
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     held = 0
     t0 = time.perf_counter()
@@ -102,6 +105,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
         attach_identity(row)
         t1 = time.perf_counter()
         error, size, prepared, encoded = row["read_error"], (None, None), {kind: _NONE for kind in KINDS}, b""
+        as_pixels = False
         fp: tuple[bytes | None, ...] = (None,) * len(_FP_NAMES)
         if error is None:
             data = row.pop("data")
@@ -116,8 +120,17 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
                     error = str(exc)
                 else:
                     size = (image.height, image.width)
+                    # an image with fewer pixel bytes than the H-Net's prepared input travels as its
+                    # pixels, copied out of Pillow once, and the high actor prepares it (the same
+                    # function on the same pixels); a larger one as its prepared input, read a strip
+                    # at a time
+                    as_pixels = image.height * image.width * 3 < high_bytes
+                    if as_pixels:
+                        image = pixel_rows(image, 0, image.height)
                     prepared = {kind: prepare(specs[kind], [image]).numpy().reshape(-1).view(np.uint8)
-                                for kind in KINDS}
+                                for kind in KINDS if not (as_pixels and kind == "high")}
+                    if as_pixels:
+                        prepared["high"] = image.reshape(-1)
                     if detector is not None:
                         fp = fingerprint_columns(image, detector)
                     del image
@@ -131,6 +144,7 @@ def read_decode(unit: Shard, config: TwoStreamConfig, specs: Mapping[str, InputS
         out["width"].append(size[1])
         for kind in KINDS:
             out[f"{kind}_input"].append(prepared[kind])
+        out["high_pixels"].append(as_pixels)
         out["encoded"].append(encoded)
         for name, value in zip(_FP_NAMES, fp):
             out[name].append(value)
@@ -199,23 +213,17 @@ def _device_header(data: bytes, config: TwoStreamConfig) -> tuple[str | None, tu
     return None, (header.height, header.width)
 
 
-def _concatenated(column: pa.ChunkedArray, count: int) -> np.ndarray:
-    """A binary column's values end to end as ``count`` float32 (one copy, writable): the rows
-    without a prepared input hold no bytes, so this is the prepared rows' inputs in row order."""
-    out = np.empty(count, np.float32)
-    raw, at = out.view(np.uint8), 0
+def _row_values(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """Each row's bytes of a binary column, as uint8 views of its buffers (no copy)."""
+    values = []
     for chunk in column.chunks:
         if len(chunk) == 0:
             continue
         offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
-        size = int(offsets[-1] - offsets[0])
-        if at + size > raw.size:
-            raise ValueError(f"prepared inputs hold more than {count} float32")
-        raw[at : at + size] = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-        at += size
-    if at != raw.size:
-        raise ValueError(f"prepared inputs hold {at} bytes, not {raw.size}")
-    return out
+        data = chunk.buffers()[2]
+        data = np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)
+        values.extend(data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist()))
+    return values
 
 
 def _topk_column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -277,31 +285,55 @@ class StreamStage:
                                      pa.array(values, table.schema.field(name).type))
         return table, {rows[i]: high[j : j + 1] for j, i in enumerate(ok)}
 
-    def _prepared(self, table: pa.Table, decoded: dict[int, "torch.Tensor"]) -> tuple[list[int], "torch.Tensor"]:
-        """The rows with a prepared input for this stream, and those inputs as one (N, 3, h, w)
-        batch (from the ``<kind>_input`` bytes, or ``decoded`` on the device, in row order)."""
+    def _prepared(self, table: pa.Table, rows: list[int], decoded: dict[int, "torch.Tensor"]) -> "torch.Tensor":
+        """These rows' inputs for this stream as one (N, 3, h, w) batch, in row order: from the
+        ``<kind>_input`` bytes (the prepared input, copied once, or with ``high_pixels`` the
+        decoded pixels, prepared here by :func:`~twostream.core.scoring.prepare`), or ``decoded``
+        on the device."""
         import torch
 
+        from twostream.core.scoring import prepare
+
         h, w = self.scorer.stream.spec.size
-        column = table.column(f"{self.kind}_input")
-        good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
-        from_bytes = [k for k in good if k not in decoded]
-        batch = torch.from_numpy(_concatenated(column, len(from_bytes) * 3 * h * w)).view(len(from_bytes), 3, h, w)
+        values = _row_values(table.column(f"{self.kind}_input"))
+        pixels = table.column("high_pixels").to_pylist() if self.kind == "high" else [False] * table.num_rows
+        heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
+        from_bytes = [k for k in rows if k not in decoded]
+        batch = torch.empty((len(from_bytes), 3, h, w))
+        raw = batch.numpy().reshape(len(from_bytes), 3 * h * w).view(np.uint8)
+        for i, k in enumerate(from_bytes):
+            if pixels[k]:
+                image = values[k].reshape(heights[k], widths[k], 3)
+                batch[i] = prepare(self.scorer.stream, [image])[0]
+            elif values[k].size == raw.shape[1]:
+                raw[i] = values[k]
+            else:
+                raise ValueError(f"row {k}: a prepared {self.kind} input of {values[k].size} bytes, not {raw.shape[1]}")
         if not decoded:
-            return good, batch
+            return batch
         at = {k: i for i, k in enumerate(from_bytes)}
         device = self.scorer.device
-        return good, torch.cat([decoded[k] if k in decoded else batch[at[k] : at[k] + 1].to(device) for k in good])
+        return torch.cat([decoded[k] if k in decoded else batch[at[k] : at[k] + 1].to(device) for k in rows])
+
+    def _topk(self, table: pa.Table, decoded: dict[int, "torch.Tensor"]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """The rows with an input for this stream and their top-k, prepared and scored
+        ``batch_size`` rows at a time (a block's batch is never held whole)."""
+        good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
+        step = self.scorer.config.batch_size
+        scored = [self.scorer.topk_prepared(self._prepared(table, good[i : i + step], decoded))
+                  for i in range(0, len(good), step)]
+        if not scored:
+            return good, np.zeros((0, self.scorer.k), np.int64), np.zeros((0, self.scorer.k), np.float32)
+        return good, np.concatenate([s[0] for s in scored]), np.concatenate([s[1] for s in scored])
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from twostream.core.scoring import scatter_topk
 
         t0 = time.perf_counter()
         table, decoded = self._decode(table) if self.decodes else (table, {})
-        good, batch = self._prepared(table, decoded)
-        idx, prob = scatter_topk(table.num_rows, good, *self.scorer.topk_prepared(batch))
+        idx, prob = scatter_topk(table.num_rows, *self._topk(table, decoded))
         elapsed = (time.perf_counter() - t0) * 1e3 / max(table.num_rows, 1)
-        table = table.drop_columns([f"{self.kind}_input"] + (["encoded"] if self.kind == "high" else []))
+        table = table.drop_columns([f"{self.kind}_input"] + (["high_pixels", "encoded"] if self.kind == "high" else []))
         table = table.append_column(f"{self.kind}_idx", _topk_column(idx, pa.int32()))
         table = table.append_column(f"{self.kind}_prob", _topk_column(prob, pa.float32()))
         return table.append_column(f"t_{self.kind}_ms", pa.array([elapsed] * table.num_rows, pa.float64()))

@@ -335,7 +335,8 @@ class JobSettings(_Strict):
     """Settings of the batch job itself (the ``job:`` section of the config)."""
 
     files_per_shard: int = Field(256, gt=0, description="loose files per input shard (unit of resume)")
-    decode_batch_size: int = Field(32, gt=0, description="most rows per block a read/decode task emits")
+    decode_batch_size: int = Field(256, gt=0, description="most rows per block a read/decode task emits "
+                                                          "(a block is also one call of each stream actor)")
     decode_bytes_per_batch: int = Field(
         16 << 20, gt=0, description="most bytes of prepared stream input per block a read/decode task emits "
                                     "(also Ray Data's target_max_block_size)")
