@@ -226,6 +226,11 @@ def _row_values(column: pa.ChunkedArray) -> list[np.ndarray]:
     return values
 
 
+# A block's input columns as Python lists, read once: each row's input bytes, its high_pixels flag,
+# its decoded height and width.
+_InputColumns = tuple[list[np.ndarray], list[bool], list, list]
+
+
 def _topk_column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     """(N, k) -> a list<type_> column of N rows of k."""
     offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * values.shape[1])
@@ -285,7 +290,7 @@ class StreamStage:
                                      pa.array(values, table.schema.field(name).type))
         return table, {rows[i]: high[j : j + 1] for j, i in enumerate(ok)}
 
-    def _prepared(self, table: pa.Table, rows: list[int], decoded: dict[int, "torch.Tensor"]) -> "torch.Tensor":
+    def _prepared(self, columns: "_InputColumns", rows: list[int], decoded: dict[int, "torch.Tensor"]) -> "torch.Tensor":
         """These rows' inputs for this stream as one (N, 3, h, w) batch, in row order: from the
         ``<kind>_input`` bytes (the prepared input, copied once, or with ``high_pixels`` the
         decoded pixels, prepared here by :func:`~twostream.core.scoring.prepare`), or ``decoded``
@@ -295,9 +300,7 @@ class StreamStage:
         from twostream.core.scoring import prepare
 
         h, w = self.scorer.stream.spec.size
-        values = _row_values(table.column(f"{self.kind}_input"))
-        pixels = table.column("high_pixels").to_pylist() if self.kind == "high" else [False] * table.num_rows
-        heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
+        values, pixels, heights, widths = columns
         from_bytes = [k for k in rows if k not in decoded]
         batch = torch.empty((len(from_bytes), 3, h, w))
         raw = batch.numpy().reshape(len(from_bytes), 3 * h * w).view(np.uint8)
@@ -318,9 +321,13 @@ class StreamStage:
     def _topk(self, table: pa.Table, decoded: dict[int, "torch.Tensor"]) -> tuple[list[int], np.ndarray, np.ndarray]:
         """The rows with an input for this stream and their top-k, prepared and scored
         ``batch_size`` rows at a time (a block's batch is never held whole)."""
-        good = [k for k, height in enumerate(table.column("height").to_pylist()) if height is not None]
+        heights = table.column("height").to_pylist()
+        good = [k for k, height in enumerate(heights) if height is not None]
+        columns = (_row_values(table.column(f"{self.kind}_input")),  # read once per block, not per batch
+                   table.column("high_pixels").to_pylist() if self.kind == "high" else [False] * table.num_rows,
+                   heights, table.column("width").to_pylist())
         step = self.scorer.config.batch_size
-        scored = [self.scorer.topk_prepared(self._prepared(table, good[i : i + step], decoded))
+        scored = [self.scorer.topk_prepared(self._prepared(columns, good[i : i + step], decoded))
                   for i in range(0, len(good), step)]
         if not scored:
             return good, np.zeros((0, self.scorer.k), np.int64), np.zeros((0, self.scorer.k), np.float32)
