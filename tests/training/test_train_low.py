@@ -298,6 +298,25 @@ def test_recipe_training_lowers_the_loss(tiny_folder: Path, tmp_path: Path) -> N
     assert meta["augmentation"]["jpeg"] == [40, 95] and meta["optimizer"]["ema"] == 0.9
 
 
+@pytest.mark.parametrize("whiten_eps", [5e-4, 1.0])
+def test_whiten_eps_sets_the_first_layers_gain(tiny_folder: Path, tmp_path: Path, whiten_eps: float) -> None:
+    """``--whiten-eps`` reaches the whitening layer: filter k of the written (frozen) first layer has
+    norm ``1 / sqrt(lambda_k + eps)``, with ``lambda_k`` the eigenvalues of the 2x2-patch covariance
+    of the normalised training images, computed here with numpy over every patch of every image
+    (the tiny folder has fewer than 5,000 training images, so all of them fitted the layer)."""
+    meta = train(_opts(tiny_folder, tmp_path, epochs=1, holdout=0.0, whiten_eps=whiten_eps, **RECIPE))
+    net = build_stream(LowStreamConfig(model="airbench94", weights=str(tmp_path / "w.th")), "low")
+    x, _ = _images(tiny_folder)
+    z = ((x - net.mean) / net.std).double().numpy()
+    patches = np.stack([z[:, c, i:i + 31, j:j + 31] for c in range(3) for i in (0, 1) for j in (0, 1)], -1)
+    eigvals = np.linalg.eigvalsh(np.cov(patches.reshape(-1, 12).T, bias=True))
+    norms = net.net.whiten.weight.detach().double().reshape(24, 12).norm(dim=1).numpy()
+    expected = 1.0 / np.sqrt(np.clip(eigvals, 0, None) + whiten_eps)
+    np.testing.assert_allclose(np.sort(norms[:12]), np.sort(expected), rtol=1e-4)
+    np.testing.assert_allclose(norms[12:], norms[:12])  # the negated copies
+    assert meta["whiten_eps"] == whiten_eps
+
+
 def test_recipe_resume_equals_uninterrupted_run(tiny_folder: Path, tmp_path: Path) -> None:
     """With the weight average and every augmentation on, a run resumed from epoch 1's checkpoint
     writes the same tensors as an uninterrupted one (the average is in the checkpoint)."""
@@ -371,6 +390,7 @@ def test_recipe_option_errors(tiny_folder: Path, tmp_path: Path, capsys: pytest.
         (["--rescale", "2"], "--rescale is a probability in [0, 1], got 2.0"),
         (["--crop-scale", "0"], "--crop-scale must be in [0.05, 1]"),
         (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+        (["--whiten-eps", "0"], "--whiten-eps must be positive, got 0.0"),
     ]
     for extra, message in cases:
         assert main(["train-low", "--data", str(tiny_folder), "--out", str(tmp_path / "x.th"), *extra]) == 2

@@ -72,6 +72,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--crop-scale", type=float, default=d.crop_scale,
                         help="random resized crops of at least this share of the area, resized back "
                              f"with the stream's resize; default {d.crop_scale} (off)")
+    parser.add_argument("--whiten-eps", type=float, default=d.whiten_eps,
+                        help="eps of the whitening first layer (airbench94 from random): each 2x2 patch "
+                             "direction is scaled by 1/sqrt(variance + eps), so a small eps amplifies the "
+                             "low-variance, high-frequency directions an L-inf attacker drives (about 40x at "
+                             f"the default {d.whiten_eps}, airbench's); use about 1 for adversarial training")
     parser.add_argument("--data-cache", metavar="DIR",
                         help="keep the decoded training images here as a uint8 .npy array, reused by later runs")
     parser.add_argument("--eval-pgd-steps", type=int, default=d.eval_pgd_steps,
@@ -108,7 +113,8 @@ def command_line(opts: "TrainOptions", eps_text: str) -> str:
     words += ["--momentum", str(opts.momentum), "--weight-decay", str(opts.weight_decay),
               "--translate", str(opts.translate), "--label-smoothing", str(opts.label_smoothing),
               "--ema", str(opts.ema), "--rescale", str(opts.rescale), "--rescale-max", str(opts.rescale_max),
-              "--color-jitter", str(opts.color_jitter), "--crop-scale", str(opts.crop_scale)]
+              "--color-jitter", str(opts.color_jitter), "--crop-scale", str(opts.crop_scale),
+              "--whiten-eps", str(opts.whiten_eps)]
     if opts.nesterov:
         words.append("--nesterov")
     if opts.jpeg is not None:
@@ -149,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
             label_smoothing=args.label_smoothing, nesterov=args.nesterov, momentum=args.momentum,
             weight_decay=args.weight_decay, ema=args.ema,
             jpeg=parse_jpeg(args.jpeg), jpeg_p=args.jpeg_p, rescale=args.rescale, rescale_max=args.rescale_max,
-            color_jitter=args.color_jitter, crop_scale=args.crop_scale, data_cache=args.data_cache,
+            color_jitter=args.color_jitter, crop_scale=args.crop_scale, whiten_eps=args.whiten_eps,
+            data_cache=args.data_cache,
             quick_eval=args.quick_eval)
         meta = train(opts, command=command_line(opts, args.eps))
     except (ValueError, OSError, WeightsError, DatasetError) as exc:

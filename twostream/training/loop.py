@@ -174,8 +174,8 @@ def train(opts: TrainOptions, command: str = "") -> dict:
     whiten = getattr(stream.net, "whiten_init", None)
     if callable(whiten) and opts.init == "random":
         first = train_idx[torch.randperm(len(train_idx), generator=_epoch_generator(opts.seed, 1_000_000))][:WHITEN_IMAGES]
-        whiten((data.x[first].to(device).float() / 255.0 - stream.mean) / stream.std)
-        log.info("whitening layer fitted on %d training images", len(first))
+        whiten((data.x[first].to(device).float() / 255.0 - stream.mean) / stream.std, eps=opts.whiten_eps)
+        log.info("whitening layer fitted on %d training images (eps %g)", len(first), opts.whiten_eps)
     optimizer = torch.optim.SGD([p for p in stream.parameters() if p.requires_grad], lr=0.0,
                                 momentum=opts.momentum, nesterov=opts.nesterov, weight_decay=opts.weight_decay)
     attack = make_attack(opts.attack, opts.eps, opts.pgd_steps)
@@ -292,6 +292,7 @@ def _metadata(opts: TrainOptions, stream: Stream, data: LabelledImages, n_train:
         "input_size": list(spec.size),
         "resize": f"{spec.interpolation}, antialiased, squash={spec.squash}",
         "init": opts.init,
+        "whiten_eps": opts.whiten_eps,
         "data": {"folder": str(opts.data), "images": len(data), "train_images": n_train,
                  "holdout_images": n_held, "holdout_fraction": opts.holdout, "limit": opts.limit,
                  "class_counts": data.class_counts()},

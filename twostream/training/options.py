@@ -41,6 +41,7 @@ class TrainOptions:
     rescale_max: int = 8
     color_jitter: float = 0.0
     crop_scale: float = 1.0
+    whiten_eps: float = 5e-4
     data_cache: str | None = None
     eval_pgd_steps: int = 10
     eval_restarts: int = 1
@@ -93,6 +94,8 @@ class TrainOptions:
             raise ValueError(f"--color-jitter must be in [0, 1), got {self.color_jitter}")
         if not 0.05 <= self.crop_scale <= 1.0:
             raise ValueError(f"--crop-scale must be in [0.05, 1] (1 = no crop), got {self.crop_scale}")
+        if not self.whiten_eps > 0.0:
+            raise ValueError(f"--whiten-eps must be positive, got {self.whiten_eps}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.device not in ("auto", "cpu", "cuda"):
