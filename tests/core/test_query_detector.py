@@ -6,6 +6,7 @@ written here from the docstring (no index, plain Python over the sampled values)
 from __future__ import annotations
 
 import io
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from twostream.core.config import PrefixGrouping
 from twostream.core.query_detector import (MemoryStore, QueryDetector, QueryDetectorConfig, _layout,
                                            fingerprint)
+from twostream.core.reputation import reputation_key
 
 DEMO = sorted((Path(__file__).resolve().parents[2] / "twostream" / "demo" / "data").glob("*.jpg"))
 CONFIG = QueryDetectorConfig()
@@ -207,21 +210,28 @@ def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise
     assert not any(r.matches or r.is_adversarial for r in run_and_check(run, before))
 
 
-def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicates() -> None:
-    """An attacker who shapes its changes so that no pair rule calls them a match (here: fresh
-    noise of +-8 on the textured third of the image only, which is not noise-like: the flat half
-    of the windows does not change, ratio 0.05 / (mean + 0.05) < 0.85, and a third of the values
-    change, > 20%). Every query is still within 16 of every earlier one, so query k has k
-    near-duplicates and no match. From one source, query min_source_near + 1 is flagged by the
-    source's near-duplicate count; from a new source per query it is not (the known weakness)."""
+def texture_run(n: int) -> list[np.ndarray]:
+    """An attacker who shapes its changes so that no pair rule calls them a match: fresh noise of
+    +-8 on the textured third of a 96x96 image only, which is not noise-like (the flat half of
+    the windows does not change, ratio 0.05 / (mean + 0.05) < 0.85, and a third of the values
+    change, > 20%). Every query is within 16 of every earlier one: query k has k near-duplicates
+    and no match."""
     rng = np.random.default_rng(5)
     x0 = np.full((96, 96, 3), 128, np.int16)
     x0[:, 64:] = rng.integers(40, 216, size=(96, 32, 3))
     run = []
-    for _ in range(CONFIG.min_source_near + 3):
+    for _ in range(n):
         x = x0.copy()
         x[:, 64:] += rng.integers(-8, 9, size=(96, 32, 3))
         run.append(x.astype(np.uint8))
+    return run
+
+
+def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicates() -> None:
+    """The texture-hidden run (:func:`texture_run`): query k has k near-duplicates and no match.
+    From one source, query min_source_near + 1 is flagged by the source's near-duplicate count;
+    from a new source per query it is not (the known weakness)."""
+    run = texture_run(CONFIG.min_source_near + 3)
     one, many = QueryDetector(CONFIG), QueryDetector(CONFIG)
     reports = [one.detect(x, source="mallory", query_id=f"q{k}")[0] for k, x in enumerate(run)]
     assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, k, 0) for k in range(len(run))]
@@ -231,6 +241,62 @@ def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicat
     assert [(len(r.near), r.source_near, r.is_adversarial) for r in rotated] == [(k, 0, False) for k in range(len(run))]
     # the reference agrees on a short prefix (it is slow): same near-duplicates, same own-source counts
     run_and_check(run[:6], sources=["mallory"] * 6)
+
+
+GROUPED = partial(reputation_key, grouping=PrefixGrouping(ipv4=24, ipv6=64))  # reputation.group_by_prefix
+
+
+def test_rotating_ids_inside_one_network_are_one_identity_when_grouped() -> None:
+    """The texture-hidden run from a fresh address of one IPv6 /64 per query. Rule 3 under
+    ``reputation.group_by_prefix`` (source_key = reputation_key, /64): every address is
+    2001:db8:5:5::/64, so the run is one identity and flagged at the same query as from one id
+    (query k: k near-duplicates, all from its network; flagged from k = min_source_near = 16),
+    with the same evidence. Grouping off (no source_key, or the key with grouping None): ids
+    compared as text, no query flagged. Addresses of different /64s (one per query, all in one
+    /48) are not merged. Reports and the store keep the raw ids."""
+    n = CONFIG.min_source_near + 3
+    run = texture_run(n)
+    one_net = [f"2001:db8:5:5::{k + 1:x}" for k in range(n)]
+    grouped = QueryDetector(CONFIG, source_key=GROUPED)
+    reports = [grouped.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, one_net))]
+    assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, k, 0) for k in range(n)]
+    assert [r.is_adversarial for r in reports] == [k >= 16 for k in range(n)]
+    assert reports[-1].evidence == tuple(f"q{k}" for k in reversed(range(n - 1)))
+    assert [r.source for r in reports] == one_net and [e.source for e in grouped.store] == one_net
+    one = QueryDetector(CONFIG)  # the same run from one id: the same flags and evidence
+    alone = [one.detect(x, source="mallory", query_id=f"q{k}")[0] for k, x in enumerate(run)]
+    assert [(r.is_adversarial, r.evidence) for r in alone] == [(r.is_adversarial, r.evidence) for r in reports]
+
+    for off in (QueryDetector(CONFIG), QueryDetector(CONFIG, source_key=partial(reputation_key, grouping=None))):
+        plain = [off.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, one_net))]
+        assert [(len(r.near), r.source_near, r.is_adversarial) for r in plain] == [(k, 0, False) for k in range(n)]
+    nets = QueryDetector(CONFIG, source_key=GROUPED)
+    apart = [nets.detect(x, source=f"2001:db8:5:{k:x}::1", query_id=f"q{k}")[0] for k, x in enumerate(run)]
+    assert [(len(r.near), r.source_near, r.is_adversarial) for r in apart] == [(k, 0, False) for k in range(n)]
+
+
+def test_what_is_not_an_address_is_its_own_identity() -> None:
+    """Mixed ids under grouping (IPv4 /24, IPv6 /64), min_source_near 3, the texture-hidden run
+    (every query near every earlier one). Identities by hand: A = 2001:db8:7:7::/64 (a zone id
+    is dropped), B = the malformed text 2001:db8:7:7::zz (not an address: itself, never its /64),
+    C = 192.0.2.0/24 (an IPv4-mapped IPv6 address counts as IPv4), D = 192.0.3.0/24, E =
+    2001:db8:7:8::/64, F = itself. Query k's own near-duplicates are the earlier queries of its
+    identity; flagged where that reaches 3: queries 10 and 12 (the 4th and 5th of A). Grouping
+    off: only B's repeated text is one id (counts 0, 1, 2): none flagged."""
+    config = QueryDetectorConfig(min_source_near=3)
+    sources = ["2001:db8:7:7::1", "2001:db8:7:7::zz", "2001:db8:7:7::2", "192.0.2.1", "2001:db8:7:7::zz",
+               "::ffff:192.0.2.9", "2001:db8:7:8::1", "2001:db8:7:7::3", "192.0.3.1", "2001:db8:7:7::zz",
+               "2001:db8:7:7::fffe", "192.0.2.250", "2001:db8:7:7::4%eth0", "not an address"]
+    own = [0, 0, 1, 0, 1, 1, 0, 2, 0, 2, 3, 2, 4, 0]  # A B A C B C E A D B A C A F
+    run = texture_run(len(sources))
+    grouped = QueryDetector(config, source_key=GROUPED)
+    reports = [grouped.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, sources))]
+    assert [r.source_near for r in reports] == own
+    assert [k for k, r in enumerate(reports) if r.is_adversarial] == [10, 12]
+    assert reports[10].evidence == ("q7", "q2", "q0")  # A's earlier queries, newest first
+    plain = QueryDetector(config)
+    counts = [plain.detect(x, source=s, query_id=f"q{k}")[0].source_near for k, (x, s) in enumerate(zip(run, sources))]
+    assert counts == [0, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0]
 
 
 def test_distinct_photographs_are_never_matched() -> None:

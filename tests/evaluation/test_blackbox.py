@@ -170,13 +170,13 @@ def test_local_oracle_counts_per_network_with_prefix_grouping(rejecting_scorer):
 
 
 def test_local_oracle_answers_query_attack_for_a_near_duplicate_run(rejecting_scorer):
-    from twostream.core.query_detector import QueryDetector
+    from twostream.core.query_detector import QueryDetectorConfig
 
     original = photo(5, 64)
     rng = np.random.default_rng(0)
     walk = [np.clip(original.astype(int) + rng.integers(-2, 3, original.shape), 0, 255).astype(np.uint8)
             for _ in range(14)]
-    oracle = LocalOracle(rejecting_scorer, detector=QueryDetector())
+    oracle = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig())
     camp, result = campaign(oracle, original, identities="1000")
     answers = camp.send(walk)
     flagged = [k + 1 for k, a in enumerate(answers) if a.response == Refusal.QUERY_ATTACK]
@@ -186,7 +186,7 @@ def test_local_oracle_answers_query_attack_for_a_near_duplicate_run(rejecting_sc
     assert oracle.detections == 6
     # From one source Algorithm 2 blocks it at its third rejection: the detector still flags the
     # same six images (the endpoint's detections counter), but they are answered ``blocked``.
-    single = LocalOracle(rejecting_scorer, detector=QueryDetector())
+    single = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig())
     answers = single.ask(walk, ["one"] * len(walk))
     assert [a.response for a in answers] == ["adversarial"] * 2 + ["blocked"] * 12 and single.detections == 6
 
@@ -208,12 +208,12 @@ def test_the_jpeg_like_adaptive_attacker_is_answered_query_attack(rejecting_scor
     the k-th query has k-1 matches and min_matches 8 flags from the 9th on; under the old rules
     (no inside-block test) none is flagged."""
     from twostream.attacks.blackbox import adaptive_perturbation
-    from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
+    from twostream.core.query_detector import QueryDetectorConfig
 
     original = photo(5, 64)
     for config, expected in ((QueryDetectorConfig(), list(range(9, 15))),
                              (QueryDetectorConfig(jpeg_min_inner=0.0, min_source_near=None), [])):
-        oracle = LocalOracle(rejecting_scorer, detector=QueryDetector(config))
+        oracle = LocalOracle(rejecting_scorer, detector=config)
         camp, result = campaign(oracle, original, identities="1000")
         camp.perturb = adaptive_perturbation("jpeg:4", np.random.default_rng(1))[0]
         answers = camp.send([camp.upload(original / 255.0) for _ in range(14)])
