@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import texture_run
 from twostream.core.config import PrefixGrouping
 from twostream.core.query_detector import (MemoryStore, QueryDetector, QueryDetectorConfig, _layout,
                                            fingerprint)
@@ -208,23 +209,6 @@ def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise
     assert first_flag(reports) == CONFIG.min_matches
     before = QueryDetectorConfig(jpeg_min_inner=0.0, min_source_near=None)  # the rules of the measured evasion
     assert not any(r.matches or r.is_adversarial for r in run_and_check(run, before))
-
-
-def texture_run(n: int) -> list[np.ndarray]:
-    """An attacker who shapes its changes so that no pair rule calls them a match: fresh noise of
-    +-8 on the textured third of a 96x96 image only, which is not noise-like (the flat half of
-    the windows does not change, ratio 0.05 / (mean + 0.05) < 0.85, and a third of the values
-    change, > 20%). Every query is within 16 of every earlier one: query k has k near-duplicates
-    and no match."""
-    rng = np.random.default_rng(5)
-    x0 = np.full((96, 96, 3), 128, np.int16)
-    x0[:, 64:] = rng.integers(40, 216, size=(96, 32, 3))
-    run = []
-    for _ in range(n):
-        x = x0.copy()
-        x[:, 64:] += rng.integers(-8, 9, size=(96, 32, 3))
-        run.append(x.astype(np.uint8))
-    return run
 
 
 def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicates() -> None:

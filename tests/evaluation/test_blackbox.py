@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import texture_run
 from twostream.core.config import PrefixGrouping
 from twostream.core.labels import CIFAR10_LABELS, Refusal
 from twostream.core.reputation import reputation_key
@@ -167,6 +168,25 @@ def test_local_oracle_counts_per_network_with_prefix_grouping(rejecting_scorer):
     # Without grouping each address is a fresh source.
     plain = LocalOracle(rejecting_scorer).ask(images, sources)
     assert [a.response for a in plain] == ["adversarial"] * 6
+
+
+def test_local_oracle_groups_the_detectors_rule_3_with_algorithm_2(rejecting_scorer):
+    """``group_prefix`` decides what one identity is for Algorithm 2 and for the detector's
+    rule 3 alike: the texture-hidden run (only rule 3 catches it: query k has k near-duplicates,
+    no match) from a fresh address of one /64 per query (``ipv6-64``) is flagged from query
+    min_source_near (16) on when grouped (its answers stay ``blocked``: the network is
+    blacklisted at its third rejection, but the detections are counted), never otherwise."""
+    from twostream.core.query_detector import QueryDetectorConfig
+
+    n = QueryDetectorConfig().min_source_near + 3
+    sources = [source_for("ipv6-64", "t", k) for k in range(n)]
+    grouped = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig(), group_prefix=True)
+    answers = grouped.ask(texture_run(n), sources)
+    assert grouped.detections == n - 16
+    assert [a.response for a in answers] == ["adversarial"] * 2 + ["blocked"] * (n - 2)
+    plain = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig())
+    assert [a.response for a in plain.ask(texture_run(n), sources)] == ["adversarial"] * n
+    assert plain.detections == 0
 
 
 def test_local_oracle_answers_query_attack_for_a_near_duplicate_run(rejecting_scorer):
