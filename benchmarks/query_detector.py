@@ -36,7 +36,7 @@ from PIL import Image
 
 from twostream.attacks.blackbox import ADAPTIVE_MODES, adaptive_perturbation
 from twostream.core.config import PrefixGrouping
-from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
+from twostream.core.query_detector import QueryDetector, QueryDetectorConfig, fingerprint
 from twostream.core.reputation import reputation_key
 
 log = logging.getLogger("benchmarks.query_detector")
@@ -317,6 +317,18 @@ def main() -> None:
         times_ms = np.array(times) * 1e3
         log.info("detect() on %d distinct photographs (mean %.0f pixels): p50 %.3f ms, mean %.3f ms, p99 %.3f ms",
                  len(sample), np.mean(sizes), np.percentile(times_ms, 50), times_ms.mean(), np.percentile(times_ms, 99))
+        run = list(zip(range(200), adaptive_run(sample[0], "texture:4", np.random.default_rng(args.seed))))
+        for round_ in range(2):  # rule 3's key on every verified candidate: grouping off vs on, alternating
+            for identities in ("net64", "net64-grouped"):
+                source, grouped = IDENTITIES[identities]
+                det = QueryDetector(config, source_key=partial(reputation_key,
+                                                               grouping=PrefixGrouping() if grouped else None))
+                fps = [fingerprint(x, config) for _, x in run]
+                t = time.perf_counter()
+                for (i, _), fp in zip(run, fps):
+                    det.judge(fp, source=source(i), query_id=f"r{i}")
+                log.info("judge() over a texture:4 run of %d near-duplicates from one /64 (%s, round %d): "
+                         "mean %.3f ms", len(run), identities, round_ + 1, (time.perf_counter() - t) * 1e3 / len(run))
 
 
 if __name__ == "__main__":
