@@ -75,8 +75,8 @@ def _first_uploads(spill: Spill) -> pa.Table:
     """Each image's first upload: (img, ts, source, sent_by), earliest (timestamp, line) first."""
     firsts = []
     for _, records in spill.partitions_sorted():
-        table = records.select(["img", "ts", "line", "source", "sent_by"]).sort_by([("img", "ascending"), ("ts", "ascending"),
-                                                                           ("line", "ascending")])
+        table = records.select(["img", "ts", "line", "source", "sent_by"]).sort_by(
+            [("img", "ascending"), ("ts", "ascending"), ("line", "ascending")])
         img = table.column("img").to_numpy()
         first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]]) if len(img) else np.zeros(0, np.int64)
         firsts.append(table.take(pa.array(first)))

@@ -453,7 +453,6 @@ class QueryDetector:
                  source_key: Callable[[str], str] | None = None) -> None:
         self.config = config or QueryDetectorConfig()
         self.store: DetectorStore = store if store is not None else MemoryStore()
-        self.source_key = source_key
         self._key = lru_cache(maxsize=4096)(source_key) if source_key is not None else None
         self._count = 0
 
