@@ -184,6 +184,16 @@ def test_a_square_like_run_is_flagged() -> None:
     assert first_flag(reports) is not None and first_flag(reports) <= CONFIG.min_matches + 6
 
 
+def block_offset_run() -> list[np.ndarray]:
+    """Query k = x0 + c_k * P, P = +-1 per 8x8 block (equal on R, G, B), c_k a permutation of
+    -4..4, x0 kept in [16, 239] (the test below works out its matches by hand)."""
+    rng = np.random.default_rng(11)
+    x0 = np.clip(photo(DEMO[0]), 16, 239).astype(np.int16)
+    h, w = x0.shape[:2]
+    pattern = np.repeat(np.repeat(rng.choice([-1, 1], size=(-(-h // 8), -(-w // 8), 1)), 8, 0), 8, 1)[:h, :w]
+    return [(x0 + c * pattern).astype(np.uint8) for c in rng.permutation(np.arange(-4, 5))]
+
+
 def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise() -> None:
     """The measured evasion (``twostream blackbox --adaptive jpeg:4``: 0 detections in 4,400
     queries): queries that differ by an offset constant per 8x8 block, the same on R, G and B.
@@ -196,11 +206,7 @@ def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise
     it does not vary inside the blocks, as requantization error does: inner ratio =
     0.05 / (|c_i - c_j| + 0.05) <= 0.048 < jpeg_min_inner = 0.3. So every pair matches, query k
     has k matches, and the 9th query (min_matches + 1) is flagged, as a plain noise run is."""
-    rng = np.random.default_rng(11)
-    x0 = np.clip(photo(DEMO[0]), 16, 239).astype(np.int16)
-    h, w = x0.shape[:2]
-    pattern = np.repeat(np.repeat(rng.choice([-1, 1], size=(-(-h // 8), -(-w // 8), 1)), 8, 0), 8, 1)[:h, :w]
-    run = [(x0 + c * pattern).astype(np.uint8) for c in rng.permutation(np.arange(-4, 5))]
+    run = block_offset_run()
     reports = run_and_check(run)
     assert [len(r.matches) for r in reports] == list(range(9))
     assert all(m.inner_ratio == pytest.approx(0.05 / (m.linf + 0.05), abs=1e-4) for m in reports[-1].matches)
@@ -257,6 +263,22 @@ def test_rotating_ids_inside_one_network_are_one_identity_when_grouped() -> None
     nets = QueryDetector(CONFIG, source_key=GROUPED)
     apart = [nets.detect(x, source=f"2001:db8:5:{k:x}::1", query_id=f"q{k}")[0] for k, x in enumerate(run)]
     assert [(len(r.near), r.source_near, r.is_adversarial) for r in apart] == [(k, 0, False) for k in range(n)]
+
+
+def test_a_block_offset_run_is_flagged_by_its_matches_whatever_the_grouping() -> None:
+    """The block-offset run (9 queries, query k has k matches: rule 2) from a fresh address of
+    one /64 per query: flagged at query min_matches (8) with grouping on, off, and from one id,
+    with the same evidence (rule 2 does not look at identities); grouped, its 8 near-duplicates
+    are all its network's."""
+    run = block_offset_run()
+    one_net = [f"2001:db8:6:6::{k + 1:x}" for k in range(len(run))]
+    seen = []
+    for detector, sources in ((QueryDetector(CONFIG, source_key=GROUPED), one_net), (QueryDetector(CONFIG), one_net),
+                              (QueryDetector(CONFIG), ["mallory"] * len(run))):
+        reports = [detector.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, sources))]
+        assert [r.is_adversarial for r in reports] == [k >= CONFIG.min_matches for k in range(len(run))]
+        seen.append((reports[-1].evidence, reports[-1].source_near))
+    assert [own for _, own in seen] == [8, 0, 8] and len({evidence for evidence, _ in seen}) == 1
 
 
 def test_what_is_not_an_address_is_its_own_identity() -> None:
