@@ -2,7 +2,7 @@
 detection of simulated query-attack runs, the cost per image and the memory per remembered image.
 
     nice python benchmarks/query_detector.py [--uploads 20000] [--runs 40] [--min-matches 5]
-        [--only honest|variants|attacks|cost] [--assets DIR]
+        [--only honest|variants|attacks|adaptive|cost] [--identities one,rotate,net64,net64-grouped] [--assets DIR]
 
 Honest model (the issue's): a shuffled stream of uploads of the shared photographs
 (``imagenet-sample``), each photograph drawn by popularity (Zipf, a popular one is sent thousands
@@ -14,7 +14,9 @@ square redraws, SimBA-like single-value steps, and HopSkipJump-like boundary wal
 interpolations towards the original from another photograph plus Gaussian probes). The attacker
 who knows the detector (``--only adaptive``): the Square-like run on ``eps - margin``, each query
 re-randomised by one of ``attacks.blackbox.ADAPTIVE_MODES`` and projected onto the 8/255 ball.
-Each adaptive mode runs from one source id and from a new id per query. Near-duplicate counts
+Each adaptive mode runs from each of ``--identities``: one source id, a new id per query, a new
+address of one IPv6 /64 per query with ``reputation.group_by_prefix`` off (``net64``) or on
+(``net64-grouped``: rule 3 counts per network, the source_key the endpoint passes). Near-duplicate counts
 (``QueryReport.near``, and those from the upload's own source) are reported beside the flags.
 """
 
@@ -26,13 +28,16 @@ import logging
 import statistics
 import time
 import tracemalloc
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from twostream.attacks.blackbox import ADAPTIVE_MODES, adaptive_perturbation
-from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
+from twostream.core.config import PrefixGrouping
+from twostream.core.query_detector import QueryDetector, QueryDetectorConfig, fingerprint
+from twostream.core.reputation import reputation_key
 
 log = logging.getLogger("benchmarks.query_detector")
 REPO = Path(__file__).resolve().parents[1]
@@ -174,10 +179,19 @@ def adaptive_run(x0: np.ndarray, mode: str, rng: np.random.Generator, eps: int =
         yield np.clip(perturb(x), low, high)
 
 
-def queries_to_detection(run, limit: int, config: QueryDetectorConfig, one_source: bool = False) -> int | None:
-    detector = QueryDetector(config)
+IDENTITIES = {  # the source id of query i, and whether rule 3 groups by network
+    "one": (lambda i: "attacker", False),
+    "rotate": (lambda i: f"attacker{i}", False),
+    "net64": (lambda i: f"2001:db8:a:b::{i + 1:x}", False),
+    "net64-grouped": (lambda i: f"2001:db8:a:b::{i + 1:x}", True),
+}
+
+
+def queries_to_detection(run, limit: int, config: QueryDetectorConfig, identities: str = "rotate") -> int | None:
+    source, grouped = IDENTITIES[identities]
+    detector = QueryDetector(config, source_key=partial(reputation_key, grouping=PrefixGrouping() if grouped else None))
     for i, image in zip(range(limit), run):
-        _, flagged = detector.detect(image, source="attacker" if one_source else f"attacker{i}", query_id=f"a{i}")
+        _, flagged = detector.detect(image, source=source(i), query_id=f"a{i}")
         if flagged:
             return i + 1
     return None
@@ -208,6 +222,8 @@ def main() -> None:
     ap.add_argument("--adaptive", default="jpeg:4,jpeg:2,grid16:4,blockrgb:4,blockac:3,texture:4,realjpeg:70,noise:4",
                     help=f"the detector-aware modes run by --only adaptive (KIND:A, comma-separated; KIND one of "
                          f"{', '.join(ADAPTIVE_MODES)})")
+    ap.add_argument("--identities", default="rotate,one",
+                    help=f"where --only adaptive's queries come from (comma-separated: {', '.join(IDENTITIES)})")
     ap.add_argument("--only", choices=["honest", "variants", "attacks", "adaptive", "cost"], action="append",
                     help="run only these parts (repeatable; default all)")
     ap.add_argument("--variant-photos", type=int, default=20, help="photographs for the every-variant case")
@@ -274,12 +290,14 @@ def main() -> None:
     if "adaptive" in parts:
         rng = np.random.default_rng(args.seed + 3)
         originals = [load(paths[int(i)]) for i in rng.choice(len(paths), size=args.runs, replace=False)]
-        for mode in args.adaptive.split(","):
-            for one in (False, True):
-                counts = [queries_to_detection(adaptive_run(x0, mode, rng), args.limit, config, one) for x0 in originals]
+        for m, mode in enumerate(args.adaptive.split(",")):
+            for identities in args.identities.split(","):
+                rng = np.random.default_rng([args.seed + 3, m])  # the same runs from every identity setting
+                counts = [queries_to_detection(adaptive_run(x0, mode, rng), args.limit, config, identities)
+                          for x0 in originals]
                 found = [c for c in counts if c is not None]
                 log.info("adaptive %-12s %-13s: %d/%d runs detected within %d queries; queries to the first "
-                         "detection: median %s, max %s", mode, "one source" if one else "id per query", len(found),
+                         "detection: median %s, max %s", mode, identities, len(found),
                          len(counts), args.limit, statistics.median(found) if found else None,
                          max(found) if found else None)
 
@@ -299,6 +317,18 @@ def main() -> None:
         times_ms = np.array(times) * 1e3
         log.info("detect() on %d distinct photographs (mean %.0f pixels): p50 %.3f ms, mean %.3f ms, p99 %.3f ms",
                  len(sample), np.mean(sizes), np.percentile(times_ms, 50), times_ms.mean(), np.percentile(times_ms, 99))
+        run = list(zip(range(200), adaptive_run(sample[0], "texture:4", np.random.default_rng(args.seed))))
+        for round_ in range(2):  # rule 3's key on every verified candidate: grouping off vs on, alternating
+            for identities in ("net64", "net64-grouped"):
+                source, grouped = IDENTITIES[identities]
+                det = QueryDetector(config, source_key=partial(reputation_key,
+                                                               grouping=PrefixGrouping() if grouped else None))
+                fps = [fingerprint(x, config) for _, x in run]
+                t = time.perf_counter()
+                for (i, _), fp in zip(run, fps):
+                    det.judge(fp, source=source(i), query_id=f"r{i}")
+                log.info("judge() over a texture:4 run of %d near-duplicates from one /64 (%s, round %d): "
+                         "mean %.3f ms", len(run), identities, round_ + 1, (time.perf_counter() - t) * 1e3 / len(run))
 
 
 if __name__ == "__main__":

@@ -280,7 +280,8 @@ def _detect_task(cfg: TwoStreamConfig, output: str, window: str | None, *queries
     """Ray task: the query detector over the run (:func:`twostream.batch.detector.detect_run`),
     from the carried window; writes this run's window; returns the detections and counts."""
     carried = storage.read_parquet(window) if window else None
-    detections, kept, counts = detector.detect_run(queries, carried, cfg.detector.query_config())
+    detections, kept, counts = detector.detect_run(queries, carried, cfg.detector.query_config(),
+                                                   cfg.reputation.group_by_prefix)
     storage.write_parquet(kept, detector.window_uri(output))
     return detections, counts
 

@@ -39,6 +39,24 @@ def demo_photo(k: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:
         return np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
 
 
+def texture_run(n: int) -> list[np.ndarray]:
+    """A query run that only the query detector's rule 3 catches (tests/core/test_query_detector.py):
+    an attacker who shapes its changes so that no pair rule calls them a match: fresh noise of
+    +-8 on the textured third of a 96x96 image only, which is not noise-like (the flat half of
+    the windows does not change, ratio 0.05 / (mean + 0.05) < 0.85, and a third of the values
+    change, > 20%). Every query is within 16 of every earlier one: query k has k near-duplicates
+    and no match."""
+    rng = np.random.default_rng(5)
+    x0 = np.full((96, 96, 3), 128, np.int16)
+    x0[:, 64:] = rng.integers(40, 216, size=(96, 32, 3))
+    run = []
+    for _ in range(n):
+        x = x0.copy()
+        x[:, 64:] += rng.integers(-8, 9, size=(96, 32, 3))
+        run.append(x.astype(np.uint8))
+    return run
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     """``pixels`` (RGB ``uint8``) as a lossless PNG file's bytes."""
     import io

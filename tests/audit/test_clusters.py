@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from conftest import demo_photo, png_bytes
+from conftest import demo_photo, png_bytes, texture_run
 from twostream.audit.run import run_audit
 from twostream.core.config import TwoStreamConfig, load_config
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
@@ -121,3 +121,30 @@ def test_the_audit_reports_the_cluster_and_its_sources(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out2" / "summary.json").read_text())["query_detector"]["available"] is False
     assert "id=clusters-unavailable" in (tmp_path / "out2" / "report.html").read_text()
     assert not (tmp_path / "out2" / "clusters.parquet").exists()
+
+
+def test_rule_3_counts_per_network_under_the_audits_grouping(tmp_path: Path) -> None:
+    """The texture-hidden run (only rule 3 catches it: image k has k near-duplicates, no match),
+    each image uploaded once from a fresh address of one IPv6 /64. With
+    ``reputation.group_by_prefix`` the audit's detector counts the addresses as one identity:
+    images min_source_near (16) on are flagged, and the cluster holds all of them, its source the
+    network (the audit's per-source tables are per key); without grouping nothing is flagged."""
+    n = QueryDetectorConfig().min_source_near + 3
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for k, x in enumerate(texture_run(n)):
+        (images / f"tx-{k:02d}.png").write_bytes(png_bytes(x))
+        lines.append(f"{T + 10 * k},2001:db8:4:4::{k + 1:x},/u/tx-{k:02d}.png\n")
+    log = tmp_path / "uploads.csv"
+    log.write_text("time,client_ip,request_uri\n" + "".join(lines))
+    grouped = load_config(None, [], {"reputation": {"group_by_prefix": {"ipv4": 24, "ipv6": 64}}})
+    result = run_audit(str(log), str(tmp_path / "grouped"), images_uri=str(images), config=grouped, score_fn=accept_all)
+    assert result.summary["query_detector"]["flagged"] == n - 16
+    (cluster,) = pq.read_table(tmp_path / "grouped" / "clusters.parquet").to_pylist()
+    assert cluster["flagged"] == [f"tx-{k:02d}" for k in range(16, n)]
+    assert cluster["images"] == [f"tx-{k:02d}" for k in range(n)]
+    assert (cluster["sources"], cluster["source_uploads"]) == (["2001:db8:4:4::/64"], [n])
+    plain = run_audit(str(log), str(tmp_path / "plain"), images_uri=str(images), config=TwoStreamConfig(),
+                      score_fn=accept_all)
+    assert plain.summary["query_detector"]["flagged"] == 0 and plain.summary["query_detector"]["clusters"] == 0

@@ -13,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import texture_run
 from twostream.batch.detector import (DETECTIONS_SCHEMA, QUERIES_SCHEMA, WindowError, apply_detections,
                                       detect_run, query_rows)
 from twostream.batch.stages import fingerprint_columns
+from twostream.core.config import PrefixGrouping
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig, fingerprint
 
 DEMO = sorted((Path(__file__).resolve().parents[2] / "twostream" / "demo" / "data").glob("*.jpg"))
@@ -181,3 +183,25 @@ def test_fingerprints_travel_in_the_decoded_rows_on_both_decode_paths(tmp_path: 
             assert by_key[f"p{k}.jpg"] == fingerprint(pixels, CONFIG).sample.tobytes(), (decode, k)
         off = load_config(None, small + [f"job.decode={decode}", "detector.enabled=false"])
         assert pc.all(pc.is_null(pa.concat_tables(stages.read_decode(unit, off, specs)).column("fp_digest"))).as_py()
+
+
+def test_rule_3_counts_per_network_under_the_jobs_grouping_and_across_a_carried_window() -> None:
+    """The texture-hidden run (only rule 3 catches it: query k has k near-duplicates, no match)
+    from a fresh address of one IPv6 /64 per query, over two shards in time order. With the
+    job's ``reputation.group_by_prefix`` the addresses are one identity: the rows from query
+    min_source_near (16) on are flagged, each with its earlier queries as evidence, newest first;
+    without it, none. The window keeps the raw addresses, and a second run carrying the first
+    ten queries' window flags the same queries."""
+    n = CONFIG.min_source_near + 3
+    images = [(f"q{k:02d}", f"2001:db8:9:9::{k + 1:x}", 100.0 + k, x) for k, x in enumerate(texture_run(n))]
+    tables = [queries(images[1::2], 0), queries(images[::2], 1)]
+    grouping = PrefixGrouping(ipv4=24, ipv6=64)
+    want = {f"q{k:02d}": [f"q{j:02d}" for j in reversed(range(k))] for k in range(16, n)}
+    detections, window, _ = detect_run(tables, None, CONFIG, grouping)
+    assert got(detections, tables) == want
+    assert window.column("source").to_pylist() == [s for _, s, _, _ in images]
+    assert detect_run(tables, None, CONFIG)[0].num_rows == 0
+    first, second = queries(images[:10], 0), queries(images[10:], 1)
+    _, carried, _ = detect_run([first], None, CONFIG, grouping)
+    again, _, counts = detect_run([second], carried, CONFIG, grouping)
+    assert got(again, [second]) == want and counts["window_carried_in"] == 10

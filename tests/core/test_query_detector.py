@@ -6,16 +6,20 @@ written here from the docstring (no index, plain Python over the sampled values)
 from __future__ import annotations
 
 import io
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import texture_run
+from twostream.core.config import PrefixGrouping
 from twostream.core.query_detector import (MemoryStore, QueryDetector, QueryDetectorConfig, _layout,
                                            fingerprint)
+from twostream.core.reputation import reputation_key
 
 DEMO = sorted((Path(__file__).resolve().parents[2] / "twostream" / "demo" / "data").glob("*.jpg"))
 CONFIG = QueryDetectorConfig()
@@ -180,6 +184,16 @@ def test_a_square_like_run_is_flagged() -> None:
     assert first_flag(reports) is not None and first_flag(reports) <= CONFIG.min_matches + 6
 
 
+def block_offset_run() -> list[np.ndarray]:
+    """Query k = x0 + c_k * P, P = +-1 per 8x8 block (equal on R, G, B), c_k a permutation of
+    -4..4, x0 kept in [16, 239] (the test below works out its matches by hand)."""
+    rng = np.random.default_rng(11)
+    x0 = np.clip(photo(DEMO[0]), 16, 239).astype(np.int16)
+    h, w = x0.shape[:2]
+    pattern = np.repeat(np.repeat(rng.choice([-1, 1], size=(-(-h // 8), -(-w // 8), 1)), 8, 0), 8, 1)[:h, :w]
+    return [(x0 + c * pattern).astype(np.uint8) for c in rng.permutation(np.arange(-4, 5))]
+
+
 def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise() -> None:
     """The measured evasion (``twostream blackbox --adaptive jpeg:4``: 0 detections in 4,400
     queries): queries that differ by an offset constant per 8x8 block, the same on R, G and B.
@@ -192,11 +206,7 @@ def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise
     it does not vary inside the blocks, as requantization error does: inner ratio =
     0.05 / (|c_i - c_j| + 0.05) <= 0.048 < jpeg_min_inner = 0.3. So every pair matches, query k
     has k matches, and the 9th query (min_matches + 1) is flagged, as a plain noise run is."""
-    rng = np.random.default_rng(11)
-    x0 = np.clip(photo(DEMO[0]), 16, 239).astype(np.int16)
-    h, w = x0.shape[:2]
-    pattern = np.repeat(np.repeat(rng.choice([-1, 1], size=(-(-h // 8), -(-w // 8), 1)), 8, 0), 8, 1)[:h, :w]
-    run = [(x0 + c * pattern).astype(np.uint8) for c in rng.permutation(np.arange(-4, 5))]
+    run = block_offset_run()
     reports = run_and_check(run)
     assert [len(r.matches) for r in reports] == list(range(9))
     assert all(m.inner_ratio == pytest.approx(0.05 / (m.linf + 0.05), abs=1e-4) for m in reports[-1].matches)
@@ -208,20 +218,10 @@ def test_a_block_offset_run_that_the_jpeg_veto_let_through_is_flagged_like_noise
 
 
 def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicates() -> None:
-    """An attacker who shapes its changes so that no pair rule calls them a match (here: fresh
-    noise of +-8 on the textured third of the image only, which is not noise-like: the flat half
-    of the windows does not change, ratio 0.05 / (mean + 0.05) < 0.85, and a third of the values
-    change, > 20%). Every query is still within 16 of every earlier one, so query k has k
-    near-duplicates and no match. From one source, query min_source_near + 1 is flagged by the
-    source's near-duplicate count; from a new source per query it is not (the known weakness)."""
-    rng = np.random.default_rng(5)
-    x0 = np.full((96, 96, 3), 128, np.int16)
-    x0[:, 64:] = rng.integers(40, 216, size=(96, 32, 3))
-    run = []
-    for _ in range(CONFIG.min_source_near + 3):
-        x = x0.copy()
-        x[:, 64:] += rng.integers(-8, 9, size=(96, 32, 3))
-        run.append(x.astype(np.uint8))
+    """The texture-hidden run (:func:`texture_run`): query k has k near-duplicates and no match.
+    From one source, query min_source_near + 1 is flagged by the source's near-duplicate count;
+    from a new source per query it is not (the known weakness)."""
+    run = texture_run(CONFIG.min_source_near + 3)
     one, many = QueryDetector(CONFIG), QueryDetector(CONFIG)
     reports = [one.detect(x, source="mallory", query_id=f"q{k}")[0] for k, x in enumerate(run)]
     assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, k, 0) for k in range(len(run))]
@@ -231,6 +231,108 @@ def test_a_run_hidden_in_texture_from_one_source_is_flagged_by_its_near_duplicat
     assert [(len(r.near), r.source_near, r.is_adversarial) for r in rotated] == [(k, 0, False) for k in range(len(run))]
     # the reference agrees on a short prefix (it is slow): same near-duplicates, same own-source counts
     run_and_check(run[:6], sources=["mallory"] * 6)
+
+
+GROUPED = partial(reputation_key, grouping=PrefixGrouping(ipv4=24, ipv6=64))  # reputation.group_by_prefix
+
+
+def test_rotating_ids_inside_one_network_are_one_identity_when_grouped() -> None:
+    """The texture-hidden run from a fresh address of one IPv6 /64 per query. Rule 3 under
+    ``reputation.group_by_prefix`` (source_key = reputation_key, /64): every address is
+    2001:db8:5:5::/64, so the run is one identity and flagged at the same query as from one id
+    (query k: k near-duplicates, all from its network; flagged from k = min_source_near = 16),
+    with the same evidence. Grouping off (no source_key, or the key with grouping None): ids
+    compared as text, no query flagged. Addresses of different /64s (one per query, all in one
+    /48) are not merged. Reports and the store keep the raw ids."""
+    n = CONFIG.min_source_near + 3
+    run = texture_run(n)
+    one_net = [f"2001:db8:5:5::{k + 1:x}" for k in range(n)]
+    grouped = QueryDetector(CONFIG, source_key=GROUPED)
+    reports = [grouped.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, one_net))]
+    assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, k, 0) for k in range(n)]
+    assert [r.is_adversarial for r in reports] == [k >= 16 for k in range(n)]
+    assert reports[-1].evidence == tuple(f"q{k}" for k in reversed(range(n - 1)))
+    assert [r.source for r in reports] == one_net and [e.source for e in grouped.store] == one_net
+    one = QueryDetector(CONFIG)  # the same run from one id: the same flags and evidence
+    alone = [one.detect(x, source="mallory", query_id=f"q{k}")[0] for k, x in enumerate(run)]
+    assert [(r.is_adversarial, r.evidence) for r in alone] == [(r.is_adversarial, r.evidence) for r in reports]
+
+    for off in (QueryDetector(CONFIG), QueryDetector(CONFIG, source_key=partial(reputation_key, grouping=None))):
+        plain = [off.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, one_net))]
+        assert [(len(r.near), r.source_near, r.is_adversarial) for r in plain] == [(k, 0, False) for k in range(n)]
+    nets = QueryDetector(CONFIG, source_key=GROUPED)
+    apart = [nets.detect(x, source=f"2001:db8:5:{k:x}::1", query_id=f"q{k}")[0] for k, x in enumerate(run)]
+    assert [(len(r.near), r.source_near, r.is_adversarial) for r in apart] == [(k, 0, False) for k in range(n)]
+
+
+def test_a_block_offset_run_is_flagged_by_its_matches_whatever_the_grouping() -> None:
+    """The block-offset run (9 queries, query k has k matches: rule 2) from a fresh address of
+    one /64 per query: flagged at query min_matches (8) with grouping on, off, and from one id,
+    with the same evidence (rule 2 does not look at identities); grouped, its 8 near-duplicates
+    are all its network's."""
+    run = block_offset_run()
+    one_net = [f"2001:db8:6:6::{k + 1:x}" for k in range(len(run))]
+    seen = []
+    for detector, sources in ((QueryDetector(CONFIG, source_key=GROUPED), one_net), (QueryDetector(CONFIG), one_net),
+                              (QueryDetector(CONFIG), ["mallory"] * len(run))):
+        reports = [detector.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, sources))]
+        assert [r.is_adversarial for r in reports] == [k >= CONFIG.min_matches for k in range(len(run))]
+        seen.append((reports[-1].evidence, reports[-1].source_near))
+    assert [own for _, own in seen] == [8, 0, 8] and len({evidence for evidence, _ in seen}) == 1
+
+
+def test_what_is_not_an_address_is_its_own_identity() -> None:
+    """Mixed ids under grouping (IPv4 /24, IPv6 /64), min_source_near 3, the texture-hidden run
+    (every query near every earlier one). Identities by hand: A = 2001:db8:7:7::/64 (a zone id
+    is dropped), B = the malformed text 2001:db8:7:7::zz (not an address: itself, never its /64),
+    C = 192.0.2.0/24 (an IPv4-mapped IPv6 address counts as IPv4), D = 192.0.3.0/24, E =
+    2001:db8:7:8::/64, F = itself. Query k's own near-duplicates are the earlier queries of its
+    identity; flagged where that reaches 3: queries 10 and 12 (the 4th and 5th of A). Grouping
+    off: only B's repeated text is one id (counts 0, 1, 2): none flagged."""
+    config = QueryDetectorConfig(min_source_near=3)
+    sources = ["2001:db8:7:7::1", "2001:db8:7:7::zz", "2001:db8:7:7::2", "192.0.2.1", "2001:db8:7:7::zz",
+               "::ffff:192.0.2.9", "2001:db8:7:8::1", "2001:db8:7:7::3", "192.0.3.1", "2001:db8:7:7::zz",
+               "2001:db8:7:7::fffe", "192.0.2.250", "2001:db8:7:7::4%eth0", "not an address"]
+    own = [0, 0, 1, 0, 1, 1, 0, 2, 0, 2, 3, 2, 4, 0]  # A B A C B C E A D B A C A F
+    run = texture_run(len(sources))
+    grouped = QueryDetector(config, source_key=GROUPED)
+    reports = [grouped.detect(x, source=s, query_id=f"q{k}")[0] for k, (x, s) in enumerate(zip(run, sources))]
+    assert [r.source_near for r in reports] == own
+    assert [k for k, r in enumerate(reports) if r.is_adversarial] == [10, 12]
+    assert reports[10].evidence == ("q7", "q2", "q0")  # A's earlier queries, newest first
+    plain = QueryDetector(config)
+    counts = [plain.detect(x, source=s, query_id=f"q{k}")[0].source_near for k, (x, s) in enumerate(zip(run, sources))]
+    assert counts == [0, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0]
+
+
+# Source ids and their identity under /24 and /64 grouping, labelled by hand (not by reputation_key):
+# addresses of one network in several spellings, other networks, and hostile text that is no address.
+POOL = {
+    "2001:db8:1:1::1": "A", "2001:db8:1:1::ffff": "A", "2001:db8:1:1:0:0:0:2": "A", "2001:DB8:1:1::3": "A",
+    "2001:db8:1:1:8000::1": "A", "2001:db8:1:1::5%eth0": "A", "2001:db8:1:2::1": "B", "2001:db8:2::1": "B2",
+    "192.0.2.1": "C", "192.0.2.254": "C", "::ffff:192.0.2.7": "C", "192.0.20.1": "D", "192.0.3.1": "D2",
+    "2001:db8:1:1::zz": "bad6", " 192.0.2.1": "space", "192.0.2.01": "zero", "user-17": "user-17", "": "",
+}
+SOURCES = sorted(POOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(picks=st.lists(st.sampled_from(SOURCES + [None]), min_size=12, max_size=12))
+@example(picks=["2001:db8:1:1::1", "2001:db8:1:1::zz", "2001:DB8:1:1::3", "::ffff:192.0.2.7", None,
+                "2001:db8:1:2::1", "2001:db8:1:1::5%eth0", "192.0.2.01", "2001:db8:1:1:8000::1", "192.0.2.1",
+                "192.0.2.254", "2001:db8:1:1::ffff"])  # A (0, 2, 6, 8, 11) flagged at 8 and 11; C (3, 9, 10) not
+def test_rule_3_counts_each_identity_on_generated_streams(picks: list[str | None]) -> None:
+    """The texture-hidden run (every query near every earlier one, no match) from generated
+    source ids, grouped: a query's own near-duplicates are the earlier queries whose hand label
+    is its own (a query with no source counts none and is counted by none); flagged where that
+    reaches min_source_near = 3."""
+    config = QueryDetectorConfig(min_source_near=3)
+    detector = QueryDetector(config, source_key=GROUPED)
+    labels = [POOL[s] if s is not None else None for s in picks]
+    for k, (x, source) in enumerate(zip(texture_run(len(picks)), picks)):
+        report, flagged = detector.detect(x, source=source, query_id=f"q{k}")
+        own = 0 if labels[k] is None else sum(label == labels[k] for label in labels[:k])
+        assert (report.source, report.source_near, flagged) == (source, own, own >= 3)
 
 
 def test_distinct_photographs_are_never_matched() -> None:

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import texture_run
 from twostream.core.config import PrefixGrouping
 from twostream.core.labels import CIFAR10_LABELS, Refusal
 from twostream.core.reputation import reputation_key
@@ -169,14 +170,33 @@ def test_local_oracle_counts_per_network_with_prefix_grouping(rejecting_scorer):
     assert [a.response for a in plain] == ["adversarial"] * 6
 
 
+def test_local_oracle_groups_the_detectors_rule_3_with_algorithm_2(rejecting_scorer):
+    """``group_prefix`` decides what one identity is for Algorithm 2 and for the detector's
+    rule 3 alike: the texture-hidden run (only rule 3 catches it: query k has k near-duplicates,
+    no match) from a fresh address of one /64 per query (``ipv6-64``) is flagged from query
+    min_source_near (16) on when grouped (its answers stay ``blocked``: the network is
+    blacklisted at its third rejection, but the detections are counted), never otherwise."""
+    from twostream.core.query_detector import QueryDetectorConfig
+
+    n = QueryDetectorConfig().min_source_near + 3
+    sources = [source_for("ipv6-64", "t", k) for k in range(n)]
+    grouped = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig(), group_prefix=True)
+    answers = grouped.ask(texture_run(n), sources)
+    assert grouped.detections == n - 16
+    assert [a.response for a in answers] == ["adversarial"] * 2 + ["blocked"] * (n - 2)
+    plain = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig())
+    assert [a.response for a in plain.ask(texture_run(n), sources)] == ["adversarial"] * n
+    assert plain.detections == 0
+
+
 def test_local_oracle_answers_query_attack_for_a_near_duplicate_run(rejecting_scorer):
-    from twostream.core.query_detector import QueryDetector
+    from twostream.core.query_detector import QueryDetectorConfig
 
     original = photo(5, 64)
     rng = np.random.default_rng(0)
     walk = [np.clip(original.astype(int) + rng.integers(-2, 3, original.shape), 0, 255).astype(np.uint8)
             for _ in range(14)]
-    oracle = LocalOracle(rejecting_scorer, detector=QueryDetector())
+    oracle = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig())
     camp, result = campaign(oracle, original, identities="1000")
     answers = camp.send(walk)
     flagged = [k + 1 for k, a in enumerate(answers) if a.response == Refusal.QUERY_ATTACK]
@@ -186,7 +206,7 @@ def test_local_oracle_answers_query_attack_for_a_near_duplicate_run(rejecting_sc
     assert oracle.detections == 6
     # From one source Algorithm 2 blocks it at its third rejection: the detector still flags the
     # same six images (the endpoint's detections counter), but they are answered ``blocked``.
-    single = LocalOracle(rejecting_scorer, detector=QueryDetector())
+    single = LocalOracle(rejecting_scorer, detector=QueryDetectorConfig())
     answers = single.ask(walk, ["one"] * len(walk))
     assert [a.response for a in answers] == ["adversarial"] * 2 + ["blocked"] * 12 and single.detections == 6
 
@@ -208,12 +228,12 @@ def test_the_jpeg_like_adaptive_attacker_is_answered_query_attack(rejecting_scor
     the k-th query has k-1 matches and min_matches 8 flags from the 9th on; under the old rules
     (no inside-block test) none is flagged."""
     from twostream.attacks.blackbox import adaptive_perturbation
-    from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
+    from twostream.core.query_detector import QueryDetectorConfig
 
     original = photo(5, 64)
     for config, expected in ((QueryDetectorConfig(), list(range(9, 15))),
                              (QueryDetectorConfig(jpeg_min_inner=0.0, min_source_near=None), [])):
-        oracle = LocalOracle(rejecting_scorer, detector=QueryDetector(config))
+        oracle = LocalOracle(rejecting_scorer, detector=config)
         camp, result = campaign(oracle, original, identities="1000")
         camp.perturb = adaptive_perturbation("jpeg:4", np.random.default_rng(1))[0]
         answers = camp.send([camp.upload(original / 255.0) for _ in range(14)])

@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import texture_run
+from twostream.core.config import load_config
 from twostream.core.query_detector import Entry, MemoryStore, QueryDetector, QueryDetectorConfig, fingerprint
-from twostream.online.detector_store import RedisDetectorStore
+from twostream.online.detector_store import RedisDetectorStore, endpoint_detector
 from twostream.online.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -140,3 +142,27 @@ def test_sources_and_times_round_trip(server, photos):
         assert got.fingerprint.geometry == fp.geometry and got.fingerprint.hashes == fp.hashes
         assert np.array_equal(got.fingerprint.sample, fp.sample) and got.fingerprint.digest == fp.digest
         assert store.evict(1e9, 10, 1.0) == 1 and len(store) == 0
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_the_endpoint_detector_counts_rule_3_per_network_under_group_by_prefix(server, grouped):
+    """``endpoint_detector`` (what jobs/serve.py builds) from a config with and without
+    ``reputation.group_by_prefix``: the texture-hidden run (only rule 3 catches it: query k has k
+    near-duplicates, no match) from a fresh address of one IPv6 /64 per query, queries
+    alternating between two replicas on one Redis prefix. Grouped, the addresses are one
+    identity and the run is flagged from query min_source_near (16) on, as from one id; not
+    grouped, never. Redis keeps the raw address of every entry."""
+    prefix = f"qd{next(_prefixes)}"
+    groups = {"group_by_prefix": {"ipv4": 24, "ipv6": 64}} if grouped else {}
+    config = load_config(None, [], {"reputation": groups, "serve": {"redis_url": server.url, "redis_prefix": prefix}})
+    replicas = [endpoint_detector(config) for _ in range(2)]
+    n = QueryDetectorConfig().min_source_near + 3
+    sources = [f"2001:db8:3:3::{k + 1:x}" for k in range(n)]
+    reports = [replicas[k % 2].detect(x, source=s, query_id=f"q{k}", now=float(k))[0]
+               for k, (x, s) in enumerate(zip(texture_run(n), sources))]
+    own = [k if grouped else 0 for k in range(n)]
+    assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, own[k], 0) for k in range(n)]
+    assert [r.is_adversarial for r in reports] == [grouped and k >= 16 for k in range(n)]
+    store = replicas[0].store
+    assert [store.find_digest(fingerprint(x, replicas[0].config).digest).source
+            for x in texture_run(n)] == sources

@@ -3,7 +3,9 @@
 With ``--images`` (the audit has pixels only then), :func:`detect_clusters` runs the stateful
 query detector (:class:`~twostream.core.query_detector.QueryDetector`) over the log's images in
 the order they were first uploaded, (timestamp, image id), each with the source of that first
-upload: a later upload of the same image is an exact re-upload, which the detector never flags.
+upload (the logged id; rule 3 counts it under its Algorithm-2 key, the spill's
+``reputation.group_by_prefix``): a later upload of the same image is an exact re-upload, which
+the detector never flags.
 An image it flags is a query attack in every upload of it: its verdict becomes
 ``query_attack``, a rejection for Algorithm 2 (and for every what-if setting). The detector's
 matches (each flagged image and the earlier images it matched) are grouped into connected
@@ -21,6 +23,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +36,7 @@ from twostream.audit.replay import Spill
 from twostream.core.config import LimitsConfig
 from twostream.core.labels import Verdict
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
+from twostream.core.reputation import reputation_key
 
 if TYPE_CHECKING:
     from twostream.core.models import InputSpec
@@ -68,17 +72,18 @@ class Clusters:
 
 
 def _first_uploads(spill: Spill) -> pa.Table:
-    """Each image's first upload: (img, ts, source), earliest (timestamp, line) first."""
+    """Each image's first upload: (img, ts, source, sent_by), earliest (timestamp, line) first."""
     firsts = []
     for _, records in spill.partitions_sorted():
-        table = records.select(["img", "ts", "line", "source"]).sort_by([("img", "ascending"), ("ts", "ascending"),
-                                                                           ("line", "ascending")])
+        table = records.select(["img", "ts", "line", "source", "sent_by"]).sort_by(
+            [("img", "ascending"), ("ts", "ascending"), ("line", "ascending")])
         img = table.column("img").to_numpy()
         first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]]) if len(img) else np.zeros(0, np.int64)
         firsts.append(table.take(pa.array(first)))
     if not firsts:
         return pa.table({"img": pa.array([], pa.int32()), "ts": pa.array([], pa.float64()),
-                         "line": pa.array([], pa.int64()), "source": pa.array([], pa.string())})
+                         "line": pa.array([], pa.int64()), "source": pa.array([], pa.string()),
+                         "sent_by": pa.array([], pa.string())})
     table = pa.concat_tables(firsts).sort_by([("img", "ascending"), ("ts", "ascending"), ("line", "ascending")])
     img = table.column("img").to_numpy()
     first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]]) if len(img) else np.zeros(0, np.int64)
@@ -121,12 +126,13 @@ def detect_clusters(spill: Spill, cat: Catalogue, images_uri: str | None, enable
     order = np.lexsort((pc.take(cat.ids, firsts.column("img")).to_numpy(zero_copy_only=False),
                         firsts.column("ts").to_numpy()))
     firsts = firsts.take(pa.array(order))
-    detector = QueryDetector(config)
+    detector = QueryDetector(config, source_key=partial(reputation_key, grouping=spill.grouping))
+    logged = pc.coalesce(firsts.column("sent_by"), firsts.column("source"))  # the spill's source is the key
     flagged = np.zeros(len(cat), bool)
     row_of: dict[str, int] = {}
     edges: list[tuple[int, int]] = []
     counts: Counter = Counter()
-    for img, ts, source in zip(*(firsts.column(c).to_pylist() for c in ("img", "ts", "source"))):
+    for img, ts, source in zip(*(c.to_pylist() for c in (firsts.column("img"), firsts.column("ts"), logged))):
         uri = cat.uri[img]
         if uri is None or cat.verdict[img] == Verdict.ERROR:
             counts["unreadable"] += 1

@@ -7,7 +7,8 @@ the whole run, in the order Algorithm 2 uses, (timestamp, image_id) (ties by sha
 
 - :func:`query_rows` takes a shard's scored rows with a fingerprint (error rows are no query);
 - :func:`detect_run` replays them through one :class:`~twostream.core.query_detector.QueryDetector`
-  (a :class:`~twostream.core.query_detector.MemoryStore`), starting from the window a previous
+  (a :class:`~twostream.core.query_detector.MemoryStore`; rule 3 per Algorithm-2 key, the
+  ``reputation.group_by_prefix`` the job passes), starting from the window a previous
   run carried (:data:`WINDOW_SCHEMA`, ``detector/window.parquet`` of its output), and returns the
   detections (:data:`DETECTIONS_SCHEMA`: shard, row, the image ids it matched, closest first)
   and the window to carry on (bounded by ``max_entries`` and ``max_age_s``);
@@ -26,14 +27,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from twostream import storage
+from twostream.core.config import PrefixGrouping
 from twostream.core.labels import Verdict
 from twostream.core.query_detector import Entry, Fingerprint, MemoryStore, QueryDetector, QueryDetectorConfig
+from twostream.core.reputation import reputation_key
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +111,20 @@ def _window_table(store: MemoryStore) -> pa.Table:
     return pa.table(cols, schema=WINDOW_SCHEMA)
 
 
-def detect_run(queries: Iterable[pa.Table], window: pa.Table | None,
-               config: QueryDetectorConfig) -> tuple[pa.Table, pa.Table, dict]:
+def detect_run(queries: Iterable[pa.Table], window: pa.Table | None, config: QueryDetectorConfig,
+               grouping: PrefixGrouping | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """The query detector over a whole run: every query in (timestamp, image_id, shard, row)
-    order, from the carried ``window``. Returns the detections (:data:`DETECTIONS_SCHEMA`), the
-    window to carry (:data:`WINDOW_SCHEMA`) and counts (queries, exact re-uploads, flagged,
-    carried in and out)."""
+    order, from the carried ``window``, rule 3 counting per Algorithm-2 key under ``grouping``
+    (``reputation.group_by_prefix``; the window keeps the raw source ids). Returns the detections
+    (:data:`DETECTIONS_SCHEMA`), the window to carry (:data:`WINDOW_SCHEMA`) and counts (queries,
+    exact re-uploads, flagged, carried in and out)."""
     table = pa.concat_tables([q.select(QUERIES_SCHEMA.names).cast(QUERIES_SCHEMA) for q in queries]
                              or [QUERIES_SCHEMA.empty_table()])
     table = table.take(pc.sort_indices(table, sort_keys=[("timestamp", "ascending"), ("image_id", "ascending"),
                                                          ("shard", "ascending"), ("row", "ascending")]))
     store = _restore(window, config)
     carried = {e.query_id for e in store}
-    detector = QueryDetector(config, store)
+    detector = QueryDetector(config, store, partial(reputation_key, grouping=grouping))
     out: dict[str, list] = {n: [] for n in DETECTIONS_SCHEMA.names}
     duplicates = 0
     for row in table.to_pylist():

@@ -100,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
 
     from twostream.core.config import config_from_args
     from twostream.core.labels import CIFAR10_LABELS
-    from twostream.core.query_detector import QueryDetector
     from twostream.core.scoring import Scorer
     from twostream.evaluation import blackbox as bb
     from twostream.evaluation.datasets import from_batch, load_images, open_dataset, to_batch
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             adv, info = adaptive_attack(x, data.labels[chosen], high, low, load_mapping().array, eps=eps,
                                         p1=config.thresholds.p1, p2=config.thresholds.p2, seed=args.seed)
             oracle = (bb.HttpOracle(args.url) if args.url
-                      else bb.LocalOracle(scorer, detector=QueryDetector(config.detector.query_config())))
+                      else bb.LocalOracle(scorer, detector=config.detector.query_config()))
             scored = bb.transfer(oracle, from_batch(adv), data.labels[chosen], ids, f"{args.seed}")
             rows[spec] = {"surrogate_success": int(np.sum(info["success"])), "n": len(ids),
                           "defence_success": sum(r["success"] for r in scored), "images": scored}
@@ -159,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             return shared
     else:
         def make_oracle(detector: bool) -> bb.Oracle:
-            return bb.LocalOracle(scorer, detector=QueryDetector(config.detector.query_config()) if detector else None,
+            return bb.LocalOracle(scorer, detector=config.detector.query_config() if detector else None,
                                   group_prefix=args.group_prefix)
 
     runs = args.out / "runs.jsonl"
@@ -182,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
             return 130
     if args.url:
         _check_server(args, shared, bb.LocalOracle(
-            scorer, detector=QueryDetector(config.detector.query_config()) if config.detector.enabled else None,
+            scorer, detector=config.detector.query_config() if config.detector.enabled else None,
             group_prefix=args.group_prefix))
     table = bb.markdown_table(bb.summarise(results))
     (args.out / "table.md").write_text(table + "\n")

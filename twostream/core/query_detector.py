@@ -41,9 +41,15 @@ yields
      not), see :meth:`Differences.jpeg_like`.
 3. A query is *adversarial* when it has at least ``min_matches`` matches within the window, or
    at least ``min_source_near`` near-duplicates (verified candidates within ``max_linf``, of any
-   shape) sent by its own source (the source id as the caller gives it, compared as text): an
-   attacker that shapes its changes past rule 2 (like texture, like JPEG, real JPEG re-encodes)
-   from one source id is still caught.
+   shape) sent by its own identity: an attacker that shapes its changes past rule 2 (like
+   texture, like JPEG, real JPEG re-encodes) from one identity is still caught. An identity is
+   the detector's ``source_key`` of a source id: the callers (endpoint, batch job, audit,
+   black-box harness) pass Algorithm 2's
+   :func:`~twostream.core.reputation.reputation_key` under ``reputation.group_by_prefix``, so
+   that with grouping on, ids rotated inside one network (an IPv6 /64, an IPv4 /24) are one
+   identity, as they are one counter; without a ``source_key`` (or with grouping off) ids are
+   compared as text. The store keeps the raw source id (the key is a pure function of it) and
+   reports name the raw ids.
 
 Why honest traffic stays honest: resizes and crops change the geometry or move the content (a
 large difference), so they match nothing; exact copies are rule 1; two JPEG re-encodings of one
@@ -66,7 +72,8 @@ sample of an entry), so a Redis store can hold the same state for every replica.
 Known weaknesses (``docs/detector.md``): an attacker who knows the rules can space its queries
 (more than ``max_entries`` or ``max_age_s`` apart), perturb each query enough to leave
 ``max_linf``, or shape its changes past rule 2 (like JPEG error with AC content, or confined to
-texture) *and* rotate source ids (Feng et al., 2023, adaptive rejection sampling); it can change
+texture) *and* rotate source ids across networks (or inside one when ``reputation.group_by_prefix``
+is off; Feng et al., 2023, adaptive rejection sampling); it can change
 the geometry of each query by a pixel (a match needs the same size); the positions are drawn
 from a secret ``seed``, which hides where the sample lies, not the rules.
 """
@@ -76,7 +83,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
@@ -106,7 +113,8 @@ class QueryDetectorConfig:
     jpeg_min_inner: float = 0.3  # and varies inside blocks: step inside / mean |diff| at least this
     min_matches: int = 8  # matches within the window that make a query adversarial
     min_source_near: int | None = 16  # near-duplicates (within max_linf, any shape) from the query's own
-    #                                   source that do too (None: off; counted among the verified candidates)
+    #                                   identity (QueryDetector's source_key) that do too (None: off; counted
+    #                                   among the verified candidates)
     max_candidates: int = 64  # the newest candidates verified per query (bounds the cost)
     max_entries: int = 50_000  # remembered images (oldest evicted first)
     max_age_s: float | None = 3600.0  # remembered for at most this long (None: count only)
@@ -179,7 +187,7 @@ class QueryReport:
     matches: tuple[Match, ...] = field(default_factory=tuple)
     candidates: int = 0  # images the index proposed (the newest max_candidates are verified)
     near: tuple[str, ...] = ()  # the verified candidates within max_linf, matched or not, newest first
-    source_near: int = 0  # how many of them the query's own source sent
+    source_near: int = 0  # how many of them the query's own identity sent (source_key: its source or network)
     evidence: tuple[str, ...] = ()  # a flagged query's reason: its matches, else its source's near-duplicates
 
 
@@ -433,12 +441,26 @@ def differences(sample: np.ndarray, earlier: np.ndarray, margin: int, block_edge
 
 
 class QueryDetector:
-    """``detect(image) -> (report, is_adversarial)`` over a bounded store of earlier queries."""
+    """``detect(image) -> (report, is_adversarial)`` over a bounded store of earlier queries.
 
-    def __init__(self, config: QueryDetectorConfig | None = None, store: DetectorStore | None = None) -> None:
+    ``source_key`` maps a source id to its identity for rule 3 (callers pass
+    ``functools.partial(reputation_key, grouping=config.reputation.group_by_prefix)``, so that
+    one setting decides what one identity is, for Algorithm 2 and the detector alike); None: the
+    source id itself. It is applied to the raw ids the store keeps, a few thousand of them cached.
+    """
+
+    def __init__(self, config: QueryDetectorConfig | None = None, store: DetectorStore | None = None,
+                 source_key: Callable[[str], str] | None = None) -> None:
         self.config = config or QueryDetectorConfig()
         self.store: DetectorStore = store if store is not None else MemoryStore()
+        self._key = lru_cache(maxsize=4096)(source_key) if source_key is not None else None
         self._count = 0
+
+    def identity(self, source: str | None) -> str | None:
+        """What rule 3 counts ``source`` under: its ``source_key`` (or itself); None stays None."""
+        if source is None or self._key is None:
+            return source
+        return self._key(source)
 
     def detect(self, image: np.ndarray, *, source: str | None = None, query_id: str | None = None,
                now: float = 0.0) -> tuple[QueryReport, bool]:
@@ -472,7 +494,9 @@ class QueryDetector:
         if samples is not None:  # the cheap L-inf first, the statistics for the small ones only
             small = np.flatnonzero(np.abs(samples.astype(np.int16) - fp.sample).max(axis=1) <= config.max_linf)
             near = tuple(found[k][0].query_id for k in small)
-            own = tuple(found[k][0].query_id for k in small if source is not None and found[k][0].source == source)
+            mine = self.identity(source)
+            own = tuple(found[k][0].query_id for k in small
+                        if mine is not None and self.identity(found[k][0].source) == mine)
             source_near = len(own)
             if len(small):
                 diff = differences(fp.sample, samples[small], config.max_linf // 2, _layout(*fp.geometry, config)[4])
@@ -488,7 +512,7 @@ class QueryDetector:
         flagged = by_matches or (config.min_source_near is not None and source_near >= config.min_source_near)
         evidence = () if not flagged else tuple(m.query_id for m in matches) if by_matches else own
         if flagged:
-            log.info("query %s from %s: %d matches, %d near-duplicates (%d from the same source; closest %s)",
+            log.info("query %s from %s: %d matches, %d near-duplicates (%d from the same identity; closest %s)",
                      query_id, source, len(matches), len(near), source_near,
                      matches[0].query_id if matches else near[0])
         return QueryReport(query_id, source, flagged, None, tuple(matches), len(found), near,

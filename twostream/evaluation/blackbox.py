@@ -12,8 +12,9 @@ endpoint, counted query by query, from rotating identities, and transfer attacks
   pursues the platform's notion of success: accepted with a wrong label (a refusal looks like the
   true class, never like progress).
 * **Identities** (:func:`source_for`): query ``k`` comes from ``k mod n`` of ``n`` ids, or from
-  its own address in one IPv6 /64 (``ipv6-64``); with ``group_prefix`` Algorithm 2 counts per
-  network (:func:`~twostream.core.reputation.reputation_key`, IPv4 /24 and IPv6 /64).
+  its own address in one IPv6 /64 (``ipv6-64``); with ``group_prefix`` Algorithm 2 and the
+  detector's rule 3 count per network (:func:`~twostream.core.reputation.reputation_key`, IPv4
+  /24 and IPv6 /64), as an endpoint with ``reputation.group_by_prefix`` does.
 * **Success**: an answered query accepted with a wrong label within ``eps`` (L-inf, on the
   uint8 upload) of the original. :class:`Campaign` counts every query, stops at the budget or
   at the first success, and records the first detection.
@@ -29,12 +30,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 
 from twostream.core.config import PrefixGrouping
 from twostream.core.labels import CIFAR10_LABELS, Refusal
+from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
 from twostream.core.reputation import reputation_key
 
 log = logging.getLogger(__name__)
@@ -84,17 +87,19 @@ class LocalOracle:
     """The endpoint's answer function in process: the query detector first (a match answers
     ``query_attack`` without a forward pass, as the model's answer would not be used), then both
     streams and Algorithm 1, then Algorithm 2 per source (or per network with ``group_prefix``).
-    ``detector`` None: no detector. Each query advances the clock by ``tick_s``. ``detections``
-    counts the images the detector flagged (a blacklisted source's answer stays ``blocked``)."""
+    ``detector``: the detector's rules (a fresh in-memory detector is built with them, its rule 3
+    counting per the same key as Algorithm 2), None: no detector. Each query advances the clock
+    by ``tick_s``. ``detections`` counts the images the detector flagged (a blacklisted source's
+    answer stays ``blocked``)."""
 
-    def __init__(self, scorer: Any, *, detector: Any | None = None, reputation: Any | None = None,
+    def __init__(self, scorer: Any, *, detector: QueryDetectorConfig | None = None, reputation: Any | None = None,
                  group_prefix: bool = False, tick_s: float = 0.01) -> None:
         from twostream.core.reputation import ReputationLedger
 
         self.scorer = scorer
-        self.detector = detector
+        self.key = partial(reputation_key, grouping=PREFIXES if group_prefix else None)
+        self.detector = QueryDetector(detector, source_key=self.key) if detector is not None else None
         self.ledger = ReputationLedger(reputation or scorer.config.reputation)
-        self.group_prefix = group_prefix
         self.tick_s = tick_s
         self.now = 0.0
         self.count = 0
@@ -130,8 +135,7 @@ class LocalOracle:
                 rejected = row.verdict != Verdict.ACCEPTED
                 high = tuple(zip(row.high_labels, row.high_prob))
                 low = tuple(zip(row.low_labels, row.low_prob))
-            key = reputation_key(source, PREFIXES if self.group_prefix else None)
-            outcome = self.ledger.observe(Upload(key, times[k], ids[k], rejected, str(verdict)))
+            outcome = self.ledger.observe(Upload(self.key(source), times[k], ids[k], rejected, str(verdict)))
             answers.append(Answer(str(outcome.response), high if outcome.response != Refusal.BLOCKED else (),
                                   low if outcome.response != Refusal.BLOCKED else ()))
         return answers

@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from twostream.core.config import TwoStreamConfig
 from twostream.core.query_detector import DetectorStore, Entry, Fingerprint, MemoryStore, QueryDetector
+from twostream.core.reputation import reputation_key
 
 PASSWORD_ENV = "TWOSTREAM_REDIS_PASSWORD"
 
@@ -229,15 +231,16 @@ class RedisDetectorStore(DetectorStore):
 def endpoint_detector(config: TwoStreamConfig) -> QueryDetector | None:
     """The endpoint's query detector (``detector:`` section): None when off; its state in the
     reputation Redis (``serve.redis_url``, ``serve.redis_prefix``) or, ``detector.store: memory``,
-    in this replica only."""
+    in this replica only. Rule 3 counts per Algorithm-2 key (``reputation.group_by_prefix``)."""
     section, serve = config.detector, config.serve
     if not section.enabled:
         return None
     rules = section.query_config()
+    key = partial(reputation_key, grouping=config.reputation.group_by_prefix)
     if section.store == "memory":
-        return QueryDetector(rules, MemoryStore())
+        return QueryDetector(rules, MemoryStore(), key)
     if not serve.redis_url:
         raise ValueError("detector.store=redis needs serve.redis_url (the reputation state's Redis)")
     store = RedisDetectorStore(serve.redis_url, prefix=serve.redis_prefix, verify_limit=rules.max_candidates,
                                timeout_s=serve.redis_timeout_s, retry_s=serve.redis_retry_s)
-    return QueryDetector(rules, store)
+    return QueryDetector(rules, store, key)
