@@ -105,7 +105,8 @@ class ReputationConfig(_Strict):
         description="off (null): each source id has its own counter. Set (e.g. {ipv4: 24, ipv6: 64}): a source "
         "id that is exactly an IP address counts under its network (1.2.3.0/24, 2001:db8::/64; IPv4-mapped "
         "IPv6 as IPv4, zone ids dropped), any other id under itself; answers, images tables and the audit's "
-        "timeline keep the original id, the per-source state and tables are per network")
+        "timeline keep the original id, the per-source state and tables are per network; the query detector's "
+        "rule 3 counts near-duplicates per network too")
     forget_default: bool = Field(
         False,
         description="a source back at the default standing (CC 0, not listed) keeps no entry: the endpoint "

@@ -4,8 +4,8 @@ addresses within one network (the IPv6 addresses of one /64, say) shares one cou
 
 :func:`reputation_key` is the one rule; every caller passes through it once: the endpoint in
 :meth:`twostream.online.redis_store.RedisReputation.script_call`, the batch job in
-:func:`twostream.batch.reputation.staging_events`, the audit in :class:`twostream.audit.replay.Spill`.
-Their outputs keep the original source where they report one (the answer, the images table, the
+:func:`twostream.batch.reputation.staging_events`, the audit in :class:`twostream.audit.replay.Spill`; the query detector's rule 3 compares
+identities through it too (``QueryDetector(source_key=...)``, given by each caller). Their outputs keep the original source where they report one (the answer, the images table, the
 timeline); the per-source state and tables are per key.
 """
 
