@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 AIRBENCH_FILE = "airbench94_std-382c0d1b.pt"
 # (bundled name, model) of every shipped file that records a held-out split of the training JPEGs
-TRAINED_HERE = [("airbench94_std", "airbench94"), ("cifar10_resnet32_robust", "cifar_resnet32")]
+TRAINED_HERE = [("airbench94_std", "airbench94"), ("cifar10_resnet32_robust", "cifar_resnet32"),
+                ("airbench94_robust", "airbench94")]
 HELD_OUT_CHECKED = 1000  # a seeded subset of the held-out split: the whole takes ~40 s on 2 cores
 
 
@@ -44,6 +45,25 @@ def test_airbench94_std_loads_strictly_by_name() -> None:
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key
     assert (stream.name, stream.weights) == ("airbench94", "bundled:airbench94_std")
+
+
+def test_airbench94_robust_loads_strictly_by_name() -> None:
+    """The robust file: its licence names the data and the command; its metadata the PGD-3 training
+    at 8/255 from random with whitening eps 1; every tensor loads, nothing else."""
+    path = resolve_weights_file("bundled:airbench94_robust")
+    assert path.parent == WEIGHTS_DIR and path.name == "airbench94_robust-07564dd0.pt"
+    license_text = (WEIGHTS_DIR / "LICENSE.airbench94_robust").read_text()
+    assert "Krizhevsky" in license_text and "--whiten-eps 1.0" in license_text
+    state, meta = load_weights_file(path)
+    assert (meta["architecture"], meta["init"], meta["attack"], meta["pgd_steps"]) == ("airbench94", "random", "pgd", 3)
+    assert meta["epsilon"] == pytest.approx(8 / 255) and meta["whiten_eps"] == 1.0
+    stream = build_stream(LowStreamConfig(model="airbench94", weights="bundled:airbench94_robust"), "low")
+    loaded = stream.net.state_dict()
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+    # the whitening gain bound 1 / sqrt(eps) holds on the shipped first layer
+    assert float(stream.net.whiten.weight.reshape(24, 12).norm(dim=1).max()) <= 1.0 + 1e-6
 
 
 def test_mismatched_or_tampered_airbench94_std_is_refused(tmp_path) -> None:
