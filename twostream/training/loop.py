@@ -23,7 +23,8 @@ momentum, an exponential moving average of the weights (``ema``: the decay per s
 translate-and-flip augmentation, and the serving-path augmentation of
 :func:`~.data.serving_augment`. A network with a ``whiten_init`` method (``airbench94``) trained
 from ``random`` has its first layer set from the first (up to) 5,000 training images of the
-seeded order before the first step: held-out images never enter it.
+seeded order before the first step, with ``whiten_eps`` (``--whiten-eps``; about 1 for adversarial
+training, which the default 5e-4 destabilises): held-out images never enter it.
 
 The weight file is ``{"state_dict": <the network's tensors>, "meta": {...}}``, readable with
 ``torch.load(weights_only=True)`` and loaded strictly by ``low.weights=PATH``.
