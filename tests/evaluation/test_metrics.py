@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -205,3 +206,7 @@ def test_changes_against_the_clean_row_of_the_same_image():
     assert got["t1-x"]["h_top1_changed"] == pytest.approx(1.0)
     assert got["t1-x"]["h_top1_label_changed"] == pytest.approx(0.5)
     assert got["t1-x"]["l_top1_changed"] == pytest.approx(0.5)
+    # a grid run without the clean attack (e.g. only the untargeted adaptive cells): nothing to
+    # compare with, so no row; it used to raise IndexError and lose the run's tables
+    attacked = table.filter(pc.not_equal(table["attack"], "clean"))
+    assert changes(attacked, mapping).num_rows == 0

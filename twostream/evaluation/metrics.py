@@ -172,7 +172,11 @@ def changes(rows: pa.Table, mapping: np.ndarray) -> pa.Table:
     index = position.fill_null(0).to_numpy(zero_copy_only=False)
     high = pc.list_element(rows["high_idx"], 0).fill_null(0).to_numpy(zero_copy_only=False)
     low = pc.list_element(rows["low_idx"], 0).fill_null(0).to_numpy(zero_copy_only=False)
-    clean_high, clean_low = high[clean & mask][index], low[clean & mask][index]
+    refs = clean & mask
+    if not refs.any():  # a grid without the clean attack: no row has a reference, none is measured
+        return _grouped(rows, np.zeros(len(rows), dtype=bool), {"h_top1_changed": refs,
+                                                                "h_top1_label_changed": refs, "l_top1_changed": refs})
+    clean_high, clean_low = high[refs][index], low[refs][index]
     mapped = np.asarray(mapping)
     measures = {"h_top1_changed": high != clean_high,
                 "h_top1_label_changed": mapped[high] != mapped[clean_high],
