@@ -390,7 +390,9 @@ def test_recipe_option_errors(tiny_folder: Path, tmp_path: Path, capsys: pytest.
         (["--rescale", "2"], "--rescale is a probability in [0, 1], got 2.0"),
         (["--crop-scale", "0"], "--crop-scale must be in [0.05, 1]"),
         (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
-        (["--whiten-eps", "0"], "--whiten-eps must be positive, got 0.0"),
+        (["--whiten-eps", "0"], "--whiten-eps must be a positive finite number, got 0.0"),
+        (["--whiten-eps", "inf"], "--whiten-eps must be a positive finite number, got inf"),
+        (["--whiten-eps", "nan"], "--whiten-eps must be a positive finite number, got nan"),
     ]
     for extra, message in cases:
         assert main(["train-low", "--data", str(tiny_folder), "--out", str(tmp_path / "x.th"), *extra]) == 2

@@ -23,7 +23,6 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,7 +35,7 @@ from twostream.audit.replay import Spill
 from twostream.core.config import LimitsConfig
 from twostream.core.labels import Verdict
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
-from twostream.core.reputation import reputation_key
+from twostream.core.reputation import identity_key
 
 if TYPE_CHECKING:
     from twostream.core.models import InputSpec
@@ -126,7 +125,7 @@ def detect_clusters(spill: Spill, cat: Catalogue, images_uri: str | None, enable
     order = np.lexsort((pc.take(cat.ids, firsts.column("img")).to_numpy(zero_copy_only=False),
                         firsts.column("ts").to_numpy()))
     firsts = firsts.take(pa.array(order))
-    detector = QueryDetector(config, source_key=partial(reputation_key, grouping=spill.grouping))
+    detector = QueryDetector(config, source_key=identity_key(spill.grouping))
     logged = pc.coalesce(firsts.column("sent_by"), firsts.column("source"))  # the spill's source is the key
     flagged = np.zeros(len(cat), bool)
     row_of: dict[str, int] = {}

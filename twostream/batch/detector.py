@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +36,7 @@ from twostream import storage
 from twostream.core.config import PrefixGrouping
 from twostream.core.labels import Verdict
 from twostream.core.query_detector import Entry, Fingerprint, MemoryStore, QueryDetector, QueryDetectorConfig
-from twostream.core.reputation import reputation_key
+from twostream.core.reputation import identity_key
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def detect_run(queries: Iterable[pa.Table], window: pa.Table | None, config: Que
                                                          ("shard", "ascending"), ("row", "ascending")]))
     store = _restore(window, config)
     carried = {e.query_id for e in store}
-    detector = QueryDetector(config, store, partial(reputation_key, grouping=grouping))
+    detector = QueryDetector(config, store, identity_key(grouping))
     out: dict[str, list] = {n: [] for n in DETECTIONS_SCHEMA.names}
     duplicates = 0
     for row in table.to_pylist():

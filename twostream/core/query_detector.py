@@ -444,7 +444,7 @@ class QueryDetector:
     """``detect(image) -> (report, is_adversarial)`` over a bounded store of earlier queries.
 
     ``source_key`` maps a source id to its identity for rule 3 (callers pass
-    ``functools.partial(reputation_key, grouping=config.reputation.group_by_prefix)``, so that
+    ``identity_key(config.reputation.group_by_prefix)`` of :mod:`twostream.core.reputation.keys`, so that
     one setting decides what one identity is, for Algorithm 2 and the detector alike); None: the
     source id itself. It is applied to the raw ids the store keeps, a few thousand of them cached.
     """

@@ -30,7 +30,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,7 +37,7 @@ import numpy as np
 from twostream.core.config import PrefixGrouping
 from twostream.core.labels import CIFAR10_LABELS, Refusal
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig
-from twostream.core.reputation import reputation_key
+from twostream.core.reputation import identity_key
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class LocalOracle:
         from twostream.core.reputation import ReputationLedger
 
         self.scorer = scorer
-        self.key = partial(reputation_key, grouping=PREFIXES if group_prefix else None)
+        self.key = identity_key(PREFIXES if group_prefix else None)
         self.detector = QueryDetector(detector, source_key=self.key) if detector is not None else None
         self.ledger = ReputationLedger(reputation or scorer.config.reputation)
         self.tick_s = tick_s

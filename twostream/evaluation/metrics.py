@@ -173,10 +173,8 @@ def changes(rows: pa.Table, mapping: np.ndarray) -> pa.Table:
     high = pc.list_element(rows["high_idx"], 0).fill_null(0).to_numpy(zero_copy_only=False)
     low = pc.list_element(rows["low_idx"], 0).fill_null(0).to_numpy(zero_copy_only=False)
     refs = clean & mask
-    if not refs.any():  # a grid without the clean attack: no row has a reference, none is measured
-        return _grouped(rows, np.zeros(len(rows), dtype=bool), {"h_top1_changed": refs,
-                                                                "h_top1_label_changed": refs, "l_top1_changed": refs})
-    clean_high, clean_low = high[refs][index], low[refs][index]
+    # a grid without the clean attack has no reference: has_clean is all False, nothing is compared
+    clean_high, clean_low = (high[refs][index], low[refs][index]) if refs.any() else (high, low)
     mapped = np.asarray(mapping)
     measures = {"h_top1_changed": high != clean_high,
                 "h_top1_label_changed": mapped[high] != mapped[clean_high],

@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
 from typing import Any
 
 import numpy as np
 
 from twostream.core.config import TwoStreamConfig
 from twostream.core.query_detector import DetectorStore, Entry, Fingerprint, MemoryStore, QueryDetector
-from twostream.core.reputation import reputation_key
+from twostream.core.reputation import identity_key
 
 PASSWORD_ENV = "TWOSTREAM_REDIS_PASSWORD"
 
@@ -236,7 +235,7 @@ def endpoint_detector(config: TwoStreamConfig) -> QueryDetector | None:
     if not section.enabled:
         return None
     rules = section.query_config()
-    key = partial(reputation_key, grouping=config.reputation.group_by_prefix)
+    key = identity_key(config.reputation.group_by_prefix)
     if section.store == "memory":
         return QueryDetector(rules, MemoryStore(), key)
     if not serve.redis_url:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 __all__ = ["ATTACKS", "KEEP", "TrainOptions"]
@@ -94,8 +95,8 @@ class TrainOptions:
             raise ValueError(f"--color-jitter must be in [0, 1), got {self.color_jitter}")
         if not 0.05 <= self.crop_scale <= 1.0:
             raise ValueError(f"--crop-scale must be in [0.05, 1] (1 = no crop), got {self.crop_scale}")
-        if not self.whiten_eps > 0.0:
-            raise ValueError(f"--whiten-eps must be positive, got {self.whiten_eps}")
+        if not (math.isfinite(self.whiten_eps) and self.whiten_eps > 0.0):
+            raise ValueError(f"--whiten-eps must be a positive finite number, got {self.whiten_eps}")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("--resume needs --checkpoint-dir")
         if self.device not in ("auto", "cpu", "cuda"):

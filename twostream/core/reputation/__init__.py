@@ -21,18 +21,18 @@ The implementations, each checked against the reference on the same generated st
 * :mod:`.vector` - NumPy: :func:`advance` (one image for each of many sources, the simulation) and
   :func:`scan` (all events of many sources at once, the batch job's reduce);
 * ``observe.lua`` (:data:`OBSERVE_SCRIPT`, in :mod:`.lua`) - one image in Redis, atomically (the endpoint);
-* :mod:`.keys` - :func:`reputation_key`, which source ids share a counter (``reputation.group_by_prefix``).
+* :mod:`.keys` - :func:`reputation_key` (and :func:`identity_key`, the same as a function of the id), which source ids share a counter (``reputation.group_by_prefix``).
 
 ``reputation.forget_default`` bounds the state: a source back at the default standing (CC 0, not
 listed) keeps no entry; the responses are the same either way.
 """
 
-from twostream.core.reputation.keys import reputation_key, reputation_keys
+from twostream.core.reputation.keys import identity_key, reputation_key, reputation_keys
 from twostream.core.reputation.ledger import BLOCKED, Outcome, ReputationLedger, SourceState, Upload, replay
 from twostream.core.reputation.lua import OBSERVE_SCRIPT
 from twostream.core.reputation.vector import advance, scan
 
 __all__ = [
-    "BLOCKED", "OBSERVE_SCRIPT", "Outcome", "ReputationLedger", "SourceState", "Upload", "advance", "replay",
+    "BLOCKED", "OBSERVE_SCRIPT", "Outcome", "ReputationLedger", "SourceState", "Upload", "advance", "identity_key", "replay",
     "reputation_key", "reputation_keys", "scan",
 ]

@@ -5,13 +5,15 @@ addresses within one network (the IPv6 addresses of one /64, say) shares one cou
 :func:`reputation_key` is the one rule; every caller passes through it once: the endpoint in
 :meth:`twostream.online.redis_store.RedisReputation.script_call`, the batch job in
 :func:`twostream.batch.reputation.staging_events`, the audit in :class:`twostream.audit.replay.Spill`; the query detector's rule 3 compares
-identities through it too (``QueryDetector(source_key=...)``, given by each caller). Their outputs keep the original source where they report one (the answer, the images table, the
+identities through it too (``QueryDetector(source_key=identity_key(grouping))``, built by each caller). Their outputs keep the original source where they report one (the answer, the images table, the
 timeline); the per-source state and tables are per key.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,6 +37,12 @@ def reputation_key(source: str, grouping: PrefixGrouping | None) -> str:
         address = address.ipv4_mapped
     bits = grouping.ipv4 if address.version == 4 else grouping.ipv6
     return ipaddress.ip_network((address, bits), strict=False).with_prefixlen
+
+
+def identity_key(grouping: PrefixGrouping | None) -> Callable[[str], str]:
+    """:func:`reputation_key` under ``grouping`` as a function of the source id alone: what one
+    identity is, for Algorithm 2 and the query detector's rule 3 (``QueryDetector(source_key=...)``)."""
+    return partial(reputation_key, grouping=grouping)
 
 
 def reputation_keys(sources: pa.Array | pa.ChunkedArray, grouping: PrefixGrouping | None) -> pa.Array:
