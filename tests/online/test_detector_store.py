@@ -116,19 +116,19 @@ def test_same_reports_on_generated_sequences(server, photos, seed):
 
 
 def test_two_replicas_adding_one_new_image_keep_one_entry(server, photos):
-    """The race the add script closes: both replicas looked the digest up before either added it."""
+    """The race the remember script closes: both replicas looked the digest up before either added it."""
     prefix = f"qd{next(_prefixes)}"
     a, b = (RedisDetectorStore(server.url, prefix=prefix) for _ in range(2))
     fp = fingerprint(photos[0], CONFIG)
-    a.add(Entry("first", "s1", 1.0, fp))
-    b.add(Entry("second", None, 2.0, fp))  # the same pixels: not remembered again
-    assert len(a) == 1 and b.find_digest(fp.digest).query_id == "first"
-    found = b.find_digest(fp.digest)
+    a.remember(Entry("first", "s1", 1.0, fp), 10, None)
+    b.remember(Entry("second", None, 2.0, fp), 10, None)  # the same pixels: not remembered again
+    found, candidates = b.lookup(fp, 1, 2.0, 10, None)
+    assert len(a) == 1 and candidates == []
     assert (found.query_id, found.source, found.time, found.fingerprint.hashes) == ("first", "s1", 1.0, fp.hashes)
-    a.add(Entry("first", "s1", 1.0, fp))  # a call retried after its answer was lost: no change
+    a.remember(Entry("first", "s1", 1.0, fp), 10, None)  # a call retried after its answer was lost: no change
     assert len(a) == 1
     with pytest.raises(ValueError, match="'first' is already remembered"):
-        b.add(Entry("first", "s1", 3.0, fingerprint(photos[1], CONFIG)))
+        b.remember(Entry("first", "s1", 3.0, fingerprint(photos[1], CONFIG)), 10, None)
 
 
 def test_sources_and_times_round_trip(server, photos):
@@ -136,12 +136,46 @@ def test_sources_and_times_round_trip(server, photos):
     store = RedisDetectorStore(server.url, prefix=prefix)
     fp = fingerprint(photos[1], CONFIG)
     for source in (None, "", "caf\u00e9 \u2603 {tag} x y"):
-        store.add(Entry(f"id-{source!r}", source, 0.1 + 0.2, fp))
-        got = store.find_digest(fp.digest)
+        store.remember(Entry(f"id-{source!r}", source, 0.1 + 0.2, fp), 10, 1.0)
+        got, _ = store.lookup(fp, 1, 0.3, 10, 1.0)
         assert (got.query_id, got.source, got.time) == (f"id-{source!r}", source, 0.1 + 0.2)
         assert got.fingerprint.geometry == fp.geometry and got.fingerprint.hashes == fp.hashes
         assert np.array_equal(got.fingerprint.sample, fp.sample) and got.fingerprint.digest == fp.digest
-        assert store.evict(1e9, 10, 1.0) == 1 and len(store) == 0
+        assert store.lookup(fp, 1, 1e9, 10, 1.0) == (None, []) and len(store) == 0  # 1 s old at most
+
+
+def _sent_commands(url: str, run) -> list[str]:
+    """The commands clients sent the server while ``run()`` ran, as Redis's MONITOR shows them
+    (the commands that scripts call are shown apart, as from ``lua``, and left out)."""
+    import redis
+
+    client, marker = redis.Redis.from_url(url), redis.Redis.from_url(url)
+    marker.ping()  # its connection opened before the monitor starts
+    with client.monitor() as monitor:
+        run()
+        marker.echo("end of run")  # on the monitor's stream after everything run() sent
+        sent = []
+        while True:
+            command = monitor.next_command()
+            if command["command"] == "ECHO end of run":
+                return sent
+            if command["client_type"] != "lua":
+                sent.append(command["command"].split()[0].upper())
+
+
+def test_a_query_is_two_round_trips_and_an_exact_copy_one(server, photos):
+    """Seen by Redis itself (MONITOR): judging a new image sends the server two commands (the
+    lookup and remember scripts), an exact re-upload one, a near-duplicate two."""
+    prefix = f"qd{next(_prefixes)}"
+    detector = QueryDetector(CONFIG, RedisDetectorStore(server.url, prefix=prefix, verify_limit=CONFIG.max_candidates))
+    detector.detect(photos[3], query_id="warm-up")  # loads both scripts (a first EVALSHA may miss)
+    near = photos[0].copy()
+    near[0, 0, 0] ^= 1  # another digest, the same windows but one
+    reports = {}
+    sent = {name: _sent_commands(server.url, lambda: reports.update({name: detector.detect(image, query_id=name)[0]}))
+            for image, name in ((photos[0], "new"), (photos[0], "copy"), (near, "near"))}
+    assert sent == {"new": ["EVALSHA"] * 2, "copy": ["EVALSHA"], "near": ["EVALSHA"] * 2}
+    assert (reports["copy"].duplicate_of, reports["near"].candidates) == ("new", 1)
 
 
 @pytest.mark.parametrize("grouped", [True, False])
@@ -164,5 +198,5 @@ def test_the_endpoint_detector_counts_rule_3_per_network_under_group_by_prefix(s
     assert [(len(r.near), r.source_near, len(r.matches)) for r in reports] == [(k, own[k], 0) for k in range(n)]
     assert [r.is_adversarial for r in reports] == [grouped and k >= 16 for k in range(n)]
     store = replicas[0].store
-    assert [store.find_digest(fingerprint(x, replicas[0].config).digest).source
+    assert [store.lookup(fingerprint(x, replicas[0].config), 1, float(n), 10**6, None)[0].source
             for x in texture_run(n)] == sources

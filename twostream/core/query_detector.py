@@ -66,8 +66,10 @@ after about ``min_matches`` + 1 queries, whatever account sent each.
 **State** (:class:`DetectorStore`, the interface; :class:`MemoryStore`, in this process): the
 remembered images, oldest first, bounded by a count (``max_entries``) and an age (``max_age_s``,
 with timestamps the caller gives). Per image: its sample, its hashes, its digest and who sent it.
-The store interface speaks only in integers and bytes (a digest lookup, a shared-hash count, the
-sample of an entry), so a Redis store can hold the same state for every replica.
+The store interface is two calls per query, ``lookup`` (evict, then the exact copy or the
+candidates with their shared-hash counts and samples) and ``remember`` (add, then evict), in
+integers and bytes only, so a Redis store can hold the same state for every replica and answer
+each call in one round trip.
 
 Known weaknesses (``docs/detector.md``): an attacker who knows the rules can space its queries
 (more than ``max_entries`` or ``max_age_s`` apart), perturb each query enough to leave
@@ -192,26 +194,25 @@ class QueryReport:
 
 
 class DetectorStore(Protocol):
-    """The detector's state. Integers and bytes only, so a Redis store can implement it."""
+    """The detector's state, read and written once each per query (integers and bytes only, so
+    that a Redis store does each in one round trip)."""
 
-    def find_digest(self, digest: bytes) -> Entry | None:
-        """The remembered entry with this exact digest, if any."""
-
-    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...],
-                   min_shared: int) -> list[tuple[Entry, int]]:
-        """Remembered entries of this geometry sharing >= ``min_shared`` hashes, with the count,
+    def lookup(self, fp: Fingerprint, min_shared: int, now: float, max_entries: int,
+               max_age_s: float | None) -> tuple[Entry | None, list[tuple[Entry, int]]]:
+        """After forgetting the oldest entries beyond ``max_entries`` or older than ``max_age_s``
+        (at ``now``): the remembered entry with ``fp``'s exact digest (then no candidates), else
+        the entries of ``fp``'s geometry sharing >= ``min_shared`` of its hashes, with the count,
         newest first."""
 
-    def add(self, entry: Entry) -> None:
-        """Remember ``entry`` (its query id must be new)."""
-
-    def evict(self, now: float, max_entries: int, max_age_s: float | None) -> int:
-        """Forget the oldest entries beyond ``max_entries`` or older than ``max_age_s``; how many."""
+    def remember(self, entry: Entry, max_entries: int, max_age_s: float | None) -> None:
+        """Remember ``entry`` (a query id already remembered with another digest is refused; an
+        image whose digest is remembered is not kept twice), then forget as :meth:`lookup` does,
+        at the entry's time."""
 
     def __len__(self) -> int: ...
 
 
-class MemoryStore:
+class MemoryStore(DetectorStore):
     """The state in this process: entries oldest first, an index hash -> entry ids, digest -> id.
 
     Hashes are position-bound (they include the window number and geometry), so an index hit is
@@ -233,12 +234,26 @@ class MemoryStore:
         """The remembered entries, oldest first (the order :meth:`add` restores them in)."""
         return iter(list(self._entries.values()))
 
+    def lookup(self, fp: Fingerprint, min_shared: int, now: float, max_entries: int,
+               max_age_s: float | None) -> tuple[Entry | None, list[tuple[Entry, int]]]:
+        self.evict(now, max_entries, max_age_s)
+        same = self.find_digest(fp.digest)
+        return (same, []) if same is not None else (None, self.candidates(fp.geometry, fp.hashes, min_shared))
+
+    def remember(self, entry: Entry, max_entries: int, max_age_s: float | None) -> None:
+        if self.find_digest(entry.fingerprint.digest) is None:
+            self.add(entry)
+        self.evict(entry.time, max_entries, max_age_s)
+
     def find_digest(self, digest: bytes) -> Entry | None:
+        """The remembered entry with this exact digest, if any."""
         query_id = self._digests.get(digest)
         return None if query_id is None else self._entries[query_id]
 
     def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...],
                    min_shared: int) -> list[tuple[Entry, int]]:
+        """Remembered entries of this geometry sharing >= ``min_shared`` hashes, with the count,
+        newest first."""
         counts: dict[str, int] = {}
         for h in hashes:
             for query_id in self._index.get(h, ()):
@@ -252,6 +267,7 @@ class MemoryStore:
         return found
 
     def add(self, entry: Entry) -> None:
+        """Remember ``entry`` (its query id must be new; oldest first: a restored window is added in order)."""
         if entry.query_id in self._entries:
             raise ValueError(f"query detector: query id {entry.query_id!r} is already remembered")
         self._entries[entry.query_id] = entry
@@ -262,6 +278,7 @@ class MemoryStore:
             self._index.setdefault(h, []).append(entry.query_id)
 
     def evict(self, now: float, max_entries: int, max_age_s: float | None) -> int:
+        """Forget the oldest entries beyond ``max_entries`` or older than ``max_age_s``; how many."""
         evicted = 0
         while self._entries:
             query_id, entry = next(iter(self._entries.items()))
@@ -480,12 +497,10 @@ class QueryDetector:
         if query_id is None:
             query_id = f"q{self._count}"
         self._count += 1
-        self.store.evict(now, config.max_entries, config.max_age_s)
-        same = self.store.find_digest(fp.digest)
+        same, found = self.store.lookup(fp, config.min_shared, now, config.max_entries, config.max_age_s)
         if same is not None:
             report = QueryReport(query_id, source, False, duplicate_of=same.query_id)
             return report, False
-        found = self.store.candidates(fp.geometry, fp.hashes, config.min_shared)
         matches: list[Match] = []
         near: tuple[str, ...] = ()
         own: tuple[str, ...] = ()
@@ -506,8 +521,7 @@ class QueryDetector:
                                                                    diff.block_ratio, diff.inner_ratio)))
                            for i, k in enumerate(small) if ok[i]]
                 matches.sort(key=lambda m: (m.linf, -m.shared, m.query_id))
-        self.store.add(Entry(query_id, source, now, fp))
-        self.store.evict(now, config.max_entries, config.max_age_s)
+        self.store.remember(Entry(query_id, source, now, fp), config.max_entries, config.max_age_s)
         by_matches = len(matches) >= config.min_matches
         flagged = by_matches or (config.min_source_near is not None and source_near >= config.min_source_near)
         evidence = () if not flagged else tuple(m.query_id for m in matches) if by_matches else own

@@ -21,21 +21,22 @@ inside that slot):
 * ``{prefix}:qd:digests`` and ``{prefix}:qd:ids`` - hashes, digest -> ``n`` (exact re-uploads)
   and query id -> ``n`` (ids are unique).
 
-Every change is one Lua script (atomic while replicas race): ``add`` refuses a digest that is
-already remembered (two replicas adding the same new image at once keep one entry, so an exact
-copy never counts twice) and an id already remembered with another digest (the same one: a call
-retried after a lost answer); ``evict`` drops the oldest entries beyond
-the bounds, as ``MemoryStore`` does. ``candidates`` returns the samples of the newest
-``verify_limit`` only (the detector verifies no more, ``max_candidates``): entries past them come
-with an empty sample and no hashes, counted in the report and not verified.
+Each of the detector's two calls per query is one Lua script (atomic while replicas race):
+``lookup`` forgets the oldest entries beyond the bounds (as ``MemoryStore`` does), then returns
+the exact copy or else the candidates, the samples of the newest ``verify_limit`` only (the
+detector verifies no more, ``max_candidates``: entries past them come with an empty sample and no
+hashes, counted in the report and not verified); ``remember`` adds the query, then forgets in the
+same way. It refuses a digest that is already remembered (two replicas adding the same new image
+at once keep one entry, so an exact copy never counts twice) and an id already remembered with
+another digest (the same one: a call retried after a lost answer).
 
 Redis unreachable: each call is retried for about ``retry_s`` seconds (then redis-py's
 ``ConnectionError``; the endpoint answers 503, as for the reputation state).
 
-Costs: five round trips per new image (evict, digest, candidates, add, evict), two for an exact
-re-upload; a candidate lookup reads the query's 32 index sets, so it grows with the
-near-duplicates remembered (an attack run of k queries makes sets of up to k numbers); an eviction after a long idle time forgets every
-expired entry in one script.
+Costs: two round trips per new image (``lookup``, ``remember``; five before December 2026), one
+for an exact re-upload; a lookup reads the query's 32 index sets, so it grows with the
+near-duplicates remembered (an attack run of k queries makes sets of up to k numbers); an
+eviction after a long idle time forgets every expired entry in one script.
 """
 
 from __future__ import annotations
@@ -80,70 +81,83 @@ local function evict(tag, now, max_entries, max_age)
 end
 """
 
-EVICT_SCRIPT = _FORGET + """
--- KEYS: order; ARGV: tag, now, max_entries, max_age (-1: none)
-return evict(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+_LOOKUP = """
+-- the entry with this digest: {query id, sample, hashes, digest, geometry, time, source or false}, or nil
+local function find(tag, digests, digest)
+  local n = redis.call('HGET', digests, digest)
+  if not n then return nil end
+  local f = redis.call('HMGET', tag .. ':qd:e:' .. n, 'q', 's', 'h', 'd', 'g', 't', 'src')
+  return {f[1], f[2], f[3], f[4], f[5], f[6], f[7] or false}
+end
+-- per candidate of this geometry sharing >= min_shared of the hashes argv[first..], newest first:
+-- {query id, shared, digest, time, source or false, sample, hashes} (sample and hashes empty past
+-- the first limit)
+local function candidates(tag, geometry, min_shared, limit, argv, first)
+  local counts, ids = {}, {}
+  for i = first, #argv do
+    for _, n in ipairs(redis.call('SMEMBERS', tag .. ':qd:h:' .. argv[i])) do
+      if counts[n] then counts[n] = counts[n] + 1 else counts[n] = 1; ids[#ids + 1] = n end
+    end
+  end
+  local found = {}
+  for _, n in ipairs(ids) do
+    if counts[n] >= min_shared and redis.call('HGET', tag .. ':qd:e:' .. n, 'g') == geometry then
+      found[#found + 1] = n
+    end
+  end
+  table.sort(found, function(a, b) return tonumber(a) > tonumber(b) end)
+  local out = {}
+  for k, n in ipairs(found) do
+    local e = tag .. ':qd:e:' .. n
+    local f
+    if k <= limit then
+      f = redis.call('HMGET', e, 'q', 'd', 't', 'src', 's', 'h')
+    else
+      f = redis.call('HMGET', e, 'q', 'd', 't', 'src')
+      f[5], f[6] = '', ''
+    end
+    out[#out + 1] = {f[1], counts[n], f[2], f[3], f[4] or false, f[5], f[6]}
+  end
+  return out
+end
 """
 
-ADD_SCRIPT = """
--- KEYS: order, digests, seq, ids; ARGV: tag, query id, digest, geometry, time, sample, hashes,
--- has source (0/1), source
-local mine = redis.call('HGET', KEYS[4], ARGV[2])
-if mine then  -- 'added': a retried call of ours (same digest)
-  return {redis.call('HGET', ARGV[1] .. ':qd:e:' .. mine, 'd') == ARGV[3] and 'added' or 'exists'}
+_ADD = """
+-- keys: order, digests, seq, ids; a: tag, query id, digest, geometry, time, sample, hashes,
+-- has source (0/1), source -> 'added' (also: a retried call of ours, same digest), 'exists'
+-- (the id with another digest) or 'duplicate' (the digest is remembered)
+local function add(keys, a)
+  local mine = redis.call('HGET', keys[4], a[2])
+  if mine then
+    return redis.call('HGET', a[1] .. ':qd:e:' .. mine, 'd') == a[3] and 'added' or 'exists'
+  end
+  if redis.call('HEXISTS', keys[2], a[3]) == 1 then return 'duplicate' end
+  local n = tostring(redis.call('INCR', keys[3]))
+  local e = a[1] .. ':qd:e:' .. n
+  redis.call('RPUSH', keys[1], n)
+  redis.call('HSET', e, 'q', a[2], 's', a[6], 'h', a[7], 'd', a[3], 'g', a[4], 't', a[5])
+  if a[8] == '1' then redis.call('HSET', e, 'src', a[9]) end
+  redis.call('HSET', keys[4], a[2], n)
+  redis.call('HSET', keys[2], a[3], n)
+  for h in string.gmatch(a[7], '%S+') do redis.call('SADD', a[1] .. ':qd:h:' .. h, n) end
+  return 'added'
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return {'duplicate'} end
-local n = tostring(redis.call('INCR', KEYS[3]))
-local e = ARGV[1] .. ':qd:e:' .. n
-redis.call('RPUSH', KEYS[1], n)
-redis.call('HSET', e, 'q', ARGV[2], 's', ARGV[6], 'h', ARGV[7], 'd', ARGV[3], 'g', ARGV[4], 't', ARGV[5])
-if ARGV[8] == '1' then redis.call('HSET', e, 'src', ARGV[9]) end
-redis.call('HSET', KEYS[4], ARGV[2], n)
-redis.call('HSET', KEYS[2], ARGV[3], n)
-for h in string.gmatch(ARGV[7], '%S+') do redis.call('SADD', ARGV[1] .. ':qd:h:' .. h, n) end
-return {'added'}
 """
 
-FIND_SCRIPT = """
--- KEYS: digests; ARGV: tag, digest -> {query id, sample, hashes, digest, geometry, time, source} or {}
-local n = redis.call('HGET', KEYS[1], ARGV[2])
-if not n then return {} end
-local f = redis.call('HMGET', ARGV[1] .. ':qd:e:' .. n, 'q', 's', 'h', 'd', 'g', 't', 'src')
-return {f[1], f[2], f[3], f[4], f[5], f[6], f[7] or false}
+LOOKUP_SCRIPT = _FORGET + _LOOKUP + """
+-- KEYS: order, digests; ARGV: tag, now, max_entries, max_age (-1: none), digest, geometry,
+-- min_shared, verify_limit, hashes... -> {'same', entry fields} or {'candidates', rows}
+evict(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+local same = find(ARGV[1], KEYS[2], ARGV[5])
+if same then return {'same', same} end
+return {'candidates', candidates(ARGV[1], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV, 9)}
 """
 
-CANDIDATES_SCRIPT = """
--- KEYS: order; ARGV: tag, geometry, min_shared, verify_limit, hashes...
--- -> per candidate, newest first: {query id, shared, digest, time, source or false, sample, hashes}
---    (sample and hashes empty past the first verify_limit)
-local tag = ARGV[1]
-local counts, ids = {}, {}
-for i = 5, #ARGV do
-  for _, n in ipairs(redis.call('SMEMBERS', tag .. ':qd:h:' .. ARGV[i])) do
-    if counts[n] then counts[n] = counts[n] + 1 else counts[n] = 1; ids[#ids + 1] = n end
-  end
-end
-local min_shared, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
-local found = {}
-for _, n in ipairs(ids) do
-  if counts[n] >= min_shared and redis.call('HGET', tag .. ':qd:e:' .. n, 'g') == ARGV[2] then
-    found[#found + 1] = n
-  end
-end
-table.sort(found, function(a, b) return tonumber(a) > tonumber(b) end)
-local out = {}
-for k, n in ipairs(found) do
-  local e = tag .. ':qd:e:' .. n
-  local f
-  if k <= limit then
-    f = redis.call('HMGET', e, 'q', 'd', 't', 'src', 's', 'h')
-  else
-    f = redis.call('HMGET', e, 'q', 'd', 't', 'src')
-    f[5], f[6] = '', ''
-  end
-  out[#out + 1] = {f[1], counts[n], f[2], f[3], f[4] or false, f[5], f[6]}
-end
-return out
+REMEMBER_SCRIPT = _FORGET + _ADD + """
+-- KEYS: add's; ARGV: add's, then max_entries, max_age (-1: none): add, then evict at its time
+local answer = add(KEYS, ARGV)
+if answer ~= 'exists' then evict(ARGV[1], tonumber(ARGV[5]), tonumber(ARGV[10]), tonumber(ARGV[11])) end
+return {answer}
 """
 
 
@@ -156,6 +170,33 @@ def _entry(query_id: bytes, sample: bytes, hashes: bytes, digest: bytes, geometr
     fp = Fingerprint(geometry, digest, np.frombuffer(sample, np.uint8),
                      tuple(int(h) for h in hashes.split()))
     return Entry(query_id.decode(), None if source is None else source.decode("utf-8"), float(time), fp)
+
+
+def _found_entry(fields: list[Any]) -> Entry:
+    query_id, sample, hashes, digest, geometry, time, source = fields
+    height, width = geometry.split(b",")
+    return _entry(query_id, sample, hashes, digest, (int(height), int(width)), time, source)
+
+
+def _candidate_rows(rows: list[Any], geometry: tuple[int, int]) -> list[tuple[Entry, int]]:
+    return [(_entry(query_id, sample, entry_hashes, digest, geometry, time, source), int(shared))
+            for query_id, shared, digest, time, source, sample, entry_hashes in rows]
+
+
+def _add_args(tag: str, entry: Entry) -> list[Any]:
+    fp = entry.fingerprint
+    return [tag, entry.query_id, fp.digest, _geometry(fp.geometry), repr(float(entry.time)),
+            np.ascontiguousarray(fp.sample, np.uint8).tobytes(), " ".join(str(h) for h in fp.hashes),
+            int(entry.source is not None), entry.source or ""]
+
+
+def _refuse_existing(answer: list[bytes], entry: Entry) -> None:
+    if answer[0] == b"exists":
+        raise ValueError(f"query detector: query id {entry.query_id!r} is already remembered")
+
+
+def _age(max_age_s: float | None) -> str:
+    return repr(-1.0 if max_age_s is None else float(max_age_s))
 
 
 class RedisDetectorStore(DetectorStore):
@@ -184,44 +225,25 @@ class RedisDetectorStore(DetectorStore):
         self.digests_key = f"{self.tag}:qd:digests"
         self.seq_key = f"{self.tag}:qd:seq"
         self.ids_key = f"{self.tag}:qd:ids"
-        self._evict = self.client.register_script(EVICT_SCRIPT)
-        self._add = self.client.register_script(ADD_SCRIPT)
-        self._find = self.client.register_script(FIND_SCRIPT)
-        self._candidates = self.client.register_script(CANDIDATES_SCRIPT)
+        self._lookup = self.client.register_script(LOOKUP_SCRIPT)
+        self._remember = self.client.register_script(REMEMBER_SCRIPT)
+        self._add_keys = [self.order_key, self.digests_key, self.seq_key, self.ids_key]
 
     def __len__(self) -> int:
         return int(self.client.llen(self.order_key))
 
-    def find_digest(self, digest: bytes) -> Entry | None:
-        found: list[Any] = self._find(keys=[self.digests_key], args=[self.tag, digest])
-        if not found:
-            return None
-        query_id, sample, hashes, digest, geometry, time, source = found
-        height, width = geometry.split(b",")
-        return _entry(query_id, sample, hashes, digest, (int(height), int(width)), time, source)
+    def lookup(self, fp: Fingerprint, min_shared: int, now: float, max_entries: int,
+               max_age_s: float | None) -> tuple[Entry | None, list[tuple[Entry, int]]]:
+        kind, found = self._lookup(
+            keys=[self.order_key, self.digests_key],
+            args=[self.tag, repr(float(now)), max_entries, _age(max_age_s), fp.digest, _geometry(fp.geometry),
+                  min_shared, self.verify_limit, *(str(h) for h in fp.hashes)])
+        return (_found_entry(found), []) if kind == b"same" else (None, _candidate_rows(found, fp.geometry))
 
-    def candidates(self, geometry: tuple[int, int], hashes: tuple[int, ...],
-                   min_shared: int) -> list[tuple[Entry, int]]:
-        rows = self._candidates(keys=[self.order_key],
-                                args=[self.tag, _geometry(geometry), min_shared, self.verify_limit,
-                                      *(str(h) for h in hashes)])
-        return [(_entry(query_id, sample, entry_hashes, digest, geometry, time, source), int(shared))
-                for query_id, shared, digest, time, source, sample, entry_hashes in rows]
-
-    def add(self, entry: Entry) -> None:
-        fp = entry.fingerprint
-        answer = self._add(
-            keys=[self.order_key, self.digests_key, self.seq_key, self.ids_key],
-            args=[self.tag, entry.query_id, fp.digest, _geometry(fp.geometry), repr(float(entry.time)),
-                  np.ascontiguousarray(fp.sample, np.uint8).tobytes(), " ".join(str(h) for h in fp.hashes),
-                  int(entry.source is not None), entry.source or ""],
-        )
-        if answer[0] == b"exists":
-            raise ValueError(f"query detector: query id {entry.query_id!r} is already remembered")
-
-    def evict(self, now: float, max_entries: int, max_age_s: float | None) -> int:
-        age = -1.0 if max_age_s is None else float(max_age_s)
-        return int(self._evict(keys=[self.order_key], args=[self.tag, repr(float(now)), max_entries, repr(age)]))
+    def remember(self, entry: Entry, max_entries: int, max_age_s: float | None) -> None:
+        answer = self._remember(keys=self._add_keys,
+                                args=[*_add_args(self.tag, entry), max_entries, _age(max_age_s)])
+        _refuse_existing(answer, entry)
 
     def close(self) -> None:
         self.client.close()
