@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import Block, BlockAccessor, BlockMetadata
@@ -79,6 +80,8 @@ log = logging.getLogger("twostream.jobs.score")
 USER_ERRORS = (InputError, ManifestError, ConfigError, resume.ResumeRefused, reputation.StateError,
                detector.WindowError)
 EVENTS_PER_MAP_TASK = 100_000  # staging rows one reputation map task reads (about 5 MB of events)
+QUERIES_PER_TASK = 50_000  # staging rows per sorted part of the detector's queries (about 170 MB of fingerprints)
+QUERY_ROW_GROUP = 256  # rows per row group of those parts: the detector holds one per part (about 0.9 MB)
 REDUCE_BYTES_FACTOR = 8  # a reduce task's peak memory / its events' Arrow bytes (benchmarks/scale.py)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 4 << 20  # decode tasks: larger allocations are mmapped (_return_large_frees_to_the_os)
@@ -270,36 +273,50 @@ def _events(staging: Sequence[str], indices: Sequence[int], detections: pa.Table
     return (table.num_rows, table.nbytes), table
 
 
-def _queries(staging: Sequence[str], indices: Sequence[int]) -> pa.Table:
-    """Ray task: some shards' staging rows -> their query detector queries."""
-    return pa.concat_tables([detector.query_rows(storage.read_parquet(uri), k) for uri, k in zip(staging, indices)]
-                            or [detector.QUERIES_SCHEMA.empty_table()])
+def _queries(staging: Sequence[str], indices: Sequence[int], uri: str) -> str:
+    """Ray task: some shards' staging rows -> their query detector queries, in the detector's
+    order, written to ``uri`` in small row groups (read back one at a time); returns ``uri``."""
+    table = pa.concat_tables([detector.query_rows(storage.read_parquet(u), k) for u, k in zip(staging, indices)]
+                             or [detector.QUERIES_SCHEMA.empty_table()])
+    storage.write_parquet(detector.in_order(table), uri, row_group_size=QUERY_ROW_GROUP)
+    return uri
 
 
-def _detect_task(cfg: TwoStreamConfig, output: str, window: str | None, *queries: pa.Table) -> tuple[pa.Table, dict]:
-    """Ray task: the query detector over the run (:func:`twostream.batch.detector.detect_run`),
-    from the carried window; writes this run's window; returns the detections and counts."""
+def _row_groups(uri: str) -> Iterator[pa.RecordBatch]:
+    with storage.open_input_file(uri) as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=QUERY_ROW_GROUP)
+
+
+def _detect_task(cfg: TwoStreamConfig, output: str, window: str | None, *parts: str) -> tuple[pa.Table, dict]:
+    """Ray task: the query detector over the run (:func:`twostream.batch.detector.detect_run`,
+    the parts merged), from the carried window; writes this run's window and removes the parts;
+    returns the detections and counts."""
     carried = storage.read_parquet(window) if window else None
-    detections, kept, counts = detector.detect_run(queries, carried, cfg.detector.query_config(),
-                                                   cfg.reputation.group_by_prefix)
+    detections, kept, counts = detector.detect_run([_row_groups(uri) for uri in parts], carried,
+                                                   cfg.detector.query_config(), cfg.reputation.group_by_prefix)
     storage.write_parquet(kept, detector.window_uri(output))
+    for uri in parts:
+        storage.remove(uri)
     return detections, counts
 
 
 def _detect(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str) -> tuple[ray.ObjectRef, dict]:
     """Between the image ids and Algorithm 2: the query detector over every shard's queries in
-    (timestamp, image_id) order, in one task (it is sequential), from the window the ``--state``
-    run carried. Returns the detections (an object ref) and the counts."""
+    (timestamp, image_id) order, from the window the ``--state`` run carried: tasks write the
+    queries as sorted parts, one task (it is sequential) merges them. Returns the detections
+    (an object ref) and the counts."""
     if not cfg.detector.enabled:
         return ray.put(detector.DETECTIONS_SCHEMA.empty_table()), {"enabled": False}
     window = detector.window_uri(cfg.job.state) if cfg.job.state else None
     if window and not storage.exists(window):
         log.info("query detector: --state %s carries no detector window; starting from an empty one", cfg.job.state)
         window = None
-    per_task = max(1, EVENTS_PER_MAP_TASK // max(cfg.job.files_per_shard, 1))
+    per_task = max(1, QUERIES_PER_TASK // max(cfg.job.files_per_shard, 1))
     chunks = [list(range(i, min(i + per_task, len(shards)))) for i in range(0, len(shards), per_task)]
     queries = ray.remote(num_cpus=0.25)(_queries)
-    made = [queries.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c) for c in chunks]
+    made = [queries.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c,
+                           storage.join(output, "detector", "queries", f"part-{n:05d}.parquet"))
+            for n, c in enumerate(chunks)]
     detections, counts = ray.remote(num_cpus=1, num_returns=2)(_detect_task).remote(cfg, output, window, *made)
     try:
         return detections, {"enabled": True, **ray.get(counts)}

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from conftest import texture_run
 from twostream.batch.detector import (DETECTIONS_SCHEMA, QUERIES_SCHEMA, WindowError, apply_detections,
-                                      detect_run, query_rows)
+                                      detect_run, in_order, query_rows)
 from twostream.batch.stages import fingerprint_columns
 from twostream.core.config import PrefixGrouping
 from twostream.core.query_detector import QueryDetector, QueryDetectorConfig, fingerprint
@@ -94,6 +95,26 @@ def test_a_run_over_shards_equals_one_detector_in_time_order() -> None:
     assert set(want) == {f"att-{k:02d}" for k in range(CONFIG.min_matches, 14)}  # the independent run agrees
     assert counts["queries"] == 30 and counts["exact_reuploads"] == 9 and counts["query_attacks"] == 6
     assert window.num_rows == 30 - 9 == counts["window_carried_out"]
+
+
+def test_sorted_parts_read_in_small_batches_equal_one_detector_in_time_order(tmp_path: Path) -> None:
+    """The job's way: each shard's queries sorted (``in_order``), written as Parquet in row groups,
+    read back two rows at a time and merged; the same detections and counts as the independent
+    run, and the shards' rows are held a batch at a time, never concatenated."""
+    run = noise_run(photo(1), 14)
+    images = [(f"att-{k:02d}", f"src-{k % 5}", 100.0 + k, x) for k, x in enumerate(run)]
+    images += [(f"copy-{k}", f"fan-{k}", 100.5 + k, photo(2)) for k in range(10)]
+    images += [(f"photo-{k}", "honest", 100.0 + k, photo(k + 3)) for k in range(6)]  # ties on the time: by id
+    order = np.random.default_rng(3).permutation(len(images))
+    tables = [queries([images[i] for i in part], k) for k, part in enumerate(np.array_split(order, 3))]
+    streams = []
+    for k, table in enumerate(tables):
+        pq.write_table(in_order(table), tmp_path / f"part-{k}.parquet", row_group_size=2)
+        streams.append(pq.ParquetFile(tmp_path / f"part-{k}.parquet").iter_batches(batch_size=2))
+    detections, window, counts = detect_run(streams, None, CONFIG)
+    assert got(detections, tables) == expected(images)
+    assert counts["queries"] == 30 and counts["exact_reuploads"] == 9 and counts["query_attacks"] == 6
+    assert window.num_rows == 21
 
 
 def test_a_carried_window_catches_the_continuation_of_a_run() -> None:

@@ -102,6 +102,7 @@ def test_query_runs_are_caught_within_a_job_and_across_jobs(tmp_path: Path) -> N
         for r in rows:  # a detection is answered as such unless the source is blocked
             if r["verdict"] == "query_attack":
                 assert r["label"] is None and r["response"] == ("blocked" if r["blacklisted"] else "query_attack")
+        assert list((out / "detector").rglob("*.parquet")) == [out / "detector" / "window.parquet"]  # parts removed
         summary = json.loads((out / "summary.json").read_text())
         verdicts = Counter(r["verdict"] for r in rows)
         assert summary["counts_add_up"] and summary["inputs"] == len(jobs[name]) == sum(verdicts.values())

@@ -25,8 +25,9 @@ Events older than the carried window's newest are judged after it (as the endpoi
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,8 @@ QUERIES_SCHEMA = pa.schema([
     ("timestamp", pa.float64()), ("height", pa.int32()), ("width", pa.int32()),
     ("fp_digest", pa.binary()), ("fp_sample", pa.binary()), ("fp_hashes", pa.binary()),
 ])
+# The order the detector sees queries in (Algorithm 2's, ties by shard and row).
+ORDER = [("timestamp", "ascending"), ("image_id", "ascending"), ("shard", "ascending"), ("row", "ascending")]
 # The flagged rows: the earlier images each matched (image ids, closest first).
 DETECTIONS_SCHEMA = pa.schema([("shard", pa.int32()), ("row", pa.int32()), ("query_matches", pa.list_(pa.string()))])
 # The detector's window, oldest first: what the next run starts from.
@@ -71,6 +74,22 @@ def query_rows(staging: pa.Table, shard_index: int) -> pa.Table:
     rows = staging.filter(keep)
     shard = pa.array(np.full(rows.num_rows, shard_index, np.int32))
     return pa.table([shard, *(rows.column(n) for n in QUERIES_SCHEMA.names[1:])], schema=QUERIES_SCHEMA)
+
+
+def in_order(queries: pa.Table) -> pa.Table:
+    """``queries`` as :data:`QUERIES_SCHEMA` in the detector's :data:`ORDER` (one sorted run of :func:`detect_run`)."""
+    table = queries.select(QUERIES_SCHEMA.names).cast(QUERIES_SCHEMA)
+    return table.take(pc.sort_indices(table, sort_keys=ORDER))
+
+
+def _merged(runs: Iterable[pa.Table | Iterable[pa.RecordBatch | pa.Table]]) -> Iterator[dict]:
+    """The rows of every run, merged in :data:`ORDER`, one batch of each run held at a time."""
+    def rows(run: pa.Table | Iterable[pa.RecordBatch | pa.Table]) -> Iterator[dict]:
+        for batch in ([in_order(run)] if isinstance(run, pa.Table) else run):
+            yield from batch.to_pylist()
+
+    return heapq.merge(*(rows(run) for run in runs),
+                       key=lambda r: (r["timestamp"], r["image_id"], r["shard"], r["row"]))
 
 
 def _fingerprint(height: int, width: int, digest: bytes, sample: bytes, hashes: bytes) -> Fingerprint:
@@ -110,23 +129,23 @@ def _window_table(store: MemoryStore) -> pa.Table:
     return pa.table(cols, schema=WINDOW_SCHEMA)
 
 
-def detect_run(queries: Iterable[pa.Table], window: pa.Table | None, config: QueryDetectorConfig,
-               grouping: PrefixGrouping | None = None) -> tuple[pa.Table, pa.Table, dict]:
-    """The query detector over a whole run: every query in (timestamp, image_id, shard, row)
-    order, from the carried ``window``, rule 3 counting per Algorithm-2 key under ``grouping``
-    (``reputation.group_by_prefix``; the window keeps the raw source ids). Returns the detections
-    (:data:`DETECTIONS_SCHEMA`), the window to carry (:data:`WINDOW_SCHEMA`) and counts (queries,
-    exact re-uploads, flagged, carried in and out)."""
-    table = pa.concat_tables([q.select(QUERIES_SCHEMA.names).cast(QUERIES_SCHEMA) for q in queries]
-                             or [QUERIES_SCHEMA.empty_table()])
-    table = table.take(pc.sort_indices(table, sort_keys=[("timestamp", "ascending"), ("image_id", "ascending"),
-                                                         ("shard", "ascending"), ("row", "ascending")]))
+def detect_run(runs: Iterable[pa.Table | Iterable[pa.RecordBatch | pa.Table]], window: pa.Table | None,
+               config: QueryDetectorConfig, grouping: PrefixGrouping | None = None) -> tuple[pa.Table, pa.Table, dict]:
+    """The query detector over a whole run: every query in :data:`ORDER` (timestamp, image_id,
+    shard, row), from the carried ``window``, rule 3 counting per Algorithm-2 key under ``grouping``
+    (``reputation.group_by_prefix``; the window keeps the raw source ids). ``runs``: each a table
+    of queries (sorted here) or batches of :data:`QUERIES_SCHEMA` already in :data:`ORDER` (the
+    job's parts, read back a row group at a time); they are merged row by row, so that memory is
+    one batch per run and the window, not the run's fingerprints (3.3 kB each). Returns the
+    detections (:data:`DETECTIONS_SCHEMA`), the window to carry (:data:`WINDOW_SCHEMA`) and counts
+    (queries, exact re-uploads, flagged, carried in and out)."""
     store = _restore(window, config)
     carried = {e.query_id for e in store}
     detector = QueryDetector(config, store, identity_key(grouping))
     out: dict[str, list] = {n: [] for n in DETECTIONS_SCHEMA.names}
-    duplicates = 0
-    for row in table.to_pylist():
+    duplicates = queries = 0
+    for row in _merged(runs):
+        queries += 1
         query_id, k = row["image_id"], 1
         while query_id in carried:  # an id an earlier run's upload had
             k += 1
@@ -140,10 +159,10 @@ def detect_run(queries: Iterable[pa.Table], window: pa.Table | None, config: Que
             out["row"].append(row["row"])
             out["query_matches"].append(list(report.evidence))
     detections = pa.table(out, schema=DETECTIONS_SCHEMA)
-    counts = {"queries": table.num_rows, "exact_reuploads": duplicates, "query_attacks": detections.num_rows,
+    counts = {"queries": queries, "exact_reuploads": duplicates, "query_attacks": detections.num_rows,
               "window_carried_in": len(carried), "window_carried_out": len(store), "min_matches": config.min_matches}
     log.info("query detector: %d queries, %d exact re-uploads, %d flagged; window %d -> %d entries",
-             table.num_rows, duplicates, detections.num_rows, len(carried), len(store))
+             queries, duplicates, detections.num_rows, len(carried), len(store))
     return detections, _window_table(store), counts
 
 
