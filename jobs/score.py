@@ -57,7 +57,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import Block, BlockAccessor, BlockMetadata
@@ -282,17 +281,12 @@ def _queries(staging: Sequence[str], indices: Sequence[int], uri: str) -> str:
     return uri
 
 
-def _row_groups(uri: str) -> Iterator[pa.RecordBatch]:
-    with storage.open_input_file(uri) as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=QUERY_ROW_GROUP)
-
-
 def _detect_task(cfg: TwoStreamConfig, output: str, window: str | None, *parts: str) -> tuple[pa.Table, dict]:
     """Ray task: the query detector over the run (:func:`twostream.batch.detector.detect_run`,
     the parts merged), from the carried window; writes this run's window and removes the parts;
     returns the detections and counts."""
     carried = storage.read_parquet(window) if window else None
-    detections, kept, counts = detector.detect_run([_row_groups(uri) for uri in parts], carried,
+    detections, kept, counts = detector.detect_run([storage.iter_parquet(uri, QUERY_ROW_GROUP) for uri in parts], carried,
                                                    cfg.detector.query_config(), cfg.reputation.group_by_prefix)
     storage.write_parquet(kept, detector.window_uri(output))
     for uri in parts:

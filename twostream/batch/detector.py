@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import operator
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -88,8 +89,7 @@ def _merged(runs: Iterable[pa.Table | Iterable[pa.RecordBatch | pa.Table]]) -> I
         for batch in ([in_order(run)] if isinstance(run, pa.Table) else run):
             yield from batch.to_pylist()
 
-    return heapq.merge(*(rows(run) for run in runs),
-                       key=lambda r: (r["timestamp"], r["image_id"], r["shard"], r["row"]))
+    return heapq.merge(*(rows(run) for run in runs), key=operator.itemgetter(*(name for name, _ in ORDER)))
 
 
 def _fingerprint(height: int, width: int, digest: bytes, sample: bytes, hashes: bytes) -> Fingerprint:

@@ -20,7 +20,7 @@ import io
 import os
 import posixpath
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -251,6 +251,12 @@ def write_parquet_parts(tables: Iterable[pa.Table], schema: pa.Schema, uri: str,
         for table in tables:
             writer.write_table(table, row_group_size=row_group_size)
     write_bytes(uri, sink.getvalue())
+
+
+def iter_parquet(uri: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """One Parquet object's rows ``batch_size`` at a time (memory bounded by a row group)."""
+    with open_input_file(uri) as handle:
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size)
 
 
 def read_parquet(uri: str) -> pa.Table:
