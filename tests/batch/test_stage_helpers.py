@@ -148,3 +148,13 @@ def test_output_schemas_are_pinned():
         ("blacklist_intervals", "list<item: struct<joined: double, left: double>>"),
         ("times_blacklisted", "int32"),
     ]
+
+
+def test_shard_chunks_group_shards_by_rows_per_task_in_the_given_order():
+    # 1,000 rows a task at 256 rows a shard: 3 shards a task (768 rows), the last one short
+    assert planning.shard_chunks([4, 0, 3, 1, 2, 6, 5], 1000, 256) == [[4, 0, 3], [1, 2, 6], [5]]
+    # a shard larger than the task's rows still makes a task of its own; no shards, no tasks
+    assert planning.shard_chunks(range(3), 10, 64) == [[0], [1], [2]]
+    assert planning.shard_chunks([], 1000, 64) == []
+    # files_per_shard 0 (a config refused elsewhere) does not divide by zero: 1,000 a task
+    assert planning.shard_chunks(range(5), 2, 0) == [[0, 1], [2, 3], [4]]

@@ -48,7 +48,7 @@ import stat
 import tarfile
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -604,6 +604,14 @@ def work_units(shards: Sequence[Shard], rows_per_task: int) -> list[Shard]:
                                shard.entries[start : start + rows_per_task], first=start, total=shard.rows,
                                rows=count, spool=shard.spool))
     return units
+
+
+def shard_chunks(indices: Iterable[int], rows_per_task: int, files_per_shard: int) -> list[list[int]]:
+    """Shard indices in consecutive groups, each the shards one task of a later phase reads: as
+    many as hold ``rows_per_task`` staging rows at ``files_per_shard`` rows a shard, at least one."""
+    indices = list(indices)
+    per_task = max(1, rows_per_task // max(files_per_shard, 1))
+    return [indices[i:i + per_task] for i in range(0, len(indices), per_task)]
 
 
 # ---------------------------------------------------------------------------------------------
