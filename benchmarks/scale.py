@@ -18,7 +18,7 @@ reputation and final phases under 15% of the wall).
 Process kinds come from Ray's process titles, sampled from /proc every 0.5 s: ``driver`` (this
 process), ``decode`` (read+decode tasks), ``stream`` (the high and low pool actors: Ray Data gives
 both pools the same title, ``MapWorker(MapBatches(StreamStage))``, so their peaks are listed per
-process), ``compare`` (the sink's write tasks: Algorithm 1 and the shards' rows), ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
+process), ``compare`` (the sink's write tasks: Algorithm 1 and the shards' rows), ``ids`` (the image-id phase's tasks), ``detector`` (the query detector's), ``reputation`` (the map, split and reduce tasks of phase 2), ``final``
 (phase 3 tasks), ``gcs``, ``raylet``, ``ray`` (Ray's other daemons), ``ray-data`` (Ray Data's
 helper actors: its stats actor, autoscaling coordinator and actor location tracker), ``other``
 (idle Ray workers). The report also counts the worker processes Ray started. Only this process's
@@ -56,6 +56,8 @@ TINY = ["high.model=mobilenetv3_small_050", "high.weights=random", "low.model=ci
 KINDS = {  # process title fragment -> kind, first match wins
     "jobs.score": "driver", "ReadWorkUnits": "decode", "read_decode": "decode", "StreamStage": "stream",
     "Write": "compare", "compare": "compare",  # the sink's write tasks (earlier: compare tasks)
+    "_id_claims": "ids", "_id_conflicts": "ids", "_rewrite_losers": "ids",
+    "_queries": "detector", "_detect_task": "detector",
     "_events": "reputation", "_split": "reputation", "_reduce": "reputation", "_finalize": "final",
     "_StatsActor": "ray-data", "_AutoscalingCoordinatorActor": "ray-data", "ActorLocationTracker": "ray-data",
     "raylet": "raylet", "gcs_server": "gcs", "dashboard": "ray", "log_monitor": "ray", "runtime_env": "ray",

@@ -58,7 +58,7 @@ def detect(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str) -> tuple[
     if window and not storage.exists(window):
         log.info("query detector: --state %s carries no detector window; starting from an empty one", cfg.job.state)
         window = None
-    chunks = shard_chunks(range(len(shards)), QUERIES_PER_TASK, cfg.job.files_per_shard)
+    chunks = shard_chunks(shards, QUERIES_PER_TASK)
     queries = ray.remote(num_cpus=0.25)(_queries)
     made = [queries.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c,
                            storage.join(output, "detector", "queries", f"part-{n:05d}.parquet"))

@@ -56,7 +56,7 @@ def unique_ids(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str) -> in
     a partitioned join of keys and claims by text in Ray tasks; the refused claimants' staging
     rows rewritten as error rows. Returns how many."""
     parts = max(1, cfg.job.reputation_shards)
-    chunks = shard_chunks(range(len(shards)), ROWS_PER_TASK, cfg.job.files_per_shard)
+    chunks = shard_chunks(shards, ROWS_PER_TASK)
     claims = ray.remote(num_cpus=0.25, num_returns=2 * parts)(_id_claims)
     made = [claims.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c, parts) for c in chunks]
     conflicts = ray.remote(num_cpus=0.25, num_returns=2)(_id_conflicts)

@@ -112,7 +112,7 @@ def reputation_phase(cfg: TwoStreamConfig, shards: Sequence[Shard], output: str,
     partition, the responses of each shard group (object refs, for phase 3) and the partitions'
     stats."""
     order = order(list(range(len(shards))))
-    chunks = shard_chunks(order, EVENTS_PER_MAP_TASK, cfg.job.files_per_shard)
+    chunks = shard_chunks(shards, EVENTS_PER_MAP_TASK, order)
     events = ray.remote(num_cpus=0.25, num_returns=2)(_events)
     made = [events.remote([outputs.staging_uri(output, shards[k].shard_id) for k in c], c, detections,
                           cfg.reputation) for c in chunks]

@@ -150,11 +150,15 @@ def test_output_schemas_are_pinned():
     ]
 
 
-def test_shard_chunks_group_shards_by_rows_per_task_in_the_given_order():
-    # 1,000 rows a task at 256 rows a shard: 3 shards a task (768 rows), the last one short
-    assert planning.shard_chunks([4, 0, 3, 1, 2, 6, 5], 1000, 256) == [[4, 0, 3], [1, 2, 6], [5]]
-    # a shard larger than the task's rows still makes a task of its own; no shards, no tasks
-    assert planning.shard_chunks(range(3), 10, 64) == [[0], [1], [2]]
-    assert planning.shard_chunks([], 1000, 64) == []
-    # files_per_shard 0 (a config refused elsewhere) does not divide by zero: 1,000 a task
-    assert planning.shard_chunks(range(5), 2, 0) == [[0, 1], [2, 3], [4]]
+def test_shard_chunks_group_shards_by_their_rows_in_the_given_order():
+    def shards(*rows):
+        return [planning.Shard(f"s{k}", "tar", rows=n) for k, n in enumerate(rows)]
+
+    # rows 400, 300, 300, 1000 (a tar shard of 1,000 members), 0, 200 at 1,000 rows a task
+    six = shards(400, 300, 300, 1000, 0, 200)
+    assert planning.shard_chunks(six, 1000) == [[0, 1, 2], [3, 4], [5]]
+    # in a given order: 200 + 300 + 400 = 900, then 1000 alone, then 300 + 0
+    assert planning.shard_chunks(six, 1000, [5, 1, 0, 3, 2, 4]) == [[5, 1, 0], [3], [2, 4]]
+    # a shard larger than a task is a task of its own; no shards, no tasks
+    assert planning.shard_chunks(shards(5, 50, 5), 10) == [[0], [1], [2]]
+    assert planning.shard_chunks([], 1000) == []

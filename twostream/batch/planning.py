@@ -606,12 +606,22 @@ def work_units(shards: Sequence[Shard], rows_per_task: int) -> list[Shard]:
     return units
 
 
-def shard_chunks(indices: Iterable[int], rows_per_task: int, files_per_shard: int) -> list[list[int]]:
-    """Shard indices in consecutive groups, each the shards one task of a later phase reads: as
-    many as hold ``rows_per_task`` staging rows at ``files_per_shard`` rows a shard, at least one."""
-    indices = list(indices)
-    per_task = max(1, rows_per_task // max(files_per_shard, 1))
-    return [indices[i:i + per_task] for i in range(0, len(indices), per_task)]
+def shard_chunks(shards: Sequence[Shard], rows_per_task: int, order: Iterable[int] | None = None) -> list[list[int]]:
+    """Indices of ``shards`` (in ``order``, by default their own) in consecutive groups, each the
+    shards one task of a later phase reads: a shard joins the group before it while the group's
+    rows (entries, one staging row each) stay within ``rows_per_task``; a larger shard is a group
+    of its own. By rows, not shards: a tar shard holds all its members, whatever
+    ``job.files_per_shard``."""
+    chunks: list[list[int]] = []
+    rows = 0
+    for k in range(len(shards)) if order is None else order:
+        if chunks and rows + shards[k].rows <= rows_per_task:
+            chunks[-1].append(k)
+            rows += shards[k].rows
+        else:
+            chunks.append([k])
+            rows = shards[k].rows
+    return chunks
 
 
 # ---------------------------------------------------------------------------------------------
